@@ -1,0 +1,5 @@
+"""`python -m dockbuild` runs the CLI."""
+
+from dockbuild.cli import main
+
+main()

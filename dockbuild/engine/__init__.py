@@ -1,0 +1,1 @@
+"""The engine: solves an LLB graph with a content-addressed cache."""

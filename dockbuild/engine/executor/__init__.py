@@ -1,0 +1,79 @@
+"""Executors: run one process on a rootfs with mounts, and report its exit status.
+
+One interface, several back ends (DESIGN.md, "Executors"): ``namespace`` (built in,
+the default), ``runc`` and ``chroot``. The engine builds a :class:`RunRequest` and calls
+:meth:`Executor.run`; nothing outside this package knows how a container is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class OverlayRootfs:
+    """An overlay of read-only layer dirs (top first) with a writable upper dir.
+
+    The executor mounts it inside the container's own mount namespace, so nothing stays
+    mounted on the host after the run. ``upperdir`` and ``workdir`` are empty dirs on the
+    same filesystem; afterwards ``upperdir`` holds exactly the process's changes in
+    overlay format (whiteouts as 0:0 char devices, opaque dirs by xattr).
+    """
+
+    lowerdirs: tuple[str, ...]
+    upperdir: str
+    workdir: str
+
+
+@dataclass(frozen=True)
+class PlainRootfs:
+    """A writable directory used as the rootfs directly (chroot / copy snapshotter)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """A mount inside the container, made after the rootfs is mounted."""
+
+    target: str  # absolute path inside the container
+    type: str  # "bind" | "tmpfs"
+    source: str = ""  # host path for bind
+    readonly: bool = False
+    options: tuple[str, ...] = ()  # extra mount options, e.g. ("size=65536k",) for tmpfs
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    args: tuple[str, ...]
+    env: tuple[str, ...]
+    cwd: str
+    rootfs: OverlayRootfs | PlainRootfs
+    user: str = ""  # "" = root; "name[:group]" or "uid[:gid]", resolved in the rootfs
+    mounts: tuple[MountSpec, ...] = ()
+    network: str = "default"  # "default" (host network, own hosts/resolv.conf) | "none" | "host"
+    hostname: str = "buildkitsandbox"
+    extra_hosts: tuple[str, ...] = field(default=())
+
+
+# Receives ("stdout" | "stderr", bytes) chunks as the process writes them.
+OutputSink = Callable[[str, bytes], None]
+
+
+class Executor(Protocol):
+    name: str
+
+    def run(self, request: RunRequest, output: OutputSink) -> int:
+        """Run the process to completion; return its exit status (128+N for signal N).
+
+        Raises ExecutorError when the container cannot be set up (an unknown USER
+        included: "unable to find user NAME"). Thread-safe: the solver calls it from
+        several threads at once.
+        """
+        ...
+
+    def close(self) -> None:
+        """Stop helper processes; kill anything still running."""
+        ...

@@ -1,0 +1,1 @@
+"""Sources: images, local contexts, OCI layouts."""

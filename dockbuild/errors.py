@@ -1,0 +1,69 @@
+"""The errors dockbuild reports to its user: a message, an optional hint and location."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Location:
+    """A range of lines in a Dockerfile (1-based, inclusive)."""
+
+    filename: str
+    start_line: int
+    end_line: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.start_line}"
+
+
+class DockbuildError(Exception):
+    """An error the CLI prints without a traceback (exit status 1)."""
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, location: Location | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.location = location
+
+
+class DockerfileError(DockbuildError):
+    """The Dockerfile cannot be parsed or means nothing BuildKit would accept."""
+
+
+class ExecError(DockbuildError):
+    """A RUN step exited non-zero."""
+
+    def __init__(
+        self,
+        command: str,
+        exit_code: int,
+        log_tail: list[str],
+        *,
+        location: Location | None = None,
+    ) -> None:
+        super().__init__(
+            f"process {command!r} did not complete successfully: exit code: {exit_code}",
+            location=location,
+        )
+        self.command = command
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+
+
+class RegistryError(DockbuildError):
+    """A registry refused a request or answered something unusable."""
+
+
+class DigestMismatchError(RegistryError):
+    """Content did not hash to the digest that named it."""
+
+
+class SecurityError(DockbuildError):
+    """Input tried to do something unsafe (a path escaping a rootfs, ...)."""
+
+
+class ExecutorError(DockbuildError):
+    """No way to run a container here, or the container could not start."""

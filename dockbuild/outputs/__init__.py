@@ -1,0 +1,1 @@
+"""Exporters: turn a solved result into a directory, a tarball or an image."""
