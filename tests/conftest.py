@@ -9,6 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["registry_fixture"]
+
 
 def shared_dir() -> Path:
     """The project's shared/ folder: beside the clone, or $DOCKBUILD_SHARED."""

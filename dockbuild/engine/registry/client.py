@@ -1,0 +1,728 @@
+"""The OCI distribution client: resolve an image reference to a verified manifest, pull blobs.
+
+Also home to what every image source shares: `Descriptor`, `ResolvedImage`, platform
+matching and manifest parsing (the OCI layout reader uses them too). `requests` is
+imported only when a `RegistryClient` is created, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin, urlsplit
+
+from dockbuild import __version__
+from dockbuild.engine.registry.auth import (
+    Challenge,
+    basic_authorization,
+    docker_config_dir,
+    fetch_bearer_token,
+    lookup_credentials,
+    parse_www_authenticate,
+)
+from dockbuild.engine.registry.reference import DOCKER_HUB, Reference
+from dockbuild.errors import DigestMismatchError, RegistryError
+
+if TYPE_CHECKING:
+    import requests
+
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MEDIA_SCHEMA1 = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
+INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
+MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
+CONFIG_TYPES = (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG)
+MANIFEST_ACCEPT = ", ".join((*INDEX_TYPES, *MANIFEST_TYPES))
+
+# containerd's limits: manifests and configs are small; anything bigger is an attack.
+MAX_MANIFEST_SIZE = 4 << 20
+MAX_CONFIG_SIZE = 16 << 20
+# Registries nest indexes rarely and shallowly; deeper means a loop or an attack.
+MAX_INDEX_DEPTH = 4
+_CHUNK = 1 << 20
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 10
+_ALGORITHMS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
+_DIGEST = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
+
+
+# ---------------------------------------------------------------------------------------
+# What every image source shares.
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """An OCI content descriptor: what a manifest says about one blob."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> Descriptor:
+        """Validate a descriptor object from a manifest; `where` names it in errors."""
+        if not isinstance(value, dict):
+            raise RegistryError(f"{where}: a descriptor is not a JSON object")
+        digest, size = value.get("digest"), value.get("size")
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise RegistryError(f"{where}: invalid digest {digest!r} in a descriptor")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise RegistryError(f"{where}: invalid size {size!r} for {digest}")
+        annotations = value.get("annotations") or {}
+        return cls(
+            media_type=str(value.get("mediaType", "")),
+            digest=digest,
+            size=size,
+            annotations=tuple(sorted((str(k), str(v)) for k, v in annotations.items())),
+        )
+
+    def annotation(self, key: str) -> str | None:
+        return dict(self.annotations).get(key)
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """One platform's image, its manifest and config verified against their digests.
+
+    `ref` is the reference that was asked for (None when the image came from an OCI
+    layout directory, which has no registry name). `platform` is what the config says
+    (`os/architecture[/variant]`); it can differ from the requested one when a
+    registry holds a single-platform image, and the caller decides whether to warn.
+    """
+
+    ref: Reference | None
+    manifest_digest: str
+    manifest: bytes
+    manifest_media_type: str
+    config_digest: str
+    config: bytes
+    layers: tuple[Descriptor, ...]
+    platform: str
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A normalised platform: `linux/amd64`, `linux/arm64/v8`, `linux/arm/v7`."""
+
+    os: str
+    architecture: str
+    variant: str = ""
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+# Host CPU names -> OCI/Go names, and the variant each implies.
+_ARCH_ALIASES = {
+    "x86_64": ("amd64", ""),
+    "x86-64": ("amd64", ""),
+    "aarch64": ("arm64", ""),
+    "armhf": ("arm", "v7"),
+    "armel": ("arm", "v6"),
+    "i386": ("386", ""),
+    "i686": ("386", ""),
+}
+# The variant an architecture means when none is written.
+_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7", "amd64": "v1"}
+
+
+def normalize_platform(os_name: str, architecture: str, variant: str = "") -> Platform:
+    """Spell a platform the way OCI does and make default variants explicit."""
+    os_name = os_name.lower()
+    architecture = architecture.lower()
+    architecture, implied = _ARCH_ALIASES.get(architecture, (architecture, ""))
+    variant = (variant or implied).lower()
+    return Platform(os_name, architecture, variant or _DEFAULT_VARIANT.get(architecture, ""))
+
+
+def parse_platform(text: str) -> Platform:
+    """`linux/amd64`, `linux/arm64/v8`, `linux/arm/v7` -> a normalised Platform."""
+    parts = text.strip().split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise RegistryError(
+            f"invalid platform {text!r}", hint="expected OS/ARCH[/VARIANT], e.g. linux/amd64"
+        )
+    return normalize_platform(*parts)
+
+
+def platform_from_json(value: Mapping[str, Any]) -> Platform:
+    return normalize_platform(
+        str(value.get("os", "")), str(value.get("architecture", "")), str(value.get("variant", ""))
+    )
+
+
+def _display_platform(platform: Platform) -> str:
+    """Hide default variants in messages: `linux/amd64`, not `linux/amd64/v1`."""
+    if _DEFAULT_VARIANT.get(platform.architecture) == platform.variant:
+        return f"{platform.os}/{platform.architecture}"
+    return str(platform)
+
+
+def _is_attestation(entry: Mapping[str, Any]) -> bool:
+    annotations = entry.get("annotations") or {}
+    plat = entry.get("platform") or {}
+    return annotations.get("vnd.docker.reference.type") == "attestation-manifest" or (
+        plat.get("os") == "unknown" and plat.get("architecture") == "unknown"
+    )
+
+
+def select_manifest(index: Mapping[str, Any], platform: str, where: str) -> Descriptor:
+    """Choose the entry of an index (or manifest list) for `platform`.
+
+    Attestation entries (`unknown/unknown`) and entries without a platform never match.
+    Among entries for the same OS and architecture, the variant must match after
+    defaults are made explicit (arm64 means v8, arm means v7, amd64 means v1).
+    """
+    wanted = parse_platform(platform)
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise RegistryError(f"{where}: the index has no manifests list")
+    available: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or _is_attestation(entry) or not entry.get("platform"):
+            continue
+        offered = platform_from_json(entry["platform"])
+        available.append(_display_platform(offered))
+        if offered == wanted:
+            return Descriptor.from_json(entry, where)
+    raise RegistryError(
+        f"{where}: no image for platform {_display_platform(wanted)} "
+        f"(available: {', '.join(available) or 'none'})"
+    )
+
+
+def verify_digest(data: bytes, digest: str, where: str) -> None:
+    """Raise DigestMismatchError unless `data` hashes to `digest`."""
+    algorithm, _, expected = digest.partition(":")
+    hasher = _ALGORITHMS.get(algorithm)
+    if hasher is None:
+        raise RegistryError(f"{where}: unsupported digest algorithm in {digest!r}")
+    actual = hasher(data).hexdigest()
+    if actual != expected:
+        raise DigestMismatchError(
+            f"{where}: content digest mismatch: expected {digest}, got {algorithm}:{actual}"
+        )
+
+
+def sniff_media_type(data: bytes, declared: str | None, where: str) -> tuple[str, dict[str, Any]]:
+    """The media type of a manifest or index and its parsed JSON.
+
+    The declared type (Content-Type, a descriptor) wins; without one, the document's own
+    `mediaType`, else its shape (`manifests` means an index). Schema 1 is refused here.
+    """
+    try:
+        document = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RegistryError(f"{where}: the manifest is not valid JSON") from e
+    if not isinstance(document, dict):
+        raise RegistryError(f"{where}: the manifest is not a JSON object")
+    declared = (declared or "").split(";")[0].strip()
+    media_type = declared if declared in (*INDEX_TYPES, *MANIFEST_TYPES, *MEDIA_SCHEMA1) else ""
+    media_type = media_type or str(document.get("mediaType") or "")
+    if not media_type:
+        if document.get("schemaVersion") == 1:
+            media_type = MEDIA_SCHEMA1[0]
+        else:
+            media_type = MEDIA_OCI_INDEX if "manifests" in document else MEDIA_OCI_MANIFEST
+    if media_type in MEDIA_SCHEMA1 or document.get("schemaVersion") == 1:
+        raise RegistryError(
+            f"{where}: the image uses Docker's schema 1 manifest format, which dockbuild "
+            "does not support",
+            hint="re-push the image with a current docker or skopeo to convert it",
+        )
+    if media_type not in (*INDEX_TYPES, *MANIFEST_TYPES):
+        raise RegistryError(f"{where}: unsupported manifest media type {media_type!r}")
+    return media_type, document
+
+
+def parse_image_manifest(
+    document: Mapping[str, Any], where: str
+) -> tuple[Descriptor, tuple[Descriptor, ...]]:
+    """The config and layer descriptors of an image manifest."""
+    config = Descriptor.from_json(document.get("config"), where)
+    if config.media_type not in CONFIG_TYPES:
+        raise RegistryError(
+            f"{where}: not a container image (its config has media type "
+            f"{config.media_type or 'none'!r})"
+        )
+    layers = document.get("layers")
+    if not isinstance(layers, list):
+        raise RegistryError(f"{where}: the manifest has no layers list")
+    return config, tuple(Descriptor.from_json(layer, where) for layer in layers)
+
+
+def config_platform(config: bytes, where: str, fallback: str) -> str:
+    """`os/architecture[/variant]` from an image config (raw spelling kept)."""
+    try:
+        document = json.loads(config)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RegistryError(f"{where}: the image config is not valid JSON") from e
+    if not isinstance(document, dict) or not document.get("architecture"):
+        return fallback
+    parts = (document.get("os", "linux"), document["architecture"], document.get("variant", ""))
+    return "/".join(str(p) for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------
+# The HTTP side.
+
+
+def _is_loopback(domain: str) -> bool:
+    """localhost, 127.0.0.0/8 and [::1], with or without a port."""
+    host = domain[1:].split("]", 1)[0] if domain.startswith("[") else domain.split(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _api_host(domain: str) -> str:
+    """Docker Hub's name is docker.io; its API lives elsewhere."""
+    return "registry-1.docker.io" if domain == DOCKER_HUB else domain
+
+
+def _connection_reason(error: BaseException) -> str:
+    """A short, human reason for a failed connection, from requests' nested errors."""
+    text = str(error)
+    for pattern, reason in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "unknown host"),
+        ("nodename nor servname", "unknown host"),
+        ("Temporary failure in name resolution", "unknown host (DNS lookup failed)"),
+        ("No route to host", "no route to host"),
+        ("Network is unreachable", "network unreachable"),
+        ("timed out", "timed out"),
+        ("Connection reset", "connection reset"),
+        ("CERTIFICATE_VERIFY_FAILED", "TLS certificate verification failed"),
+        ("WRONG_VERSION_NUMBER", "TLS handshake failed (is it a plain-HTTP registry?)"),
+    ):
+        if pattern in text:
+            return reason
+    return type(error).__name__ + (f": {text}" if text else "")
+
+
+def _error_details(response: requests.Response) -> list[tuple[str, str]]:
+    """(code, message) pairs from a distribution-spec error body, if there is one."""
+    try:
+        body = json.loads(response.content[:65536] or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return []
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list):
+        return []
+    return [
+        (str(e.get("code", "")), str(e.get("message", ""))) for e in errors if isinstance(e, dict)
+    ]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RegistryClient:
+    """Pulls from registries speaking the OCI distribution API (and Docker Hub's v2).
+
+    Loopback registries use plain HTTP, others HTTPS; `insecure` names hosts that
+    may use an unverified certificate or plain HTTP (docker's insecure-registries).
+    Tokens are cached per registry and repository. One client may be shared by
+    threads pulling layers in parallel.
+    """
+
+    def __init__(
+        self,
+        *,
+        config_dir: Path | None = None,
+        insecure: frozenset[str] | set[str] | tuple[str, ...] = (),
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        import requests  # here, not at module level: most builds never talk to a registry
+        import urllib3
+
+        self._requests = requests
+        # What a broken connection raises: requests' wrappers before the body, urllib3's
+        # own errors while streaming it from response.raw.
+        self._stream_errors: tuple[type[BaseException], ...] = (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.HTTPError,
+        )
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = f"dockbuild/{__version__}"
+        self._config_dir = config_dir
+        self._insecure = frozenset(insecure)
+        self._timeout = timeout
+        self._retries = retries
+        self._backoff = backoff
+        self._lock = threading.Lock()
+        # (domain, repository path) -> (Authorization header value, monotonic expiry)
+        self._authorization: dict[tuple[str, str], tuple[str, float]] = {}
+        self._plain_http: set[str] = set()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public API -------------------------------------------------------------------
+
+    def resolve(self, ref: Reference, platform: str = "linux/amd64") -> ResolvedImage:
+        """The verified manifest and config of `ref` for `platform`.
+
+        An index or manifest list is followed to the entry for `platform`; the
+        manifest is checked against the registry's Docker-Content-Digest, the digest in
+        `ref` and the digest in the index, and the config against the manifest.
+        """
+        parse_platform(platform)  # reject a bad platform before any network traffic
+        where = str(ref)
+        data, media_type, digest = self._get_manifest(ref, ref.identifier, ref.digest, None)
+        for _ in range(MAX_INDEX_DEPTH):
+            media_type, document = sniff_media_type(data, media_type, where)
+            if media_type in MANIFEST_TYPES:
+                break
+            chosen = select_manifest(document, platform, where)
+            data, media_type, digest = self._get_manifest(
+                ref, chosen.digest, chosen.digest, chosen.size, chosen.media_type
+            )
+        else:
+            raise RegistryError(f"{where}: indexes nested more than {MAX_INDEX_DEPTH} deep")
+        config_desc, layers = parse_image_manifest(document, where)
+        config = self._get_small_blob(ref, config_desc, MAX_CONFIG_SIZE)
+        return ResolvedImage(
+            ref=ref,
+            manifest_digest=digest,
+            manifest=data,
+            manifest_media_type=media_type,
+            config_digest=config_desc.digest,
+            config=config,
+            layers=layers,
+            platform=config_platform(config, where, platform),
+        )
+
+    def fetch_blob(self, ref: Reference, desc: Descriptor, dest: Path) -> None:
+        """Download a blob to `dest`, verified, atomically.
+
+        The bytes stream into a temporary file beside `dest` while being hashed; only a
+        blob with the right size and digest is fsynced and renamed to `dest`. A broken
+        connection restarts the download (up to the retry limit).
+        """
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        where = f"{ref.repository}@{desc.digest}"
+        algorithm, _, expected = desc.digest.partition(":")
+        if algorithm not in _ALGORITHMS:
+            raise RegistryError(f"{where}: unsupported digest algorithm {algorithm!r}")
+        for attempt in range(self._retries + 1):
+            fd, tmp_name = tempfile.mkstemp(
+                dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"
+            )
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    hasher = _ALGORITHMS[algorithm]()
+                    size = 0
+                    # closing(): an early raise must release the connection now, not at GC.
+                    with contextlib.closing(self._blob_chunks(ref, desc)) as chunks:
+                        for chunk in chunks:
+                            size += len(chunk)
+                            if size > desc.size:
+                                raise DigestMismatchError(
+                                    f"{where}: the registry sent more than the {desc.size} bytes "
+                                    f"the manifest promises (expected {desc.digest})"
+                                )
+                            hasher.update(chunk)
+                            out.write(chunk)
+                    if size != desc.size:
+                        raise DigestMismatchError(
+                            f"{where}: size mismatch: expected {desc.size} bytes, got {size}"
+                        )
+                    actual = hasher.hexdigest()
+                    if actual != expected:
+                        raise DigestMismatchError(
+                            f"{where}: content digest mismatch: expected {desc.digest}, "
+                            f"got {algorithm}:{actual}"
+                        )
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, dest)
+                _fsync_dir(dest.parent)
+                return
+            except self._stream_errors as e:
+                tmp.unlink(missing_ok=True)
+                if attempt >= self._retries:
+                    raise RegistryError(
+                        f"{where}: download from {ref.domain} failed: {_connection_reason(e)}"
+                    ) from e
+                self._sleep(attempt, None)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    # -- manifests and blobs --------------------------------------------------------
+
+    def _get_manifest(
+        self,
+        ref: Reference,
+        identifier: str,
+        expected_digest: str | None,
+        expected_size: int | None,
+        declared_type: str | None = None,
+    ) -> tuple[bytes, str, str]:
+        """(bytes, media type, digest) of one manifest, verified every way available."""
+        where = str(ref) if identifier == ref.identifier else f"{ref.repository}@{identifier}"
+        response = self._request(
+            ref,
+            "GET",
+            f"/v2/{ref.path}/manifests/{identifier}",
+            headers={"Accept": MANIFEST_ACCEPT},
+            what=where,
+        )
+        with response:
+            data = self._read_limited(response, expected_size or MAX_MANIFEST_SIZE, where)
+            header_digest = response.headers.get("Docker-Content-Digest")
+            content_type = response.headers.get("Content-Type") or declared_type
+        if expected_size is not None and len(data) != expected_size:
+            raise DigestMismatchError(
+                f"{where}: size mismatch: expected {expected_size} bytes, got {len(data)}"
+            )
+        if header_digest and _DIGEST.fullmatch(header_digest):
+            verify_digest(data, header_digest, where)
+        if expected_digest:
+            verify_digest(data, expected_digest, where)
+        digest = expected_digest or "sha256:" + hashlib.sha256(data).hexdigest()
+        return data, content_type or "", digest
+
+    def _get_small_blob(self, ref: Reference, desc: Descriptor, limit: int) -> bytes:
+        where = f"{ref.repository}@{desc.digest}"
+        if desc.size > limit:
+            raise RegistryError(f"{where}: {desc.size} bytes is too big for an image config")
+        parts: list[bytes] = []
+        received = 0
+        with contextlib.closing(self._blob_chunks(ref, desc)) as chunks:
+            for chunk in chunks:
+                received += len(chunk)
+                if received > desc.size:
+                    break  # more than promised: the size check below reports it
+                parts.append(chunk)
+        data = b"".join(parts)
+        if received != desc.size:
+            raise DigestMismatchError(
+                f"{where}: size mismatch: expected {desc.size} bytes, got {received}"
+                + (" or more" if received > desc.size else "")
+            )
+        verify_digest(data, desc.digest, where)
+        return data
+
+    def _blob_chunks(self, ref: Reference, desc: Descriptor) -> Iterator[bytes]:
+        where = f"{ref.repository}@{desc.digest}"
+        response = self._request(
+            ref,
+            "GET",
+            f"/v2/{ref.path}/blobs/{desc.digest}",
+            # Registries serve blobs as stored; a proxy must not re-encode them.
+            headers={"Accept-Encoding": "identity"},
+            what=where,
+        )
+        with response:
+            # raw + decode_content=False: hash the bytes as sent, never a decoded form.
+            yield from response.raw.stream(_CHUNK, decode_content=False)
+
+    @staticmethod
+    def _read_limited(response: requests.Response, limit: int, where: str) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        for chunk in response.raw.stream(_CHUNK, decode_content=True):
+            size += len(chunk)
+            if size > limit:
+                raise RegistryError(f"{where}: the manifest is larger than {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    # -- HTTP, auth, retries ----------------------------------------------------------
+
+    def _base_url(self, domain: str) -> str:
+        host = _api_host(domain)
+        plain = _is_loopback(domain) or domain in self._plain_http
+        return f"{'http' if plain else 'https'}://{host}"
+
+    def _request(
+        self,
+        ref: Reference,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str],
+        what: str,
+    ) -> requests.Response:
+        """Send one API request with auth, retries and redirects; raise on failure.
+
+        A 401 is answered once by authenticating against the challenge; connection
+        errors, 429 and 5xx are retried with exponential backoff.
+        """
+        authenticated = False
+        attempt = 0
+        while True:
+            request_headers = dict(headers)
+            authorization = self._cached_authorization(ref)
+            if authorization:
+                request_headers["Authorization"] = authorization
+            url = self._base_url(ref.domain) + path
+            try:
+                response = self._send(method, url, request_headers, ref.domain)
+            except (self._requests.ConnectionError, self._requests.Timeout) as e:
+                if attempt < self._retries and not isinstance(
+                    e, self._requests.exceptions.SSLError
+                ):
+                    self._sleep(attempt, None)
+                    attempt += 1
+                    continue
+                raise RegistryError(
+                    f"{what}: cannot reach registry {ref.domain}: {_connection_reason(e)}"
+                ) from e
+            if response.status_code == 401 and not authenticated:
+                authenticated = True
+                challenges = parse_www_authenticate(response.headers.get("WWW-Authenticate", ""))
+                response.close()
+                if self._authenticate(ref, challenges):
+                    continue
+                raise self._unauthorized(what)
+            if response.status_code in _RETRY_STATUSES and attempt < self._retries:
+                retry_after = response.headers.get("Retry-After")
+                response.close()
+                self._sleep(attempt, retry_after)
+                attempt += 1
+                continue
+            if response.status_code >= 400:
+                with response:
+                    raise self._status_error(response, what)
+            return response
+
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], domain: str
+    ) -> requests.Response:
+        """Follow redirects by hand so Authorization never travels to another host."""
+        verify = domain not in self._insecure
+        for _ in range(_MAX_REDIRECTS):
+            try:
+                response = self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=self._timeout,
+                    verify=verify,
+                )
+            except self._requests.exceptions.SSLError:
+                # docker's insecure-registries: fall back to plain HTTP for such hosts.
+                if domain in self._insecure and url.startswith("https://"):
+                    self._plain_http.add(domain)
+                    url = "http://" + url.removeprefix("https://")
+                    continue
+                raise
+            location = response.headers.get("Location")
+            if response.status_code not in _REDIRECT_STATUSES or not location:
+                return response
+            response.close()
+            target = urljoin(url, location)
+            if urlsplit(target).netloc != urlsplit(url).netloc:
+                # Blob storage (S3, a CDN) gets a signed URL; our token is not for it.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            if response.status_code == 303:
+                method = "GET"
+            url = target
+        raise RegistryError(f"{url}: more than {_MAX_REDIRECTS} redirects")
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        delay = self._backoff * (2**attempt)
+        if retry_after and retry_after.isdigit():
+            delay = max(delay, min(float(retry_after), 30.0))
+        time.sleep(delay)
+
+    def _cached_authorization(self, ref: Reference) -> str | None:
+        with self._lock:
+            cached = self._authorization.get((ref.domain, ref.path))
+        if cached and time.monotonic() < cached[1]:
+            return cached[0]
+        return None
+
+    def _authenticate(self, ref: Reference, challenges: list[Challenge]) -> bool:
+        """Answer a 401 challenge; False when there is nothing to answer it with."""
+        by_scheme = {c.scheme: c for c in challenges}
+        credentials = lookup_credentials(ref.domain, self._config_dir)
+        if "bearer" in by_scheme:
+            token = fetch_bearer_token(
+                self._session,
+                by_scheme["bearer"],
+                [f"repository:{ref.path}:pull"],
+                credentials,
+                timeout=self._timeout,
+            )
+            value, expires = f"Bearer {token.token}", token.expires_at
+        elif "basic" in by_scheme and credentials and credentials.username:
+            value, expires = basic_authorization(credentials), float("inf")
+        else:
+            return False
+        with self._lock:
+            self._authorization[(ref.domain, ref.path)] = (value, expires)
+        return True
+
+    def _unauthorized(self, what: str) -> RegistryError:
+        config = docker_config_dir() if self._config_dir is None else self._config_dir
+        shown = str(config / "config.json")
+        home = str(Path.home()).rstrip("/") + "/"
+        if home != "/" and shown.startswith(home):
+            shown = "~/" + shown.removeprefix(home)
+        return RegistryError(
+            f"{what}: unauthorized: authentication required; "
+            f"log in with docker login or check {shown}"
+        )
+
+    def _status_error(self, response: requests.Response, what: str) -> RegistryError:
+        details = _error_details(response)
+        codes = {code for code, _ in details}
+        status = response.status_code
+        if status == 401 or "UNAUTHORIZED" in codes:
+            return self._unauthorized(what)
+        if "MANIFEST_UNKNOWN" in codes or (status == 404 and "/manifests/" in response.url):
+            return RegistryError(f"{what}: manifest unknown")
+        if "NAME_UNKNOWN" in codes:
+            return RegistryError(f"{what}: repository unknown to the registry")
+        if "BLOB_UNKNOWN" in codes or (status == 404 and "/blobs/" in response.url):
+            return RegistryError(f"{what}: blob unknown to the registry")
+        if status == 403 or "DENIED" in codes:
+            message = next((m for c, m in details if c == "DENIED" and m), "access denied")
+            return RegistryError(f"{what}: denied: {message}")
+        message = "; ".join(m or c for c, m in details) or response.reason or ""
+        return RegistryError(f"{what}: the registry answered {status} {message}".rstrip())
