@@ -1,0 +1,49 @@
+"""The ``type=docker`` exporter: a tarball for ``docker load`` (and ``podman load``).
+
+It is the modern combined layout that BuildKit writes through containerd's archive
+exporter and ``docker save`` writes since Engine 25: a complete OCI image layout plus the
+legacy ``manifest.json`` index that older loaders read::
+
+    [{"Config":"blobs/sha256/<config>","RepoTags":["hello:1"],"Layers":["blobs/sha256/<l>"]}]
+
+``RepoTags`` hold the familiar names (containerd familiarises ``docker.io/library/hello:1``
+to ``hello:1``; ``null`` without names), while index.json carries the full name in
+``io.containerd.image.name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from dockbuild.outputs.image import ImageBlobs, familiar_name, go_json
+from dockbuild.outputs.oci import deliver_tar, layout_files
+
+
+def docker_manifest_json(image: ImageBlobs, names: Sequence[str] = ()) -> bytes:
+    """The legacy ``manifest.json`` of a docker tarball (Go struct order, compact)."""
+    entry = {
+        "Config": f"blobs/sha256/{image.config_digest.split(':', 1)[1]}",
+        "RepoTags": [familiar_name(n) for n in names] or None,
+        "Layers": [f"blobs/sha256/{layer.hex}" for layer in image.layers],
+    }
+    return go_json([entry])
+
+
+def export_docker(
+    image: ImageBlobs,
+    *,
+    names: Sequence[str] = (),
+    out: BinaryIO | None = None,
+    dest: Path | None = None,
+    created: str | None = None,
+) -> None:
+    """Write the docker-load tarball of ``image`` to ``out`` or atomically to ``dest``."""
+    files = layout_files(
+        image,
+        names,
+        created=created,
+        extra={"manifest.json": docker_manifest_json(image, names)},
+    )
+    deliver_tar(files, out=out, dest=dest)

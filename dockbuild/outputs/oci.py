@@ -1,0 +1,180 @@
+"""The ``type=oci`` exporter: an OCI image layout as a tar stream, a tar file or a directory.
+
+The tar is written the way containerd's archive exporter (which BuildKit uses) writes it:
+entries sorted by name, ``blobs/`` and ``blobs/sha256/`` directories (0755), blobs and
+``oci-layout`` read-only (0444), ``index.json`` 0644, owner 0:0 without names, mtime 0.
+The docker exporter writes the same layout plus ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from dockbuild.errors import DockbuildError
+from dockbuild.outputs.atomic import atomic_dir, atomic_file
+from dockbuild.outputs.image import OCI_LAYOUT, ImageBlobs, layout_index
+
+_CHUNK = 1 << 20
+
+
+class _PositionWriter:
+    """Write-only file object that knows its offset, so tarfile works on pipes."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.pos = 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _blob_files(image: ImageBlobs) -> dict[str, bytes | Path]:
+    """Every blob of the image by its layout path, checked against its descriptor."""
+    files: dict[str, bytes | Path] = {
+        f"blobs/sha256/{image.manifest_digest.split(':', 1)[1]}": image.manifest,
+        f"blobs/sha256/{image.config_digest.split(':', 1)[1]}": image.config,
+    }
+    for layer in image.layers:
+        path = image.blobs.get(layer.digest)
+        if path is None:
+            raise DockbuildError(f"layer blob {layer.digest} is missing from the export")
+        size = os.stat(path).st_size
+        if size != layer.size:
+            raise DockbuildError(
+                f"layer blob {layer.digest} at {path} has {size} bytes, "
+                f"its descriptor says {layer.size}",
+                hint="the cache may be damaged: `dockbuild prune` and build again",
+            )
+        files[f"blobs/sha256/{layer.hex}"] = path
+    return files
+
+
+def layout_files(
+    image: ImageBlobs,
+    names: Sequence[str] = (),
+    *,
+    created: str | None = None,
+    extra: Mapping[str, bytes] | None = None,
+) -> dict[str, bytes | Path]:
+    """The files of an OCI layout for ``image`` (contents as bytes or a path to copy)."""
+    files: dict[str, bytes | Path] = {
+        "oci-layout": OCI_LAYOUT,
+        "index.json": layout_index(image, names, created=created),
+    }
+    files.update(_blob_files(image))
+    files.update(extra or {})
+    return files
+
+
+def _mode(name: str) -> int:
+    return 0o444 if name.startswith("blobs/") or name == "oci-layout" else 0o644
+
+
+def write_layout_tar(files: Mapping[str, bytes | Path], out: BinaryIO) -> None:
+    """Write layout files as a deterministic tar stream to ``out``."""
+    entries: dict[str, bytes | Path | None] = dict(files)
+    for name in files:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            entries["/".join(parts[:i]) + "/"] = None
+
+    # Mode "w" on a position-counting wrapper: pipes cannot tell(), and "w|" re-buffers.
+    tar = tarfile.open(fileobj=_PositionWriter(out), mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]  # noqa: SIM115
+    tar.copybufsize = _CHUNK
+    for name in sorted(entries, key=lambda n: n.encode()):
+        content = entries[name]
+        ti = tarfile.TarInfo(name.rstrip("/"))
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        ti.mtime = 0
+        if content is None:
+            ti.type = tarfile.DIRTYPE
+            ti.mode = 0o755
+            tar.addfile(ti)
+        elif isinstance(content, bytes):
+            ti.mode = _mode(name)
+            ti.size = len(content)
+            tar.addfile(ti, _BytesReader(content))
+        else:
+            ti.mode = _mode(name)
+            with open(content, "rb") as f:
+                ti.size = os.fstat(f.fileno()).st_size
+                tar.addfile(ti, f)
+    # Only a complete archive gets its end marker: an exception above skips this, so a
+    # cut-off stream is recognisably truncated.
+    tar.close()
+    out.flush()
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self.view = memoryview(data)
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.view) if n < 0 else self.pos + n
+        chunk = self.view[self.pos : end].tobytes()
+        self.pos += len(chunk)
+        return chunk
+
+
+def write_layout_dir(files: Mapping[str, bytes | Path], dest: Path) -> None:
+    """Write layout files as a directory, replacing ``dest`` atomically."""
+    with atomic_dir(dest) as tmp:
+        for name in sorted(files):
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            content = files[name]
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                shutil.copyfile(content, target)
+            os.chmod(target, 0o644)
+
+
+def deliver_tar(
+    files: Mapping[str, bytes | Path], *, out: BinaryIO | None, dest: Path | None
+) -> None:
+    """Write a layout tar to ``out`` (e.g. stdout) or atomically to the file ``dest``."""
+    if (out is None) == (dest is None):
+        raise ValueError("give exactly one of out and dest")
+    if out is not None:
+        write_layout_tar(files, out)
+        return
+    with atomic_file(Path(dest)) as f:  # type: ignore[arg-type]
+        write_layout_tar(files, f)
+
+
+def export_oci(
+    image: ImageBlobs,
+    *,
+    names: Sequence[str] = (),
+    out: BinaryIO | None = None,
+    dest: Path | None = None,
+    tar: bool = True,
+    created: str | None = None,
+) -> None:
+    """Export ``image`` as an OCI image layout.
+
+    With ``tar`` (the default) the layout is a tar written to ``out`` or to the file
+    ``dest``; with ``tar=False`` it is the directory ``dest``. ``names`` are image
+    references recorded in index.json; ``created`` (RFC 3339) becomes the
+    ``org.opencontainers.image.created`` annotation BuildKit adds.
+    """
+    files = layout_files(image, names, created=created)
+    if tar:
+        deliver_tar(files, out=out, dest=dest)
+        return
+    if dest is None or out is not None:
+        raise ValueError("an OCI layout directory (tar=false) needs dest and no out")
+    write_layout_dir(files, Path(dest))

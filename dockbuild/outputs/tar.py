@@ -1,0 +1,44 @@
+"""The ``type=tar`` exporter: the merged rootfs of a snapshot as one tar stream.
+
+Entries are those of the merged view (whiteouts applied, no overlay xattrs), sorted with
+parents first, relative names, numeric ids, PAX; see :class:`TreeTarWriter`. The stream
+goes to a file object (stdout) or atomically to a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from dockbuild.engine.archive import TreeTarWriter
+from dockbuild.engine.snapshots import Snapshot, walk_merged
+from dockbuild.outputs.atomic import atomic_file
+
+
+def write_rootfs_tar(
+    snapshot: Snapshot | Sequence[Path], out: BinaryIO, *, clamp_mtime: int | None = None
+) -> None:
+    """Write the merged rootfs of ``snapshot`` as a tar stream to ``out``."""
+    layers = snapshot.layers if isinstance(snapshot, Snapshot) else snapshot
+    with TreeTarWriter(out, clamp_mtime=clamp_mtime) as writer:
+        for rel, src in walk_merged(layers):
+            writer.add_path(rel, src)
+    out.flush()
+
+
+def export_tar(
+    snapshot: Snapshot | Sequence[Path],
+    *,
+    out: BinaryIO | None = None,
+    dest: Path | None = None,
+    clamp_mtime: int | None = None,
+) -> None:
+    """Export the rootfs tar to ``out`` or, atomically, to the file ``dest``."""
+    if (out is None) == (dest is None):
+        raise ValueError("give exactly one of out and dest")
+    if out is not None:
+        write_rootfs_tar(snapshot, out, clamp_mtime=clamp_mtime)
+        return
+    with atomic_file(Path(dest)) as f:  # type: ignore[arg-type]
+        write_rootfs_tar(snapshot, f, clamp_mtime=clamp_mtime)

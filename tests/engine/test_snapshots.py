@@ -1,0 +1,187 @@
+"""Merged views of a layer chain: what overlayfs would show, computed without mounting."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dockbuild.engine.archive import OPAQUE_XATTR_ROOT, OPAQUE_XATTR_ROOTLESS
+from dockbuild.engine.snapshots import (
+    Snapshot,
+    list_dir,
+    lookup,
+    read_file,
+    resolve_in_rootfs,
+    walk_merged,
+)
+from dockbuild.errors import DockbuildError
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (whiteouts, trusted.*)")
+
+
+def put(root: Path, rel: str, content: str | None = None) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        path.mkdir(exist_ok=True)
+    else:
+        path.write_text(content)
+    return path
+
+
+def whiteout(root: Path, rel: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(path, stat.S_IFCHR, os.makedev(0, 0))
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Three layers exercising each overlay rule.
+
+    l1: the base rootfs.
+    l2: deletes etc/group, makes usr/lib opaque (root form), replaces the dir var by a file.
+    l3: adds usr/lib/d (merging with l2 only), deletes data, makes var a dir again,
+        makes opt opaque in the rootless form.
+    """
+    l1, l2, l3 = (tmp_path / n for n in ("l1", "l2", "l3"))
+    for rel, content in [
+        ("etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
+        ("etc/group", "root:x:0:\n"),
+        ("usr/lib/a", "a"),
+        ("usr/lib/b", "b"),
+        ("usr/bin/sh", "#!sh"),
+        ("var/log/x", "x"),
+        ("data/file", "d"),
+        ("opt/old", "old"),
+    ]:
+        put(l1, rel, content)
+    os.symlink("usr/bin", l1 / "bin")
+    os.symlink("../../../../../../etc/shadow", l1 / "escape")
+
+    put(l2, "etc")
+    whiteout(l2, "etc/group")
+    put(l2, "usr/lib/c", "c")
+    os.setxattr(l2 / "usr" / "lib", OPAQUE_XATTR_ROOT, b"y")
+    put(l2, "var", "now a file")
+    os.symlink("/usr/lib", l2 / "abs")
+    os.symlink("loop2", l2 / "loop1")
+    os.symlink("loop1", l2 / "loop2")
+
+    put(l3, "usr/lib/d", "d")
+    whiteout(l3, "data")
+    put(l3, "var/new", "n")
+    put(l3, "opt/fresh", "f")
+    os.setxattr(l3 / "opt", OPAQUE_XATTR_ROOTLESS, b"y")
+    return l1, l2, l3
+
+
+def test_walk_merged_shows_what_overlay_would(chain: tuple[Path, Path, Path]) -> None:
+    l1, l2, l3 = chain
+    seen = dict(walk_merged(chain))
+    assert list(seen) == [
+        "abs",
+        "bin",
+        "escape",
+        "etc",
+        "etc/passwd",
+        "loop1",
+        "loop2",
+        "opt",
+        "opt/fresh",
+        "usr",
+        "usr/bin",
+        "usr/bin/sh",
+        "usr/lib",
+        "usr/lib/c",
+        "usr/lib/d",
+        "var",
+        "var/new",
+    ]
+    assert seen["etc"] == l2 / "etc"  # the topmost copy of a directory
+    assert seen["usr/lib/c"] == l2 / "usr/lib/c"
+    assert seen["var"] == l3 / "var"
+
+
+def test_lookup_honours_whiteouts_and_opaque_dirs(chain: tuple[Path, Path, Path]) -> None:
+    l1, l2, l3 = chain
+    assert lookup(chain, "etc/group") is None
+    assert lookup(chain, "/etc/passwd") == l1 / "etc/passwd"
+    assert lookup(chain, "usr/lib/a") is None
+    assert lookup(chain, "usr/lib/d") == l3 / "usr/lib/d"
+    assert lookup(chain, "data/file") is None
+    assert lookup(chain, "var/log/x") is None
+    assert lookup(chain, "opt/old") is None
+    assert lookup(chain, "") == l3
+
+
+def test_symlinks_resolve_inside_the_rootfs(chain: tuple[Path, Path, Path]) -> None:
+    l1, _, _ = chain
+    assert resolve_in_rootfs(chain, "bin/sh") == "usr/bin/sh"
+    assert lookup(chain, "bin/sh") == l1 / "usr/bin/sh"
+    assert lookup(chain, "bin") == l1 / "bin"  # a final symlink is not followed
+    assert resolve_in_rootfs(chain, "/abs/../../../../etc/passwd") == "etc/passwd"
+    assert read_file(chain, "abs/c") == b"c"
+
+
+def test_symlinks_never_escape_the_rootfs(chain: tuple[Path, Path, Path]) -> None:
+    assert resolve_in_rootfs(chain, "escape") == "etc/shadow"
+    assert read_file(chain, "escape") is None
+
+
+def test_symlink_loops_are_an_error(chain: tuple[Path, Path, Path]) -> None:
+    with pytest.raises(DockbuildError, match="symbolic links"):
+        resolve_in_rootfs(chain, "loop1")
+
+
+def test_read_file_returns_contents_or_none(chain: tuple[Path, Path, Path]) -> None:
+    snapshot = Snapshot(chain)
+    assert snapshot.read_file("/etc/passwd") == b"root:x:0:0::/root:/bin/sh\n"
+    assert snapshot.read_file("etc/group") is None
+    assert snapshot.read_file("usr") is None
+    assert snapshot.read_file("var") is None  # a directory again in l3
+
+
+def test_a_single_layer_is_its_own_view(tmp_path: Path) -> None:
+    put(tmp_path / "only", "f", "x")
+    assert list(walk_merged([tmp_path / "only"])) == [("f", tmp_path / "only" / "f")]
+    assert list(walk_merged([])) == []
+
+
+def test_merged_view_matches_a_kernel_overlay_mount(
+    chain: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    import subprocess
+
+    l1, l2, l3 = chain
+    # A kernel mount as root honours only the trusted.* form.
+    os.removexattr(l3 / "opt", OPAQUE_XATTR_ROOTLESS)
+    os.setxattr(l3 / "opt", OPAQUE_XATTR_ROOT, b"y")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    lowers = ":".join(str(p) for p in (l3, l2, l1))
+    mount = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowers}", str(merged)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"no overlay mount here: {mount.stderr.strip()}")
+    try:
+        kernel = sorted(str(p.relative_to(merged)) for p in merged.rglob("*"))
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+    assert sorted(rel for rel, _ in walk_merged(chain)) == kernel
+
+
+def test_list_dir_shows_the_merged_children(chain: tuple[Path, Path, Path]) -> None:
+    assert list_dir(chain, "etc") == ["passwd"]
+    assert list_dir(chain, "usr/lib") == ["c", "d"]
+    assert list_dir(chain, "bin") == ["sh"]  # through the symlink
+    assert list_dir(chain, "var") == ["new"]
+    assert list_dir(chain, "data") == []
+    assert list_dir(chain, "etc/passwd") == []
+    assert list_dir(chain, "") == [rel for rel, _ in walk_merged(chain) if "/" not in rel]
