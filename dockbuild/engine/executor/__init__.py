@@ -47,6 +47,14 @@ class MountSpec:
 
 @dataclass(frozen=True)
 class RunRequest:
+    """One process to run, the way BuildKit's runc executor would run it.
+
+    ``args[0]`` without a slash is looked up in the PATH of ``env``; a missing command
+    exits 127 with a message on stderr. ``cwd`` is created (owned by root) when missing.
+    stdin is /dev/null. Mount targets missing from the rootfs are created as stubs and
+    removed again afterwards if the process left them empty, so they never reach a layer.
+    """
+
     args: tuple[str, ...]
     env: tuple[str, ...]
     cwd: str
@@ -77,3 +85,18 @@ class Executor(Protocol):
     def close(self) -> None:
         """Stop helper processes; kill anything still running."""
         ...
+
+
+# Re-exported last: the back ends import the types above from this package.
+from dockbuild.engine.executor.probe import describe, get_executor  # noqa: E402
+
+__all__ = [
+    "Executor",
+    "MountSpec",
+    "OutputSink",
+    "OverlayRootfs",
+    "PlainRootfs",
+    "RunRequest",
+    "describe",
+    "get_executor",
+]

@@ -1,0 +1,892 @@
+"""The fork server: the single-threaded process that makes and starts every container.
+
+dockbuild's main process runs solver threads, and forking Python code out of a
+multi-threaded process is unsafe (locks held by other threads stay locked in the child,
+and ``unshare(CLONE_NEWUSER)`` fails with EINVAL). So :mod:`.namespace` starts this file
+once per build as a script (``python -I -S _forkserver.py FD``). It imports nothing from
+dockbuild and only the standard library, so it starts fast and stays single-threaded.
+
+Per run, the main process sends one SOCK_SEQPACKET message on the control socket: a JSON
+spec plus three descriptors (the stdout and stderr pipe write ends, and a per-run status
+socket). The server unshares a PID namespace for its next child, forks the container's
+PID 1 (then points its own future children back at its PID namespace with setns), and
+goes back to its select loop, which also reaps exited PID 1s::
+
+    fork server ── PID 1 (unshare NS|IPC|UTS[|NET], mounts, pivot_root, drop to USER,
+                          execve the RUN command)
+
+Messages on the status socket, one JSON object each: ``{"pid": N}`` with a pidfd for
+PID 1 (so the main process can kill it), ``{"error": "..."}`` when setup failed, and
+finally ``{"exit": N}`` (128+N for signal N), sent after the mount stubs are cleaned.
+
+Also runnable as ``_forkserver.py --probe``: prints whether namespaces work here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+MNT_DETACH = 0x2
+PR_SET_PDEATHSIG = 1
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+# pivot_root has no glibc wrapper.
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+MAX_MESSAGE = 1 << 20
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Mount options that are flags for mount(2) rather than data for the file system.
+MOUNT_FLAGS = {
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+    "strictatime": MS_STRICTATIME,
+}
+IGNORED_OPTIONS = {"rw", "suid", "dev", "exec", "bind", "rbind", "private", "rprivate"}
+
+# What runc (and so BuildKit) hides from a container's /proc and /sys: the process runs
+# with root's capabilities, and these would let it poke at the host kernel.
+MASKED_PATHS = (
+    "proc/acpi", "proc/kcore", "proc/keys", "proc/latency_stats", "proc/timer_list",
+    "proc/timer_stats", "proc/sched_debug", "proc/scsi", "sys/firmware",
+)  # fmt: skip
+READONLY_PATHS = ("proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger")
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_SYMLINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("core", "/proc/kcore"),
+    ("ptmx", "pts/ptmx"),
+)
+
+
+class SetupError(Exception):
+    """The container could not be set up; the message goes to the user as is."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+
+
+def _errno_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _enc(value: str | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    if _libc.mount(_enc(source), _enc(target), _enc(fstype), flags, _enc(data) if data else None):
+        err = ctypes.get_errno()
+        what = fstype or source or "remount"
+        raise SetupError(f"mounting {what} on {target}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    if _libc.unshare(flags):
+        raise _errno_error("unshare")
+
+
+def set_parent_death_signal(sig: int) -> None:
+    if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0):
+        raise _errno_error("prctl(PR_SET_PDEATHSIG)")
+
+
+def pivot_root(root: str) -> None:
+    """Make ``root`` the root: pivot_root(".", ".") stacks the old root on top, detach it."""
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise SetupError(f"pivot_root: unsupported architecture {platform.machine()}")
+    os.chdir(root)
+    if _libc.syscall(number, b".", b"."):
+        raise SetupError(f"pivot_root: {os.strerror(ctypes.get_errno())}")
+    if _libc.umount2(b".", MNT_DETACH):
+        raise SetupError(f"detaching the old root: {os.strerror(ctypes.get_errno())}")
+    os.chdir("/")
+
+
+# ---------------------------------------------------------------------------------------
+# The server loop
+
+
+@dataclasses.dataclass(eq=False)
+class Container:
+    """A running PID 1, as the server tracks it until it has reported the exit."""
+
+    spec: dict
+    status: socket.socket
+    stubs_r: int
+    stubs: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+class Server:
+    """Waits for run requests and container exits, single-threaded, in one select loop."""
+
+    def __init__(self, control_fd: int) -> None:
+        self.control = socket.socket(fileno=control_fd)
+        self.control.set_inheritable(False)
+        self.selector = selectors.DefaultSelector()
+        self.containers: dict[int, Container] = {}
+        # PID 1s check this pipe for EOF to notice that the server died before their
+        # prctl(PR_SET_PDEATHSIG) took effect.
+        self.life_r, self.life_w = os.pipe()
+        self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        # Where each PID 1 mounts its private tmpfs (root mountpoint, /etc/hosts, ...).
+        # It stays empty on the host; the server removes it when it ends, which it does
+        # even when the main process is killed (EOF on the control socket).
+        self.scratch = tempfile.mkdtemp(prefix="dockbuild-exec-")
+
+    def serve(self) -> None:
+        try:
+            self.loop()
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.scratch)
+
+    def loop(self) -> None:
+        # Ctrl-C reaches the whole foreground process group; the engine decides what a
+        # Ctrl-C means (Executor.close), so the server must not die on its own.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Step reserved for rootless operation: enter the build's user namespace here,
+        # once, before the first fork (the main process writes the id maps).
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.selector.register(wake_r, selectors.EVENT_READ, "wake")
+        while True:
+            for key, _ in self.selector.select():
+                if key.data == "control":
+                    message, fds, _flags, _addr = socket.recv_fds(self.control, MAX_MESSAGE, 3)
+                    if not message:
+                        return  # the main process closed us (or died): PID 1s die with us
+                    self.start(message, fds)
+                elif key.data == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(wake_r, 512):
+                            pass
+                    self.reap()
+                else:
+                    self.read_stubs(key.data)
+
+    def start(self, message: bytes, fds: list[int]) -> None:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        if len(fds) != 3:
+            print("dockbuild fork server: bad request", file=sys.stderr)
+            for fd in fds:
+                os.close(fd)
+            return
+        out_fd, err_fd, status_fd = fds
+        status = socket.socket(fileno=status_fd)
+        try:
+            spec = json.loads(message)
+            spec["scratch"] = self.scratch
+            namespace = spec["sandbox"] == "namespace"
+            stubs_r, stubs_w = os.pipe()
+        except (OSError, ValueError, KeyError) as e:
+            self.refuse(status, (out_fd, err_fd), f"bad run request: {e}")
+            return
+        try:
+            if namespace:
+                # Applies to the next child only, which becomes PID 1 of a new PID
+                # namespace; setns afterwards points our future children back at our
+                # own, so the next run can unshare again. (No intermediate process.)
+                unshare(CLONE_NEWPID)
+            pid = os.fork()
+        except OSError as e:
+            if namespace:
+                self.reset_pid_namespace()
+            self.refuse(status, (out_fd, err_fd, stubs_r, stubs_w), str(e))
+            return
+        if pid == 0:
+            try:
+                os.close(self.life_w)
+                os.close(stubs_r)
+                init(spec, out_fd, err_fd, status, self.life_r, stubs_w)
+            except SetupError as e:
+                _send(status, {"error": str(e)})
+            except OSError as e:
+                where = f": {e.filename}" if e.filename else ""
+                _send(status, {"error": f"{e.strerror or e}{where}"})
+            except BaseException as e:
+                _send(status, {"error": f"internal error setting up the container: {e!r}"})
+            finally:
+                os._exit(1)  # never back into the server loop
+        if namespace:
+            self.reset_pid_namespace()
+        for fd in (out_fd, err_fd, stubs_w):
+            os.close(fd)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # old kernel or seccomp: the main process falls back to kill(pid)
+            _send(status, {"pid": pid})
+        else:
+            _send(status, {"pid": pid}, [pidfd])
+            os.close(pidfd)
+        os.set_blocking(stubs_r, False)
+        container = Container(spec, status, stubs_r)
+        self.containers[pid] = container
+        self.selector.register(stubs_r, selectors.EVENT_READ, container)
+
+    def reset_pid_namespace(self) -> None:
+        if _libc.setns(self.own_pid_ns, CLONE_NEWPID):
+            # Every later run would land in a dead namespace: better stop visibly.
+            print(f"dockbuild fork server: {_errno_error('setns')}", file=sys.stderr)
+            os._exit(1)
+
+    def refuse(self, status: socket.socket, fds: tuple[int, ...], reason: str) -> None:
+        _send(status, {"error": f"cannot create the container: {reason}"})
+        status.close()
+        for fd in fds:
+            os.close(fd)
+
+    def read_stubs(self, container: Container) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(container.stubs_r, 65536):
+                container.stubs += chunk
+            self.selector.unregister(container.stubs_r)
+            os.close(container.stubs_r)
+            container.stubs_r = -1
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            container = self.containers.pop(pid, None)
+            if container is None:
+                continue
+            if container.stubs_r != -1:
+                self.read_stubs(container)  # the writer is dead: this reaches EOF
+            code = os.waitstatus_to_exitcode(wait_status)
+            if code < 0:
+                code = 128 - code
+            # PID 1 was the last process of its namespaces, so its mount namespace and
+            # the overlay in it are gone: the upper dir can be cleaned now.
+            if container.stubs:
+                try:
+                    remove_stubs(container.spec, json.loads(container.stubs))
+                except Exception as e:
+                    print(f"dockbuild fork server: cleaning mount stubs: {e!r}", file=sys.stderr)
+            _send(container.status, {"exit": code})
+            container.status.close()
+
+
+def _send(sock: socket.socket, message: dict[str, object], fds: list[int] | None = None) -> None:
+    data = json.dumps(message).encode()
+    with contextlib.suppress(OSError):  # the main process may have given up on this run
+        if fds:
+            socket.send_fds(sock, [data], fds)
+        else:
+            sock.send(data)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------------------------
+# PID 1
+
+
+def init(
+    spec: dict,
+    out_fd: int,
+    err_fd: int,
+    status: socket.socket,
+    life_r: int,
+    stubs_w: int,
+) -> None:
+    """Become the container: namespaces, mounts, root, user, then execve."""
+    set_parent_death_signal(signal.SIGKILL)
+    os.set_blocking(life_r, False)
+    try:
+        if os.read(life_r, 1) == b"":
+            os._exit(1)  # the server died before our prctl: nobody would reap us
+    except BlockingIOError:
+        pass
+    os.close(life_r)
+    signal.set_wakeup_fd(-1)
+    os.setsid()
+    os.umask(0o022)
+    if spec["sandbox"] == "namespace":
+        stubs: list[dict] = []
+        try:
+            enter_container_root(spec, stubs)
+        finally:
+            # Reported even after a failed setup: the stubs made so far must go too.
+            os.write(stubs_w, json.dumps(stubs).encode())
+            os.close(stubs_w)
+    else:
+        os.close(stubs_w)
+        os.chroot(spec["rootfs"]["path"])
+        os.chdir("/")
+    user = resolve_user(spec["user"], "/etc/passwd", "/etc/group")
+    env = _environ(spec["env"])
+    env.setdefault("HOME", user.home)
+    cwd = spec["cwd"] or "/"
+    # Like BuildKit: a missing working directory is created (owned by root).
+    try:
+        os.makedirs(cwd, 0o755, exist_ok=True)
+        os.chdir(cwd)
+    except OSError as e:
+        raise SetupError(f"cannot use {cwd} as working directory: {e.strerror}") from None
+    null = os.open("/dev/null", os.O_RDONLY) if os.path.exists("/dev/null") else None
+    if null is None:  # chroot without /dev: an empty pipe is as good as /dev/null
+        null, w = os.pipe()
+        os.close(w)
+    os.dup2(null, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    os.setgroups(user.groups)
+    os.setresgid(user.gid, user.gid, user.gid)
+    os.setresuid(user.uid, user.uid, user.uid)
+    args = spec["args"]
+    if not args:
+        raise SetupError("no command given")
+    # PATH is looked up after dropping privileges, so "executable" means for this user.
+    program = _look_path(args[0], env.get("PATH", DEFAULT_PATH))
+    if program is None:
+        _exec_failed(f'exec: "{args[0]}": executable file not found in $PATH', 127)
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_DFL)  # Python ignores SIGPIPE and SIGXFSZ
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    status.close()
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    try:
+        os.execve(program, args, env)
+    except OSError as e:
+        _exec_failed(f'exec: "{program}": {e.strerror.lower()}', 127 if e.errno == 2 else 126)
+
+
+def _exec_failed(message: str, code: int) -> None:
+    """Report like a shell does: a message on the RUN's stderr, and 127 or 126."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"dockbuild: {message}\n".encode())
+    os._exit(code)
+
+
+def _environ(env: list[str]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if sep and key:
+            result[key] = value
+    return result
+
+
+def _look_path(name: str, path: str) -> str | None:
+    """What runc's exec.LookPath does: a name with a slash as is, else search PATH."""
+    if "/" in name:
+        return name
+    for directory in path.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.stat(candidate).st_mode) and os.access(candidate, os.X_OK):
+                return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Namespaces and mounts
+
+
+def enter_container_root(spec: dict, stubs: list[dict]) -> None:
+    """Unshare the namespaces, build the container's mount tree and pivot_root into it.
+
+    These namespaces are made here in PID 1, not by the server, so that they die with
+    it: when PID 1 has been reaped the overlay is unmounted and the upper dir is final.
+    Order matters: the mount namespace must exist before anything is mounted, mounts
+    must be private before the first mount (or they would propagate to the host), /proc
+    can only be mounted by a process inside the new PID namespace (that is us, PID 1),
+    and everything that needs a host path (devices, bind sources) happens before
+    pivot_root hides the host.
+    """
+    network = spec["network"]
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+    if network == "none":
+        flags |= CLONE_NEWNET
+    try:
+        unshare(flags)
+    except OSError as e:
+        raise SetupError(f"cannot create the container's namespaces: {e.strerror}") from None
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # A tmpfs on the executor's scratch dir, visible only in this mount namespace: the
+    # root's mountpoint and the generated /etc files live there, nothing on the host.
+    scratch = spec["scratch"]
+    mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "mode=700,size=1m")
+    root = os.path.join(scratch, "root")
+    os.mkdir(root)
+    rootfs = spec["rootfs"]
+    upper: str | None = None
+    if rootfs["kind"] == "overlay":
+        upper = rootfs["upperdir"]
+        options = "lowerdir={},upperdir={},workdir={}".format(
+            ":".join(rootfs["lowerdirs"]), upper, rootfs["workdir"]
+        )
+        if rootfs.get("userxattr"):
+            options += ",userxattr"
+        mount("overlay", root, "overlay", 0, options)
+    else:
+        mount(rootfs["path"], root, None, MS_BIND | MS_REC)
+    place = Mountpoints(root, upper, stubs)
+
+    proc = place.directory("/proc")
+    mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount_dev(place.directory("/dev"))
+    sys_dir = place.directory("/sys")
+    try:
+        mount("sysfs", sys_dir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except SetupError:  # sysfs refused (e.g. a user namespace without a netns)
+        mount("/sys", sys_dir, None, MS_BIND | MS_REC)
+        remount_readonly(sys_dir)
+    _mask_kernel_paths(root)
+
+    hosts = os.path.join(scratch, "hosts")
+    _write(hosts, hosts_file(spec["hostname"], spec.get("extra_hosts", [])))
+    mount(hosts, place.file("/etc/hosts"), None, MS_BIND)
+    resolv = os.path.join(scratch, "resolv.conf")
+    _write(resolv, resolv_conf(network))
+    mount(resolv, place.file("/etc/resolv.conf"), None, MS_BIND)
+
+    for m in spec["mounts"]:
+        flags, data = mount_options(m["options"])
+        if m["readonly"]:
+            flags |= MS_RDONLY
+        if m["type"] == "bind":
+            source = m["source"]
+            if not os.path.exists(source):
+                raise SetupError(f"bind mount source {source} does not exist")
+            target = (
+                place.directory(m["target"]) if os.path.isdir(source) else place.file(m["target"])
+            )
+            mount(source, target, None, MS_BIND | MS_REC)
+            if flags:
+                remount(target, flags)
+        elif m["type"] == "tmpfs":
+            mount("tmpfs", place.directory(m["target"]), "tmpfs", flags, data)
+        else:
+            raise SetupError(f"unsupported mount type {m['type']!r} for {m['target']}")
+
+    socket.sethostname(spec["hostname"])
+    if network == "none":
+        bring_loopback_up()
+    pivot_root(root)
+
+
+def _mount_dev(dev: str) -> None:
+    """A /dev like runc's: a tmpfs with a few host devices bound in, pts, shm, mqueue."""
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=755,size=65536k")
+    for name in DEVICES:
+        target = os.path.join(dev, name)
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
+        mount(f"/dev/{name}", target, None, MS_BIND)
+    for name, options, fstype, flags in (
+        ("pts", "newinstance,ptmxmode=0666,mode=0620,gid=5", "devpts", MS_NOSUID | MS_NOEXEC),
+        ("shm", "mode=1777,size=65536k", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC),
+        ("mqueue", "", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC),
+    ):
+        target = os.path.join(dev, name)
+        os.mkdir(target, 0o755)
+        mount(fstype, target, fstype, flags, options)
+    for name, link in DEV_SYMLINKS:
+        os.symlink(link, os.path.join(dev, name))
+
+
+def _mask_kernel_paths(root: str) -> None:
+    for rel in MASKED_PATHS:
+        path = os.path.join(root, rel)
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY)
+        elif os.path.exists(path):
+            mount("/dev/null", path, None, MS_BIND)
+    for rel in READONLY_PATHS:
+        path = os.path.join(root, rel)
+        if os.path.exists(path):
+            mount(path, path, None, MS_BIND | MS_REC)
+            remount_readonly(path)
+
+
+def remount(target: str, flags: int) -> None:
+    """Apply per-mount flags to a bind mount, keeping the ones it already has.
+
+    A bind remount replaces the mount's flags; in a user namespace the kernel refuses to
+    clear nosuid/nodev/noexec/atime flags it locked, so they are carried over.
+    """
+    current = os.statvfs(target).f_flag
+    keep = current & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME)
+    if current & os.ST_RELATIME:
+        keep |= MS_RELATIME
+    mount(None, target, None, MS_BIND | MS_REMOUNT | keep | flags)
+
+
+def remount_readonly(target: str, flags: int = 0) -> None:
+    remount(target, flags | MS_RDONLY)
+
+
+def mount_options(options: list[str]) -> tuple[int, str]:
+    """Split mount options into mount(2) flags and the file system's data string."""
+    flags = 0
+    data = []
+    for option in options:
+        if option in MOUNT_FLAGS:
+            flags |= MOUNT_FLAGS[option]
+        elif option not in IGNORED_OPTIONS:
+            data.append(option)
+    return flags, ",".join(data)
+
+
+def bring_loopback_up() -> None:
+    """A fresh network namespace has lo down; one ioctl brings it up (no netlink)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+
+
+def hosts_file(hostname: str, extra_hosts: list[str]) -> str:
+    lines = [
+        f"127.0.0.1\tlocalhost {hostname}",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+    ]
+    for entry in extra_hosts:
+        # "name:ip" (docker's --add-host); the address may itself contain colons (IPv6).
+        name, sep, address = entry.partition(":") if ":" in entry else entry.partition("=")
+        if sep:
+            lines.append(f"{address}\t{name}")
+    return "\n".join(lines) + "\n"
+
+
+def resolv_conf(network: str) -> str:
+    if network == "none":
+        return ""
+    try:
+        with open("/etc/resolv.conf") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class Mountpoints:
+    """Finds (or creates, as stubs) mount targets inside the root without leaving it.
+
+    Targets are resolved like a chroot would, so a symlink in the image (say an
+    absolute /etc/resolv.conf link) cannot make us mount over, or create files on, a host
+    path. Anything created is recorded so the server can remove it afterwards if the
+    process left it untouched (BuildKit's MountStubsCleaner).
+    """
+
+    def __init__(self, root: str, upper: str | None, stubs: list[dict]) -> None:
+        self.root = root
+        self.upper = upper
+        self.stubs = stubs
+
+    def directory(self, target: str) -> str:
+        return self._prepare(target, directory=True)
+
+    def file(self, target: str) -> str:
+        return self._prepare(target, directory=False)
+
+    def _prepare(self, target: str, directory: bool) -> str:
+        path = resolve_in_root(self.root, target)
+        if os.path.lexists(path):
+            if directory and not os.path.isdir(path):
+                raise SetupError(f"mount target {target} exists and is not a directory")
+            if not directory and os.path.isdir(path):
+                raise SetupError(f"mount target {target} is a directory, expected a file")
+            return path
+        parts = os.path.relpath(path, self.root).split("/")
+        for i in range(len(parts)):
+            rel = "/".join(parts[: i + 1])
+            current = os.path.join(self.root, rel)
+            if os.path.lexists(current):
+                continue
+            # Creating an entry copies its parent dirs up into the upper dir; note which
+            # were not there before so the cleaner can drop them again if still empty.
+            copied_up = []
+            if self.upper is not None:
+                copied_up = [
+                    "/".join(parts[:j])
+                    for j in range(1, i + 1)
+                    if not os.path.lexists(os.path.join(self.upper, *parts[:j]))
+                ]
+            if i == len(parts) - 1 and not directory:
+                os.close(os.open(current, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            else:
+                os.mkdir(current, 0o755)
+            self.stubs.append({"path": rel, "copied_up": copied_up})
+        return path
+
+
+def resolve_in_root(root: str, path: str) -> str:
+    """Resolve ``path`` as seen from inside ``root``: symlinks and .. never leave it."""
+    pending = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            resolved.append(part)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > 40:
+                raise SetupError(f"too many levels of symbolic links in {path}")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            pending[:0] = [p for p in target.split("/") if p not in ("", ".")]
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+def remove_stubs(spec: dict, stubs: list[dict]) -> None:
+    """Remove the mountpoints we created that the run left untouched (empty).
+
+    Runs in the server after the container's mount namespace is gone, directly on
+    the upper dir (or the plain rootfs). The parent's timestamps are kept, as BuildKit
+    does, so removing a stub does not look like a change. Parent dirs that were copied up
+    only because a stub was created in them are removed again when still empty.
+    """
+    rootfs = spec["rootfs"]
+    base = rootfs["upperdir"] if rootfs["kind"] == "overlay" else rootfs["path"]
+    copied_up: set[str] = set()
+    for stub in reversed(stubs):
+        copied_up.update(stub["copied_up"])
+        path = os.path.join(base, stub["path"])
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                if os.listdir(path):
+                    continue
+            elif not stat.S_ISREG(st.st_mode) or st.st_size:
+                continue
+            parent = os.path.dirname(path)
+            parent_st = os.stat(parent)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+            os.utime(parent, ns=(parent_st.st_atime_ns, parent_st.st_mtime_ns))
+    for rel in sorted(copied_up, key=lambda p: p.count("/"), reverse=True):
+        path = os.path.join(base, rel)
+        with contextlib.suppress(OSError):
+            if os.listdir(path) or _is_opaque(path):
+                continue
+            parent = os.path.dirname(path)
+            parent_st = os.stat(parent)
+            os.rmdir(path)
+            os.utime(parent, ns=(parent_st.st_atime_ns, parent_st.st_mtime_ns))
+
+
+def _is_opaque(path: str) -> bool:
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        with contextlib.suppress(OSError):
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# USER
+
+
+class User:
+    def __init__(self, uid: int, gid: int, groups: list[int], home: str) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+        self.home = home
+
+    def __repr__(self) -> str:
+        return f"User(uid={self.uid}, gid={self.gid}, groups={self.groups}, home={self.home!r})"
+
+
+def _read_db(path: str, fields: int) -> list[list[str]]:
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            row = line.split(":")
+            if len(row) >= fields:
+                rows.append(row)
+    return rows
+
+
+def resolve_user(spec: str, passwd_path: str, group_path: str) -> User:
+    """Resolve "name[:group]" or "uid[:gid]" the way runc does (BuildKit uses runc's code).
+
+    "" is root. A numeric uid or gid needs no entry in the files; a name does. Without an
+    explicit group, the supplementary groups are those that list the user as a member.
+    """
+    name, has_group, group = spec.partition(":")
+    passwd = _read_db(passwd_path, 7)
+    entry = None
+    for row in passwd:
+        if (name == "" and row[2] == "0") or row[0] == name or (name.isdigit() and row[2] == name):
+            entry = row
+            break
+    if entry is not None:
+        user_name, uid, gid, home = entry[0], int(entry[2]), int(entry[3]), entry[5] or "/"
+    elif name == "" or name.isdigit():
+        user_name, uid, gid, home = None, int(name or 0), 0, "/"
+    else:
+        raise SetupError(f"unable to find user {name}: no matching entries in passwd file")
+    groups_db = _read_db(group_path, 4)
+    if has_group:
+        for row in groups_db:
+            if row[0] == group or (group.isdigit() and row[2] == group):
+                gid = int(row[2])
+                break
+        else:
+            if not group.isdigit():
+                raise SetupError(f"unable to find group {group}: no matching entries in group file")
+            gid = int(group)
+        groups = [gid]
+    else:
+        groups = [gid]
+        if user_name is not None:
+            for row in groups_db:
+                if (
+                    user_name in row[3].split(",")
+                    and row[2].isdigit()
+                    and int(row[2]) not in groups
+                ):
+                    groups.append(int(row[2]))
+    return User(uid, gid, groups, home)
+
+
+# ---------------------------------------------------------------------------------------
+# Probe
+
+
+def probe() -> dict[str, object]:
+    """Can this process make a container? Tries what a run does: unshare, private mounts,
+    a fresh /proc inside a new PID namespace."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        message = "ok"
+        try:
+            unshare(CLONE_NEWPID)
+            child = os.fork()
+            if child == 0:
+                try:
+                    unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
+                    mount(None, "/", None, MS_REC | MS_PRIVATE)
+                    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                    os.write(w, b"ok")
+                except (OSError, SetupError) as e:
+                    os.write(w, str(e).encode())
+                os._exit(0)
+            os.waitpid(child, 0)
+            message = ""
+        except OSError as e:
+            message = str(e)
+        if message:
+            os.write(w, message.encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    message = _read_all(r).decode() or "the probe process died"
+    return {"namespaces": message == "ok", "reason": "" if message == "ok" else message}
+
+
+def main(argv: list[str]) -> None:
+    if argv[1:] == ["--probe"]:
+        print(json.dumps(probe()))
+    else:
+        Server(int(argv[1])).serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

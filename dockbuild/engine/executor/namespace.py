@@ -1,0 +1,299 @@
+"""The built-in executor: Linux namespaces and overlayfs, set up by a fork server.
+
+The main process is multi-threaded (solver threads), so it never forks Python code
+itself: on the first run it starts one small single-threaded process, the fork server
+(``_forkserver.py``), and from then on each run is one message to it. The server forks
+the container's PID 1; see ``_forkserver.py`` for how, and for the order in which
+namespaces and mounts are made. The RUN's stdout and stderr are pipes
+created here and handed over with SCM_RIGHTS, so output streams straight from the
+container to the :data:`OutputSink` without passing through the server.
+
+Rootless operation (a later step) plugs in where the server starts: the server enters
+one user namespace per build before its first fork, and overlay mounts get ``userxattr``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dockbuild.engine.executor import OutputSink, OverlayRootfs, PlainRootfs, RunRequest
+from dockbuild.errors import ExecutorError
+
+FORKSERVER = Path(__file__).with_name("_forkserver.py")
+# SOCK_SEQPACKET messages are limited by the socket buffer (about 200 KiB by default).
+MAX_SPEC_BYTES = 150_000
+
+
+@dataclass(eq=False)
+class _Run:
+    """What the main process knows about one running container."""
+
+    pid: int | None = None
+    pidfd: int | None = None
+    killed: bool = False
+    stubs: list[dict] = field(default_factory=list)
+
+    def kill(self) -> None:
+        self.killed = True
+        # PID 1 dying takes the whole PID namespace with it; in chroot mode there is no
+        # namespace, so the process group goes too.
+        with contextlib.suppress(OSError):
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            elif self.pid is not None:
+                os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            if self.pid is not None:
+                os.killpg(self.pid, signal.SIGKILL)
+
+
+@dataclass(eq=False)
+class _ServerResources:
+    """The fork server and what goes with it, apart from the executor for the finalizer."""
+
+    server: subprocess.Popen[bytes] | None = None
+    control: socket.socket | None = None
+
+
+def _shutdown(resources: _ServerResources) -> None:
+    server, control = resources.server, resources.control
+    resources.server = resources.control = None
+    if control is not None:
+        # EOF on the control socket ends the server; PID 1s still running (or setting
+        # up) die with it (PR_SET_PDEATHSIG), and their PID namespaces with them.
+        control.close()
+    if server is not None:
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+class ForkServerExecutor:
+    """Shared by the namespace and chroot executors: the fork server and its protocol."""
+
+    name = "forkserver"
+    sandbox = ""
+    # Set when this executor was chosen as a fallback the user should hear about.
+    warning: str | None = None
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._resources = _ServerResources()
+        self._runs: set[_Run] = set()
+        self._closed = False
+        # An engine that forgets close() must still not leave a fork server behind.
+        self._finalizer = weakref.finalize(self, _shutdown, self._resources)
+
+    # -- the Executor protocol ----------------------------------------------------------
+
+    def run(self, request: RunRequest, output: OutputSink) -> int:
+        spec = self._spec(request)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        status, status_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        run = _Run()
+        try:
+            with self._lock:
+                if self._closed:
+                    raise ExecutorError("the executor was closed; the build is being cancelled")
+                control = self._ensure_server()
+                data = json.dumps(spec).encode()
+                if len(data) > MAX_SPEC_BYTES:
+                    raise ExecutorError(
+                        f"the RUN step is too large to start ({len(data)} bytes of "
+                        "arguments and environment)"
+                    )
+                try:
+                    socket.send_fds(control, [data], [out_w, err_w, status_theirs.fileno()])
+                except OSError as e:
+                    raise ExecutorError(
+                        f"the {self.name} executor's fork server is gone: {e}"
+                    ) from e
+                self._runs.add(run)
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            status.close()
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+            status_theirs.close()
+        try:
+            return self._wait(run, out_r, err_r, status, output)
+        finally:
+            with self._lock:
+                self._runs.discard(run)
+            if run.pidfd is not None:
+                os.close(run.pidfd)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            runs = list(self._runs)
+        for run in runs:
+            run.kill()
+        self._finalizer()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _spec(self, request: RunRequest) -> dict:
+        rootfs = request.rootfs
+        if isinstance(rootfs, OverlayRootfs):
+            if not rootfs.lowerdirs:
+                raise ExecutorError("an overlay rootfs needs at least one lower dir")
+            rootfs_spec: dict = {
+                "kind": "overlay",
+                "lowerdirs": list(rootfs.lowerdirs),
+                "upperdir": rootfs.upperdir,
+                "workdir": rootfs.workdir,
+                "userxattr": False,  # root: trusted.overlay.* xattrs
+            }
+        elif isinstance(rootfs, PlainRootfs):
+            rootfs_spec = {"kind": "plain", "path": rootfs.path}
+        else:
+            raise ExecutorError(f"unsupported rootfs {rootfs!r}")
+        if request.network not in ("default", "none", "host"):
+            raise ExecutorError(f"unsupported network mode {request.network!r}")
+        return {
+            "sandbox": self.sandbox,
+            "args": list(request.args),
+            "env": list(request.env),
+            "cwd": request.cwd,
+            "user": request.user,
+            "rootfs": rootfs_spec,
+            "mounts": [
+                {
+                    "target": m.target,
+                    "type": m.type,
+                    "source": m.source,
+                    "readonly": m.readonly,
+                    "options": list(m.options),
+                }
+                for m in request.mounts
+            ],
+            "network": request.network,
+            "hostname": request.hostname,
+            "extra_hosts": list(request.extra_hosts),
+        }
+
+    def _server_command(self) -> list[str]:
+        # -I -S: no site-packages, no environment: the server needs only the stdlib,
+        # and this keeps its start-up (once per build) at a few tens of milliseconds.
+        return [sys.executable, "-I", "-S", str(FORKSERVER)]
+
+    def _ensure_server(self) -> socket.socket:
+        """Start the fork server on first use (the caller holds the lock)."""
+        res = self._resources
+        if res.control is not None and res.server is not None:
+            if res.server.poll() is None:
+                return res.control
+            raise ExecutorError(
+                f"the {self.name} executor's fork server exited (status {res.server.returncode})"
+            )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            res.server = subprocess.Popen(
+                [*self._server_command(), str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C on the terminal is the engine's to handle.
+                start_new_session=True,
+            )
+        except OSError as e:
+            ours.close()
+            raise ExecutorError(f"cannot start the {self.name} executor's fork server: {e}") from e
+        finally:
+            theirs.close()
+        res.control = ours
+        return ours
+
+    def _wait(
+        self,
+        run: _Run,
+        out_r: int,
+        err_r: int,
+        status: socket.socket,
+        output: OutputSink,
+    ) -> int:
+        error: str | None = None
+        exit_code: int | None = None
+        streams = {out_r: "stdout", err_r: "stderr"}
+        with selectors.DefaultSelector() as selector:
+            try:
+                for fd, name in streams.items():
+                    selector.register(fd, selectors.EVENT_READ, name)
+                selector.register(status, selectors.EVENT_READ, "status")
+                status_open = True
+                while streams or status_open:
+                    if run.killed and not status_open:
+                        break  # don't wait for pipes an orphan might still hold
+                    for key, _ in selector.select():
+                        if key.data != "status":
+                            data = os.read(key.fd, 65536)
+                            if data:
+                                output(key.data, data)
+                            else:
+                                selector.unregister(key.fd)
+                                del streams[key.fd]
+                            continue
+                        message, fds, _flags, _addr = socket.recv_fds(status, 65536, 1)
+                        if not message:
+                            selector.unregister(status)
+                            status_open = False
+                            continue
+                        event = json.loads(message)
+                        if "pid" in event:
+                            run.pid = event["pid"]
+                            run.pidfd = fds[0] if fds else None
+                            if self._closed:
+                                run.kill()
+                        elif "error" in event:
+                            error = event["error"]
+                        elif "exit" in event:
+                            exit_code = event["exit"]
+            except BaseException:
+                run.kill()  # an output sink that raised, a KeyboardInterrupt, ...
+                raise
+            finally:
+                for fd in (out_r, err_r):
+                    os.close(fd)
+                status.close()
+        if run.killed:
+            raise ExecutorError("the RUN step was cancelled")
+        if error is not None:
+            raise ExecutorError(error)
+        if exit_code is None:
+            raise ExecutorError(f"the {self.name} executor's fork server died during the run")
+        return exit_code
+
+
+class NamespaceExecutor(ForkServerExecutor):
+    """Runs each RUN in fresh mount/PID/IPC/UTS (and network) namespaces, as root."""
+
+    name = "namespace"
+    sandbox = "namespace"
+
+    def __init__(self, *, rootless: bool = False) -> None:
+        if rootless:
+            raise ExecutorError("rootless operation is not implemented yet; run as root")
+        if os.geteuid() != 0:
+            raise ExecutorError(
+                "the namespace executor needs root (rootless operation is not implemented yet)",
+                hint="run dockbuild as root, or use --executor chroot",
+            )
+        super().__init__()

@@ -1,0 +1,97 @@
+"""Choosing an executor: by name, or by probing what this host allows (not by distro)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import subprocess
+import sys
+
+from dockbuild.engine.executor import Executor
+from dockbuild.errors import ExecutorError
+
+NAMES = ("namespace", "chroot", "runc")
+LOCKED_DOWN_HINT = (
+    "in a docker container, run with --security-opt seccomp=unconfined "
+    "--security-opt apparmor=unconfined (or --privileged) for sandboxed RUN steps"
+)
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _probe_namespaces() -> tuple[bool, str]:
+    """Try, in a throwaway process, what a RUN needs: unshare, private mounts, /proc.
+
+    A separate process because the caller may be multi-threaded; cached because the
+    answer does not change while dockbuild runs (about 30 ms, once).
+    """
+    from dockbuild.engine.executor.namespace import FORKSERVER
+
+    if os.geteuid() != 0:
+        return False, "not running as root (rootless operation is not implemented yet)"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", str(FORKSERVER), "--probe"],
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+        answer = json.loads(done.stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+        return False, f"the namespace probe failed: {e}"
+    if answer["namespaces"]:
+        return True, "root, and unshare(mount|pid|ipc|uts) with a fresh /proc works"
+    return False, f"namespaces are not available: {answer['reason']}"
+
+
+def describe(name: str | None = None) -> dict[str, object]:
+    """What :func:`get_executor` chooses for ``name`` and why (for ``dockbuild debug info``)."""
+    requested = name or os.environ.get("DOCKBUILD_EXECUTOR") or "auto"
+    info: dict[str, object] = {"requested": requested, "euid": os.geteuid()}
+    if requested != "auto":
+        info["executor"] = requested
+        info["reason"] = "chosen explicitly"
+        if requested not in NAMES:
+            info["error"] = f"unknown executor {requested!r}"
+        return info
+    works, reason = _probe_namespaces()
+    info["namespaces"] = works
+    if works:
+        info.update(executor="namespace", reason=reason)
+    elif os.geteuid() == 0:
+        info.update(
+            executor="chroot",
+            reason=reason,
+            warning="RUN steps run in a bare chroot without any sandbox: " + LOCKED_DOWN_HINT,
+        )
+    else:
+        info.update(executor=None, reason=reason, error="no way to run RUN steps here")
+    return info
+
+
+def get_executor(name: str | None = None) -> Executor:
+    """The executor called ``name`` ("namespace", "chroot", "runc"), or the best one here.
+
+    ``None`` or "auto" (also from $DOCKBUILD_EXECUTOR) probes: namespaces when they work,
+    else chroot with a warning, else an error naming the container flags that fix it.
+    """
+    from dockbuild.engine.executor.chroot import ChrootExecutor
+    from dockbuild.engine.executor.namespace import NamespaceExecutor
+
+    info = describe(name)
+    chosen = info.get("executor")
+    if "error" in info:
+        if chosen is None:
+            raise ExecutorError(f"{info['error']}: {info['reason']}", hint=LOCKED_DOWN_HINT)
+        raise ExecutorError(str(info["error"]), hint=f"choose one of {', '.join(NAMES)}")
+    if "warning" in info:
+        log.warning("%s", info["warning"])
+    if chosen == "namespace":
+        return NamespaceExecutor()
+    if chosen == "chroot":
+        executor = ChrootExecutor()
+        executor.warning = str(info["warning"]) if "warning" in info else None
+        return executor
+    raise ExecutorError("runc executor is not implemented yet", hint="use --executor namespace")
