@@ -60,7 +60,7 @@ def _encode(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_encode(v) for v in value]
     if dataclasses.is_dataclass(value):
-        return {
+        return {"kind": type(value).__name__} | {
             f.name: _encode(getattr(value, f.name))
             for f in dataclasses.fields(value)
             if f.metadata.get("digest", True)

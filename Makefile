@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both set everything up).
+PYTHON ?= /root/.pyenv/versions/3.11.7/bin/python3
+VENV := .venv
+BUSYBOX := testdata/images/busybox
+DOCKBUILD := $(VENV)/bin/dockbuild
+
+.PHONY: demo test setup deps lint bench clean
+
+setup: deps $(VENV)/.installed $(BUSYBOX)/index.json
+
+deps:
+	bash .ci/install-deps
+	bash .ci/start-dockerd
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(shell command -v $(PYTHON) || echo python3) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+$(BUSYBOX)/index.json: testdata/make_busybox_image.py
+	$(VENV)/bin/python testdata/make_busybox_image.py $(BUSYBOX)
+
+demo: setup
+	$(DOCKBUILD) --build-context busybox=oci-layout://$(BUSYBOX) -t hello:1 examples/hello | docker load
+	docker run --rm hello:1
+
+test: setup
+	$(VENV)/bin/ruff check dockbuild tests bench testdata
+	DOCKBUILD_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	$(VENV)/bin/python bench/startup_and_rebuild.py
+
+clean:
+	rm -rf $(VENV) testdata/images
