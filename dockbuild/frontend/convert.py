@@ -18,6 +18,8 @@ from dockbuild import llb
 from dockbuild.errors import DockerfileError, Location
 from dockbuild.frontend import instructions as ins
 from dockbuild.frontend import parser
+from dockbuild.frontend.convert_copy import CopyInstructions
+from dockbuild.frontend.convert_run import RunInstructions
 from dockbuild.frontend.shell import Lex, ShellError
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -88,7 +90,7 @@ def dockerfile_to_llb(
     return _Converter(text, options, resolve_named, resolve_image).run()
 
 
-class _Converter:
+class _Converter(RunInstructions, CopyInstructions):
     def __init__(
         self,
         text: bytes | str,
@@ -461,140 +463,6 @@ class _Converter:
         stage.state = op
         self._commit(stage, f"WORKDIR {path}", op)
 
-    def _do_run(self, stage: _Stage, cmd: ins.RunCommand, name: str) -> None:
-        if cmd.mounts:
-            raise DockerfileError("RUN --mount is not supported yet", location=cmd.location)
-        if cmd.files:
-            args = self._heredoc_run_args(stage, cmd)
-        else:
-            args = self._command_args(stage, cmd.cmd_line, cmd.prepend_shell)
-        env_list = list(stage.config.get("Env") or [])
-        env_keys = {e.partition("=")[0] for e in env_list}
-        build_env = [
-            f"{k}={v}"
-            for k, v in stage.args.items()
-            if v is not None and k not in env_keys and k not in PROXY_ARGS
-        ]
-        proxy_env = [
-            f"{k}={v}" for k, v in self.opts.build_args.items() if k in PROXY_ARGS and k not in stage.args
-        ]
-        network = self.opts.network if cmd.network == "default" else cmd.network
-        op = llb.ExecOp(
-            mounts=(llb.Mount("/", stage.state, output=True),),
-            args=tuple(args),
-            env=tuple(env_list + build_env),
-            cwd=stage.config.get("WorkingDir") or "/",
-            user=stage.config.get("User") or "",
-            network=network,
-            security=cmd.security,
-            proxy_env=tuple(proxy_env),
-            name=name,
-        )
-        stage.state = op
-        prefix = [f"|{len(build_env)}", *build_env] if build_env else []
-        self._commit(stage, "RUN " + " ".join([*prefix, *args]) + " # buildkit", op)
-
-    def _heredoc_run_args(self, stage: _Stage, cmd: ins.RunCommand) -> list[str]:
-        shell = list(stage.config.get("Shell") or DEFAULT_SHELL)
-        line = " ".join(cmd.cmd_line)
-        if len(cmd.files) == 1 and line.strip().startswith("<<"):
-            body = cmd.files[0].chomped_data
-            if not body.startswith("#!"):
-                return [*shell, body]
-        # The line plus the heredocs, as the shell would read them from a script.
-        script = line + "\n" + "".join(f"{h.chomped_data}{h.name}\n" for h in cmd.files)
-        return [*shell, script]
-
-    def _do_copy(self, stage: _Stage, cmd: ins.CopyCommand, name: str) -> None:
-        self._copy(stage, cmd, name, "COPY")
-
-    def _do_add(self, stage: _Stage, cmd: ins.AddCommand, name: str) -> None:
-        for src in cmd.sources:
-            if "://" in src or src.startswith("git@"):
-                raise DockerfileError("ADD from a URL or git is not supported yet", location=cmd.location)
-        self._copy(stage, cmd, name, "ADD")
-
-    def _copy(self, stage: _Stage, cmd: ins.CopyCommand, name: str, verb: str) -> None:
-        env = self._stage_env(stage)
-        loc = cmd.location
-        sources = [self._expand(s, env, loc) for s in cmd.sources]
-        dest = self._expand(cmd.dest, env, loc)
-        heredocs = list(cmd.heredoc_sources)
-        n_sources = len(sources) + len(heredocs)
-        if n_sources > 1 and not dest.endswith("/"):
-            raise DockerfileError(
-                f"When using {verb} with more than one source file, "
-                "the destination must be a directory and end with a /",
-                location=loc,
-            )
-        workdir = stage.config.get("WorkingDir") or "/"
-        abs_dest = posixpath.join(workdir, dest)
-        if (dest.endswith("/") or dest in (".", "./")) and not abs_dest.endswith("/"):
-            abs_dest += "/"
-        chown = self._chown(cmd.chown, env, loc) if cmd.chown else None
-        chmod = self._expand(cmd.chmod, env, loc) if cmd.chmod else ""
-        if chmod and not _valid_chmod(chmod):
-            raise DockerfileError(f"invalid chmod parameter: {chmod!r}", location=loc)
-        source_op = self._copy_source(stage, cmd)
-        actions: list[llb.FileAction] = []
-        for src in sources:
-            actions.append(
-                llb.Copy(
-                    source=source_op,
-                    src=src,
-                    dest=abs_dest,
-                    chown=chown,
-                    mode=chmod,
-                    exclude=tuple(self._expand(e, env, loc) for e in cmd.exclude),
-                    parents=getattr(cmd, "parents", False),
-                )
-            )
-        for doc in heredocs:
-            data = doc.data
-            if doc.expand:
-                data = self._expand_heredoc(data, env, loc)
-            path = abs_dest + doc.path if abs_dest.endswith("/") else abs_dest
-            actions.append(
-                llb.Mkfile(path, data.encode(), int(chmod, 8) if chmod.isdigit() else 0o644, chown)
-            )
-        op = llb.FileOp(stage.state, tuple(actions), name=name)
-        stage.state = op
-        shown = " ".join([*sources, *(f"<<{h.path}" for h in heredocs)])
-        self._commit(stage, f"{verb} {shown} {dest} # buildkit", op)
-
-    def _expand_heredoc(self, data: str, env: dict[str, str], loc: Location) -> str:
-        lex = Lex(self.result.escape_token)
-        lex.skip_process_quotes = True
-        lex.raw_escapes = True
-        try:
-            return lex.process_word(data, env)
-        except ShellError as e:
-            raise DockerfileError(str(e), location=loc) from None
-
-    def _copy_source(self, stage: _Stage, cmd: ins.CopyCommand) -> llb.Op | None:
-        if not cmd.from_:
-            return self.context
-        ref = self._expand(cmd.from_, _defined(self.global_args), cmd.location)
-        named = self.resolve_named(ref)
-        if named is not None:
-            if named.kind == "local":
-                return llb.SourceOp(named.identifier, name=f"[internal] load build context {ref}")
-            return llb.SourceOp(named.identifier, platform=self.opts.platform, name=f"[{ref}] FROM {named.name}")
-        dep = self._stage_by_ref(ref)
-        if dep is not None:
-            if dep is stage:
-                raise DockerfileError(f"circular dependency detected on stage: {ref}", location=cmd.location)
-            return dep.state
-        named = self.resolve_image(ref)
-        return llb.SourceOp(named.identifier, platform=self.opts.platform, name=f"[{ref}] FROM {named.name}")
-
-    def _chown(self, text: str, env: dict[str, str], loc: Location) -> llb.Chown:
-        value = self._expand(text, env, loc)
-        user, _, group = value.partition(":")
-        if not user:
-            raise DockerfileError(f"invalid chown {value!r}", location=loc)
-        return llb.Chown(user, group)
-
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -645,11 +513,3 @@ def _expand_port(word: str, loc: Location) -> list[str]:
     if not hi:
         return [f"{int(lo)}/{proto}"]
     return [f"{p}/{proto}" for p in range(int(lo), int(hi) + 1)]
-
-
-def _valid_chmod(spec: str) -> bool:
-    if spec.isdigit():
-        return all(c in "01234567" for c in spec) and len(spec) <= 4
-    import re
-
-    return re.fullmatch(r"([ugoa]*[-+=]([rwxXst]*|[ugo]))+(,([ugoa]*[-+=]([rwxXst]*|[ugo]))+)*", spec) is not None
