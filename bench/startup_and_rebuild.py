@@ -51,7 +51,7 @@ def timed(args: list[str], env: dict[str, str], tty: bool = False) -> float:
 
 def report(name: str, samples: list[float], goal: float | None = None) -> None:
     med = statistics.median(samples)
-    verdict = "" if goal is None else ("  (goal < %.2f s: %s)" % (goal, "met" if med < goal else "MISSED"))
+    verdict = "" if goal is None else f"  (goal < {goal:.2f} s: {'met' if med < goal else 'MISSED'})"
     print(f"{name:<42} median {med:6.3f} s   min {min(samples):6.3f}   max {max(samples):6.3f}{verdict}")
 
 

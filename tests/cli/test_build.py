@@ -17,10 +17,15 @@ from conftest import DOCKBUILD, DockbuildCLI, require_docker, write_context
 from dockbuild import __version__
 
 
+def _tar(data: bytes) -> tarfile.TarFile:
+    """A tar held in memory: nothing to close."""
+    return tarfile.open(fileobj=io.BytesIO(data))  # noqa: SIM115
+
+
 def _oci_image(archive: bytes | Path) -> tuple[dict, dict, list[tarfile.TarFile]]:
     """(manifest, config, layer tars) of the single image in an OCI layout tar."""
     data = archive.read_bytes() if isinstance(archive, Path) else archive
-    outer = tarfile.open(fileobj=io.BytesIO(data))
+    outer = _tar(data)
 
     def blob(digest: str) -> bytes:
         return outer.extractfile("blobs/sha256/" + digest.split(":")[1]).read()  # type: ignore[union-attr]
@@ -29,7 +34,7 @@ def _oci_image(archive: bytes | Path) -> tuple[dict, dict, list[tarfile.TarFile]
     (entry,) = index["manifests"]
     manifest = json.loads(blob(entry["digest"]))
     config = json.loads(blob(manifest["config"]["digest"]))
-    layers = [tarfile.open(fileobj=io.BytesIO(blob(d["digest"]))) for d in manifest["layers"]]
+    layers = [_tar(blob(d["digest"])) for d in manifest["layers"]]
     return manifest, config, layers
 
 
@@ -57,7 +62,7 @@ def test_hello_example_loads_into_docker_and_runs(dockbuild: DockbuildCLI, hello
     require_docker()
     tag = f"dockbuild-test-hello:{os.getpid()}"
     built = dockbuild.build(hello, "-t", tag)
-    assert "manifest.json" in tarfile.open(fileobj=io.BytesIO(built.stdout)).getnames()
+    assert "manifest.json" in _tar(built.stdout).getnames()
     load = subprocess.run(["docker", "load"], input=built.stdout, capture_output=True, timeout=120)
     assert load.returncode == 0, load.stderr
     try:
@@ -155,7 +160,7 @@ def test_tar_output_writes_the_rootfs_as_a_tar(
 
 def test_a_pipe_gets_a_docker_tarball_by_default(dockbuild: DockbuildCLI, hello: Path) -> None:
     out = dockbuild.build(hello, "-t", "hello:1").stdout
-    tf = tarfile.open(fileobj=io.BytesIO(out))
+    tf = _tar(out)
     (entry,) = json.loads(tf.extractfile("manifest.json").read())  # type: ignore[union-attr]
     assert entry["RepoTags"] == ["hello:1"]
     assert len(entry["Layers"]) == 5
@@ -313,7 +318,7 @@ def test_progress_goes_to_stderr_and_stdout_carries_only_the_archive(
     dockbuild: DockbuildCLI, hello: Path
 ) -> None:
     run = dockbuild.build(hello, "-o", "type=tar")
-    assert tarfile.open(fileobj=io.BytesIO(run.stdout)).getnames()
+    assert _tar(run.stdout).getnames()
     assert "#1 [internal] load build definition from Dockerfile" in run.stderr
     assert "DONE" in run.stderr
 
