@@ -1,73 +1,12 @@
-"""Helpers for end-to-end tests: run the installed `dockbuild` command as a user would."""
+"""Fixtures for end-to-end tests of the real command."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-DOCKBUILD = str(Path(sys.executable).with_name("dockbuild"))
-
-
-@dataclass
-class Run:
-    returncode: int
-    stdout: bytes
-    stderr: str
-
-    @property
-    def out(self) -> str:
-        return self.stdout.decode(errors="replace")
-
-
-class DockbuildCLI:
-    """The real command, with its own cache root and the local busybox base image."""
-
-    def __init__(self, root: Path, busybox: Path) -> None:
-        self.root = root
-        self.busybox = busybox
-
-    @property
-    def base_context(self) -> list[str]:
-        return ["--build-context", f"busybox=oci-layout://{self.busybox}"]
-
-    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ)
-        env["DOCKBUILD_ROOT"] = str(self.root)
-        env.pop("DOCKBUILD_DEBUG", None)
-        env.update(extra or {})
-        return env
-
-    def __call__(
-        self,
-        *args: str,
-        cwd: Path | None = None,
-        env: dict[str, str] | None = None,
-        input: bytes | None = None,
-        check: bool = True,
-        timeout: float = 300,
-    ) -> Run:
-        proc = subprocess.run(
-            [DOCKBUILD, *args],
-            cwd=cwd,
-            env=self.env(env),
-            input=input,
-            capture_output=True,
-            timeout=timeout,
-        )
-        run = Run(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
-        if check and run.returncode != 0:
-            raise AssertionError(f"dockbuild {' '.join(args)} failed ({run.returncode}):\n{run.stderr}")
-        return run
-
-    def build(self, context: Path, *args: str, **kw) -> Run:  # type: ignore[no-untyped-def]
-        return self("--progress=plain", *self.base_context, *args, str(context), **kw)
+from clitools import REPO, DockbuildCLI
 
 
 @pytest.fixture
@@ -81,23 +20,3 @@ def hello(tmp_path: Path) -> Path:
     dest = tmp_path / "hello"
     shutil.copytree(REPO / "examples" / "hello", dest, symlinks=True)
     return dest
-
-
-def write_context(root: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return root
-
-
-def require_docker() -> None:
-    """docker load/run tests fail in CI (DOCKBUILD_REQUIRE_DOCKER=1) and skip elsewhere."""
-    ok = shutil.which("docker") and subprocess.run(
-        ["docker", "info"], capture_output=True, timeout=30
-    ).returncode == 0
-    if ok:
-        return
-    if os.environ.get("DOCKBUILD_REQUIRE_DOCKER") == "1":
-        pytest.fail("no dockerd answers (DOCKBUILD_REQUIRE_DOCKER=1): start one with .ci/start-dockerd")
-    pytest.skip("no dockerd answers; .ci/start-dockerd starts one")

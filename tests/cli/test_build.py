@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import DOCKBUILD, DockbuildCLI, require_docker, write_context
+from clitools import DOCKBUILD, DockbuildCLI, require_docker, write_context
 
 from dockbuild import __version__
 
@@ -349,3 +349,43 @@ def test_python_m_dockbuild_is_the_same_command(dockbuild: DockbuildCLI) -> None
     proc = subprocess.run([sys.executable, "-m", "dockbuild", "--version"], capture_output=True, text=True)
     assert proc.stdout.strip() == f"dockbuild {__version__}"
     assert shutil.which("dockbuild") or os.path.exists(DOCKBUILD)
+
+
+def test_a_docker_image_build_context_replaces_what_from_names(
+    dockbuild: DockbuildCLI, busybox_ref: str, tmp_path: Path
+) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM base\nRUN echo ok > /ok\n"})
+    out = tmp_path / "out"
+    dockbuild(
+        "--progress=plain", "--build-context", f"base=docker-image://{busybox_ref}",
+        str(ctx), "-o", f"type=local,dest={out}",
+    )
+    assert (out / "ok").read_text() == "ok\n"
+
+
+def test_tty_progress_draws_the_steps_on_a_terminal(
+    dockbuild: DockbuildCLI, hello: Path, tmp_path: Path
+) -> None:
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [DOCKBUILD, "--progress=tty", *dockbuild.base_context, str(hello),
+         "-o", f"type=oci,dest={tmp_path / 'x.tar'}"],
+        stdin=subprocess.DEVNULL, stdout=child, stderr=child, env=dockbuild.env(),
+    )
+    os.close(child)
+    screen = b""
+    try:
+        while True:  # read as it draws: a full pty would block the build
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the build exited and closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(main)
+    proc.wait(timeout=300)
+    assert proc.returncode == 0
+    text = screen.decode(errors="replace")
+    assert "Building" in text and "COPY greet.sh /usr/local/bin/greet" in text
