@@ -53,6 +53,12 @@ def _steps(stderr: str) -> dict[str, str]:
     return {names[n]: s for n, s in status.items() if n in names}
 
 
+def _step(steps: dict[str, str], instruction: str) -> str:
+    """The status of the one step whose name ends with ``instruction``."""
+    (status,) = [v for k, v in steps.items() if k.endswith("] " + instruction)]
+    return status
+
+
 def test_version_prints_the_package_version(dockbuild: DockbuildCLI) -> None:
     assert dockbuild("--version").out.strip() == f"dockbuild {__version__}"
 
@@ -199,15 +205,15 @@ def test_editing_one_context_file_reruns_only_the_steps_that_read_it(
     dockbuild.build(hello, "-o", "type=oci")
     (hello / "data/message.txt").write_text("edited\n")
     steps = _steps(dockbuild.build(hello, "-o", "type=oci").stderr)
-    assert steps["[stage-1 5/7] COPY data/ ./data/"] == "DONE"
-    assert steps["[stage-1 4/7] COPY greet.sh /usr/local/bin/greet"] == "CACHED"
-    assert steps['[base 4/4] RUN echo "$GREETING from a RUN step" > /hello.txt'] == "CACHED"
+    assert steps["[stage-1 3/3] COPY data/ ./data/"] == "DONE"
+    assert steps["[stage-1 2/3] COPY greet.sh /usr/local/bin/greet"] == "CACHED"
+    assert steps['[base 2/2] RUN echo "$GREETING from a RUN step" > /hello.txt'] == "CACHED"
 
 
 def test_no_cache_runs_every_step_again(dockbuild: DockbuildCLI, hello: Path) -> None:
     dockbuild.build(hello, "-o", "type=oci")
     steps = _steps(dockbuild.build(hello, "--no-cache", "-o", "type=oci").stderr)
-    assert steps['[base 4/4] RUN echo "$GREETING from a RUN step" > /hello.txt'] == "DONE"
+    assert _step(steps, 'RUN echo "$GREETING from a RUN step" > /hello.txt') == "DONE"
 
 
 def test_a_failing_run_names_the_command_exit_code_log_and_line(
