@@ -191,16 +191,18 @@ def _parse_go_bool(value: str) -> bool | None:
     return None
 
 
+# Go's unicode.IsSpace: unlike str.isspace it excludes \x1c-\x1f (and U+180E).
+GO_SPACE = (
+    "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_GO_SPACE_SET = frozenset(GO_SPACE)
+
+
 def _trim_left_space(text: str) -> str:
-    # Go's unicode.IsSpace, which (unlike str.isspace) excludes \x1c-\x1f.
-    index = 0
-    while index < len(text) and is_go_space(text[index]):
-        index += 1
-    return text[index:]
+    return text.lstrip(GO_SPACE)
 
 
 def is_go_space(ch: str) -> bool:
     """Go's unicode.IsSpace: the white space BuildKit trims and splits on."""
-    if ch in "\t\n\v\f\r \x85\xa0":
-        return True
-    return ord(ch) > 0xFF and ch.isspace()
+    return ch in _GO_SPACE_SET

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import ClassVar
 
 from dockbuild.errors import DockerfileError, Location
@@ -879,9 +880,26 @@ def parse_mount(spec: str, expand: Callable[[str], str] | None = None) -> MountS
         raise DockerfileError(f"--mount={spec}: {err}") from None
 
 
+class _MountDraft:
+    """A MountSpec while its fields are read (frozen dataclasses are slow to update)."""
+
+    def __init__(self) -> None:
+        self.__dict__.update(_MOUNT_DEFAULTS)
+
+    def set(self, **fields: object) -> _MountDraft:
+        self.__dict__.update(fields)
+        return self
+
+    def freeze(self) -> MountSpec:
+        return MountSpec(**self.__dict__)
+
+
+_MOUNT_DEFAULTS = {f.name: f.default for f in dataclass_fields(MountSpec)}
+
+
 def _parse_mount(spec: str, expand: Callable[[str], str] | None) -> MountSpec:
     fields = _csv_fields(spec)
-    mount = MountSpec()
+    mount = _MountDraft()
     read_only_auto = True
     deferred = False
     for item in fields:
@@ -889,12 +907,12 @@ def _parse_mount(spec: str, expand: Callable[[str], str] | None) -> MountSpec:
         key = key.lower()
         if not has_value:
             if key in ("readonly", "ro"):
-                mount, read_only_auto = replace(mount, read_only=True), False
+                mount, read_only_auto = mount.set(read_only=True), False
             elif key in ("readwrite", "rw"):
-                mount, read_only_auto = replace(mount, read_only=False), False
+                mount, read_only_auto = mount.set(read_only=False), False
             elif key == "required":
                 _require_type(mount, key, ("secret", "ssh"))
-                mount = replace(mount, required=True)
+                mount = mount.set(required=True)
             else:
                 raise _InstructionError(f"invalid field {item!r} must be a key=value pair")
             continue
@@ -913,13 +931,14 @@ def _parse_mount(spec: str, expand: Callable[[str], str] | None) -> MountSpec:
             read_only_auto = False
         mount = _set_field(mount, key, value, item)
     if deferred:
-        return replace(mount, deferred=True)
+        mount.deferred = True
+        return mount.freeze()
     if mount.type not in ("secret", "ssh", "cache"):
         for name in ("mode", "uid", "gid"):
             if getattr(mount, name) is not None:
                 raise _InstructionError(f"{name} not allowed for {mount.type!r} type mounts")
     if read_only_auto:
-        mount = replace(mount, read_only=mount.type not in ("cache", "tmpfs"))
+        mount = mount.set(read_only=mount.type not in ("cache", "tmpfs"))
     if mount.sharing and mount.type != "cache":
         raise _InstructionError(f"invalid cache sharing set for {mount.type} mount")
     if mount.type == "secret":
@@ -929,7 +948,7 @@ def _parse_mount(spec: str, expand: Callable[[str], str] | None) -> MountSpec:
             raise _InstructionError("invalid secret mount. one of source, target required")
         if mount.source and mount.id:
             raise _InstructionError("both source and id can't be set")
-    return mount
+    return mount.freeze()
 
 
 def _needs_expansion(value: str) -> bool:
@@ -942,18 +961,18 @@ def _needs_expansion_dollar(value: str) -> bool:
     return index != -1 and index != len(value) - 1
 
 
-def _require_type(mount: MountSpec, key: str, types: tuple[str, ...]) -> None:
+def _require_type(mount: _MountDraft, key: str, types: tuple[str, ...]) -> None:
     if mount.type not in types:
         raise _InstructionError(f"unexpected key {key!r} for mount type {mount.type!r}")
 
 
-def _set_raw(mount: MountSpec, key: str, value: str, item: str) -> MountSpec:
+def _set_raw(mount: _MountDraft, key: str, value: str, item: str) -> _MountDraft:
     target = _RAW_FIELDS.get(key)
     if target is None and key not in _MOUNT_KEYS:
         raise _InstructionError(
             _with_suggestion(f"unexpected key {key!r} in {item!r}", key, _MOUNT_KEYS, True)
         )
-    return replace(mount, **{target: value}) if target else mount
+    return mount.set(**{target: value}) if target else mount
 
 
 _RAW_FIELDS = {
@@ -970,31 +989,31 @@ _RAW_FIELDS = {
 }
 
 
-def _set_field(mount: MountSpec, key: str, value: str, item: str) -> MountSpec:
+def _set_field(mount: _MountDraft, key: str, value: str, item: str) -> _MountDraft:
     if key == "type":
         lowered = value.lower()
         if lowered not in MOUNT_TYPES:
             raise _InstructionError(
                 _with_suggestion(f"unsupported mount type {value!r}", value, MOUNT_TYPES, True)
             )
-        return replace(mount, type=lowered)
+        return mount.set(type=lowered)
     if key in ("readonly", "ro", "readwrite", "rw"):
         flag = _parse_go_bool(value)
         if flag is None:
             raise _InstructionError(f"invalid value for {key}: {value}")
-        return replace(mount, read_only=flag if key in ("readonly", "ro") else not flag)
+        return mount.set(read_only=flag if key in ("readonly", "ro") else not flag)
     if key == "required":
         _require_type(mount, key, ("secret", "ssh"))
         flag = _parse_go_bool(value)
         if flag is None:
             raise _InstructionError(f"invalid value for {key}: {value}")
-        return replace(mount, required=flag)
+        return mount.set(required=flag)
     if key == "size":
         _require_type(mount, key, ("tmpfs",))
         size = parse_ram_in_bytes(value)
         if size is None:
             raise _InstructionError(f"invalid value for {key}: {value}")
-        return replace(mount, size=size)
+        return mount.set(size=size)
     if key == "sharing":
         if mount.type != "cache":
             raise _InstructionError(f"invalid cache sharing set for {mount.type} mount")
@@ -1002,18 +1021,18 @@ def _set_field(mount: MountSpec, key: str, value: str, item: str) -> MountSpec:
             raise _InstructionError(
                 f"unsupported sharing value {value!r} (expected shared, private or locked)"
             )
-        return replace(mount, sharing=value.lower())
+        return mount.set(sharing=value.lower())
     if key in ("mode", "uid", "gid"):
         number = _parse_uint32(value, 8 if key == "mode" else 10)
         if number is None:
             raise _InstructionError(f"invalid value {value} for {key}")
-        return replace(mount, **{key: number})
+        return mount.set(**{key: number})
     target = _RAW_FIELDS.get(key)
     if target is None:
         raise _InstructionError(
             _with_suggestion(f"unexpected key {key!r} in {item!r}", key, _MOUNT_KEYS, True)
         )
-    return replace(mount, **{target: value})
+    return mount.set(**{target: value})
 
 
 def _csv_fields(text: str) -> list[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from dockbuild.errors import DockerfileError, Location
 from dockbuild.frontend.directives import (
     DEFAULT_ESCAPE,
+    GO_SPACE,
     DirectiveParser,
     is_go_space,
     strip_bom,
@@ -306,17 +307,11 @@ def _trim_newline(text: str) -> str:
 
 
 def _trim_left_space(text: str) -> str:
-    index = 0
-    while index < len(text) and is_go_space(text[index]):
-        index += 1
-    return text[index:]
+    return text.lstrip(GO_SPACE)
 
 
 def _go_trim_space(text: str) -> str:
-    end = len(text)
-    while end > 0 and is_go_space(text[end - 1]):
-        end -= 1
-    return _trim_left_space(text[:end])
+    return text.strip(GO_SPACE)
 
 
 _trim_space = _go_trim_space
@@ -328,9 +323,11 @@ def _is_comment(raw: str) -> bool:
 
 def _trim_continuation(line: str, directives: _Directives) -> tuple[str, bool]:
     """(line without its continuation token, whether the logical line ends here)."""
-    if directives.continuation.search(line):
-        return directives.continuation.sub(r"\1", line, count=1), False
-    return line, True
+    match = directives.continuation.search(line)
+    if match is None:
+        return line, True
+    # The match runs to the end of the line: keep what precedes the escape token.
+    return line[: match.start()] + (match.group(1) or ""), False
 
 
 def _node_from_line(line: str, directives: _Directives, comments: list[str]) -> Node:
@@ -440,6 +437,8 @@ def _extract_builder_flags(line: str) -> tuple[str, list[str]]:
     Flag words are quote- and backslash-aware (quotes are removed); a bare `--` ends the
     flags; the first word not starting with `--` starts the arguments.
     """
+    if "'" not in line and '"' not in line and "\\" not in line:
+        return _extract_plain_flags(line)
     words: list[str] = []
     word = ""
     quote = ""
@@ -498,6 +497,31 @@ def _extract_builder_flags(line: str) -> tuple[str, list[str]]:
     return "", words
 
 
+_GO_SPACES_RE = re.compile(f"[{re.escape(GO_SPACE)}]+")
+_NOT_SPACE_RE = re.compile(f"[^{re.escape(GO_SPACE)}]+")
+
+
+def _extract_plain_flags(line: str) -> tuple[str, list[str]]:
+    """`_extract_builder_flags` for a line without quotes or backslashes."""
+    words: list[str] = []
+    pos, length = 0, len(line)
+    while True:
+        space = _GO_SPACES_RE.match(line, pos)
+        if space is not None:
+            pos = space.end()
+        if pos >= length:
+            return "", words
+        if not line.startswith("--", pos):
+            return line[pos:], words
+        word_match = _NOT_SPACE_RE.match(line, pos)
+        assert word_match is not None  # line[pos] is "-"
+        end = word_match.end()
+        if line[pos:end] == "--":
+            return line[end:], words
+        words.append(line[pos:end])
+        pos = end
+
+
 # --- argument parsers (BuildKit's line_parsers.go dispatch table) -----------------------
 
 _ParsedArgs = tuple[list[str], "Node | None", bool]
@@ -521,6 +545,9 @@ def _parse_sub_command(rest: str, directives: _Directives) -> _ParsedArgs:
 
 def _parse_words(rest: str, escape: str) -> list[str]:
     """Split on white space outside quotes; quotes and escapes stay in the words."""
+    if "'" not in rest and '"' not in rest and escape not in rest:
+        # Nothing to be quote- or escape-aware about: plain splitting (the common case).
+        return [word for word in _GO_SPACES_RE.split(rest) if word]
     words: list[str] = []
     word = ""
     quote = ""

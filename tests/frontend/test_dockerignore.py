@@ -12,7 +12,9 @@ def test_last_match_wins_and_parent_dirs_exclude_their_contents(tmp_path):
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(rel)
-    local = LocalDir(tmp_path, tuple(parse_dockerignore(b"build\n**/*.log\n!src/keep.log\n**/*.tmp\n")))
+    local = LocalDir(
+        tmp_path, tuple(parse_dockerignore(b"build\n**/*.log\n!src/keep.log\n**/*.tmp\n"))
+    )
     visible = set(local.walk())
     assert "build" not in visible and "build/out.o" not in visible
     assert "src/a.log" not in visible

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import shared_dir
+from conformance_data import BUILDKIT_DATA
 
 from dockbuild.errors import DockerfileError
 from dockbuild.frontend.instructions import parse_stages
 from dockbuild.frontend.parser import dump, parse
 
-DATA = shared_dir() / "conformance" / "buildkit"
+DATA = BUILDKIT_DATA
 
 
 def _cases(folder: str) -> list[Path]:

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import shared_dir
+from conformance_data import BUILDKIT_DATA
 
 from dockbuild.frontend.shell import Lex, ShellError
 
-DATA = shared_dir() / "conformance" / "buildkit"
+DATA = BUILDKIT_DATA
 
 # The environment BuildKit's TestShellParser4EnvVars expands envVarTest with.
 ENV_VAR_TEST_ENV = ["PWD=/home", "SHELL=bash", "KOREAN=한국어", "NULL="]

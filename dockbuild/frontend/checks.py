@@ -1,0 +1,305 @@
+"""Build checks (lint rules) with BuildKit's names, messages and `# check=` handling.
+
+The rule names are BuildKit's (`frontend/dockerfile/linter/ruleset.go`), so a
+`# check=skip=JSONArgsRecommended` line or a `BUILDKIT_DOCKERFILE_CHECK` build arg written
+for docker buildx works unchanged here. Rules that need only the parsed instructions live
+in this module; rules that need the conversion state (ARG scope, SHELL, WORKDIR) are run
+by the converter through `Linter.run`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from dockbuild.errors import DockerfileError, Location
+from dockbuild.frontend.directives import CheckConfig, parse_check
+
+_URL = "https://docs.docker.com/go/dockerfile/rule/"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    description: str
+    slug: str = ""
+    experimental: bool = False
+
+    @property
+    def url(self) -> str:
+        return _URL + self.slug + "/" if self.slug else ""
+
+
+RULES: dict[str, Rule] = {
+    rule.name: rule
+    for rule in (
+        Rule("StageNameCasing", "Stage names should be lowercase", "stage-name-casing"),
+        Rule(
+            "FromAsCasing",
+            "The 'as' keyword should match the case of the 'from' keyword",
+            "from-as-casing",
+        ),
+        Rule(
+            "NoEmptyContinuation",
+            "Empty continuation lines will become errors in a future release",
+            "no-empty-continuation",
+        ),
+        Rule(
+            "ConsistentInstructionCasing",
+            "All commands within the Dockerfile should use the same casing (either upper or lower)",
+            "consistent-instruction-casing",
+        ),
+        Rule("DuplicateStageName", "Stage names should be unique", "duplicate-stage-name"),
+        Rule(
+            "ReservedStageName",
+            "Reserved words should not be used as stage names",
+            "reserved-stage-name",
+        ),
+        Rule(
+            "JSONArgsRecommended",
+            "JSON arguments recommended for ENTRYPOINT/CMD to prevent unintended behavior "
+            "related to OS signals",
+            "json-args-recommended",
+        ),
+        Rule(
+            "MaintainerDeprecated",
+            "The MAINTAINER instruction is deprecated, use a label instead to define an image "
+            "author",
+            "maintainer-deprecated",
+        ),
+        Rule("UndefinedArgInFrom", "FROM command must use declared ARGs", "undefined-arg-in-from"),
+        Rule(
+            "WorkdirRelativePath",
+            "Relative workdir without an absolute workdir declared within the build can have "
+            "unexpected results if the base image changes",
+            "workdir-relative-path",
+        ),
+        Rule("UndefinedVar", "Variables should be defined before their use", "undefined-var"),
+        Rule(
+            "MultipleInstructionsDisallowed",
+            "Multiple instructions of the same type should not be used in the same stage",
+            "multiple-instructions-disallowed",
+        ),
+        Rule(
+            "LegacyKeyValueFormat",
+            "Legacy key/value format with whitespace separator should not be used",
+            "legacy-key-value-format",
+        ),
+        Rule(
+            "RedundantTargetPlatform",
+            "Setting platform to predefined $TARGETPLATFORM in FROM is redundant as this is the "
+            "default behavior",
+            "redundant-target-platform",
+        ),
+        Rule(
+            "SecretsUsedInArgOrEnv",
+            "Sensitive data should not be used in the ARG or ENV commands",
+            "secrets-used-in-arg-or-env",
+        ),
+        Rule(
+            "InvalidDefaultArgInFrom",
+            "Default value for global ARG results in an empty or invalid base image name",
+            "invalid-default-arg-in-from",
+        ),
+        Rule(
+            "FromPlatformFlagConstDisallowed",
+            "FROM --platform flag should not use a constant value",
+            "from-platform-flag-const-disallowed",
+        ),
+        Rule(
+            "CopyIgnoredFile",
+            "Attempting to Copy file that is excluded by .dockerignore",
+            "copy-ignored-file",
+            experimental=True,
+        ),
+        Rule(
+            "InvalidDefinitionDescription",
+            "Comment for build stage or argument should follow the format: "
+            "`# <arg/stage name> <description>`.",
+            "invalid-definition-description",
+            experimental=True,
+        ),
+        Rule(
+            "ExposeProtoCasing",
+            "Protocol in EXPOSE instruction should be lowercase",
+            "expose-proto-casing",
+        ),
+        Rule(
+            "ExposeInvalidFormat",
+            "IP address and host-port mapping should not be used in EXPOSE instruction. This "
+            "will become an error in a future release",
+            "expose-invalid-format",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class CheckWarning:
+    """One rule violation: the rule, the message and the Dockerfile lines."""
+
+    rule: str
+    message: str
+    location: Location | None
+
+    @property
+    def url(self) -> str:
+        return RULES[self.rule].url
+
+    @property
+    def description(self) -> str:
+        return RULES[self.rule].description
+
+    def short(self) -> str:
+        """BuildKit's one-line form: `Rule: message (line N)`."""
+        text = f"{self.rule}: {self.message}"
+        if self.location is not None and self.location.start_line > 0:
+            text += f" (line {self.location.start_line})"
+        return text
+
+
+@dataclass
+class Linter:
+    """Collects the warnings of one conversion, honouring `# check=` (skip, error,
+    experimental)."""
+
+    config: CheckConfig = field(default_factory=CheckConfig)
+    warnings: list[CheckWarning] = field(default_factory=list)
+    _seen: set[CheckWarning] = field(default_factory=set, repr=False)
+
+    def enabled(self, rule: str) -> bool:
+        if self.config.skip_all or rule in self.config.skip:
+            return False
+        if RULES[rule].experimental:
+            return self.config.experimental_all or rule in self.config.experimental
+        return True
+
+    def run(self, rule: str, message: str, location: Location | None) -> None:
+        if not self.enabled(rule):
+            return
+        warning = CheckWarning(rule, message, location)
+        if warning not in self._seen:
+            self._seen.add(warning)
+            self.warnings.append(warning)
+
+    def error(self) -> DockerfileError | None:
+        """With `error=true`, the error that fails the build when any rule fired."""
+        if not self.config.error or not self.warnings:
+            return None
+        rules = ", ".join(dict.fromkeys(w.rule for w in self.warnings))
+        first = self.warnings[0].location
+        return DockerfileError(f"lint violation found for rules: {rules}", location=first)
+
+
+def check_config(
+    directive: str | None, build_arg: str | None, filename: str, line: int
+) -> CheckConfig:
+    """The effective check config: the BUILDKIT_DOCKERFILE_CHECK build arg wins over the
+    `# check=` directive, as in BuildKit."""
+    if build_arg is not None:
+        try:
+            return parse_check(build_arg, filename=filename, line=0)
+        except DockerfileError as err:
+            raise DockerfileError(
+                f"BUILDKIT_DOCKERFILE_CHECK: {err.message}", hint="same syntax as # check="
+            ) from None
+    if directive is not None:
+        return parse_check(directive, filename=filename, line=line)
+    return CheckConfig()
+
+
+# -- rules that need only the instructions -------------------------------------------------
+
+RESERVED_STAGE_NAMES = ("context", "scratch")
+
+
+def keyword(original: str) -> str:
+    """The instruction word as written (its case kept)."""
+    words = original.split(None, 1)
+    return words[0] if words else ""
+
+
+def check_casing(words: list[tuple[str, Location]], linter: Linter) -> None:
+    """ConsistentInstructionCasing over every instruction word of every stage."""
+    lower = upper = 0
+    for word, _ in words:
+        if word.lower() == word:
+            lower += 1
+        elif word.upper() == word:
+            upper += 1
+    majority_lower = lower > upper
+    for word, location in words:
+        wanted = ""
+        if majority_lower and word.lower() != word:
+            wanted = "lowercase"
+        elif not majority_lower and word.upper() != word:
+            wanted = "uppercase"
+        if wanted:
+            linter.run(
+                "ConsistentInstructionCasing",
+                f"Command '{word}' should match the case of the command majority ({wanted})",
+                location,
+            )
+
+
+def check_from(original: str, location: Location, linter: Linter) -> None:
+    """StageNameCasing and FromAsCasing for one FROM line."""
+    words = original.split()
+    words = [w for w in words if not w.startswith("--")]
+    if len(words) != 4 or words[2].lower() != "as":
+        return
+    from_word, as_word, name = words[0], words[2], words[3]
+    if name != name.lower():
+        linter.run("StageNameCasing", f"Stage name '{name}' should be lowercase", location)
+    from_upper = from_word.upper() == from_word
+    if (from_upper and as_word.upper() != as_word) or (
+        not from_upper and as_word.lower() != as_word
+    ):
+        linter.run(
+            "FromAsCasing", f"'{as_word}' and '{from_word}' keywords' casing do not match", location
+        )
+
+
+def check_stage_names(names: list[tuple[str, Location]], linter: Linter) -> None:
+    """ReservedStageName and DuplicateStageName."""
+    seen: set[str] = set()
+    for name, location in names:
+        if not name:
+            continue
+        if name in RESERVED_STAGE_NAMES:
+            linter.run(
+                "ReservedStageName",
+                f'Stage name should not use the same name as reserved stage "{name}"',
+                location,
+            )
+        if name in seen:
+            linter.run(
+                "DuplicateStageName",
+                f'Duplicate stage name "{name}", stage names should be unique',
+                location,
+            )
+        seen.add(name)
+
+
+# BuildKit's validateNoSecretKey: a name made of `_`-separated words, one of which is a
+# secret-like word, unless an allowed word also appears.
+_SECRET_WORDS = re.compile(
+    r"(?i)(?:_|^)(?:apikey|auth|credential|credentials|key|password|pword|passwd|secret|token)(?:_|$)"
+)
+_ALLOWED_WORDS = re.compile(r"(?i)(?:_|^)(?:public)(?:_|$)")
+
+
+def check_secret_name(instruction: str, name: str, location: Location, linter: Linter) -> None:
+    if _SECRET_WORDS.search(name) and not _ALLOWED_WORDS.search(name):
+        linter.run(
+            "SecretsUsedInArgOrEnv",
+            f'Do not use ARG or ENV instructions for sensitive data ({instruction} "{name}")',
+            location,
+        )
+
+
+def suggest(name: str, options: list[str]) -> str:
+    """The closest option (at most two edits away), for did-you-mean messages."""
+    from dockbuild.frontend.instructions import _closest
+
+    return _closest(name, sorted(set(options)), True)

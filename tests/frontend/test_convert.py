@@ -1,0 +1,490 @@
+"""The converter as BuildKit's dockerfile2llb: stages, ARG scoping, ONBUILD, the image
+config and history. Stub resolvers stand in for registries, so these run anywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dockbuild import llb
+from dockbuild.errors import DockerfileError
+from dockbuild.frontend.convert import (
+    ConvertOptions,
+    Definition,
+    NamedSource,
+    dockerfile_to_llb,
+    go_duration,
+)
+
+BASE_CONFIG: dict[str, Any] = {
+    "architecture": "amd64",
+    "os": "linux",
+    "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "1" * 64]},
+    "history": [{"created_by": "base layer"}],
+}
+
+
+class Images:
+    """A registry stand-in: every name resolves to a pinned image with a given config."""
+
+    def __init__(self, configs: dict[str, dict[str, Any]] | None = None) -> None:
+        self.configs = configs or {}
+        self.resolved: list[str] = []
+
+    def __call__(self, ref: str) -> NamedSource:
+        self.resolved.append(ref)
+        if ref.startswith("missing"):
+            raise DockerfileError(f"{ref}: not found")
+        config = self.configs.get(ref, BASE_CONFIG)
+        return NamedSource("image", f"docker-image://{ref}@sha256:{'a' * 64}", config, ref)
+
+
+def convert(text: str, images: Images | None = None, **options: Any) -> Definition:
+    return dockerfile_to_llb(text, ConvertOptions(**options), lambda name: None, images or Images())
+
+
+def history(d: Definition) -> list[tuple[str, bool]]:
+    """The entries this Dockerfile added (after the base image's): (created_by, empty)."""
+    return [(h["created_by"], bool(h.get("empty_layer"))) for h in d.image_config["history"][1:]]
+
+
+def config(d: Definition) -> dict[str, Any]:
+    return d.image_config["config"]
+
+
+def ops(d: Definition) -> list[llb.Op]:
+    return list(llb.walk(d.root)) if d.root is not None else []
+
+
+# -- history and config, as BuildKit writes them ----------------------------------------------
+
+
+def test_metadata_instructions_write_buildkit_history_text() -> None:
+    d = convert(
+        "FROM base\n"
+        "ENV A=1 B=$A\n"
+        "LABEL l=$A\n"
+        "ARG X=x1\n"
+        "ARG Y\n"
+        "USER nobody:nogroup\n"
+        'SHELL ["/bin/ash", "-eo", "pipefail", "-c"]\n'
+        "CMD echo hi\n"
+        'ENTRYPOINT ["/bin/run", "a b"]\n'
+        "VOLUME /data /cache\n"
+        "EXPOSE 80 53/udp\n"
+        "STOPSIGNAL SIGTERM\n"
+        "HEALTHCHECK --interval=90s --retries=3 CMD curl -f http://x/\n"
+        "MAINTAINER me\n"
+    )
+    assert history(d) == [
+        ("ENV A=1 B=", True),
+        ("LABEL l=1", True),
+        ("ARG X=x1", True),
+        ("ARG Y", True),
+        ("USER nobody:nogroup", True),
+        ("SHELL [/bin/ash -eo pipefail -c]", True),
+        ('CMD ["/bin/ash" "-eo" "pipefail" "-c" "echo hi"]', True),
+        ('ENTRYPOINT ["/bin/run" "a b"]', True),
+        ("VOLUME [/data /cache]", True),
+        ("EXPOSE [80/tcp 53/udp]", True),
+        ("STOPSIGNAL SIGTERM", True),
+        (
+            "HEALTHCHECK {Test:[CMD-SHELL curl -f http://x/] Interval:1m30s Timeout:0s "
+            "StartPeriod:0s StartInterval:0s Retries:3}",
+            True,
+        ),
+        ("MAINTAINER me", True),
+    ]
+    c = config(d)
+    assert c["Env"] == ["PATH=/bin", "A=1", "B="]
+    assert c["Labels"] == {"l": "1"}
+    assert c["User"] == "nobody:nogroup"
+    assert c["Volumes"] == {"/data": {}, "/cache": {}}
+    assert c["ExposedPorts"] == {"80/tcp": {}, "53/udp": {}}
+    assert c["Healthcheck"] == {
+        "Test": ["CMD-SHELL", "curl -f http://x/"],
+        "Interval": 90_000_000_000,
+        "Retries": 3,
+    }
+    assert d.image_config["author"] == "me"
+    # The base image's own history stays in front.
+    assert d.image_config["history"][0] == {"created_by": "base layer"}
+
+
+def test_arg_history_shows_the_value_in_effect() -> None:
+    d = convert(
+        "ARG G=global\nFROM base\nARG G\nARG B=default\nARG C=$B-c\n",
+        build_args={"B": "given"},
+    )
+    assert [h for h, _ in history(d)] == ["ARG G=global", "ARG B=given", "ARG C=given-c"]
+
+
+def test_cmd_sets_args_escaped_and_entrypoint_resets_an_inherited_cmd() -> None:
+    inherited = convert('FROM base\nENTRYPOINT ["/e"]\n')
+    assert config(inherited)["Entrypoint"] == ["/e"]
+    assert config(inherited)["Cmd"] is None  # the base image's CMD ["sh"] is gone
+    same_stage = convert('FROM base\nCMD ["c"]\nENTRYPOINT ["/e"]\n')
+    assert config(same_stage)["Cmd"] == ["c"]
+    assert config(same_stage)["ArgsEscaped"] is True
+
+
+def test_entrypoint_from_a_parent_stage_cmd_is_reset_in_the_child() -> None:
+    d = convert('FROM base AS p\nCMD ["c"]\nFROM p\nENTRYPOINT ["/e"]\n')
+    assert config(d)["Cmd"] is None
+
+
+def test_shell_applies_to_shell_form_run_cmd_and_entrypoint() -> None:
+    d = convert('FROM base\nSHELL ["/bin/bash", "-c"]\nRUN echo a\nENTRYPOINT echo b\n')
+    run = next(op for op in ops(d) if isinstance(op, llb.ExecOp))
+    assert run.args == ("/bin/bash", "-c", "echo a")
+    assert config(d)["Entrypoint"] == ["/bin/bash", "-c", "echo b"]
+
+
+def test_default_path_is_added_only_when_the_base_has_none() -> None:
+    assert config(convert("FROM scratch\nENV A=1\n"))["Env"] == [
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "A=1",
+    ]
+    no_path = Images({"nopath": {"config": {"Env": ["HOME=/root"]}}})
+    env = config(convert("FROM nopath\n", no_path))["Env"]
+    assert env == [
+        "HOME=/root",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ]
+    assert config(convert("FROM base\n"))["Env"] == ["PATH=/bin"]
+
+
+def test_labels_merge_and_cli_labels_win() -> None:
+    parent = Images({"labelled": {"config": {"Labels": {"a": "base", "b": "base"}}}})
+    d = convert("FROM labelled\nLABEL b=file c=file\n", parent, labels={"c": "cli"})
+    assert config(d)["Labels"] == {"a": "base", "b": "file", "c": "cli"}
+
+
+def test_workdir_joins_relative_paths_and_creates_the_directory_as_user() -> None:
+    d = convert("FROM base\nUSER app\nWORKDIR /srv\nWORKDIR app/../data\n")
+    assert config(d)["WorkingDir"] == "/srv/data"
+    mkdirs = [a for op in ops(d) if isinstance(op, llb.FileOp) for a in op.actions]
+    assert {(m.path, m.chown) for m in mkdirs} == {
+        ("/srv", llb.Chown("app")),
+        ("/srv/data", llb.Chown("app")),
+    }
+    assert history(d)[-1] == ("WORKDIR /srv/data", False)
+
+
+def test_workdir_root_adds_no_layer() -> None:
+    d = convert("FROM base\nWORKDIR /\n")
+    assert d.root is not None and isinstance(d.root, llb.SourceOp)
+    assert history(d) == [("WORKDIR /", True)]
+
+
+def test_onbuild_is_stored_without_history() -> None:
+    d = convert("FROM base\nONBUILD RUN echo later\nONBUILD COPY a /a\n")
+    assert config(d)["OnBuild"] == ["RUN echo later", "COPY a /a"]
+    assert history(d) == []
+
+
+def test_stopsignal_must_name_a_signal() -> None:
+    assert config(convert("FROM base\nSTOPSIGNAL 9\n"))["StopSignal"] == "9"
+    assert config(convert("FROM base\nSTOPSIGNAL kill\n"))["StopSignal"] == "kill"
+    with pytest.raises(DockerfileError, match="Invalid signal: SIGNOPE") as err:
+        convert("FROM base\n\nSTOPSIGNAL SIGNOPE\n")
+    assert err.value.location is not None and err.value.location.start_line == 3
+
+
+def test_expose_ranges_protocols_and_errors() -> None:
+    d = convert("FROM base\nEXPOSE 8000-8002/UDP 1.2.3.4:80:81\n")
+    assert list(config(d)["ExposedPorts"]) == ["8000/udp", "8001/udp", "8002/udp", "81/tcp"]
+    with pytest.raises(DockerfileError, match="invalid proto: xyz"):
+        convert("FROM base\nEXPOSE 80/xyz\n")
+    with pytest.raises(DockerfileError, match="invalid containerPort"):
+        convert("FROM base\nEXPOSE 70000\n")
+
+
+def test_go_duration_matches_go_formatting() -> None:
+    assert [go_duration(n) for n in (0, 1, 1500, 2_500_000, 1_500_000_000, 90 * 10**9, 3600 * 10**9)] == [
+        "0s", "1ns", "1.5\u00b5s", "2.5ms", "1.5s", "1m30s", "1h0m0s",
+    ]  # fmt: skip
+
+
+# -- ARG scoping and build args ------------------------------------------------------------
+
+
+def run_env(d: Definition) -> dict[str, str]:
+    run = next(op for op in ops(d) if isinstance(op, llb.ExecOp))
+    return dict(item.partition("=")[::2] for item in run.env)
+
+
+def test_meta_args_are_visible_in_a_stage_only_when_redeclared() -> None:
+    d = convert("ARG V=1\nFROM base\nRUN echo\n")
+    assert "V" not in run_env(d)
+    d = convert("ARG V=1\nFROM base\nARG V\nRUN echo\n")
+    assert run_env(d)["V"] == "1"
+
+
+def test_build_arg_beats_default_and_env_beats_arg() -> None:
+    d = convert("FROM base\nARG A=default\nENV A=env\nLABEL a=$A\n", build_args={"A": "cli"})
+    assert config(d)["Labels"] == {"a": "env"}
+    d = convert("FROM base\nARG A=default\nLABEL a=$A\n", build_args={"A": "cli"})
+    assert config(d)["Labels"] == {"a": "cli"}
+
+
+def test_args_are_inherited_by_stages_built_from_a_stage() -> None:
+    d = convert("FROM base AS p\nARG A=1\nFROM p\nLABEL a=$A\n")
+    assert config(d)["Labels"] == {"a": "1"}
+
+
+def test_automatic_platform_args_are_global_and_target_stage_is_set() -> None:
+    d = convert(
+        "FROM base AS build\nARG TARGETARCH\nARG TARGETSTAGE\nARG BUILDPLATFORM\n"
+        "LABEL arch=$TARGETARCH stage=$TARGETSTAGE bp=$BUILDPLATFORM os=$TARGETOS\n",
+    )
+    assert config(d)["Labels"] == {"arch": "amd64", "stage": "build", "bp": "linux/amd64", "os": ""}
+
+
+def test_base_name_expands_global_args_with_build_arg_precedence() -> None:
+    images = Images()
+    convert("ARG TAG=1\nFROM img:$TAG\n", images)
+    convert("ARG TAG=1\nFROM img:${TAG}\n", images, build_args={"TAG": "2"})
+    assert images.resolved == ["img:1", "img:2"]
+
+
+def test_proxy_args_reach_run_but_not_history_or_the_digest() -> None:
+    plain = convert("FROM base\nRUN echo\n")
+    proxied = convert("FROM base\nRUN echo\n", build_args={"HTTP_PROXY": "http://proxy:3128"})
+    run = next(op for op in ops(proxied) if isinstance(op, llb.ExecOp))
+    assert "HTTP_PROXY=http://proxy:3128" in run.proxy_env
+    assert proxied.root is not None and plain.root is not None
+    assert proxied.root.digest == plain.root.digest
+    assert all("proxy" not in h for h, _ in history(proxied))
+    assert not any("HTTP_PROXY" in w for w in proxied.warnings)
+
+
+def test_unused_build_args_are_reported() -> None:
+    d = convert("FROM base\nARG USED\n", build_args={"USED": "1", "UNUSED": "2"})
+    assert "WARNING: One or more build-args [UNUSED] were not consumed" in d.warnings
+
+
+# -- stages ------------------------------------------------------------------------------------
+
+
+def test_only_the_stages_the_target_needs_are_converted() -> None:
+    images = Images()
+    d = convert(
+        "FROM missing-unused AS unused\nRUN exit 1\n"
+        "FROM base AS dep\nRUN echo dep\n"
+        "FROM base\nCOPY --from=DEP /x /x\n",
+        images,
+    )
+    assert "missing-unused" not in images.resolved
+    assert sum(isinstance(op, llb.ExecOp) for op in ops(d)) == 1
+
+
+def test_target_selects_a_stage_case_insensitively_and_suggests_names() -> None:
+    d = convert("FROM base AS first\nLABEL s=first\nFROM base\nLABEL s=last\n", target="FIRST")
+    assert config(d)["Labels"] == {"s": "first"}
+    with pytest.raises(
+        DockerfileError, match=r'target stage "frist" could not be found \(did you mean first\?\)'
+    ):
+        convert("FROM base AS first\n", target="frist")
+
+
+def test_copy_from_a_stage_index_and_name() -> None:
+    d = convert("FROM base AS a\nRUN echo a\nFROM base\nCOPY --from=0 /a /a\n")
+    copy_op = d.root
+    assert isinstance(copy_op, llb.FileOp)
+    source = copy_op.actions[0].source  # type: ignore[union-attr]
+    assert isinstance(source, llb.ExecOp) and source.args[-1] == "echo a"
+
+
+def test_copy_from_a_later_stage_is_an_error_naming_the_line() -> None:
+    with pytest.raises(DockerfileError, match='cannot copy from stage "later"') as err:
+        convert("FROM base AS first\nCOPY --from=later /a /a\nFROM base AS later\n", target="first")
+    assert err.value.location is not None and err.value.location.start_line == 2
+
+
+def test_variables_in_copy_from_are_refused_as_in_buildkit() -> None:
+    with pytest.raises(DockerfileError, match="variable expansion is not supported for --from"):
+        convert("ARG S=a\nFROM base AS a\nFROM base\nCOPY --from=$S /a /a\n")
+
+
+def test_cycles_are_errors_even_in_unused_stages() -> None:
+    with pytest.raises(DockerfileError, match="circular dependency detected on stage: a"):
+        convert(
+            "FROM base AS a\nCOPY --from=b /b /b\nFROM base AS b\nCOPY --from=a /a /a\nFROM base\n"
+        )
+
+
+def test_from_names_only_earlier_stages() -> None:
+    images = Images()
+    convert("FROM later AS first\nFROM base AS later\n", images, target="first")
+    assert images.resolved[0] == "later"  # not the stage below: an image
+
+
+def test_blank_base_name_is_an_error() -> None:
+    with pytest.raises(DockerfileError, match=r"base name \(\$NONE\) should not be blank"):
+        convert("FROM $NONE\n")
+
+
+def test_invalid_stage_index_is_an_error() -> None:
+    with pytest.raises(DockerfileError, match="invalid stage index 5"):
+        convert("FROM base\nCOPY --from=5 /a /a\n")
+
+
+# -- ONBUILD -----------------------------------------------------------------------------------
+
+
+def test_onbuild_triggers_of_a_base_image_run_first_and_are_cleared() -> None:
+    images = Images({"parent": {"config": {"OnBuild": ["RUN echo trigger", "LABEL t=1"]}}})
+    d = convert("FROM parent\nRUN echo own\n", images)
+    runs = [op.args[-1] for op in ops(d) if isinstance(op, llb.ExecOp)]
+    assert runs == ["echo trigger", "echo own"]
+    assert "OnBuild" not in config(d)
+    assert config(d)["Labels"] == {"t": "1"}
+    created_by = [h["created_by"] for h in d.image_config["history"]]
+    assert created_by[:2] == ["RUN /bin/sh -c echo trigger # buildkit", "LABEL t=1"]
+
+
+def test_onbuild_triggers_of_a_parent_stage_run_in_the_child_only() -> None:
+    d = convert("FROM base AS parent\nONBUILD RUN echo t\nFROM parent\nRUN echo child\n")
+    runs = [op.args[-1] for op in ops(d) if isinstance(op, llb.ExecOp)]
+    assert runs == ["echo t", "echo child"]
+    assert "OnBuild" not in config(d)
+
+
+def test_onbuild_copy_from_may_name_a_stage_of_the_downstream_build() -> None:
+    images = Images({"parent": {"config": {"OnBuild": ["COPY --from=assets /a /a"]}}})
+    d = convert("FROM base AS assets\nRUN echo assets\nFROM parent\n", images)
+    runs = [op.args[-1] for op in ops(d) if isinstance(op, llb.ExecOp)]
+    assert runs == ["echo assets"]
+
+
+def test_a_bad_onbuild_trigger_names_the_from_line() -> None:
+    images = Images({"parent": {"config": {"OnBuild": ["FROBNICATE x"]}}})
+    with pytest.raises(DockerfileError, match="unknown instruction") as err:
+        convert("FROM base\nFROM parent\n", images)
+    assert err.value.location is not None and err.value.location.start_line == 2
+
+
+# -- RUN heredocs ------------------------------------------------------------------------------
+
+
+def test_heredoc_with_a_shebang_runs_as_a_file_under_dev_pipes() -> None:
+    d = convert("FROM base\nRUN <<EOF\n#!/bin/busybox sh\necho hi\nEOF\n")
+    run = d.root
+    assert isinstance(run, llb.ExecOp)
+    assert run.args == ("/bin/sh", "-c", "/dev/pipes/EOF")
+    (pipes,) = [m for m in run.mounts if m.target == "/dev/pipes"]
+    assert pipes.readonly
+    assert isinstance(pipes.input, llb.FileOp)
+    (script,) = pipes.input.actions
+    assert isinstance(script, llb.Mkfile)
+    assert script.data == b"#!/bin/busybox sh\necho hi\n" and script.mode == 0o755
+
+
+def test_heredoc_without_a_shebang_is_passed_to_the_shell() -> None:
+    d = convert("FROM base\nRUN <<EOF\necho a\necho b\nEOF\n")
+    assert isinstance(d.root, llb.ExecOp)
+    assert d.root.args == ("/bin/sh", "-c", "echo a\necho b\n")
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def rules(d: Definition) -> list[str]:
+    return [w.rule for w in d.checks]
+
+
+def test_checks_report_buildkit_rule_names_with_lines() -> None:
+    d = convert("FROM base AS Build\nCMD echo a\nWORKDIR rel\nENV k v\nCOPY $NOPE /x\n")
+    assert set(rules(d)) >= {
+        "StageNameCasing", "JSONArgsRecommended", "WorkdirRelativePath", "LegacyKeyValueFormat",
+        "UndefinedVar",
+    }  # fmt: skip
+    lines = {w.rule: w.location.start_line for w in d.checks if w.location}
+    assert lines["WorkdirRelativePath"] == 3
+    assert (
+        "WARNING: JSONArgsRecommended: JSON arguments recommended for CMD to prevent "
+        "unintended behavior related to OS signals (line 2)" in d.warnings
+    )
+
+
+def test_check_directive_skips_rules_and_can_fail_the_build() -> None:
+    text = "FROM base AS Build\nCMD echo a\n"
+    skipped = convert("# check=skip=StageNameCasing,JSONArgsRecommended\n" + text)
+    assert rules(skipped) == []
+    assert rules(convert("# check=skip=all\n" + text)) == []
+    with pytest.raises(DockerfileError, match="lint violation found for rules: StageNameCasing"):
+        convert("# check=error=true\n" + text)
+    by_arg = convert(text, build_args={"BUILDKIT_DOCKERFILE_CHECK": "skip=all"})
+    assert rules(by_arg) == [] and not any("not consumed" in w for w in by_arg.warnings)
+
+
+def test_undefined_arg_in_from_suggests_a_declared_one() -> None:
+    d = convert("ARG VERSION=1\nFROM img:${VERSOIN}-x\n")
+    (warning,) = [w for w in d.checks if w.rule == "UndefinedArgInFrom"]
+    assert warning.message == "FROM argument 'VERSOIN' is not declared (did you mean VERSION?)"
+
+
+def test_casing_rules() -> None:
+    d = convert("FROM base as b\nrun echo\nRUN echo\nRUN echo\n")
+    assert rules(d).count("FromAsCasing") == 1
+    assert rules(d).count("ConsistentInstructionCasing") == 1
+
+
+def test_duplicate_and_reserved_stage_names() -> None:
+    d = convert("FROM base AS a\nFROM base AS a\nFROM base AS context\n")
+    assert {"DuplicateStageName", "ReservedStageName"} <= set(rules(d))
+
+
+def test_secrets_in_arg_or_env_are_flagged() -> None:
+    d = convert("FROM base\nARG GITHUB_TOKEN\nENV PUBLIC_KEY=x DB_PASSWORD=y\n")
+    messages = [w.message for w in d.checks if w.rule == "SecretsUsedInArgOrEnv"]
+    assert messages == [
+        'Do not use ARG or ENV instructions for sensitive data (ARG "GITHUB_TOKEN")',
+        'Do not use ARG or ENV instructions for sensitive data (ENV "DB_PASSWORD")',
+    ]
+
+
+def test_empty_continuation_lines_are_a_check_warning() -> None:
+    d = convert("FROM base\nRUN echo a \\\n\n  b\n")
+    assert rules(d) == ["NoEmptyContinuation"]
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_unknown_instruction_names_its_line_and_a_suggestion() -> None:
+    with pytest.raises(
+        DockerfileError, match=r"unknown instruction: RUNN \(did you mean run\?\)"
+    ) as err:
+        convert("FROM base\nRUNN echo\n")
+    assert err.value.location is not None and err.value.location.start_line == 2
+
+
+def test_empty_dockerfile_and_no_stages_are_errors() -> None:
+    with pytest.raises(DockerfileError, match="the Dockerfile cannot be empty"):
+        convert("")
+    with pytest.raises(DockerfileError, match="file with no instructions"):
+        convert("# only a comment\n")
+    with pytest.raises(DockerfileError, match="dockerfile contains no stages to build"):
+        convert("ARG A=1\n")
+
+
+def test_from_platform_expands_build_platform_and_refuses_others() -> None:
+    d = convert("FROM --platform=$BUILDPLATFORM base AS b\nFROM --platform=linux/x86_64 base\n")
+    assert d.root is not None
+    with pytest.raises(
+        DockerfileError, match="linux/arm64: dockbuild builds for linux/amd64"
+    ) as err:
+        convert("FROM base\nFROM --platform=linux/arm64 base\n")
+    assert err.value.location is not None and err.value.location.start_line == 2
+    with pytest.raises(DockerfileError, match="empty platform value"):
+        convert("FROM --platform=$NOPE base\n")
+
+
+def test_heredoc_run_steps_are_named_after_their_first_line() -> None:
+    d = convert("FROM base\nRUN <<EOF\napt-get update\napt-get install x\nEOF\n")
+    assert d.root is not None
+    assert d.root.name == "[2/2] RUN <<EOF (apt-get update...)"  # type: ignore[attr-defined]
