@@ -3,21 +3,40 @@
 key(op) = sha256(op digest, the keys of its inputs, the content checksums of what it
 reads from a local context). The op digest already pins image sources by manifest
 digest and holds commands, env and flags; content checksums cover only the context
-files a COPY selects, so editing an unrelated file misses nothing. Secrets and cache
+files a COPY selects, so editing an unrelated file misses nothing. An HTTP source is
+keyed by the sha256 of its content (a ``--checksum`` needs no download) and its
+Last-Modified time, a git source by the commit its ref resolves to. Secrets and cache
 mount contents never enter a key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import threading
+from typing import TYPE_CHECKING, Any
 
 from dockbuild import llb
 from dockbuild.engine.sources.local import LocalDir, has_glob
 
+if TYPE_CHECKING:
+    from dockbuild.engine.store import Store
+
+REMOTE_PREFIXES = ("http://", "https://", "git://")
+
+
+def is_remote(op: llb.Op | None) -> bool:
+    """An HTTP(S) or git source (``ADD URL``), fetched by the engine."""
+    return isinstance(op, llb.SourceOp) and op.identifier.startswith(REMOTE_PREFIXES)
+
 
 def _h(*parts: str) -> str:
     return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def combine(*parts: str) -> str:
+    """A key made of other keys and values."""
+    return _h(*parts)
 
 
 def layer_id(key: str) -> str:
@@ -27,8 +46,10 @@ def layer_id(key: str) -> str:
 
 
 class CacheKeys:
-    def __init__(self, locals_: dict[str, LocalDir]) -> None:
+    def __init__(self, locals_: dict[str, LocalDir], store: Store | None = None) -> None:
         self._locals = locals_
+        self._store = store
+        self.secrets: dict[str, Any] = {}  # HTTP auth secrets: in requests, never in keys
         self._memo: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -42,6 +63,8 @@ class CacheKeys:
         if isinstance(op, llb.SourceOp) and op.identifier.startswith("local://"):
             local = self._local(op)
             key = _h(op.digest, local.checksum([""]))
+        elif is_remote(op):
+            key = _h(op.digest, self._remote_key(op))  # type: ignore[arg-type]
         elif isinstance(op, llb.FileOp):
             parts = [op.digest, self.key(op.base)]
             for action in op.actions:
@@ -54,19 +77,48 @@ class CacheKeys:
             self._memo[op.digest] = key
         return key
 
+    def _remote_key(self, op: llb.SourceOp) -> str:
+        if self._store is None:
+            raise RuntimeError("remote sources need a store")
+        if op.identifier.startswith("git://"):
+            from dockbuild.engine.sources import git
+
+            return git.content_key(op)
+        from dockbuild.engine.sources import http
+
+        return http.content_key(op, self._store, self.secrets)
+
     def _local(self, op: llb.SourceOp) -> LocalDir:
         return self._locals[op.identifier[len("local://") :]]
 
-    def _copy_source_key(self, action: llb.Copy) -> str:
+    def copy_selection(self, action: llb.Copy) -> tuple[LocalDir, list[str]] | None:
+        """The context and the paths in it a COPY from a local context reads."""
         source = action.source
         if not (isinstance(source, llb.SourceOp) and source.identifier.startswith("local://")):
-            return self.key(source)
+            return None
         local = self._local(source)
         src = action.src.strip("/")
-        if action.allow_wildcard and has_glob(src):
+        if action.parents and action.include:
+            # --parents: only what the patterns below the pivot select
+            rels = []
+            for pattern in action.include:
+                full = posixpath.join(src, pattern).strip("/") if src not in ("", ".") else pattern
+                if "**" in pattern:
+                    rels.append(src if src != "." else "")  # the whole pivot directory
+                elif has_glob(full):
+                    rels += local.glob(full)
+                elif local.host_path(full).exists():
+                    rels.append(full)
+        elif action.allow_wildcard and has_glob(src):
             rels = local.glob(src)
         else:
             rels = [src] if src in ("", ".") or local.host_path(src).exists() else []
-        rels = ["" if r == "." else r for r in rels]
+        return local, ["" if r == "." else r for r in rels]
+
+    def _copy_source_key(self, action: llb.Copy) -> str:
+        selection = self.copy_selection(action)
+        if selection is None:
+            return self.key(action.source)
+        local, rels = selection
         # A missing source gets a key too; the copy itself reports it as not found.
         return _h("local", "\0".join(action.exclude), local.checksum(rels) if rels else "none")

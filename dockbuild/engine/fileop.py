@@ -9,6 +9,7 @@ a removed path becomes a 0:0 character device. Sources are read through a
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import posixpath
 import shutil
@@ -18,7 +19,14 @@ from pathlib import Path
 
 from dockbuild import llb
 from dockbuild.engine import snapshots
-from dockbuild.engine.sources.local import LocalDir, has_glob, match
+from dockbuild.engine.sources.local import (
+    LocalDir,
+    has_glob,
+    ignore_rules,
+    is_ignored,
+    match,
+    match_path,
+)
 from dockbuild.errors import DockbuildError
 
 
@@ -87,17 +95,24 @@ class LocalView(SourceView):
         self.local = local
 
     def host(self, rel: str) -> Path | None:
-        if rel and self.local.ignored(rel):
-            return None
         p = self.local.host_path(rel)
-        return p if os.path.lexists(p) else None
+        if not os.path.lexists(p):
+            return None
+        if rel and self.local.ignored(rel) and not self.local.reincludes(rel):
+            return None
+        return p
 
     def children(self, rel: str) -> list[str]:
         try:
             names = os.listdir(self.local.host_path(rel))
         except (NotADirectoryError, FileNotFoundError):
             return []
-        return sorted(n for n in names if not self.local.ignored(f"{rel}/{n}" if rel else n))
+        out = []
+        for name in sorted(names):
+            child = f"{rel}/{name}" if rel else name
+            if not self.local.ignored(child) or self.local.reincludes(child):
+                out.append(name)
+        return out
 
     def glob(self, pattern: str) -> list[str]:
         return self.local.glob(pattern)
@@ -225,36 +240,32 @@ def _resolve_chown(chown: llb.Chown | None, target: _Target) -> tuple[int, int] 
             return []
         return [line.split(":") for line in host.read_text(errors="replace").splitlines()]
 
-    uid: int | None = None
-    gid: int | None = None
+    # As BuildKit's readUser: a name missing from the destination's /etc/passwd or
+    # /etc/group (or a missing file) resolves to 0, without an error.
+    uid, gid = 0, 0
     if chown.user.isdigit():
-        uid = int(chown.user)
+        uid = gid = int(chown.user)
     else:
         for fields in table("etc/passwd"):
             if len(fields) > 3 and fields[0] == chown.user:
-                uid, gid = int(fields[2]), int(fields[3])
+                uid, gid = _int(fields[2]), _int(fields[3])
                 break
-        else:
-            raise DockbuildError(
-                f"unable to convert uid/gid chown string to host mapping: "
-                f"can't find uid for user {chown.user}: no such user: {chown.user}"
-            )
     if chown.group:
         if chown.group.isdigit():
             gid = int(chown.group)
         else:
             for fields in table("etc/group"):
                 if len(fields) > 2 and fields[0] == chown.group:
-                    gid = int(fields[2])
+                    gid = _int(fields[2])
                     break
-            else:
-                raise DockbuildError(
-                    f"unable to convert uid/gid chown string to host mapping: "
-                    f"can't find gid for group {chown.group}: no such group: {chown.group}"
-                )
-    elif gid is None:
-        gid = uid
-    return uid, gid  # type: ignore[return-value]
+    return uid, gid
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise DockbuildError(f"invalid id {text!r} in the destination's /etc/passwd or /etc/group") from None
 
 
 def _apply_mode(spec: str, current: int, is_dir: bool) -> int:
@@ -318,6 +329,25 @@ def _apply_mode(spec: str, current: int, is_dir: bool) -> int:
 
 def _copy(action: llb.Copy, view: SourceView, target: _Target) -> None:
     src = action.src.strip("/")
+    if src == ".":
+        src = ""
+    owner = _resolve_chown(action.chown, target)
+    copier = _Copier(view, target, owner, action.mode, action.timestamp, action.exclude)
+    try:
+        _copy_with(action, src, view, target, copier)
+    except BaseException:
+        copier.abort()
+        raise
+    copier.finish()
+
+
+def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, copier: _Copier) -> None:
+    owner = copier.owner
+    dest = action.dest
+    dest_rel = target.resolve_parent(dest) if dest.strip("/") else ""
+    if action.parents:
+        _copy_parents(action, src, dest_rel, copier)
+        return
     wildcard = action.allow_wildcard and has_glob(src)
     if wildcard:
         matches = view.glob(src)
@@ -325,20 +355,24 @@ def _copy(action: llb.Copy, view: SourceView, target: _Target) -> None:
             raise DockbuildError(f"failed to compute cache key: no source files were specified: {action.src!r} matched nothing")
     else:
         rel = view.resolve(src) if action.follow_symlinks else src
-        if src not in ("", ".") and view.lstat(rel) is None:
+        if src and view.lstat(rel) is None:
             raise DockbuildError(f'failed to compute cache key: "/{src}": not found')
-        matches = [rel if src not in ("", ".") else ""]
-    owner = _resolve_chown(action.chown, target)
-    dest = action.dest
+        matches = [rel if src else ""]
     dest_is_dir = dest.endswith("/") or wildcard
-    dest_rel = target.resolve_parent(dest) if dest.strip("/") else ""
-    copier = _Copier(view, target, owner, action.mode, action.timestamp, action.exclude)
     for rel in matches:
         if wildcard and action.follow_symlinks:
             rel = view.resolve(rel)
         st = view.lstat(rel)
         assert st is not None
+        if wildcard and copier.excluded(posixpath.basename(rel)):
+            continue
+        if action.attempt_unpack and stat.S_ISREG(st.st_mode):
+            host = view.host(rel)
+            if host is not None and is_archive(host):
+                _unpack(host, target.view.resolve(dest_rel) if dest_rel else "", copier)
+                continue
         if stat.S_ISDIR(st.st_mode) and action.dir_copy_contents:
+            copier.root = rel
             out = dest_rel
             if out:
                 target.ensure_dir(posixpath.dirname(out), owner)
@@ -346,12 +380,146 @@ def _copy(action: llb.Copy, view: SourceView, target: _Target) -> None:
             else:
                 copier.children(rel, "")
             continue
+        copier.root = posixpath.dirname(rel)
         if dest_is_dir or target.exists_as_dir(dest_rel):
             out = posixpath.join(target.view.resolve(dest_rel), posixpath.basename(rel) or "")
         else:
             out = dest_rel
         target.ensure_dir(posixpath.dirname(out), owner)
         copier.entry(rel, out, top=True)
+
+
+def _copy_parents(action: llb.Copy, base: str, dest_rel: str, copier: _Copier) -> None:
+    """``COPY --parents``: each match keeps its path below ``base`` (the ``/./`` pivot)."""
+    view, target = copier.view, copier.target
+    copier.root = base
+    out_root = target.view.resolve(dest_rel) if dest_rel else ""
+    target.ensure_dir(out_root, copier.owner)
+    for pattern in action.include:
+        full = posixpath.join(base, pattern) if base else pattern
+        full = full.strip("/")
+        if "**" in pattern:
+            matches = _walk_match(view, base, pattern)
+        elif has_glob(pattern):
+            matches = view.glob(full)
+        elif view.lstat(full) is not None:
+            matches = [full]
+        else:
+            raise DockbuildError(f'failed to compute cache key: "/{full}": not found')
+        for rel in matches:
+            below = rel[len(base) + 1 :] if base else rel
+            if copier.excluded(below):
+                continue
+            # The parents between the pivot and the match are copied with their metadata.
+            parts = below.split("/")
+            for i in range(1, len(parts)):
+                sub = "/".join(parts[:i])
+                out_dir = posixpath.join(out_root, sub) if out_root else sub
+                if not target.exists_as_dir(out_dir):
+                    target.ensure_dir(out_dir, copier.owner)
+                    copier.dir_metadata(posixpath.join(base, sub) if base else sub, out_dir)
+            copier.entry(rel, posixpath.join(out_root, below) if out_root else below, top=True)
+
+
+def _walk_match(view: SourceView, base: str, pattern: str) -> list[str]:
+    """Paths below ``base`` whose path relative to it matches ``pattern`` (with ``**``);
+    a matching directory is taken whole."""
+    found: list[str] = []
+
+    def visit(rel: str) -> None:
+        for name in view.children(rel):
+            child = f"{rel}/{name}" if rel else name
+            below = child[len(base) + 1 :] if base else child
+            if match_path(pattern, below):
+                found.append(child)
+                continue
+            st = view.lstat(child)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                visit(child)
+
+    visit(base)
+    return found
+
+
+def is_archive(path: Path) -> bool:
+    """Whether ``path`` is a tar archive, plain or compressed (gzip, bzip2, xz), by content."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            return tf.next() is not None
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return False
+
+
+def _safe_member_path(name: str) -> str:
+    # Like BuildKit's fs.RootPath: ".." never climbs above the extraction root.
+    return posixpath.normpath("/" + name).lstrip("/")
+
+
+def _unpack(archive: Path, dest_rel: str, copier: _Copier) -> None:
+    """Extract a local tar into ``dest_rel`` (ADD): archive owners, modes and mtimes kept,
+    ``--chown`` applied when given; every write stays inside the layer."""
+    import tarfile
+
+    target = copier.target
+    target.ensure_dir(dest_rel, copier.owner)
+    with tarfile.open(archive, "r:*") as tf:
+        for member in tf:
+            name = _safe_member_path(member.name)
+            if not name:
+                continue
+            full = posixpath.join(dest_rel, name) if dest_rel else name
+            rel = target.resolve_parent(full)
+            target.ensure_dir(posixpath.dirname(rel), copier.owner)
+            uid, gid = copier.owner or (member.uid, member.gid)
+            mode = _apply_mode(copier.mode, member.mode & 0o7777, member.isdir())
+            mtime = (copier.timestamp if copier.timestamp is not None else int(member.mtime)) * 10**9
+            out = target.upper / rel if rel else target.upper
+            if member.isdir():
+                if not rel:
+                    continue
+                existing = _lstat(out)
+                if existing is None or not stat.S_ISDIR(existing.st_mode):
+                    target.clear(rel)
+                    if target.exists_as_dir(rel):
+                        target.ensure_dir(rel)
+                    else:
+                        os.mkdir(out)
+                os.chmod(out, mode)
+                os.lchown(out, uid, gid)
+                target.keep_mtime(rel, mtime)
+                continue
+            target.clear(rel)
+            if member.islnk():
+                link_rel = target.resolve_parent(
+                    posixpath.join(dest_rel, _safe_member_path(member.linkname))
+                )
+                if _lstat(target.upper / link_rel) is not None:
+                    os.link(target.upper / link_rel, out)
+                    continue
+                found = target.view.host(link_rel)
+                if found is None:
+                    raise DockbuildError(f"ADD {archive.name}: hardlink {member.name} points to a missing {member.linkname}")
+                shutil.copy2(found, out, follow_symlinks=False)
+            elif member.issym():
+                os.symlink(member.linkname, out)
+            elif member.isreg():
+                src = tf.extractfile(member)
+                assert src is not None
+                with open(out, "wb") as f:
+                    shutil.copyfileobj(src, f, 1 << 20)
+                os.lchown(out, uid, gid)  # before the mode: chown clears setuid bits
+                os.chmod(out, mode)
+            elif member.isfifo():
+                os.mkfifo(out, mode)
+            elif member.ischr() or member.isblk():
+                kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+                os.mknod(out, kind | mode, os.makedev(member.devmajor, member.devminor))
+            else:
+                continue
+            os.lchown(out, uid, gid)
+            os.utime(out, ns=(mtime, mtime), follow_symlinks=False)
 
 
 class _Copier:
@@ -369,19 +537,62 @@ class _Copier:
         self.owner = owner
         self.mode = mode
         self.timestamp = timestamp
-        self.exclude = exclude
+        self.rules = ignore_rules(exclude)
         self.links: dict[tuple[int, int], str] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: list[concurrent.futures.Future[None]] = []
+        self._pending_outs: set[str] = set()
+
+    def _submit(self, out: str, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+        self._pending.append(self._pool.submit(fn, *args))
+        self._pending_outs.add(out)
+        if len(self._pending) > 256:  # bound memory; surface errors early
+            self._drain(64)
+
+    def _drain(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            self._pending.pop(0).result()
+        if not self._pending:
+            self._pending_outs.clear()
+
+    def finish(self) -> None:
+        """Wait for every file being copied; the first error is raised."""
+        try:
+            self._drain()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
+        self.root = ""  # --exclude patterns match paths relative to this source path
 
     def excluded(self, rel: str) -> bool:
-        from dockbuild.engine.sources.local import _ignored, ignore_rules
+        return bool(self.rules) and is_ignored(self.rules, rel)
 
-        return bool(self.exclude) and _ignored(ignore_rules(self.exclude), rel)
+    def dir_metadata(self, src: str, out: str) -> None:
+        """Give the directory ``out`` the mode, owner and mtime of the source dir ``src``."""
+        st = self.view.lstat(self.view.resolve(src))
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return
+        dest = self.target.upper / out
+        uid, gid = self.owner or ((0, 0) if self.view.reset_owner else (st.st_uid, st.st_gid))
+        os.chmod(dest, stat.S_IMODE(st.st_mode))
+        os.lchown(dest, uid, gid)
+        mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
+        self.target.keep_mtime(out, mtime)
 
     def children(self, src: str, out: str) -> None:
         for name in self.view.children(src):
             s = f"{src}/{name}" if src else name
-            if self.excluded(s):
-                continue
+            if self.rules:
+                below = s[len(self.root) + 1 :] if self.root else s
+                if self.excluded(below):
+                    continue
             self.entry(s, f"{out}/{name}" if out else name)
 
     def entry(self, src: str, out: str, top: bool = False) -> None:
@@ -407,6 +618,8 @@ class _Copier:
             self.children(src, out)
             self.target.keep_mtime(out, mtime)
             return
+        if out in self._pending_outs:
+            self._drain()  # two sources for one destination: the later one wins
         self.target.clear(out)
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and link_key in self.links:
@@ -415,8 +628,14 @@ class _Copier:
         if stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(host), dest)
         elif stat.S_ISREG(st.st_mode):
-            shutil.copyfile(host, dest, follow_symlinks=False)
-            os.chmod(dest, mode)
+            if st.st_nlink == 1:
+                # Contents are copied by a few threads: creating many small files is
+                # bound by system calls, which run without the GIL.
+                self._submit(out, _copy_regular, host, dest, mode, uid, gid, mtime)
+                return
+            _copy_regular(host, dest, mode, uid, gid, mtime)
+            self.links[link_key] = out
+            return
         elif stat.S_ISFIFO(st.st_mode):
             os.mkfifo(dest, mode)
         elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
@@ -429,6 +648,20 @@ class _Copier:
         os.utime(dest, ns=(mtime, mtime), follow_symlinks=False)
         if st.st_nlink > 1:
             self.links[link_key] = out
+
+
+def _copy_regular(src: Path, dest: Path, mode: int, uid: int, gid: int, mtime: int) -> None:
+    """Copy one file's contents and metadata (owner before mode: chown clears setuid)."""
+    with open(src, "rb") as fin:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with open(fd, "wb", closefd=False) as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
 
 
 def _mkdir(action: llb.Mkdir, target: _Target) -> None:

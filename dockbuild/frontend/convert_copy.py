@@ -1,5 +1,6 @@
-"""COPY and ADD: sources, destination rules, --from, --chown/--chmod, heredoc files
-(BuildKit's convert_copy.go). A mixin of the converter in convert.py.
+"""COPY and ADD: sources (context, stages, images, HTTP, git, local archives), destination
+rules, --from, --chown/--chmod, --link, --parents, --exclude, heredoc files (BuildKit's
+convert_copy.go). A mixin of the converter in convert.py.
 """
 
 from __future__ import annotations
@@ -7,14 +8,31 @@ from __future__ import annotations
 import posixpath
 import re
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from dockbuild import llb
 from dockbuild.errors import DockerfileError, Location
 from dockbuild.frontend import instructions as ins
 from dockbuild.frontend.shell import Lex, ShellError
+from dockbuild.gitref import GitRef, parse_git_ref
 
 if TYPE_CHECKING:
     from dockbuild.frontend.convert import _Stage
+
+
+def is_http_source(src: str) -> bool:
+    return src.startswith(("http://", "https://")) and parse_git_ref(src) is None
+
+
+def git_source(ref: GitRef, keep_git_dir: bool, checksum: str, name: str) -> llb.SourceOp:
+    attrs = [("ref", ref.ref), ("subdir", ref.subdir)]
+    if keep_git_dir:
+        attrs.append(("keep_git_dir", "true"))
+    if checksum:
+        attrs.append(("checksum", checksum))
+    if not ref.submodules:
+        attrs.append(("submodules", "false"))
+    return llb.SourceOp("git://" + ref.remote, attrs=tuple(attrs), name=name)
 
 
 class CopyInstructions:
@@ -22,14 +40,12 @@ class CopyInstructions:
         self._copy(stage, cmd, name, "COPY")
 
     def _do_add(self, stage: _Stage, cmd: ins.AddCommand, name: str) -> None:
-        for src in cmd.sources:
-            if "://" in src or src.startswith("git@"):
-                raise DockerfileError("ADD from a URL or git is not supported yet", location=cmd.location)
         self._copy(stage, cmd, name, "ADD")
 
-    def _copy(self, stage: _Stage, cmd: ins.CopyCommand, name: str, verb: str) -> None:
+    def _copy(self, stage: _Stage, cmd: ins.CopyCommand | ins.AddCommand, name: str, verb: str) -> None:
         env = self._stage_env(stage)
         loc = cmd.location
+        is_add = verb == "ADD"
         sources = [self._expand(s, env, loc) for s in cmd.sources]
         dest = self._expand(cmd.dest, env, loc)
         heredocs = list(cmd.heredoc_sources)
@@ -44,22 +60,90 @@ class CopyInstructions:
         abs_dest = posixpath.join(workdir, dest)
         if (dest.endswith("/") or dest in (".", "./")) and not abs_dest.endswith("/"):
             abs_dest += "/"
-        chown = self._chown(cmd.chown, env, loc) if cmd.chown else None
+        chown_text = self._expand(cmd.chown, env, loc) if cmd.chown else ""
+        chown = self._chown(chown_text, loc) if chown_text else None
         chmod = self._expand(cmd.chmod, env, loc) if cmd.chmod else ""
         if chmod and not _valid_chmod(chmod):
-            raise DockerfileError(f"invalid chmod parameter: {chmod!r}", location=loc)
-        source_op = self._copy_source(stage, cmd)
+            raise DockerfileError(
+                f"invalid chmod parameter: '{chmod}'. it should be octal string and between 0 and 07777",
+                location=loc,
+            )
+        exclude = tuple(self._expand(e, env, loc) for e in cmd.exclude)
+        parents = bool(getattr(cmd, "parents", False))
+        checksum = self._expand(cmd.checksum, env, loc) if is_add and cmd.checksum else ""
+        keep_git_dir = getattr(cmd, "keep_git_dir", None)
+        unpack = getattr(cmd, "unpack", None)
+        if checksum:
+            if len(sources) != 1:
+                raise DockerfileError("checksum can't be specified for multiple sources", location=loc)
+            if not sources[0].startswith(("http://", "https://", "git@", "git://", "ssh://")):
+                raise DockerfileError("checksum requires HTTP(S) or Git sources", location=loc)
         actions: list[llb.FileAction] = []
+        context_source: llb.Op | None | str = "unset"
         for src in sources:
+            try:
+                git = parse_git_ref(src)
+            except ValueError as e:
+                raise DockerfileError(str(e), location=loc) from None
+            if git is not None:
+                if not is_add:
+                    raise DockerfileError("source can't be a git ref for COPY", location=loc)
+                if keep_git_dir is not None and git.keep_git_dir is not None and keep_git_dir != git.keep_git_dir:
+                    raise DockerfileError("inconsistent keep-git-dir configuration", location=loc)
+                keep = git.keep_git_dir if git.keep_git_dir is not None else bool(keep_git_dir)
+                if checksum and git.checksum and checksum != git.checksum:
+                    raise DockerfileError(f'checksum mismatch "{checksum}" != "{git.checksum}"', location=loc)
+                source = git_source(git, keep, git.checksum or checksum, src)
+                actions.append(
+                    llb.Copy(source=source, src="/", dest=abs_dest, chown=chown, mode=chmod, exclude=exclude)
+                )
+                continue
+            if src.startswith(("http://", "https://")):
+                if not is_add:
+                    raise DockerfileError("source can't be a URL for COPY", location=loc)
+                if checksum and not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
+                    raise DockerfileError(
+                        f"unsupported checksum {checksum!r}: expected sha256:<64 hex digits>", location=loc
+                    )
+                base = posixpath.basename(urlsplit(src).path)
+                filename = base if base not in ("", ".", "/") else "__unnamed__"
+                attrs = [("filename", filename)]
+                if checksum:
+                    attrs.append(("checksum", checksum))
+                source = llb.SourceOp(src, attrs=tuple(attrs), name=src)
+                actions.append(
+                    llb.Copy(
+                        source=source,
+                        src=filename,
+                        dest=abs_dest,
+                        chown=chown,
+                        mode=chmod,
+                        exclude=exclude,
+                        attempt_unpack=bool(unpack),
+                    )
+                )
+                continue
+            if context_source == "unset":
+                context_source = self._copy_source(stage, cmd)
+            include: tuple[str, ...] = ()
+            if parents:
+                pivot, sep, pattern = src.partition("/./")
+                if not sep:
+                    pivot, pattern = "/", src
+                include = (posixpath.normpath("/" + pattern).lstrip("/"),)
+                src = pivot
             actions.append(
                 llb.Copy(
-                    source=source_op,
+                    source=context_source,
                     src=src,
                     dest=abs_dest,
                     chown=chown,
                     mode=chmod,
-                    exclude=tuple(self._expand(e, env, loc) for e in cmd.exclude),
-                    parents=getattr(cmd, "parents", False),
+                    exclude=exclude,
+                    parents=parents,
+                    include=include,
+                    allow_empty_wildcard=True,
+                    attempt_unpack=is_add if unpack is None else unpack,
                 )
             )
         for doc in heredocs:
@@ -70,10 +154,32 @@ class CopyInstructions:
             actions.append(
                 llb.Mkfile(path, data.encode(), int(chmod, 8) if chmod.isdigit() else 0o644, chown)
             )
-        op = llb.FileOp(stage.state, tuple(actions), name=name)
-        stage.state = op
+        flags = "".join(
+            f" {flag}"
+            for flag, on in (
+                ("--parents", parents),
+                (f"--chown={chown_text}", bool(chown_text)),
+                (f"--chmod={chmod}", bool(chmod)),
+            )
+            if on
+        )
         shown = " ".join([*sources, *(f"<<{h.path}" for h in heredocs)])
-        self._commit(stage, f"{verb} {shown} {dest} # buildkit", op)
+        created_by = f"{verb}{flags} {shown} {dest} # buildkit"
+        # --link: the files go into a layer of their own on scratch, merged onto the
+        # stage, so the layer never depends on what is below it. As in BuildKit, not
+        # with --chmod; and not with --chown by name either, which needs the stage's
+        # /etc/passwd to resolve (BuildKit would silently use 0:0 there).
+        names_in_chown = chown is not None and not (
+            chown.user.isdigit() and (not chown.group or chown.group.isdigit())
+        )
+        if cmd.link and not chmod and not names_in_chown:
+            layer = llb.FileOp(None, tuple(actions), name=name)
+            stage.state = llb.MergeOp((stage.state, layer), name=name)
+            self._commit(stage, created_by, layer)
+            return
+        op = llb.FileOp(stage.state, tuple(actions), name=name, location=cmd.location)
+        stage.state = op
+        self._commit(stage, created_by, op)
 
     def _expand_heredoc(self, data: str, env: dict[str, str], loc: Location) -> str:
         lex = Lex(self.result.escape_token)
@@ -84,10 +190,11 @@ class CopyInstructions:
         except ShellError as e:
             raise DockerfileError(str(e), location=loc) from None
 
-    def _copy_source(self, stage: _Stage, cmd: ins.CopyCommand) -> llb.Op | None:
-        if not cmd.from_:
+    def _copy_source(self, stage: _Stage, cmd: ins.CopyCommand | ins.AddCommand) -> llb.Op | None:
+        from_ = getattr(cmd, "from_", "")
+        if not from_:
             return self.context
-        ref = self._expand(cmd.from_, {k: v for k, v in self.global_args.items() if v is not None}, cmd.location)
+        ref = self._expand(from_, {k: v for k, v in self.global_args.items() if v is not None}, cmd.location)
         named = self.resolve_named(ref)
         if named is not None:
             if named.kind == "local":
@@ -101,8 +208,7 @@ class CopyInstructions:
         named = self.resolve_image(ref)
         return llb.SourceOp(named.identifier, platform=self.opts.platform, name=f"[{ref}] FROM {named.name}")
 
-    def _chown(self, text: str, env: dict[str, str], loc: Location) -> llb.Chown:
-        value = self._expand(text, env, loc)
+    def _chown(self, value: str, loc: Location) -> llb.Chown:
         user, _, group = value.partition(":")
         if not user:
             raise DockerfileError(f"invalid chown {value!r}", location=loc)
@@ -111,5 +217,5 @@ class CopyInstructions:
 
 def _valid_chmod(spec: str) -> bool:
     if spec.isdigit():
-        return all(c in "01234567" for c in spec) and len(spec) <= 4
+        return all(c in "01234567" for c in spec) and int(spec, 8) <= 0o7777
     return re.fullmatch(r"([ugoa]*[-+=]([rwxXst]*|[ugo]))+(,([ugoa]*[-+=]([rwxXst]*|[ugo]))+)*", spec) is not None

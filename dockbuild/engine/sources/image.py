@@ -12,8 +12,10 @@ import concurrent.futures
 import hashlib
 import json
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dockbuild import llb
 from dockbuild.engine.store import BlobInfo, Store, remove_tree
@@ -54,6 +56,8 @@ class ImageSources:
         self.pull = pull
         self.platform = platform
         self._client = None
+        self._hosts: Any = None  # registry mirrors and insecure hosts, read with the client
+        self._mirror_client: Any = None
         self._client_lock = threading.Lock()
         self._layer_locks: dict[str, threading.Lock] = {}
 
@@ -68,7 +72,7 @@ class ImageSources:
         if ref.digest is None and not self.pull:
             manifest_digest = self.store.get_resolution(str(ref), self.platform)
         if manifest_digest is None or not self._have_image_meta(manifest_digest):
-            resolved = self.client().resolve(ref, self.platform)
+            resolved = self._from_mirrors(ref, lambda c, r: c.resolve(r, self.platform))
             self.store.put_blob_bytes(resolved.manifest)
             self.store.put_blob_bytes(resolved.config)
             manifest_digest = resolved.manifest_digest
@@ -98,9 +102,29 @@ class ImageSources:
         with self._client_lock:
             if self._client is None:
                 from dockbuild.engine.registry.client import RegistryClient
+                from dockbuild.engine.registry.hosts import load_hosts
 
-                self._client = RegistryClient()
+                self._hosts = load_hosts()
+                self._client = RegistryClient(insecure=self._hosts.insecure)
             return self._client
+
+    def _from_mirrors(self, ref, call):  # type: ignore[no-untyped-def]
+        """``call(candidate)`` for each mirror of ``ref``'s registry, then the registry
+        itself: the first that succeeds wins; the registry's own error is the one raised."""
+        client = self.client()
+        candidates = self._hosts.candidates(ref)
+        if len(candidates) > 1:
+            from dockbuild.engine.registry.client import RegistryClient
+
+            with self._client_lock:
+                if self._mirror_client is None:  # no retries: a dead mirror is skipped at once
+                    self._mirror_client = RegistryClient(insecure=self._hosts.insecure, retries=0)
+        for candidate in candidates[:-1]:
+            try:
+                return call(self._mirror_client, candidate)
+            except DockbuildError:
+                continue  # verified content only: a failing mirror just falls over
+        return call(client, candidates[-1])
 
     def _have_image_meta(self, manifest_digest: str) -> bool:
         if not self.store.has_blob(manifest_digest):
@@ -120,7 +144,7 @@ class ImageSources:
     # -- materialisation (for the solver) --------------------------------------------
 
     def materialize(
-        self, op: llb.SourceOp, progress: Progress, work: threading.Semaphore
+        self, op: llb.SourceOp, progress: Progress, work: AbstractContextManager[Any]
     ) -> tuple[str, ...]:
         scheme, _, rest = op.identifier.partition("://")
         location, _, manifest_digest = rest.rpartition("@")
@@ -209,9 +233,8 @@ class ImageSources:
         from dockbuild.engine.registry.reference import parse_reference
 
         ref = parse_reference(location)
-        self.client().fetch_blob(
-            ref, Descriptor(desc["mediaType"], desc["digest"], desc["size"]), blob
-        )
+        descriptor = Descriptor(desc["mediaType"], desc["digest"], desc["size"])
+        self._from_mirrors(ref, lambda c, r: c.fetch_blob(r, descriptor, blob))
 
 
 class _HashingReader:

@@ -1,0 +1,88 @@
+"""Incremental context hashing: file digests persist in the cache db keyed by stat data,
+so an unchanged context is a stat walk and only changed files are read again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dockbuild.engine.sources import local
+from dockbuild.engine.sources.local import FileDigests, LocalDir
+
+OLD = 1500000000
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every file the hashing code opens."""
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(local, "open", counting_open, raising=False)
+    return opened
+
+
+def _context(root: Path, n: int = 20) -> Path:
+    for i in range(n):
+        p = root / f"d{i % 3}" / f"f{i}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"file {i}\n")
+        os.utime(p, (OLD, OLD))
+    return root
+
+
+def test_unchanged_context_is_not_read_again_by_a_new_process(tmp_path: Path, reads: list[str]) -> None:
+    ctx = _context(tmp_path / "ctx")
+    db = tmp_path / "db.sqlite"
+    digests = FileDigests(db)
+    first = LocalDir(ctx, digests=digests).checksum([""])
+    digests.close()
+    assert len(reads) == 20
+    reads.clear()
+    # A new FileDigests stands for the next dockbuild process on the same cache.
+    second = LocalDir(ctx, digests=FileDigests(db)).checksum([""])
+    assert second == first
+    assert reads == []
+
+
+def test_a_changed_file_is_read_again_and_changes_the_checksum(tmp_path: Path, reads: list[str]) -> None:
+    ctx = _context(tmp_path / "ctx")
+    db = tmp_path / "db.sqlite"
+    first = LocalDir(ctx, digests=FileDigests(db)).checksum([""])
+    reads.clear()
+    changed = ctx / "d1" / "f1.txt"
+    changed.write_text("file 1, edited\n")  # same size class, new content
+    os.utime(changed, (OLD, OLD))  # even with the old mtime: inode ctime moved
+    second = LocalDir(ctx, digests=FileDigests(db)).checksum([""])
+    assert second != first
+    assert reads == [str(changed)]
+
+
+def test_same_stat_and_content_give_the_same_checksum_without_a_db(tmp_path: Path) -> None:
+    ctx = _context(tmp_path / "ctx")
+    assert LocalDir(ctx).checksum(["d0"]) == LocalDir(ctx).checksum(["d0"])
+    assert LocalDir(ctx).checksum(["d0"]) != LocalDir(ctx).checksum(["d1"])
+
+
+def test_files_modified_just_now_are_not_remembered(tmp_path: Path, reads: list[str]) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "fresh.txt").write_text("fresh\n")  # mtime = now: could change again unseen
+    db = tmp_path / "db.sqlite"
+    LocalDir(ctx, digests=FileDigests(db)).checksum([""])
+    LocalDir(ctx, digests=FileDigests(db)).checksum([""])
+    assert reads.count(str(ctx / "fresh.txt")) == 2
+
+
+def test_ignored_files_never_enter_the_checksum(tmp_path: Path) -> None:
+    ctx = _context(tmp_path / "ctx")
+    before = LocalDir(ctx, excludes=("*.log",)).checksum([""])
+    (ctx / "debug.log").write_text("noise\n")
+    assert LocalDir(ctx, excludes=("*.log",)).checksum([""]) == before
+    assert LocalDir(ctx).checksum([""]) != before
