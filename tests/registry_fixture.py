@@ -93,10 +93,13 @@ class Registry:
     username: str | None = None
     password: str | None = None
     session: requests.Session = field(default_factory=requests.Session)
+    # Behind TLS: the test CA and a certs.d-style directory (<dir>/<host>/ca.crt).
+    ca: Path | None = None
+    certs_d: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.ca else 'http'}://{self.host}"
 
     def _auth(self) -> tuple[str, str] | None:
         return (self.username, self.password) if self.username and self.password else None
@@ -180,7 +183,9 @@ class Registry:
             return ""
 
 
-def _start_registry(root: Path, htpasswd_line: str | None = None) -> Registry:
+def _start_registry(
+    root: Path, htpasswd_line: str | None = None, tls: tuple[Path, Path, Path] | None = None
+) -> Registry:
     """Start docker-registry with a generated config; wait until /v2/ answers."""
     binary = require_binary("docker-registry", "docker-registry")
     root.mkdir(parents=True, exist_ok=True)
@@ -199,6 +204,8 @@ def _start_registry(root: Path, htpasswd_line: str | None = None) -> Registry:
         htpasswd = root / "htpasswd"
         htpasswd.write_text(htpasswd_line + "\n")
         config["auth"] = {"htpasswd": {"realm": "dockbuild-tests", "path": str(htpasswd)}}
+    if tls is not None:  # (ca, certificate, key)
+        config["http"]["tls"] = {"certificate": str(tls[1]), "key": str(tls[2])}  # type: ignore[index]
     config_path = root / "config.yml"
     # JSON is YAML: no YAML library needed.
     config_path.write_text(json.dumps(config, indent=2))
@@ -212,12 +219,22 @@ def _start_registry(root: Path, htpasswd_line: str | None = None) -> Registry:
             start_new_session=True,
         )
     registry = Registry(host=f"127.0.0.1:{port}", storage=storage, process=process, log=log)
+    if tls is not None:
+        registry.ca = tls[0]
+        registry.session.verify = str(tls[0])
+        registry.certs_d = root / "certs.d"
+        (registry.certs_d / registry.host).mkdir(parents=True)
+        shutil.copyfile(tls[0], registry.certs_d / registry.host / "ca.crt")
     deadline = time.monotonic() + REGISTRY_STARTUP_TIMEOUT
     while True:
         if process.poll() is not None:
             pytest.fail(f"docker-registry exited with {process.returncode}:\n{registry.log_text()}")
         try:
-            if requests.get(f"{registry.url}/v2/", timeout=1).status_code in (200, 401):
+            verify = str(tls[0]) if tls is not None else True
+            if requests.get(f"{registry.url}/v2/", timeout=1, verify=verify).status_code in (
+                200,
+                401,
+            ):
                 return registry
         except requests.ConnectionError:
             pass
@@ -406,3 +423,47 @@ def attestation_entry(image: TinyImage) -> dict[str, object]:
             "vnd.docker.reference.digest": image.manifest_digest,
         },
     }
+
+
+def make_test_ca(directory: Path, host_ip: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for ``host_ip`` signed by it (openssl)."""
+    openssl = require_binary("openssl", "openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = directory / "ca.key", directory / "ca.crt"
+    key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.crt"
+    ext = directory / "ext.cnf"
+    ext.write_text(
+        f"subjectAltName=IP:{host_ip},DNS:localhost\n"
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    steps = [
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=dockbuild test CA", "-keyout", ca_key, "-out", ca],
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host_ip}",
+         "-keyout", key, "-out", csr],
+        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-days", "2", "-extfile", ext, "-out", cert],
+    ]  # fmt: skip
+    for command in steps:
+        done = subprocess.run(
+            [str(c) for c in command], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            pytest.fail(f"openssl failed: {done.stderr.strip()}")
+    return ca, cert, key
+
+
+@pytest.fixture(scope="session")
+def registry_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A docker-registry behind TLS with a certificate from a generated test CA.
+
+    ``.certs_d`` is a docker-style certs.d directory holding the CA for its host; point
+    ``DOCKBUILD_CERTS_D`` (dockbuild) or ``--cert-dir`` (skopeo) at it.
+    """
+    root = tmp_path_factory.mktemp("registry-tls")
+    running = _start_registry(root, tls=make_test_ca(root / "pki"))
+    try:
+        yield running
+    finally:
+        _stop_registry(running)

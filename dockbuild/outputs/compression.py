@@ -1,18 +1,21 @@
 """Layer compression (gzip, zstd, none) with reproducible bytes, and the media types.
 
 Reproducible means: the same uncompressed tar, kind and level give the same blob on every
-run. gzip is written by Python's zlib with a fixed header (mtime 0, no file name, OS byte
-255 "unknown", as Go writes it); zstd by the ``zstandard`` package as one frame with a
-checksum and no content size, single-threaded. Other zlib or zstd library versions may
-still produce other bytes, as with any builder.
+run and on every machine. gzip is written by Python's zlib with a fixed header (mtime 0,
+no file name, OS byte 255 "unknown", as Go writes it), in fixed 1 MiB blocks compressed
+in parallel (pigz's scheme: one gzip member); zstd by the ``zstandard`` package as one
+frame with a checksum and no content size, with worker threads (zstd's multi-threaded
+output does not depend on the number of workers). Other zlib or zstd library versions
+may still produce other bytes, as with any builder.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dockbuild.outputs.atomic import atomic_file
 
@@ -105,40 +108,169 @@ class _HashingWriter:
         self.out.flush()
 
 
+# gzip is compressed in independent blocks of this size on all cores, pigz-style: each
+# block is a raw deflate stream primed with the previous block's last 32 KiB and ended
+# with a sync flush, so the concatenation is ONE ordinary gzip member. The block size is
+# fixed (not derived from the core count), so the bytes are the same on every machine.
+GZIP_BLOCK = 1 << 20
+_GZIP_WINDOW = 32 << 10
+
+
+def _workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+class ParallelGzipWriter:
+    """A write-only file object producing a deterministic gzip stream on all cores."""
+
+    def __init__(self, out: BinaryIO, level: int = DEFAULT_GZIP_LEVEL) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out = out
+        self.level = level
+        self.crc = 0
+        self.size = 0
+        self.pending = bytearray()
+        self.previous_tail = b""
+        self.queue: list = []
+        self.pool = ThreadPoolExecutor(max_workers=_workers())
+        self.in_flight = 2 * _workers()
+        # Go's header: no name, mtime 0, XFL 2/4 only for best/fastest, OS 255 unknown.
+        xfl = 2 if level == 9 else 4 if level == 1 else 0
+        out.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes([xfl, 255]))
+
+    def write(self, data: bytes) -> int:
+        self.pending += data
+        while len(self.pending) > GZIP_BLOCK:
+            # Keep at least one byte back, so the last block is always known at close.
+            block = bytes(self.pending[:GZIP_BLOCK])
+            del self.pending[:GZIP_BLOCK]
+            self._submit(block, last=False)
+        return len(data)
+
+    def _submit(self, block: bytes, *, last: bool) -> None:
+        import zlib
+
+        self.crc = zlib.crc32(block, self.crc)
+        self.size += len(block)
+        self.queue.append(
+            self.pool.submit(_deflate_block, block, self.previous_tail, self.level, last)
+        )
+        self.previous_tail = block[-_GZIP_WINDOW:]
+        while len(self.queue) > self.in_flight:
+            self.out.write(self.queue.pop(0).result())
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        try:
+            self._submit(bytes(self.pending), last=True)
+            self.pending = bytearray()
+            for future in self.queue:
+                self.out.write(future.result())
+            self.queue = []
+            self.out.write(
+                self.crc.to_bytes(4, "little") + (self.size & 0xFFFFFFFF).to_bytes(4, "little")
+            )
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _deflate_block(block: bytes, dictionary: bytes, level: int, last: bool) -> bytes:
+    import zlib
+
+    if dictionary:
+        c = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, dictionary)
+    else:
+        c = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY)
+    return c.compress(block) + c.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+class _ZstdWriter:
+    """zstd on all cores; the output does not depend on the number of worker threads."""
+
+    def __init__(self, out: BinaryIO, level: int = DEFAULT_ZSTD_LEVEL) -> None:
+        import zstandard  # lazily: most builds never need it
+
+        compressor = zstandard.ZstdCompressor(
+            level=level, write_checksum=True, write_content_size=False, threads=_workers()
+        )
+        self.writer = compressor.stream_writer(out, closefd=False)  # type: ignore[arg-type]
+
+    def write(self, data: bytes) -> int:
+        self.writer.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        pass
+
+
+class _PlainWriter:
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def open_compressor(out: BinaryIO, kind: Compression | str, level: int | None = None) -> Any:
+    """A write-only file object compressing into ``out``; call ``close()`` to finish it.
+
+    ``abort()`` releases its threads without finishing the stream.
+    """
+    kind = Compression(kind)
+    if kind is Compression.GZIP:
+        return ParallelGzipWriter(out, DEFAULT_GZIP_LEVEL if level is None else level)
+    if kind is Compression.ZSTD:
+        return _ZstdWriter(out, DEFAULT_ZSTD_LEVEL if level is None else level)
+    return _PlainWriter(out)
+
+
+def check_level(kind: Compression | str, level: int | None) -> None:
+    """Refuse a compression level the kind does not have (gzip 0-9, zstd 0-22)."""
+    if level is None:
+        return
+    top = {Compression.GZIP: 9, Compression.ZSTD: 22}.get(Compression(kind))
+    if top is None or not 0 <= level <= top:
+        raise ValueError(
+            f"compression-level={level} is out of range for {kind}"
+            + (f" (0-{top})" if top is not None else " (it takes no level)")
+        )
+
+
 def compress_stream(
     src: BinaryIO, dst: BinaryIO, kind: Compression | str, level: int | None = None
 ) -> tuple[str, int]:
     """Compress ``src`` into ``dst``; return the ``sha256:`` digest and size written."""
-    kind = Compression(kind)
     out = _HashingWriter(dst)
-    if kind is Compression.UNCOMPRESSED:
+    writer = open_compressor(out, kind, level)  # type: ignore[arg-type]
+    try:
         while chunk := src.read(_CHUNK):
-            out.write(chunk)
-    elif kind is Compression.GZIP:
-        import gzip
-
-        # filename="" and mtime=0 keep the header free of anything run-specific.
-        with gzip.GzipFile(
-            filename="",
-            mode="wb",
-            fileobj=out,  # type: ignore[arg-type]
-            compresslevel=DEFAULT_GZIP_LEVEL if level is None else level,
-            mtime=0,
-        ) as gz:
-            while chunk := src.read(_CHUNK):
-                gz.write(chunk)
-    else:
-        import zstandard  # lazily: most builds never need it
-
-        params = zstandard.ZstdCompressor(
-            level=DEFAULT_ZSTD_LEVEL if level is None else level,
-            write_checksum=True,
-            write_content_size=False,
-            threads=0,
-        )
-        with params.stream_writer(out, closefd=False) as zw:  # type: ignore[arg-type]
-            while chunk := src.read(_CHUNK):
-                zw.write(chunk)
+            writer.write(chunk)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     return f"sha256:{out.sha.hexdigest()}", out.size
 
 

@@ -13,7 +13,9 @@ to ``hello:1``; ``null`` without names), while index.json carries the full name 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,6 +40,8 @@ def export_docker(
     out: BinaryIO | None = None,
     dest: Path | None = None,
     created: str | None = None,
+    descriptor_annotations: Mapping[str, str] | None = None,
+    index_annotations: Mapping[str, str] | None = None,
 ) -> None:
     """Write the docker-load tarball of ``image`` to ``out`` or atomically to ``dest``."""
     files = layout_files(
@@ -45,5 +49,40 @@ def export_docker(
         names,
         created=created,
         extra={"manifest.json": docker_manifest_json(image, names)},
+        descriptor_annotations=descriptor_annotations,
+        index_annotations=index_annotations,
     )
     deliver_tar(files, out=out, dest=dest)
+
+
+def load_into_docker(image: ImageBlobs, *, names: Sequence[str] = (), **layout: object) -> None:
+    """``--load``: stream the tarball into ``docker load`` (the docker CLI and its context)."""
+    import shutil
+
+    from dockbuild.errors import DockbuildError
+
+    docker = shutil.which("docker")
+    if docker is None:
+        raise DockbuildError(
+            "--load needs the docker CLI, which is not installed",
+            hint="write a tarball instead: -o type=docker,dest=image.tar",
+        )
+    with subprocess.Popen(
+        [docker, "load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stdin is not None
+        try:
+            export_docker(image, names=names, out=proc.stdin, **layout)  # type: ignore[arg-type]
+        except BrokenPipeError:
+            pass  # docker load gave up: its own message says why
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
+        proc.wait()
+    if proc.returncode != 0:
+        tail = (stderr or stdout).decode(errors="replace").strip().splitlines()[-5:]
+        raise DockbuildError(
+            f"docker load failed (exit code {proc.returncode}): " + " / ".join(tail)
+        )

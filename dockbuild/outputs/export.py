@@ -7,10 +7,12 @@ nothing; layers of a pulled base image keep their original blobs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,58 @@ from dockbuild.engine.store import BlobInfo, Store
 from dockbuild.errors import DockbuildError
 from dockbuild.progress import Progress
 
-_TYPES = ("docker", "oci", "local", "tar", "image")
+_TYPES = ("docker", "oci", "local", "tar", "image", "registry")
+_IMAGE_KEYS = {
+    "name",
+    "push",
+    "push-by-digest",
+    "registry.insecure",
+    "insecure",
+    "oci-mediatypes",
+    "compression",
+    "compression-level",
+    "force-compression",
+    "rewrite-timestamp",
+    "source-date-epoch",
+    "name-canonical",
+    "dangling-name-prefix",
+    # BuildKit keys that have nothing to do here (no image store, no attestations): accepted.
+    "unpack",
+    "store",
+    "oci-artifact",
+    "attestation-inline",
+    "prefer-nondist-layers",
+    "compatibility-version",
+    "buildinfo",
+    "buildinfo-attrs",
+    "context",
+}
+_KEYS = {
+    "image": _IMAGE_KEYS,
+    "registry": _IMAGE_KEYS,
+    "docker": _IMAGE_KEYS | {"dest"},
+    "oci": _IMAGE_KEYS | {"dest", "tar"},
+    "local": {"dest", "platform-split", "mode", "attestation-prefix"},
+    "tar": {"dest", "platform-split", "attestation-prefix"},
+}
+_BOOLS = {
+    "push",
+    "push-by-digest",
+    "registry.insecure",
+    "insecure",
+    "oci-mediatypes",
+    "force-compression",
+    "rewrite-timestamp",
+    "name-canonical",
+    "tar",
+    "unpack",
+    "store",
+    "platform-split",
+}
+_ANNOTATION = re.compile(
+    r"annotation(?:-(manifest|manifest-descriptor|index|index-descriptor))?"
+    r"(?:\[([^\]]*)\])?\.(.+)"
+)
 
 
 @dataclass
@@ -29,6 +82,28 @@ class OutputSpec:
     dest: str | None = None  # None or "-" = stdout (docker, oci, tar)
     attrs: dict[str, str] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
+    load: bool = False  # docker: `docker load` it rather than writing a file
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self.attrs.get(key)
+        return default if value is None else _bool(value, key)
+
+    @property
+    def push(self) -> bool:
+        return self.type in ("image", "registry") and self.flag("push", self.type == "registry")
+
+    @property
+    def writes_stdout(self) -> bool:
+        return self.type in ("docker", "oci", "tar") and not self.load and self.dest in (None, "-")
+
+
+def _bool(value: str, key: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("", "true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise DockbuildError(f"invalid output option {key}={value!r}: expected true or false")
 
 
 @dataclass
@@ -36,6 +111,9 @@ class Image:
     state: tuple[str, ...]
     config: dict[str, Any]
     layer_paths: tuple[Path, ...]
+    base_layers: int = 0  # how many of the layers come from the base image, unchanged
+    epoch: int | None = None  # SOURCE_DATE_EPOCH
+    squash: bool = False
 
 
 @dataclass
@@ -46,8 +124,19 @@ class ExportIds:
     names: list[str] = field(default_factory=list)
 
 
-def parse_outputs(raw: list[str], *, tags: list[str], stdout_is_tty: bool) -> list[OutputSpec]:
-    """``-o`` values as buildx reads them; none at all means a docker tarball on a pipe."""
+def parse_outputs(
+    raw: list[str],
+    *,
+    tags: list[str],
+    stdout_is_tty: bool,
+    push: bool = False,
+    load: bool = False,
+) -> list[OutputSpec]:
+    """``-o`` values as buildx reads them; none at all means a docker tarball on a pipe.
+
+    ``--push`` is ``-o type=registry`` (or sets push=true on an image output already
+    given); ``--load`` is a docker tarball fed to ``docker load``.
+    """
     specs = []
     for text in raw:
         if text == "-":
@@ -61,25 +150,53 @@ def parse_outputs(raw: list[str], *, tags: list[str], stdout_is_tty: bool) -> li
             key, sep, value = field_.partition("=")
             if not sep:
                 raise DockbuildError(f"invalid output {text!r}: {field_!r} is not KEY=VALUE")
-            attrs[key.strip().lower()] = value
+            attrs[
+                key.strip().lower() if not key.strip().startswith("annotation") else key.strip()
+            ] = value
         kind = attrs.pop("type", "")
         if kind not in _TYPES:
             raise DockbuildError(
                 f"invalid output {text!r}: unknown type {kind!r}",
-                hint="use type=docker, oci, local or tar",
+                hint="use type=docker, oci, image, registry, local or tar",
             )
-        if kind == "image":
-            raise DockbuildError(
-                "type=image (push) is not supported yet", hint="use type=docker or type=oci"
-            )
+        for key, value in attrs.items():
+            if key.startswith("annotation") and kind in ("image", "registry", "docker", "oci"):
+                if not _ANNOTATION.fullmatch(key):
+                    raise DockbuildError(f"invalid output {text!r}: bad annotation key {key!r}")
+                continue
+            if key not in _KEYS[kind]:
+                raise DockbuildError(
+                    f"invalid output {text!r}: type={kind} has no option {key!r}",
+                    hint="options: " + ", ".join(sorted(_KEYS[kind])),
+                )
+            if key in _BOOLS:
+                _bool(value, key)
         dest = attrs.pop("dest", None)
         if kind == "local" and not dest:
             raise DockbuildError("type=local needs dest=DIRECTORY")
-        names = [n for n in attrs.pop("name", "").split(",") if n] if "name" in attrs else []
-        specs.append(OutputSpec(kind, dest, attrs, names or list(tags)))
-    if not raw and not stdout_is_tty:
+        names = [n.strip() for n in attrs.pop("name", "").split(",") if n.strip()]
+        spec = OutputSpec(kind, dest, attrs, names or list(tags))
+        _check_image_spec(spec)
+        specs.append(spec)
+    if push:
+        image_specs = [s for s in specs if s.type in ("image", "registry")]
+        if image_specs:
+            for s in image_specs:
+                s.attrs["push"] = "true"
+        else:
+            specs.append(OutputSpec("registry", names=list(tags)))
+        if not tags and not any(s.names for s in specs if s.push):
+            raise DockbuildError("--push needs an image name", hint="add -t NAME")
+    if load:
+        specs.append(OutputSpec("docker", names=list(tags), load=True))
+    if not raw and not push and not load and not stdout_is_tty:
         specs.append(OutputSpec("docker", "-", names=list(tags)))
-    to_stdout = [s for s in specs if s.type != "local" and s.dest in (None, "-")]
+    for s in specs:
+        if s.push and not s.names:
+            raise DockbuildError(
+                f"type={s.type},push=true needs an image name", hint="add -t NAME or name=NAME"
+            )
+    to_stdout = [s for s in specs if s.writes_stdout]
     if len(to_stdout) > 1:
         raise DockbuildError("only one output can write to stdout")
     if to_stdout and stdout_is_tty:
@@ -88,6 +205,40 @@ def parse_outputs(raw: list[str], *, tags: list[str], stdout_is_tty: bool) -> li
             hint="redirect stdout or give dest=FILE",
         )
     return specs
+
+
+def _check_image_spec(spec: OutputSpec) -> None:
+    """Refuse bad values now, before the build runs."""
+    from dockbuild.outputs.compression import check_level
+    from dockbuild.outputs.image import normalize_name
+
+    if spec.type in ("local", "tar"):
+        return
+    compression = spec.attrs.get("compression", "gzip")
+    if compression not in ("gzip", "zstd", "uncompressed"):
+        raise DockbuildError(
+            f"unsupported compression {compression!r}", hint="use gzip, zstd or uncompressed"
+        )
+    level = spec.attrs.get("compression-level")
+    if level is not None:
+        if not level.strip().lstrip("-").isdigit():
+            raise DockbuildError(f"invalid compression-level={level!r}: expected a number")
+        try:
+            check_level(compression, int(level))
+        except ValueError as e:
+            raise DockbuildError(str(e)) from None
+    epoch = spec.attrs.get("source-date-epoch")
+    if epoch is not None and not epoch.isdigit():
+        raise DockbuildError(f"invalid source-date-epoch={epoch!r}: expected seconds since 1970")
+    for name in spec.names:
+        try:
+            normalize_name(name)
+        except ValueError as e:
+            raise DockbuildError(str(e)) from None
+    if spec.attrs.get("compression") == "zstd" and not spec.flag("oci-mediatypes", True):
+        raise DockbuildError(
+            "compression=zstd needs OCI media types", hint="drop oci-mediatypes=false"
+        )
 
 
 def _split_csv(text: str) -> list[str]:
@@ -105,139 +256,472 @@ def finish_config(config: dict[str, Any], history_ops: list, solver: Any) -> dic
     return config
 
 
-def _now() -> str:
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+def base_layer_count(config: dict[str, Any], history_ops: list, layers: int) -> int:
+    """How many layers of the result are the base image's: its non-empty history entries."""
+    count = sum(
+        1
+        for entry, op in zip(config.get("history", []), history_ops, strict=False)
+        if op is None and not entry.get("empty_layer")
+    )
+    return min(count, layers)
+
+
+def source_date_epoch(build_args: dict[str, str | None]) -> int | None:
+    """SOURCE_DATE_EPOCH from ``--build-arg`` (a bare name reads the environment), else env."""
+    value: str | None
+    if "SOURCE_DATE_EPOCH" in build_args:
+        value = build_args["SOURCE_DATE_EPOCH"]
+        if value is None:
+            value = os.environ.get("SOURCE_DATE_EPOCH")
+    else:
+        value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None or value == "":
+        return None
+    if not value.strip().isdigit():
+        raise DockbuildError(
+            f"invalid SOURCE_DATE_EPOCH {value!r}: expected seconds since 1970 (an integer)"
+        )
+    return int(value.strip())
+
+
+def _timestamp(epoch: int | None) -> str:
     when = (
-        datetime.datetime.fromtimestamp(int(epoch), datetime.UTC)
-        if epoch and epoch.isdigit()
+        datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+        if epoch is not None
         else datetime.datetime.now(datetime.UTC)
     )
     return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
 
 
-def layer_blobs(store: Store, image: Image, compression: str, progress: Progress) -> list[Any]:
-    """One compressed blob per layer, made (and remembered) where missing."""
-    from dockbuild.engine import archive
-    from dockbuild.outputs.compression import compress_stream, layer_media_type
-    from dockbuild.outputs.image import Descriptor, LayerBlob
+@dataclass(frozen=True)
+class LayerOptions:
+    """How layer blobs are made: the ``compression*`` and ``rewrite-timestamp`` options."""
 
-    out = []
-    vertex = None
-    for layer_id, path in zip(image.state, image.layer_paths, strict=True):
-        info = store.layer_blob(layer_id, compression)
+    compression: str = "gzip"
+    level: int | None = None
+    force: bool = False
+    clamp: int | None = None  # rewrite-timestamp: clamp file times of new layers to this
+
+    def key(self, *, clamp: bool, squash: int | None = None) -> str:
+        """The store's name for a blob variant; the plain kind for the default one."""
+        parts = [self.compression]
+        if self.level is not None:
+            parts.append(f"level={self.level}")
+        if clamp and self.clamp is not None:
+            parts.append(f"clamp={self.clamp}")
+        if squash is not None:
+            parts.append(f"squash={squash}")
+        return ";".join(parts)
+
+
+@dataclass(frozen=True)
+class _Blob:
+    kind: str  # gzip | zstd | uncompressed
+    digest: str
+    size: int
+    diff_id: str
+
+
+def _lookup(store: Store, layer_id: str, key: str) -> _Blob | None:
+    """A cached blob variant: plain kinds directly, others through a small metadata blob."""
+    if ";" not in key:
+        info = store.layer_blob(layer_id, key)
         diff_id = store.layer_diff_id(layer_id)
         if info is None or diff_id is None:
-            if vertex is None:
-                vertex = progress.vertex("exporting layers")
-            work = store.tempdir("e")
-            blob_path = work / "blob"
-            existing = next(
+            return None
+        return _Blob(key, info.digest, info.size, diff_id)
+    row = store.layer_blob(layer_id, key)
+    if row is None:
+        return None
+    try:
+        meta = json.loads(store.blob_path(row.digest).read_bytes())
+        blob = _Blob(meta["kind"], meta["digest"], int(meta["size"]), meta["diff_id"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return blob if store.has_blob(blob.digest) else None
+
+
+def _remember(store: Store, layer_id: str, key: str, blob: _Blob) -> None:
+    if ";" not in key:
+        store.set_layer_diff_id(layer_id, blob.diff_id)
+        store.set_layer_blob(BlobInfo(layer_id, key, blob.digest, blob.size))
+        return
+    meta = json.dumps(
+        {"kind": blob.kind, "digest": blob.digest, "size": blob.size, "diff_id": blob.diff_id},
+        sort_keys=True,
+    ).encode()
+    digest = store.put_blob_bytes(meta)
+    # The blob itself gets a row too, so whatever walks layer_blobs (GC) sees it in use.
+    store.set_layer_blob(BlobInfo(layer_id, key + ";blob", blob.digest, blob.size))
+    store.set_layer_blob(BlobInfo(layer_id, key, digest, len(meta)))
+
+
+class _DiffWriter:
+    """Hashes the uncompressed tar (the diff_id) on its way to the compressor."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.out.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _make_blob(
+    store: Store, kind: str, level: int | None, write_tar: Any, source: Path | None = None
+) -> _Blob:
+    """Compress a layer tar (written by ``write_tar(file)``, or read from the blob
+    ``source``) into the blob store in one pass; return the blob and its diff_id."""
+    from dockbuild.engine import archive
+    from dockbuild.outputs.compression import open_compressor
+
+    work = store.tempdir("e")
+    blob_path = work / "blob"
+    with open(blob_path, "wb") as dst:
+        writer = open_compressor(dst, kind, level)
+        tee = _DiffWriter(writer)
+        try:
+            if source is not None:
+                with archive.open_blob(source) as src:
+                    while chunk := src.read(1 << 20):
+                        tee.write(chunk)
+            else:
+                write_tar(tee)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        dst.flush()
+        os.fsync(dst.fileno())
+    digest, size = store.put_blob_file(blob_path)
+    with contextlib.suppress(OSError):
+        work.rmdir()
+    return _Blob(kind, digest, size, "sha256:" + tee.sha.hexdigest())
+
+
+def layer_blobs(
+    store: Store, image: Image, options: LayerOptions | str, progress: Progress
+) -> list[_Blob]:
+    """One compressed blob per layer, made (and remembered) where missing.
+
+    Base-image layers keep the blob they came with unless ``force-compression``;
+    ``rewrite-timestamp`` clamps the file times of the build's own layers only.
+    """
+    from dockbuild.engine import archive
+
+    if isinstance(options, str):
+        options = LayerOptions(options)
+    out: list[_Blob] = []
+    vertex = None
+    layer_ids = list(image.state)
+    paths = list(image.layer_paths)
+    squash_from = None
+    if image.squash and len(layer_ids) - image.base_layers > 1:
+        squash_from = image.base_layers
+    for index, (layer_id, path) in enumerate(zip(layer_ids, paths, strict=True)):
+        if squash_from is not None and index >= squash_from:
+            break
+        base = index < image.base_layers
+        if base and not options.force:
+            found = next(
                 (
                     b
-                    for kind in ("gzip", "zstd", "uncompressed")
-                    if (b := store.layer_blob(layer_id, kind))
+                    for kind in dict.fromkeys((options.compression, "gzip", "zstd", "uncompressed"))
+                    if (b := _lookup(store, layer_id, kind))
                 ),
                 None,
             )
-            if existing is not None and diff_id is not None:
-                # Recompress the original blob: its diff_id must not change.
-                with (
-                    archive.open_blob(store.blob_path(existing.digest)) as src,
-                    open(blob_path, "wb") as dst,
-                ):
-                    compress_stream(src, dst, compression)
-                    dst.flush()
-                    os.fsync(dst.fileno())
+            if found is not None:
+                out.append(found)
+                continue
+        key = options.key(clamp=not base)
+        blob = _lookup(store, layer_id, key)
+        if blob is None:
+            if vertex is None:
+                vertex = progress.vertex("exporting layers")
+            # A base layer's tar cannot be made again byte for byte from its files: its
+            # blob is recompressed so its diff_id stays. Our own layers' tars are
+            # deterministic, and writing them again is faster than decompressing.
+            existing = (
+                next(
+                    (
+                        b
+                        for kind in ("gzip", "zstd", "uncompressed")
+                        if (b := _lookup(store, layer_id, kind))
+                    ),
+                    None,
+                )
+                if base
+                else None
+            )
+            clamp = None if base else options.clamp
+            if existing is not None:
+                blob = _make_blob(
+                    store,
+                    options.compression,
+                    options.level,
+                    None,
+                    source=store.blob_path(existing.digest),
+                )
             else:
-                tar_path = work / "layer.tar"
-                with open(tar_path, "wb") as f:
-                    archive.write_layer_tar(path, f)
-                diff_id = "sha256:" + _sha256_file(tar_path)
-                with open(tar_path, "rb") as src, open(blob_path, "wb") as dst:
-                    compress_stream(src, dst, compression)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                tar_path.unlink()
-                store.set_layer_diff_id(layer_id, diff_id)
-            digest, size = store.put_blob_file(blob_path)
-            info = BlobInfo(layer_id, compression, digest, size)
-            store.set_layer_blob(info)
-        desc = Descriptor(layer_media_type(compression, True), info.digest, info.size)
-        out.append((LayerBlob(desc, store.blob_path(info.digest)), diff_id))
+                blob = _make_blob(
+                    store,
+                    options.compression,
+                    options.level,
+                    lambda f, p=path, c=clamp: archive.write_layer_tar(p, f, clamp_mtime=c),
+                )
+            _remember(store, layer_id, key, blob)
+        out.append(blob)
+    if squash_from is not None:
+        top = layer_ids[-1]
+        key = options.key(clamp=True, squash=squash_from)
+        blob = _lookup(store, top, key)
+        if blob is None:
+            if vertex is None:
+                vertex = progress.vertex("exporting layers")
+            from dockbuild.outputs.squash import write_squashed_tar
+
+            upper = paths[squash_from:]
+            blob = _make_blob(
+                store,
+                options.compression,
+                options.level,
+                lambda f: write_squashed_tar(upper, f, store, clamp_mtime=options.clamp),
+            )
+            _remember(store, top, key, blob)
+        out.append(blob)
     if vertex is not None:
         vertex.done()
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def squash_history(config: dict[str, Any], base_layers: int) -> None:
+    """With one layer for all the build added, only its last non-empty entry keeps one."""
+    seen = 0
+    entries = config.get("history", [])
+    own = []
+    for entry in entries:
+        if entry.get("empty_layer"):
+            continue
+        seen += 1
+        if seen > base_layers:
+            own.append(entry)
+    for entry in own[:-1]:
+        entry["empty_layer"] = True
 
 
-def image_blobs(store: Store, image: Image, spec: OutputSpec, progress: Progress) -> Any:
-    from dockbuild.outputs.image import build_image
+def _annotations(spec: OutputSpec, platform: str) -> dict[str, dict[str, str]]:
+    """``annotation.*`` and ``annotation-<type>[platform].*`` keys, by where they go."""
+    out: dict[str, dict[str, str]] = {
+        "manifest": {},
+        "manifest-descriptor": {},
+        "index": {},
+        "index-descriptor": {},
+    }
+    for key, value in spec.attrs.items():
+        match = _ANNOTATION.fullmatch(key)
+        if not match:
+            continue
+        where, plat, name = match.group(1) or "manifest", match.group(2), match.group(3)
+        if plat and plat != platform:
+            continue  # for a platform this build does not make
+        out[where][name] = value
+    return out
 
-    compression = spec.attrs.get("compression", "gzip")
-    if compression not in ("gzip", "zstd", "uncompressed"):
-        raise DockbuildError(f"unsupported compression {compression!r}")
-    oci = spec.attrs.get("oci-mediatypes", "true").lower() != "false"
-    layers = layer_blobs(store, image, compression, progress)
+
+def image_blobs(
+    store: Store, image: Image, spec: OutputSpec, progress: Progress, now: str | None = None
+) -> Any:
+    from dockbuild.outputs.image import build_image, platform_of
+
+    level = spec.attrs.get("compression-level")
+    epoch = image.epoch
+    if spec.attrs.get("source-date-epoch"):
+        epoch = int(spec.attrs["source-date-epoch"])
+    options = LayerOptions(
+        compression=spec.attrs.get("compression", "gzip"),
+        level=int(level) if level is not None else None,
+        force=spec.flag("force-compression"),
+        clamp=epoch if spec.flag("rewrite-timestamp") and epoch is not None else None,
+    )
+    oci = spec.flag("oci-mediatypes", True)
+    layers = layer_blobs(store, image, options, progress)
     config = json.loads(json.dumps(image.config))
-    created = _now()
+    created = _timestamp(epoch) if epoch is not None or now is None else now
     config["created"] = created
     for entry in config.get("history", []):
         entry.setdefault("created", created)
-    config["rootfs"] = {"type": "layers", "diff_ids": [diff_id for _, diff_id in layers]}
-    return build_image(config, [blob for blob, _ in layers], oci_mediatypes=oci)
+    if image.squash:
+        squash_history(config, image.base_layers)
+    config["rootfs"] = {"type": "layers", "diff_ids": [b.diff_id for b in layers]}
+    from dockbuild.outputs.compression import layer_media_type
+    from dockbuild.outputs.image import Descriptor, LayerBlob
+
+    blobs = [
+        LayerBlob(
+            Descriptor(layer_media_type(b.kind, True), b.digest, b.size), store.blob_path(b.digest)
+        )
+        for b in layers
+    ]
+    plat = platform_of(config)
+    platform = "/".join(str(plat[k]) for k in ("os", "architecture", "variant") if plat.get(k))
+    notes = _annotations(spec, platform)
+    return build_image(config, blobs, oci_mediatypes=oci, annotations=notes["manifest"]), notes
 
 
-def export_all(store: Store, image: Image, specs: list[OutputSpec], progress: Progress) -> ExportIds:
+def export_all(
+    store: Store, image: Image, specs: list[OutputSpec], progress: Progress
+) -> ExportIds:
+    """Write every output; a failed write is an error naming the destination."""
+    try:
+        return _export_all(store, image, specs, progress)
+    except BrokenPipeError:
+        raise  # the CLI ends quietly when stdout's reader went away
+    except OSError as e:
+        where = e.filename or next((s.dest for s in specs if s.dest not in (None, "-")), "output")
+        raise DockbuildError(
+            f"exporting to {where}: {(e.strerror or str(e)).lower()}",
+            hint="the destination was left as it was",
+        ) from e
+
+
+def _export_all(
+    store: Store, image: Image, specs: list[OutputSpec], progress: Progress
+) -> ExportIds:
     ids = ExportIds()
-    for spec in specs:
-        if spec.type in ("docker", "oci"):
-            blobs = image_blobs(store, image, spec, progress)
-            ids.image_id = blobs.config_digest
-            ids.manifest_digest = blobs.manifest_digest
-            ids.descriptor = blobs.manifest_descriptor().to_json()
-            ids.names = list(spec.names)
-            _export_image(spec, blobs, progress)
-        elif spec.type == "local":
-            from dockbuild.outputs.local import export_local
+    pusher = None
+    now = _timestamp(None)  # one time for every output of the build: the same image
+    try:
+        for spec in specs:
+            if spec.type in ("docker", "oci", "image", "registry"):
+                blobs, notes = image_blobs(store, image, spec, progress, now)
+                names = _names(spec, blobs.manifest_digest)
+                ids.image_id = blobs.config_digest
+                ids.manifest_digest = blobs.manifest_digest
+                ids.descriptor = blobs.manifest_descriptor(notes["manifest-descriptor"]).to_json()
+                ids.names = names
+                if spec.type in ("docker", "oci"):
+                    _export_image(spec, blobs, progress, names, notes)
+                elif spec.push:
+                    pusher = _push(spec, blobs, names, progress, pusher)
+            elif spec.type == "local":
+                from dockbuild.outputs.local import export_local
 
-            vertex = progress.vertex(f"exporting to client directory {spec.dest}")
-            export_local(image.layer_paths, Path(spec.dest or "."))
-            vertex.done()
-        elif spec.type == "tar":
-            from dockbuild.outputs.tar import export_tar
+                vertex = progress.vertex(f"exporting to client directory {spec.dest}")
+                export_local(image.layer_paths, Path(spec.dest or "."))
+                vertex.done()
+            elif spec.type == "tar":
+                from dockbuild.outputs.tar import export_tar
 
-            vertex = progress.vertex("exporting to client tarball")
-            export_tar(image.layer_paths, **_destination(spec))
-            vertex.done()
+                vertex = progress.vertex("exporting to client tarball")
+                export_tar(image.layer_paths, **_destination(spec))
+                vertex.done()
+    finally:
+        if pusher is not None:
+            pusher.client.close()
     return ids
 
 
-def _export_image(spec: OutputSpec, blobs: Any, progress: Progress) -> None:
+def _names(spec: OutputSpec, manifest_digest: str) -> list[str]:
+    """The image's names: ``name=``/``-t``, plus ``name@digest`` with name-canonical;
+    without names, ``dangling-name-prefix@digest``."""
+    from dockbuild.outputs.image import normalize_name
+
+    names = [normalize_name(n) for n in spec.names]
+    if not names and spec.attrs.get("dangling-name-prefix"):
+        names = [f"{spec.attrs['dangling-name-prefix']}@{manifest_digest}"]
+    if spec.flag("name-canonical"):
+        names += [f"{_repository(n)}@{manifest_digest}" for n in names if "@" not in n]
+    return names
+
+
+def _repository(name: str) -> str:
+    """``domain/path`` of a full name, without tag or digest."""
+    name = name.split("@", 1)[0]
+    head, _, last = name.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
+
+
+def _push(spec: OutputSpec, blobs: Any, names: list[str], progress: Progress, pusher: Any) -> Any:
+    """Push to every repository named (tags, or by digest), sharing one pusher per build
+    so a second repository mounts the blobs the first one received."""
+    from dockbuild.engine.registry.client import RegistryClient
+    from dockbuild.engine.registry.push import PushBlob, Pusher
+    from dockbuild.engine.registry.reference import Reference, parse_reference
+
+    refs = [parse_reference(n) for n in names if "@" not in n]
+    insecure = spec.flag("registry.insecure") or spec.flag("insecure")
+    if pusher is None or insecure:
+        known = pusher.known if pusher is not None else {}
+        if pusher is not None:
+            pusher.client.close()
+        client = RegistryClient(insecure={r.domain for r in refs} if insecure else set())
+        pusher = Pusher(client)
+        pusher.known.update(known)
+    by_digest = spec.flag("push-by-digest")
+    items = [PushBlob(d.digest, d.size, path=blobs.blobs[d.digest]) for d in blobs.layers]
+    items.append(PushBlob(blobs.config_digest, len(blobs.config), data=blobs.config))
+    repos: dict[tuple[str, str], list[str]] = {}
+    for ref in refs:
+        tags = repos.setdefault((ref.domain, ref.path), [])
+        if ref.tag and not by_digest:
+            tags.append(ref.tag)
+    for (domain, path), tags in repos.items():
+        ref = Reference(domain, path)
+        vertex = progress.vertex(f"pushing {ref.repository}")
+        pusher.log = lambda text, v=vertex: v.log("stdout", text.encode())
+        try:
+            pusher.push(ref, items, blobs.manifest, blobs.manifest_doc["mediaType"], tags=tags)
+        except BaseException as e:
+            vertex.error(str(e))
+            raise
+        vertex.done()
+    return pusher
+
+
+def _export_image(
+    spec: OutputSpec,
+    blobs: Any,
+    progress: Progress,
+    names: list[str],
+    notes: dict[str, dict[str, str]],
+) -> None:
     created = blobs.config_doc.get("created")
-    vertex = progress.vertex(f"exporting to {spec.type} image format")
+    what = "docker image (docker load)" if spec.load else f"{spec.type} image format"
+    vertex = progress.vertex(f"exporting to {what}")
     vertex.log("stdout", f"exporting manifest {blobs.manifest_digest} done\n".encode())
     vertex.log("stdout", f"exporting config {blobs.config_digest} done\n".encode())
+    names = [n for n in names if "@" not in n] if spec.type == "docker" else names
+    layout = {
+        "descriptor_annotations": notes["manifest-descriptor"],
+        "index_annotations": notes["index"],
+    }
     if spec.type == "docker":
-        from dockbuild.outputs.docker import export_docker
+        from dockbuild.outputs.docker import export_docker, load_into_docker
 
-        export_docker(blobs, names=spec.names, created=created, **_destination(spec))
+        if spec.load:
+            load_into_docker(blobs, names=names, created=created, **layout)
+            vertex.log("stdout", b"loading image to docker done\n")
+        else:
+            export_docker(blobs, names=names, created=created, **layout, **_destination(spec))
     else:
         from dockbuild.outputs.oci import export_oci
 
-        if spec.attrs.get("tar", "true").lower() == "false":
+        if not spec.flag("tar", True):
             if not spec.dest or spec.dest == "-":
                 raise DockbuildError("type=oci,tar=false needs dest=DIRECTORY")
-            export_oci(blobs, names=spec.names, created=created, dest=Path(spec.dest), tar=False)
+            export_oci(
+                blobs, names=names, created=created, dest=Path(spec.dest), tar=False, **layout
+            )
         else:
-            export_oci(blobs, names=spec.names, created=created, **_destination(spec))
-    vertex.log("stdout", b"sending tarball done\n")
+            export_oci(blobs, names=names, created=created, **layout, **_destination(spec))
+    if not spec.load:
+        vertex.log("stdout", b"sending tarball done\n")
     vertex.done()
 
 

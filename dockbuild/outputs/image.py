@@ -213,12 +213,19 @@ def manifest_json(
     return go_json(_manifest(doc), indent=2)
 
 
-def index_json(manifests: Sequence[Descriptor], *, media_type: str | None = None) -> bytes:
+def index_json(
+    manifests: Sequence[Descriptor],
+    *,
+    media_type: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> bytes:
     """An index document (compact, as containerd writes an OCI layout's index.json)."""
     doc: dict[str, Any] = {"schemaVersion": 2}
     if media_type:
         doc["mediaType"] = media_type
     doc["manifests"] = [m.to_json() for m in manifests]
+    if annotations:
+        doc["annotations"] = dict(annotations)
     return go_json(_index(doc))
 
 
@@ -290,7 +297,11 @@ class ImageBlobs:
 
 
 def build_image(
-    config: Mapping[str, Any], layers: Sequence[LayerBlob], *, oci_mediatypes: bool
+    config: Mapping[str, Any],
+    layers: Sequence[LayerBlob],
+    *,
+    oci_mediatypes: bool,
+    annotations: Mapping[str, str] | None = None,
 ) -> ImageBlobs:
     """Assemble config and manifest for ``layers`` (bottom first).
 
@@ -315,7 +326,9 @@ def build_image(
         )
         for layer in layers
     ]
-    manifest = manifest_json(config_desc, layer_descs, oci_mediatypes=oci_mediatypes)
+    manifest = manifest_json(
+        config_desc, layer_descs, oci_mediatypes=oci_mediatypes, annotations=annotations
+    )
     return ImageBlobs(
         config=config_bytes,
         manifest=manifest,
@@ -376,13 +389,20 @@ def ref_name(name: str) -> str:
     return obj[1:] if obj.startswith(":") else obj
 
 
-def layout_index(image: ImageBlobs, names: Sequence[str], *, created: str | None = None) -> bytes:
+def layout_index(
+    image: ImageBlobs,
+    names: Sequence[str],
+    *,
+    created: str | None = None,
+    descriptor_annotations: Mapping[str, str] | None = None,
+    index_annotations: Mapping[str, str] | None = None,
+) -> bytes:
     """index.json of an OCI layout (and docker tarball) holding ``image`` under ``names``.
 
     One manifest entry per name with the containerd name and OCI ref annotations, or a
     single unnamed entry, as containerd's archive exporter writes it.
     """
-    base: dict[str, str] = {}
+    base: dict[str, str] = dict(descriptor_annotations or {})
     if created:
         base[ANNOTATION_CREATED] = created
     entries = []
@@ -393,4 +413,4 @@ def layout_index(image: ImageBlobs, names: Sequence[str], *, created: str | None
             annotations[ANNOTATION_IMAGE_NAME] = full
             annotations[ANNOTATION_REF_NAME] = ref_name(full)
         entries.append(image.manifest_descriptor(annotations))
-    return index_json(entries, media_type=OCI_INDEX)
+    return index_json(entries, media_type=OCI_INDEX, annotations=index_annotations)

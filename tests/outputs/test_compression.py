@@ -78,3 +78,70 @@ def test_media_types() -> None:
     assert layer_compression(DOCKER_LAYER_GZIP) is Compression.GZIP
     assert convert_layer_media_type(DOCKER_LAYER_GZIP, oci=True).endswith("tar+gzip")
     assert convert_layer_media_type("application/x-foreign", oci=True) == "application/x-foreign"
+
+
+def _mixed(megabytes: int) -> bytes:
+    text = bytes.maketrans(bytes(range(256)), bytes(b"abcdefgh "[i % 9] for i in range(256)))
+    return b"".join(
+        os.urandom(1 << 19) if i % 2 else os.urandom(1 << 19).translate(text)
+        for i in range(2 * megabytes)
+    )
+
+
+def test_parallel_gzip_is_one_ordinary_gzip_member_that_tools_read(tmp_path: Path) -> None:
+    import subprocess
+
+    data = _mixed(3) + b"tail"  # several blocks, the last one short
+    src = tmp_path / "layer.tar"
+    src.write_bytes(data)
+    compress(src, tmp_path / "g", "gzip")
+    blob = (tmp_path / "g").read_bytes()
+    assert gzip.decompress(blob) == data
+    tested = subprocess.run(["gzip", "-t"], input=blob, capture_output=True, check=False)
+    assert tested.returncode == 0, tested.stderr
+    # One member: nothing is left after the first member's end.
+    import zlib
+
+    reader = zlib.decompressobj(wbits=31)
+    assert reader.decompress(blob) == data
+    assert reader.eof and reader.unused_data == b""
+
+
+def test_parallel_gzip_bytes_do_not_depend_on_the_number_of_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dockbuild.outputs import compression
+
+    src = tmp_path / "layer.tar"
+    src.write_bytes(_mixed(2) + b"x")
+    blobs = []
+    for workers in (1, 2, 4):
+        monkeypatch.setattr(compression, "_workers", lambda w=workers: w)
+        for kind in ("gzip", "zstd"):
+            compress(src, tmp_path / f"{kind}{workers}", kind)
+        blobs.append(
+            ((tmp_path / f"gzip{workers}").read_bytes(), (tmp_path / f"zstd{workers}").read_bytes())
+        )
+    assert blobs[0] == blobs[1] == blobs[2]
+
+
+def test_empty_input_compresses_to_valid_streams(tmp_path: Path) -> None:
+    import zstandard
+
+    src = tmp_path / "empty"
+    src.write_bytes(b"")
+    compress(src, tmp_path / "g", "gzip")
+    compress(src, tmp_path / "z", "zstd")
+    assert gzip.decompress((tmp_path / "g").read_bytes()) == b""
+    reader = zstandard.ZstdDecompressor().stream_reader((tmp_path / "z").open("rb"))
+    assert reader.read() == b""
+
+
+def test_compression_levels_are_checked() -> None:
+    from dockbuild.outputs.compression import check_level
+
+    check_level("gzip", 9)
+    check_level("zstd", 22)
+    for kind, level in (("gzip", 10), ("zstd", 23), ("uncompressed", 1), ("gzip", -1)):
+        with pytest.raises(ValueError):
+            check_level(kind, level)
