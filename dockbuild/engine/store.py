@@ -30,7 +30,11 @@ CREATE TABLE IF NOT EXISTS records (
     layers TEXT NOT NULL,       -- JSON list of layer ids, bottom first
     description TEXT NOT NULL,
     created REAL NOT NULL,
-    last_used REAL NOT NULL
+    last_used REAL NOT NULL,
+    type TEXT NOT NULL DEFAULT 'regular',  -- BuildKit's record types (du/prune filters)
+    owns TEXT NOT NULL DEFAULT '[]',        -- JSON: the layers this record created
+    refs TEXT NOT NULL DEFAULT '[]',        -- JSON: blobs it pins (image manifest, config)
+    inputs TEXT                             -- JSON: what the key was made of (explain)
 );
 CREATE TABLE IF NOT EXISTS layers (
     id TEXT PRIMARY KEY,        -- directory name under snapshots/
@@ -76,7 +80,7 @@ class BlobInfo:
 class Store:
     """One cache root, opened by one build (thread-safe within the process)."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, shared: bool = True) -> None:
         self.root = (root or default_root()).absolute()
         for sub in ("blobs/sha256", "snapshots", "tmp", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -88,6 +92,12 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         with self._db_lock:
             self._db.executescript(_SCHEMA)
+            _migrate(self._db)
+        # Every process holds the GC lock shared while it uses the cache; prune and GC
+        # take it exclusively, so they never delete what a running build reads.
+        self._gc_fd = os.open(self.root / "locks" / "gc", os.O_RDWR | os.O_CREAT, 0o600)
+        if shared:
+            fcntl.flock(self._gc_fd, fcntl.LOCK_SH)
         self._tmp = self.root / "tmp" / f"{os.getpid()}-{os.urandom(4).hex()}"
         self._tmp.mkdir()
         self._sweep_tmp()
@@ -199,18 +209,168 @@ class Store:
         layers = json.loads(row[0])
         if not all(self.has_layer(lid) for lid in layers):
             return None
-        with self._db_lock:
-            self._db.execute("UPDATE records SET last_used=? WHERE key=?", (time.time(), key))
+        self.touch_record(key)
         return layers
 
-    def put_record(self, key: str, layers: list[str], description: str) -> None:
+    def touch_record(self, key: str) -> None:
+        with self._db_lock:
+            self._db.execute("UPDATE records SET last_used=? WHERE key=?", (time.time(), key))
+
+    def put_record(
+        self,
+        key: str,
+        layers: list[str],
+        description: str,
+        *,
+        type: str = "regular",  # noqa: A002 - BuildKit's name for it
+        owns: list[str] | None = None,
+        refs: list[str] | None = None,
+        inputs: dict | None = None,
+    ) -> None:
+        """Record (or replace) what ``key`` solved to; one transaction, so a killed
+        process leaves either the old record or the new one."""
         now = time.time()
         with self._db_lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO records(key, layers, description, created, last_used)"
-                " VALUES (?,?,?,?,?)",
-                (key, json.dumps(layers), description, now, now),
+                "INSERT OR REPLACE INTO records(key, layers, description, created, last_used,"
+                " type, owns, refs, inputs) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    key,
+                    json.dumps(layers),
+                    description,
+                    now,
+                    now,
+                    type,
+                    json.dumps(owns or []),
+                    json.dumps(refs or []),
+                    json.dumps(inputs, sort_keys=True) if inputs is not None else None,
+                ),
             )
+
+    def record(self, key: str) -> Record | None:
+        row = self._query_one(f"SELECT {_RECORD_COLUMNS} FROM records WHERE key=?", (key,))
+        return _record(row) if row else None
+
+    def records(self) -> list[Record]:
+        """Every record, least recently used first."""
+        with self._db_lock:
+            rows = self._db.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM records ORDER BY last_used, key"
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    def records_described(self, description: str) -> list[Record]:
+        """Records of steps with this description, most recently used first."""
+        with self._db_lock:
+            rows = self._db.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM records WHERE description=?"
+                " ORDER BY last_used DESC LIMIT 20",
+                (description,),
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    def delete_records(self, keys: list[str]) -> None:
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM records WHERE key=?", [(k,) for k in keys])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # -- what is on disk (du, prune, check-cache) ------------------------------------
+
+    def layer_rows(self) -> dict[str, tuple[int, float]]:
+        """layer id -> (size in bytes on disk, last used)."""
+        with self._db_lock:
+            rows = self._db.execute("SELECT id, size, last_used FROM layers").fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def layer_blob_rows(self) -> list[BlobInfo]:
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT layer_id, compression, digest, size FROM layer_blobs"
+            ).fetchall()
+        return [BlobInfo(*r) for r in rows]
+
+    def resolution_rows(self) -> list[tuple[str, str, str]]:
+        with self._db_lock:
+            return self._db.execute("SELECT ref, platform, manifest_digest FROM resolutions").fetchall()
+
+    def delete_layer(self, layer_id: str) -> None:
+        """Forget a layer and remove its directory. The directory first moves into this
+        process's temp area, so snapshots/ never holds half a layer."""
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM layers WHERE id=?", (layer_id,))
+                self._db.execute("DELETE FROM layer_blobs WHERE layer_id=?", (layer_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self.remove_snapshot_dir(layer_id)
+
+    def remove_snapshot_dir(self, layer_id: str) -> None:
+        path = self.layer_path(layer_id)
+        trash = self._tmp / f"d{os.urandom(6).hex()}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        remove_tree(trash)
+
+    def delete_blob(self, digest: str) -> None:
+        with self._db_lock:
+            self._db.execute("DELETE FROM layer_blobs WHERE digest=?", (digest,))
+        with contextlib.suppress(FileNotFoundError):
+            self.blob_path(digest).unlink()
+
+    def other_blob_refs(self) -> set[str]:
+        """Blobs other tables pin: downloads of ``ADD URL`` (sources/http.py)."""
+        with self._db_lock, contextlib.suppress(sqlite3.OperationalError):
+            return {r[0] for r in self._db.execute("SELECT digest FROM http_sources")}
+        return set()
+
+    def forget_downloads(self) -> None:
+        with self._db_lock, contextlib.suppress(sqlite3.OperationalError):
+            self._db.execute("DELETE FROM http_sources")
+
+    def delete_resolutions(self) -> None:
+        with self._db_lock:
+            self._db.execute("DELETE FROM resolutions")
+
+    def blob_digests(self) -> list[str]:
+        """Digests of the finished blobs (not a download still in progress)."""
+        out = []
+        for entry in os.scandir(self.root / "blobs" / "sha256"):
+            if len(entry.name) == 64 and not entry.name.startswith("."):
+                out.append("sha256:" + entry.name)
+        return out
+
+    def partial_downloads(self) -> list[Path]:
+        return [
+            Path(e.path)
+            for e in os.scandir(self.root / "blobs" / "sha256")
+            if e.name.startswith(".")
+        ]
+
+    def snapshot_ids(self) -> list[str]:
+        return [e.name for e in os.scandir(self.root / "snapshots")]
+
+    def db_paths(self) -> list[Path]:
+        return [self.root / n for n in ("db.sqlite", "db.sqlite-wal", "db.sqlite-shm")]
+
+    def integrity_errors(self) -> list[str]:
+        with self._db_lock:
+            rows = self._db.execute("PRAGMA integrity_check").fetchall()
+        return [r[0] for r in rows if r[0] != "ok"]
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database file (after a prune, so du shows the gain)."""
+        with self._db_lock, contextlib.suppress(sqlite3.OperationalError):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- image tag resolutions -----------------------------------------------------
 
@@ -241,6 +401,24 @@ class Store:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def exclusive(self, wait: bool = True) -> Iterator[bool]:
+        """Hold the GC lock exclusively: no other process uses the cache meanwhile.
+
+        Yields False (and holds nothing) when ``wait`` is False and a build is running.
+        The shared hold of this process, if any, is given up first and taken back after.
+        """
+        fcntl.flock(self._gc_fd, fcntl.LOCK_UN)
+        try:
+            try:
+                fcntl.flock(self._gc_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            fcntl.flock(self._gc_fd, fcntl.LOCK_UN)
+
     def _query_one(self, sql: str, args: tuple) -> tuple | None:
         with self._db_lock:
             return self._db.execute(sql, args).fetchone()
@@ -257,6 +435,55 @@ class Store:
         remove_tree(self._tmp)
         with self._db_lock:
             self._db.close()
+        os.close(self._gc_fd)
+
+
+_RECORD_COLUMNS = "key, layers, description, created, last_used, type, owns, refs, inputs"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One cache record: a step's key and the layer chain it solved to."""
+
+    key: str
+    layers: list[str]
+    description: str
+    created: float
+    last_used: float
+    type: str
+    owns: list[str]
+    refs: list[str]
+    inputs: dict | None
+
+
+def _record(row: tuple) -> Record:
+    key, layers, description, created, last_used, type_, owns, refs, inputs = row
+    return Record(
+        key,
+        json.loads(layers),
+        description,
+        created,
+        last_used,
+        type_,
+        json.loads(owns or "[]"),
+        json.loads(refs or "[]"),
+        json.loads(inputs) if inputs else None,
+    )
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns a cache root made by an older dockbuild lacks."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(records)")}
+    wanted = {
+        "type": "TEXT NOT NULL DEFAULT 'regular'",
+        "owns": "TEXT NOT NULL DEFAULT '[]'",
+        "refs": "TEXT NOT NULL DEFAULT '[]'",
+        "inputs": "TEXT",
+    }
+    for name, decl in wanted.items():
+        if name not in have:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                db.execute(f"ALTER TABLE records ADD COLUMN {name} {decl}")
 
 
 def _alive(pid: int) -> bool:

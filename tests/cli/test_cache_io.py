@@ -1,0 +1,143 @@
+"""--cache-to / --cache-from through the real CLI: a CI runner with an empty cache root
+gets every step from an exported cache (a local directory or a real registry)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+from clitools import DockbuildCLI, write_context
+
+EPOCH = {"SOURCE_DATE_EPOCH": "1700000000"}
+
+APP = """\
+FROM {base} AS deps
+RUN echo "deps installed" > /deps.txt
+FROM deps
+WORKDIR /app
+COPY src/ ./src/
+RUN cat ./src/main.txt > ./built.txt
+"""
+
+
+def manifest_digest(path: Path) -> str:
+    with tarfile.open(path) as tf:
+        return json.loads(tf.extractfile("index.json").read())["manifests"][0]["digest"]  # type: ignore[union-attr]
+
+
+def step_lines(stderr: str) -> dict[str, str]:
+    """Step name -> CACHED / DONE, from plain progress."""
+    names = dict(re.findall(r"^#(\d+) (\[.*)$", stderr, re.M))
+    ends = dict(re.findall(r"^#(\d+) (CACHED|DONE)", stderr, re.M))
+    return {name: ends.get(n, "?") for n, name in names.items()}
+
+
+def test_cache_roundtrip_through_a_registry_gives_every_step_cached_and_the_same_image(
+    dockbuild: DockbuildCLI, tmp_path: Path, registry, busybox_ref: str  # type: ignore[no-untyped-def]
+) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": APP.format(base=busybox_ref), "src/main.txt": "v1\n"})
+    cache_ref = f"{registry.host}/cache/app:buildcache"
+    first = dockbuild(
+        "--progress=plain", "-o", f"type=oci,dest={tmp_path / 'a.tar'}",
+        "--cache-to", f"type=registry,ref={cache_ref},mode=max", str(ctx), env=EPOCH,
+    )
+    assert "exporting cache to type=registry" in first.stderr
+    shutil.rmtree(dockbuild.root)  # a fresh CI runner
+    second = dockbuild(
+        "--progress=plain", "-o", f"type=oci,dest={tmp_path / 'b.tar'}",
+        "--cache-from", f"type=registry,ref={cache_ref}", str(ctx), env=EPOCH,
+    )
+    steps = {name: state for name, state in step_lines(second.stderr).items() if re.match(r"\[\S* ?\d", name)}
+    assert steps and all(state == "CACHED" for state in steps.values()), second.stderr
+    assert manifest_digest(tmp_path / "a.tar") == manifest_digest(tmp_path / "b.tar")
+    # A changed source file: the cached dependency step is still reused.
+    (ctx / "src" / "main.txt").write_text("v2\n")
+    shutil.rmtree(dockbuild.root)
+    third = dockbuild("--progress=plain", "--cache-from", cache_ref, "-o", f"type=local,dest={tmp_path / 'c'}", str(ctx))
+    lines = step_lines(third.stderr)
+    assert [s for n, s in lines.items() if "RUN echo" in n] == ["CACHED"], third.stderr
+    assert [s for n, s in lines.items() if "COPY src/" in n] == ["DONE"], third.stderr
+    assert (tmp_path / "c" / "app" / "built.txt").read_text() == "v2\n"
+
+
+def test_local_cache_export_min_mode_and_tags_and_a_missing_cache_is_not_an_error(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": APP.format(base="busybox"), "src/main.txt": "v1\n"})
+    cache = tmp_path / "cache-dir"
+    missing = dockbuild.build(ctx, "--cache-from", f"type=local,src={cache}", "-o", f"type=local,dest={tmp_path / 'o0'}")
+    assert "cache not imported" in missing.stderr
+    shutil.rmtree(dockbuild.root)
+    dockbuild.build(
+        ctx, "--cache-to", f"type=local,dest={cache},tag=v1", "-o", f"type=oci,dest={tmp_path / 'a.tar'}", env=EPOCH
+    )
+    index = json.loads((cache / "index.json").read_text())
+    assert [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]] == ["v1"]
+    shutil.rmtree(dockbuild.root)
+    again = dockbuild.build(
+        ctx, "--cache-from", f"type=local,src={cache},tag=v1", "-o", f"type=oci,dest={tmp_path / 'b.tar'}", env=EPOCH
+    )
+    assert manifest_digest(tmp_path / "a.tar") == manifest_digest(tmp_path / "b.tar")
+    assert all(s == "CACHED" for n, s in step_lines(again.stderr).items() if re.match(r"\[\S* ?\d", n)), again.stderr
+    bad = dockbuild.build(ctx, "--cache-to", "type=gha", check=False)
+    assert bad.returncode == 1 and "cache type 'gha' is not supported" in bad.stderr
+    nodest = dockbuild.build(ctx, "--cache-to", "type=local", check=False)
+    assert nodest.returncode == 1 and "needs dest=DIRECTORY" in nodest.stderr
+    ignored = dockbuild.build(
+        ctx, "--cache-to", "type=local,dest=/proc/no-such-place,ignore-error=true",
+        "-o", f"type=local,dest={tmp_path / 'o2'}",
+    )
+    assert "ignored:" in ignored.stderr
+
+
+def test_cache_mounts_travel_with_the_cache_when_asked(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    ctx = write_context(
+        tmp_path / "ctx",
+        {
+            "Dockerfile": "FROM busybox\nARG RUN_ID=1\n"
+            "RUN --mount=type=cache,target=/var/cache/pkgs echo run-$RUN_ID >> /var/cache/pkgs/log"
+            " && cp /var/cache/pkgs/log /seen\n",
+        },
+    )
+    cache = tmp_path / "ci-cache"
+    dockbuild.build(ctx, "--cache-to", f"type=local,dest={cache},cache-mounts=true", "-o", f"type=local,dest={tmp_path / 'a'}")
+    assert (tmp_path / "a" / "seen").read_text() == "run-1\n"
+    listed = dockbuild("du", "--filter", "type==exec.cachemount").out
+    assert re.search(r"exec\.cachemount\s+\S+\s+.*cache mount /var/cache/pkgs", listed), listed
+    shutil.rmtree(dockbuild.root)  # the next ephemeral runner
+    run = dockbuild.build(
+        ctx, "--build-arg", "RUN_ID=2", "--cache-from", f"type=local,src={cache}", "-o", f"type=local,dest={tmp_path / 'b'}"
+    )
+    assert "restored 1 cache mount(s)" in run.stderr
+    assert (tmp_path / "b" / "seen").read_text() == "run-1\nrun-2\n"  # the mount kept its contents
+    shutil.rmtree(dockbuild.root)
+    dockbuild.build(ctx, "--cache-to", f"type=local,dest={cache}", "-o", f"type=local,dest={tmp_path / 'c'}")
+    shutil.rmtree(dockbuild.root)
+    plain = dockbuild.build(
+        ctx, "--build-arg", "RUN_ID=3", "--cache-from", f"type=local,src={cache}", "-o", f"type=local,dest={tmp_path / 'd'}"
+    )
+    assert "restored" not in plain.stderr  # without cache-mounts=true, BuildKit's behaviour
+    assert (tmp_path / "d" / "seen").read_text() == "run-3\n"
+
+
+def test_inline_cache_in_a_pushed_image_is_enough_for_a_fresh_runner(
+    dockbuild: DockbuildCLI, tmp_path: Path, registry, busybox_ref: str  # type: ignore[no-untyped-def]
+) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": APP.format(base=busybox_ref), "src/main.txt": "v1\n"})
+    image = f"{registry.host}/inline/app:1"
+    meta = tmp_path / "meta.json"
+    dockbuild("--progress=plain", "-t", image, "--push", "--cache-to", "type=inline",
+              "--metadata-file", str(meta), str(ctx), env=EPOCH)  # fmt: skip
+    pushed = json.loads(meta.read_text())["containerimage.digest"]
+    shutil.rmtree(dockbuild.root)
+    meta2 = tmp_path / "meta2.json"
+    again = dockbuild("--progress=plain", "-t", image, "--push", "--cache-to", "type=inline",
+                      "--cache-from", image, "--metadata-file", str(meta2), str(ctx), env=EPOCH)  # fmt: skip
+    steps = {n: st for n, st in step_lines(again.stderr).items() if re.match(r"\[\S* ?\d", n)}
+    assert steps and all(st == "CACHED" for st in steps.values()), again.stderr
+    assert json.loads(meta2.read_text())["containerimage.digest"] == pushed
+    bad = dockbuild("--cache-from", "type=inline", str(ctx), check=False)
+    assert bad.returncode == 1 and "type=registry,ref=IMAGE" in bad.stderr

@@ -1,0 +1,151 @@
+"""The store's records, reference counting under prune, GC targets and the config keys."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from dockbuild.config import GCConfig, GCPolicy, Size, gc_config, parse_duration, parse_size
+from dockbuild.engine import gc
+from dockbuild.engine.store import Store
+from dockbuild.errors import DockbuildError
+
+
+def _layer(store: Store, lid: str, size: int = 10_000) -> None:
+    work = store.tempdir()
+    (work / "f").write_bytes(b"x" * size)
+    store.commit_layer(lid, work)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "root")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_pruning_a_record_keeps_a_layer_another_record_still_uses(store: Store) -> None:
+    _layer(store, "base")
+    _layer(store, "top")
+    store.put_record("sha256:a", ["base"], "step a", owns=["base"])
+    store.put_record("sha256:b", ["base", "top"], "step b", owns=["top"])
+    result = gc.prune(store, filters=["description=step a"])
+    assert result is not None and [r.key for r, _ in result.removed] == ["sha256:a"]
+    assert store.has_layer("base") and store.get_record("sha256:b") == ["base", "top"]
+    gc.prune(store, all_=True)
+    assert not store.has_layer("base") and not store.has_layer("top")
+    assert store.records() == []
+
+
+def test_prune_keep_storage_goes_least_recently_used_first(store: Store) -> None:
+    for name in ("old", "mid", "new"):
+        _layer(store, name, 200_000)
+        store.put_record(f"sha256:{name}", [name], name, owns=[name])
+        store.touch_record(f"sha256:{name}")
+    idx = gc.CacheIndex.load(store)
+    keep = idx.used_bytes() - 150_000
+    result = gc.prune(store, keep_storage=keep)
+    assert result is not None and [r.description for r, _ in result.removed] == ["old"]
+    assert store.has_layer("mid") and store.has_layer("new")
+
+
+def test_gc_deletes_down_to_max_used_space_but_never_below_reserved(store: Store) -> None:
+    for n in range(4):
+        _layer(store, f"l{n}", 300_000)
+        store.put_record(f"sha256:{n}", [f"l{n}"], f"step {n}", owns=[f"l{n}"])
+    used = gc.CacheIndex.load(store).used_bytes()
+    config = GCConfig(
+        max_used_space=Size(used - 400_000),
+        reserved_space=Size(0),
+        min_free_space=Size(0),
+        policies=(GCPolicy(),),
+    )
+    result = gc.collect(store, config, wait=True)
+    assert result is not None and [r.description for r, _ in result.removed] == ["step 0", "step 1"]
+    reserved = GCConfig(
+        max_used_space=Size(0), reserved_space=Size(used), min_free_space=Size(0), policies=(GCPolicy(),)
+    )
+    assert gc.collect(store, reserved, wait=True).removed == []  # type: ignore[union-attr]
+
+
+def test_gc_keeps_base_images_unless_a_policy_says_all(store: Store) -> None:
+    _layer(store, "img")
+    store.put_record("sha256:img", ["img"], "FROM busybox", owns=["img"], refs=["sha256:" + "0" * 64])
+    tiny = GCConfig(max_used_space=Size(1), reserved_space=Size(0), min_free_space=Size(0), policies=(GCPolicy(),))
+    assert gc.collect(store, tiny, wait=True).removed == []  # type: ignore[union-attr]
+    everything = GCConfig(max_used_space=Size(1), reserved_space=Size(0), min_free_space=Size(0),
+                          policies=(GCPolicy(all=True),))  # fmt: skip
+    assert len(gc.collect(store, everything, wait=True).removed) == 1  # type: ignore[union-attr]
+
+
+def test_an_older_cache_database_gains_the_new_columns(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    db = sqlite3.connect(root / "db.sqlite")
+    db.execute(
+        "CREATE TABLE records (key TEXT PRIMARY KEY, layers TEXT NOT NULL, description TEXT NOT NULL,"
+        " created REAL NOT NULL, last_used REAL NOT NULL)"
+    )
+    db.execute("INSERT INTO records VALUES ('sha256:k', '[]', 'old step', 1, 1)")
+    db.commit()
+    db.close()
+    store = Store(root)
+    try:
+        (record,) = store.records()
+        assert record.type == "regular" and record.owns == [] and record.inputs is None
+    finally:
+        store.close()
+
+
+def test_sizes_and_durations_read_as_buildkitd_toml_spells_them() -> None:
+    assert parse_size("512MB").bytes == 512 << 20
+    assert parse_size("10GiB").bytes == 10 << 30
+    assert parse_size(1024).bytes == 1024
+    assert parse_size("30%").resolve(1000) == 300
+    assert parse_duration("48h") == 172800
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("7d") == 604800
+    assert parse_duration(60) == 60
+    with pytest.raises(DockbuildError, match="invalid size"):
+        parse_size("lots")
+    with pytest.raises(DockbuildError, match="invalid duration"):
+        parse_duration("soon")
+
+
+def test_gc_config_reads_a_buildkitd_worker_section_and_ordered_policies() -> None:
+    config = gc_config(
+        {
+            "worker": {
+                "oci": {
+                    "gc": True,
+                    "maxUsedSpace": "20GB",
+                    "gcpolicy": [
+                        {"filters": ["type==exec.cachemount"], "keepDuration": "48h", "keepBytes": "512MB"},
+                        {"all": True, "reservedSpace": "1GB"},
+                    ],
+                }
+            }
+        }
+    )
+    assert config.enabled and config.max_used_space.bytes == 20 << 30
+    first, second = config.policies
+    assert first.filters == ("type==exec.cachemount",) and first.keep_duration == 172800
+    assert first.reserved_space == Size(512 << 20)
+    assert second.all and second.reserved_space == Size(1 << 30)
+    assert not gc_config({"cache": {"gc": False}}).enabled
+    assert len(gc_config({}).policies) == 4  # BuildKit's defaults
+
+
+def test_filters_select_records_as_buildctl_does() -> None:
+    from dockbuild.engine.store import Record
+
+    rec = Record("sha256:abcdef", [], "[2/3] RUN make", 0, 0, "regular", [], [], None)
+    match, until = gc.parse_filters(["type==regular", "description~=RUN m"])
+    assert match(rec, 0) and until is None
+    assert not gc.parse_filters(["type!=regular"])[0](rec, 0)
+    assert gc.parse_filters(["id=abc"])[0](rec, 0)
+    assert gc.parse_filters(["until=2h"])[1] == 7200
+    with pytest.raises(DockbuildError, match="unknown record type"):
+        gc.parse_filters(["type==bogus"])
