@@ -19,16 +19,10 @@ from dockbuild.errors import DockerfileError, Location
 from dockbuild.frontend import checks, parser
 from dockbuild.frontend import instructions as ins
 from dockbuild.frontend.convert_copy import CopyInstructions
-from dockbuild.frontend.convert_run import RunInstructions
+from dockbuild.frontend.convert_run import DEFAULT_SHELL, PROXY_ARGS, RunInstructions
 from dockbuild.frontend.shell import Lex, ShellError
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_SHELL = ["/bin/sh", "-c"]
-PROXY_ARGS = {
-    name
-    for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
-    for name in (base, base.lower())
-}
 # Build args that configure the build itself; never reported as unused.
 BUILDKIT_ARGS = {
     "BUILDKIT_BUILD_NAME",

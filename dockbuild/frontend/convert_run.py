@@ -1,24 +1,32 @@
-"""RUN: the command, its environment and history text (BuildKit's dispatchRun).
-
-A mixin of the converter in convert.py; RUN --mount lowering belongs here too.
+"""RUN: the command, its environment, its mounts and history text (BuildKit's dispatchRun
+and convert_runmount.go). A mixin of the converter in convert.py.
 """
 
 from __future__ import annotations
 
+import posixpath
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dockbuild import llb
-from dockbuild.errors import DockerfileError
+from dockbuild.errors import DockerfileError, Location
 from dockbuild.frontend import instructions as ins
 
 if TYPE_CHECKING:
     from dockbuild.frontend.convert import _Stage
 
 
+DEFAULT_SHELL = ["/bin/sh", "-c"]
+PROXY_ARGS = {
+    name
+    for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
+    for name in (base, base.lower())
+}
+
+
 class RunInstructions:
     def _do_run(self, stage: _Stage, cmd: ins.RunCommand, name: str) -> None:
-        if cmd.mounts:
-            raise DockerfileError("RUN --mount is not supported yet", location=cmd.location)
+        mounts = self._run_mounts(stage, cmd)
         if cmd.files:
             args = self._heredoc_run_args(stage, cmd)
         else:
@@ -28,29 +36,136 @@ class RunInstructions:
         build_env = [
             f"{k}={v}"
             for k, v in stage.args.items()
-            if v is not None and k not in env_keys and k not in _proxy_args()
+            if v is not None and k not in env_keys and k not in PROXY_ARGS
         ]
         proxy_env = [
-            f"{k}={v}" for k, v in self.opts.build_args.items() if k in _proxy_args() and k not in stage.args
+            f"{k}={v}"
+            for k, v in self.opts.build_args.items()
+            if k in PROXY_ARGS and k not in stage.args
         ]
+        ssh = [m for m in mounts if m.type == "ssh"]
+        ssh_env = []
+        if ssh and "SSH_AUTH_SOCK" not in env_keys and "SSH_AUTH_SOCK" not in stage.args:
+            # As BuildKit's llb.AddSSHSocket: the first agent socket is the default one.
+            ssh_env.append(f"SSH_AUTH_SOCK={ssh[0].target}")
         network = self.opts.network if cmd.network == "default" else cmd.network
         op = llb.ExecOp(
-            mounts=(llb.Mount("/", stage.state, output=True),),
+            mounts=(llb.Mount("/", stage.state, output=True), *mounts),
             args=tuple(args),
-            env=tuple(env_list + build_env),
+            env=tuple(env_list + build_env + ssh_env),
             cwd=stage.config.get("WorkingDir") or "/",
             user=stage.config.get("User") or "",
             network=network,
             security=cmd.security,
             proxy_env=tuple(proxy_env),
             name=name,
+            location=cmd.location,
         )
         stage.state = op
         prefix = [f"|{len(build_env)}", *build_env] if build_env else []
         self._commit(stage, "RUN " + " ".join([*prefix, *args]) + " # buildkit", op)
 
+    def _run_mounts(self, stage: _Stage, cmd: ins.RunCommand) -> list[llb.Mount]:
+        """RUN --mount flags as LLB mounts (BuildKit's dispatchRunMounts)."""
+        env = self._stage_env(stage)
+        workdir = stage.config.get("WorkingDir") or "/"
+        namespace = self.opts.build_args.get("BUILDKIT_CACHE_MOUNT_NS", "")
+        mounts: list[llb.Mount] = []
+        ssh_count = 0
+        for raw in cmd.mount_specs:
+            try:
+                spec = ins.parse_mount(raw, lambda word: self._expand(word, env, cmd.location))
+            except DockerfileError as e:
+                e.location = e.location or cmd.location
+                raise
+            target = spec.target
+            if target and not target.startswith("/"):
+                target = posixpath.join("/", workdir, target)
+            target = posixpath.normpath(target) if target else ""
+            if spec.type in ("bind", "cache", "tmpfs") and not target:
+                raise DockerfileError(
+                    f"--mount={raw}: mount type {spec.type} requires a target",
+                    location=cmd.location,
+                )
+            if target == "/":
+                raise DockerfileError(
+                    f"--mount={raw}: cannot mount over the root filesystem", location=cmd.location
+                )
+            if spec.type == "bind":
+                source = self._mount_source(stage, cmd, spec.from_)
+                mounts.append(
+                    llb.Mount(
+                        target,
+                        source,
+                        selector=_clean(spec.source),
+                        type="bind",
+                        readonly=spec.read_only,
+                    )  # fmt: skip
+                )
+            elif spec.type == "cache":
+                source = self._mount_source(stage, cmd, spec.from_) if spec.from_ else None
+                cache_id = spec.id or target
+                if namespace:
+                    cache_id = f"{namespace}/{cache_id}"
+                mounts.append(
+                    llb.Mount(
+                        target,
+                        source,
+                        selector=_clean(spec.source) if source else "",
+                        type="cache",
+                        readonly=spec.read_only,
+                        cache_id=cache_id,
+                        sharing=spec.sharing or "shared",
+                        mode=spec.mode,
+                        uid=spec.uid,
+                        gid=spec.gid,
+                    )  # fmt: skip
+                )
+            elif spec.type == "tmpfs":
+                mounts.append(
+                    llb.Mount(target, type="tmpfs", readonly=spec.read_only, size=spec.size)
+                )
+            elif spec.type == "secret":
+                secret_id = spec.id or spec.source or posixpath.basename(target)
+                if not target and spec.env is None:
+                    target = "/run/secrets/" + secret_id
+                mounts.append(
+                    llb.Mount(
+                        target,
+                        type="secret",
+                        readonly=True,
+                        secret_id=secret_id,
+                        required=spec.required,
+                        mode=0o400 if spec.mode is None else spec.mode,
+                        uid=spec.uid or 0,
+                        gid=spec.gid or 0,
+                        env=spec.env or "",
+                    )  # fmt: skip
+                )
+            elif spec.type == "ssh":
+                if not target:
+                    target = f"/run/buildkit/ssh_agent.{ssh_count}"
+                ssh_count += 1
+                mounts.append(
+                    llb.Mount(
+                        target,
+                        type="ssh",
+                        readonly=True,
+                        secret_id=spec.id or "default",
+                        required=spec.required,
+                        mode=0o600 if spec.mode is None else spec.mode,
+                        uid=spec.uid or 0,
+                        gid=spec.gid or 0,
+                    )  # fmt: skip
+                )
+        return mounts
+
+    def _mount_source(self, stage: _Stage, cmd: ins.RunCommand, from_: str) -> llb.Op | None:
+        """What ``from=`` names: the context (default), a named context, a stage, an image."""
+        return self._copy_source(stage, _FromRef(from_, cmd.location))  # type: ignore[attr-defined]
+
     def _heredoc_run_args(self, stage: _Stage, cmd: ins.RunCommand) -> list[str]:
-        shell = list(stage.config.get("Shell") or _default_shell())
+        shell = list(stage.config.get("Shell") or DEFAULT_SHELL)
         line = " ".join(cmd.cmd_line)
         if len(cmd.files) == 1 and line.strip().startswith("<<"):
             body = cmd.files[0].chomped_data
@@ -61,13 +176,15 @@ class RunInstructions:
         return [*shell, script]
 
 
-def _default_shell() -> list[str]:
-    from dockbuild.frontend.convert import DEFAULT_SHELL
+@dataclass(frozen=True)
+class _FromRef:
+    """The two fields of a COPY that ``_copy_source`` reads, for a mount's ``from``."""
 
-    return DEFAULT_SHELL
+    from_: str
+    location: Location | None
 
 
-def _proxy_args() -> set[str]:
-    from dockbuild.frontend.convert import PROXY_ARGS
-
-    return PROXY_ARGS
+def _clean(path: str) -> str:
+    """A selector inside a mount source: relative, normalised, "" for the root."""
+    cleaned = posixpath.normpath("/" + path).lstrip("/")
+    return "" if cleaned == "." else cleaned

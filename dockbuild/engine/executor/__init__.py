@@ -36,13 +36,31 @@ class PlainRootfs:
 
 @dataclass(frozen=True)
 class MountSpec:
-    """A mount inside the container, made after the rootfs is mounted."""
+    """A mount inside the container, made after the rootfs is mounted.
+
+    Types:
+    - ``bind``: ``source`` (a host file or dir; ``subpath`` below it) at ``target``;
+    - ``overlay``: the merged view of ``lowerdirs`` (top first), writable into
+      ``upperdir``/``workdir`` when given (the caller discards them: rw bind mounts),
+      else read-only; ``subpath`` below its root is what is mounted;
+    - ``tmpfs``: ``options`` such as ``("size=65536k",)``;
+    - ``secret``: ``data`` as a file on a private tmpfs, with ``mode``/``uid``/``gid``;
+      the bytes never touch a disk.
+    """
 
     target: str  # absolute path inside the container
-    type: str  # "bind" | "tmpfs"
+    type: str  # "bind" | "overlay" | "tmpfs" | "secret"
     source: str = ""  # host path for bind
     readonly: bool = False
     options: tuple[str, ...] = ()  # extra mount options, e.g. ("size=65536k",) for tmpfs
+    subpath: str = ""  # bind / overlay: a path inside the source, resolved in it
+    lowerdirs: tuple[str, ...] = ()
+    upperdir: str = ""
+    workdir: str = ""
+    data: bytes = field(default=b"", repr=False)
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,9 @@ class RunRequest:
     network: str = "default"  # "default" (host network, own hosts/resolv.conf) | "none" | "host"
     hostname: str = "buildkitsandbox"
     extra_hosts: tuple[str, ...] = field(default=())
+    # "sandbox": docker's default capabilities, masked /proc paths, read-only /sys;
+    # "insecure": every capability and nothing masked (RUN --security=insecure).
+    security: str = "sandbox"
 
 
 # Receives ("stdout" | "stderr", bytes) chunks as the process writes them.

@@ -68,6 +68,7 @@ IFF_UP = 0x1
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
 MAX_MESSAGE = 1 << 20
+MAX_SECRETS = 64  # secret mounts per RUN (each one a descriptor in the request)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Mount options that are flags for mount(2) rather than data for the file system.
@@ -99,6 +100,30 @@ DEV_SYMLINKS = (
     ("core", "/proc/kcore"),
     ("ptmx", "pts/ptmx"),
 )
+
+
+# Docker's (and so BuildKit's) default capability set for a RUN step; --security=insecure
+# keeps them all.
+DEFAULT_CAPABILITIES = (
+    0,  # CHOWN
+    1,  # DAC_OVERRIDE
+    3,  # FOWNER
+    4,  # FSETID
+    5,  # KILL
+    6,  # SETGID
+    7,  # SETUID
+    8,  # SETPCAP
+    10,  # NET_BIND_SERVICE
+    13,  # NET_RAW
+    18,  # SYS_CHROOT
+    27,  # MKNOD
+    29,  # AUDIT_WRITE
+    31,  # SETFCAP
+)
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
 class SetupError(Exception):
@@ -151,6 +176,32 @@ def set_parent_death_signal(sig: int) -> None:
         raise _errno_error("prctl(PR_SET_PDEATHSIG)")
 
 
+def _last_capability() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 40
+
+
+def drop_bounding_capabilities(keep: tuple[int, ...]) -> None:
+    """Remove every capability but ``keep`` from the bounding set (needs CAP_SETPCAP)."""
+    for cap in range(_last_capability() + 1):
+        if cap not in keep and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0):
+            raise SetupError(f"dropping capability {cap}: {os.strerror(ctypes.get_errno())}")
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+
+def set_capabilities(caps: tuple[int, ...]) -> None:
+    """capset(2): effective, permitted and inheritable become exactly ``caps``."""
+    low = sum(1 << c for c in caps if c < 32)
+    high = sum(1 << (c - 32) for c in caps if c >= 32)
+    header = struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0)
+    data = struct.pack("6I", low, low, low, high, high, high)
+    if _libc.capset(ctypes.c_char_p(header), ctypes.c_char_p(data)):
+        raise SetupError(f"capset: {os.strerror(ctypes.get_errno())}")
+
+
 def pivot_root(root: str) -> None:
     """Make ``root`` the root: pivot_root(".", ".") stacks the old root on top, detach it."""
     number = SYS_PIVOT_ROOT.get(platform.machine())
@@ -190,6 +241,9 @@ class Server:
         # prctl(PR_SET_PDEATHSIG) took effect.
         self.life_r, self.life_w = os.pipe()
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        # PIDs we report mean nothing to the main process when we are PID 1 of our own
+        # PID namespace (see enter_own_pid_namespace): it must use the pidfd only.
+        self.nested = os.getpid() == 1
         # Where each PID 1 mounts its private tmpfs (root mountpoint, /etc/hosts, ...).
         # It stays empty on the host; the server removes it when it ends, which it does
         # even when the main process is killed (EOF on the control socket).
@@ -218,7 +272,9 @@ class Server:
         while True:
             for key, _ in self.selector.select():
                 if key.data == "control":
-                    message, fds, _flags, _addr = socket.recv_fds(self.control, MAX_MESSAGE, 3)
+                    message, fds, _flags, _addr = socket.recv_fds(
+                        self.control, MAX_MESSAGE, 3 + MAX_SECRETS
+                    )
                     if not message:
                         return  # the main process closed us (or died): PID 1s die with us
                     self.start(message, fds)
@@ -233,20 +289,23 @@ class Server:
     def start(self, message: bytes, fds: list[int]) -> None:
         for fd in fds:
             os.set_inheritable(fd, False)
-        if len(fds) != 3:
+        if len(fds) < 3:
             print("dockbuild fork server: bad request", file=sys.stderr)
             for fd in fds:
                 os.close(fd)
             return
-        out_fd, err_fd, status_fd = fds
+        out_fd, err_fd, status_fd = fds[:3]
+        # Secret bytes come as memfds, never in the message.
+        secret_fds = fds[3:]
         status = socket.socket(fileno=status_fd)
         try:
             spec = json.loads(message)
             spec["scratch"] = self.scratch
+            spec["secret_fds"] = secret_fds
             namespace = spec["sandbox"] == "namespace"
             stubs_r, stubs_w = os.pipe()
         except (OSError, ValueError, KeyError) as e:
-            self.refuse(status, (out_fd, err_fd), f"bad run request: {e}")
+            self.refuse(status, (out_fd, err_fd, *secret_fds), f"bad run request: {e}")
             return
         try:
             if namespace:
@@ -258,7 +317,7 @@ class Server:
         except OSError as e:
             if namespace:
                 self.reset_pid_namespace()
-            self.refuse(status, (out_fd, err_fd, stubs_r, stubs_w), str(e))
+            self.refuse(status, (out_fd, err_fd, stubs_r, stubs_w, *secret_fds), str(e))
             return
         if pid == 0:
             try:
@@ -276,14 +335,14 @@ class Server:
                 os._exit(1)  # never back into the server loop
         if namespace:
             self.reset_pid_namespace()
-        for fd in (out_fd, err_fd, stubs_w):
+        for fd in (out_fd, err_fd, stubs_w, *secret_fds):
             os.close(fd)
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:  # old kernel or seccomp: the main process falls back to kill(pid)
-            _send(status, {"pid": pid})
+            _send(status, {"pid": pid, "local": self.nested})
         else:
-            _send(status, {"pid": pid}, [pidfd])
+            _send(status, {"pid": pid, "local": self.nested}, [pidfd])
             os.close(pidfd)
         os.set_blocking(stubs_r, False)
         container = Container(spec, status, stubs_r)
@@ -407,9 +466,22 @@ def init(
     os.dup2(null, 0)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
-    os.setgroups(user.groups)
+    sandboxed = spec["sandbox"] == "namespace" and spec.get("security") != "insecure"
+    if sandboxed:
+        drop_bounding_capabilities(DEFAULT_CAPABILITIES)
+    try:
+        os.setgroups(user.groups)
+    except PermissionError:
+        # A single-ID user namespace denies setgroups: keep the groups we have.
+        if user.groups != [user.gid] and user.groups != [0]:
+            raise SetupError(
+                "cannot set supplementary groups in this user namespace "
+                "(single-ID mapping: add a subuid/subgid range)"
+            ) from None
     os.setresgid(user.gid, user.gid, user.gid)
-    os.setresuid(user.uid, user.uid, user.uid)
+    os.setresuid(user.uid, user.uid, user.uid)  # a non-zero uid loses every capability
+    if sandboxed and user.uid == 0:
+        set_capabilities(DEFAULT_CAPABILITIES)
     args = spec["args"]
     if not args:
         raise SetupError("no command given")
@@ -503,15 +575,25 @@ def enter_container_root(spec: dict, stubs: list[dict]) -> None:
     place = Mountpoints(root, upper, stubs)
 
     proc = place.directory("/proc")
-    mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    try:
+        mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except SetupError:
+        # A docker container masks parts of its /proc, and the kernel then refuses a
+        # fresh procfs in a user namespace: bind the one we see (it lists more
+        # processes than the step's own, as BuildKit's no-process-sandbox mode does).
+        mount("/proc", proc, None, MS_BIND | MS_REC)
     _mount_dev(place.directory("/dev"))
     sys_dir = place.directory("/sys")
+    insecure = spec.get("security") == "insecure"
+    sys_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | (0 if insecure else MS_RDONLY)
     try:
-        mount("sysfs", sys_dir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount("sysfs", sys_dir, "sysfs", sys_flags)
     except SetupError:  # sysfs refused (e.g. a user namespace without a netns)
         mount("/sys", sys_dir, None, MS_BIND | MS_REC)
-        remount_readonly(sys_dir)
-    _mask_kernel_paths(root)
+        if not insecure:
+            remount_readonly(sys_dir)
+    if not insecure:
+        _mask_kernel_paths(root)
 
     hosts = os.path.join(scratch, "hosts")
     _write(hosts, hosts_file(spec["hostname"], spec.get("extra_hosts", [])))
@@ -520,29 +602,92 @@ def enter_container_root(spec: dict, stubs: list[dict]) -> None:
     _write(resolv, resolv_conf(network))
     mount(resolv, place.file("/etc/resolv.conf"), None, MS_BIND)
 
-    for m in spec["mounts"]:
-        flags, data = mount_options(m["options"])
-        if m["readonly"]:
-            flags |= MS_RDONLY
-        if m["type"] == "bind":
-            source = m["source"]
-            if not os.path.exists(source):
-                raise SetupError(f"bind mount source {source} does not exist")
-            target = (
-                place.directory(m["target"]) if os.path.isdir(source) else place.file(m["target"])
-            )
-            mount(source, target, None, MS_BIND | MS_REC)
-            if flags:
-                remount(target, flags)
-        elif m["type"] == "tmpfs":
-            mount("tmpfs", place.directory(m["target"]), "tmpfs", flags, data)
-        else:
-            raise SetupError(f"unsupported mount type {m['type']!r} for {m['target']}")
+    for index, m in enumerate(spec["mounts"]):
+        if m["type"] == "secret":
+            m = {**m, "data_fd": spec["secret_fds"][m["data_fd"]]}
+        _run_mount(m, index, scratch, place)
 
     socket.sethostname(spec["hostname"])
     if network == "none":
         bring_loopback_up()
     pivot_root(root)
+
+
+def _run_mount(m: dict, index: int, scratch: str, place: Mountpoints) -> None:
+    """One RUN mount (see executor.MountSpec), made before pivot_root."""
+    flags, data = mount_options(m.get("options", []))
+    if m["readonly"]:
+        flags |= MS_RDONLY
+    kind = m["type"]
+    if kind in ("bind", "overlay"):
+        if kind == "overlay":
+            lowers = m["lowerdirs"]
+            if not m.get("upperdir") and len(lowers) == 1:
+                source = lowers[0]  # one read-only layer: a bind is enough
+            else:
+                source = os.path.join(scratch, f"m{index}")
+                os.mkdir(source)
+                if m.get("upperdir"):
+                    options = "lowerdir={},upperdir={},workdir={}".format(
+                        ":".join(lowers), m["upperdir"], m["workdir"]
+                    )
+                    if m.get("userxattr"):
+                        options += ",userxattr"
+                else:
+                    options = "lowerdir=" + ":".join(lowers)
+                mount("overlay", source, "overlay", 0, options)
+        else:
+            source = m["source"]
+        if m.get("subpath"):
+            # Resolved inside the source, like BuildKit's selector: symlinks stay in it.
+            source = resolve_in_root(source, m["subpath"])
+        if not os.path.lexists(source):
+            if not m.get("subpath"):
+                raise SetupError(f"bind mount source {source} does not exist")
+            raise SetupError(
+                f"failed to mount {m['target']}: {m['subpath']}: "
+                "no such file or directory in the mount source"
+            )
+        target = place.directory(m["target"]) if os.path.isdir(source) else place.file(m["target"])
+        mount(source, target, None, MS_BIND | MS_REC)
+        if flags:
+            remount(target, flags)
+    elif kind == "tmpfs":
+        mount("tmpfs", place.directory(m["target"]), "tmpfs", flags | MS_NOSUID | MS_NODEV, data)
+    elif kind == "secret":
+        # A private tmpfs per secret: its bytes live in memory only, and the mount dies
+        # with the container's mount namespace.
+        holder = os.path.join(scratch, f"m{index}")
+        os.mkdir(holder)
+        data = _read_memfd(m["data_fd"])
+        size = max(4096, len(data) + 4096)
+        mount("tmpfs", holder, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"mode=755,size={size}")
+        path = os.path.join(holder, "secret")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        mode, uid, gid = m.get("mode"), m.get("uid"), m.get("gid")
+        os.chown(path, uid or 0, gid or 0)
+        os.chmod(path, 0o400 if mode is None else mode)
+        remount(holder, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        target = place.file(m["target"])
+        mount(path, target, None, MS_BIND)
+        remount(target, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    else:
+        raise SetupError(f"unsupported mount type {kind!r} for {m['target']}")
+
+
+def _read_memfd(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _mount_dev(dev: str) -> None:
@@ -559,7 +704,13 @@ def _mount_dev(dev: str) -> None:
     ):
         target = os.path.join(dev, name)
         os.mkdir(target, 0o755)
-        mount(fstype, target, fstype, flags, options)
+        try:
+            mount(fstype, target, fstype, flags, options)
+        except SetupError:
+            if "gid=5" not in options:
+                raise
+            # A single-ID user namespace has no group 5 (tty): pts get our group.
+            mount(fstype, target, fstype, flags, options.replace(",gid=5", ""))
     for name, link in DEV_SYMLINKS:
         os.symlink(link, os.path.join(dev, name))
 
@@ -863,8 +1014,12 @@ def probe() -> dict[str, object]:
                 try:
                     unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
                     mount(None, "/", None, MS_REC | MS_PRIVATE)
-                    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-                    os.write(w, b"ok")
+                    try:
+                        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                        os.write(w, b"ok")
+                    except SetupError:
+                        mount("/proc", "/proc", None, MS_BIND | MS_REC)
+                        os.write(w, b"ok-bind")
                 except (OSError, SetupError) as e:
                     os.write(w, str(e).encode())
                 os._exit(0)
@@ -878,13 +1033,46 @@ def probe() -> dict[str, object]:
     os.close(w)
     os.waitpid(pid, 0)
     message = _read_all(r).decode() or "the probe process died"
-    return {"namespaces": message == "ok", "reason": "" if message == "ok" else message}
+    works = message in ("ok", "ok-bind")
+    return {
+        "namespaces": works,
+        "proc": "bind" if message == "ok-bind" else "fresh",
+        "reason": "" if works else message,
+    }
+
+
+def _in_user_namespace() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+def enter_own_pid_namespace() -> None:
+    """In a user namespace, serve from a PID namespace that namespace owns.
+
+    The server makes each run's PID namespace with unshare, then points its later
+    children back at its own with setns, which needs CAP_SYS_ADMIN over the user
+    namespace owning that PID namespace: the host's is not ours. So this process
+    unshares once and forks the real server as PID 1 of a namespace we own; it stays
+    only to pass on the server's exit status. (The main process kills runs by pidfd.)
+    """
+    unshare(CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _, wait_status = os.waitpid(pid, 0)
+    os._exit(max(0, os.waitstatus_to_exitcode(wait_status)))
 
 
 def main(argv: list[str]) -> None:
     if argv[1:] == ["--probe"]:
         print(json.dumps(probe()))
     else:
+        if _in_user_namespace():
+            enter_own_pid_namespace()
         Server(int(argv[1])).serve()
 
 

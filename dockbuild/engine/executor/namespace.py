@@ -33,6 +33,7 @@ from dockbuild.errors import ExecutorError
 FORKSERVER = Path(__file__).with_name("_forkserver.py")
 # SOCK_SEQPACKET messages are limited by the socket buffer (about 200 KiB by default).
 MAX_SPEC_BYTES = 150_000
+MAX_SECRETS = 64  # as the fork server accepts (descriptors per request)
 
 
 @dataclass(eq=False)
@@ -81,11 +82,24 @@ def _shutdown(resources: _ServerResources) -> None:
             server.wait()
 
 
+def _memfd(data: bytes) -> int:
+    fd = os.memfd_create("dockbuild-secret", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class ForkServerExecutor:
     """Shared by the namespace and chroot executors: the fork server and its protocol."""
 
     name = "forkserver"
     sandbox = ""
+    userxattr = False
     # Set when this executor was chosen as a fallback the user should hear about.
     warning: str | None = None
 
@@ -100,7 +114,12 @@ class ForkServerExecutor:
     # -- the Executor protocol ----------------------------------------------------------
 
     def run(self, request: RunRequest, output: OutputSink) -> int:
-        spec = self._spec(request)
+        secrets = [i for i, m in enumerate(request.mounts) if m.type == "secret"]
+        if len(secrets) > MAX_SECRETS:
+            raise ExecutorError(f"a RUN step may mount at most {MAX_SECRETS} secrets")
+        spec = self._spec(request, {i: n for n, i in enumerate(secrets)})
+        # Secret bytes go to the server as memfds: memory only, never in a message.
+        memfds = [_memfd(request.mounts[i].data) for i in secrets]
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         status, status_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -117,7 +136,9 @@ class ForkServerExecutor:
                         "arguments and environment)"
                     )
                 try:
-                    socket.send_fds(control, [data], [out_w, err_w, status_theirs.fileno()])
+                    socket.send_fds(
+                        control, [data], [out_w, err_w, status_theirs.fileno(), *memfds]
+                    )
                 except OSError as e:
                     raise ExecutorError(
                         f"the {self.name} executor's fork server is gone: {e}"
@@ -129,8 +150,8 @@ class ForkServerExecutor:
             status.close()
             raise
         finally:
-            os.close(out_w)
-            os.close(err_w)
+            for fd in (out_w, err_w, *memfds):
+                os.close(fd)
             status_theirs.close()
         try:
             return self._wait(run, out_r, err_r, status, output)
@@ -150,7 +171,7 @@ class ForkServerExecutor:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _spec(self, request: RunRequest) -> dict:
+    def _spec(self, request: RunRequest, secret_index: dict[int, int]) -> dict:
         rootfs = request.rootfs
         if isinstance(rootfs, OverlayRootfs):
             if not rootfs.lowerdirs:
@@ -160,7 +181,8 @@ class ForkServerExecutor:
                 "lowerdirs": list(rootfs.lowerdirs),
                 "upperdir": rootfs.upperdir,
                 "workdir": rootfs.workdir,
-                "userxattr": False,  # root: trusted.overlay.* xattrs
+                # In a user namespace overlayfs keeps its xattrs in user.overlay.*.
+                "userxattr": self.userxattr,
             }
         elif isinstance(rootfs, PlainRootfs):
             rootfs_spec = {"kind": "plain", "path": rootfs.path}
@@ -168,6 +190,8 @@ class ForkServerExecutor:
             raise ExecutorError(f"unsupported rootfs {rootfs!r}")
         if request.network not in ("default", "none", "host"):
             raise ExecutorError(f"unsupported network mode {request.network!r}")
+        if request.security not in ("sandbox", "insecure"):
+            raise ExecutorError(f"unsupported security mode {request.security!r}")
         return {
             "sandbox": self.sandbox,
             "args": list(request.args),
@@ -182,10 +206,20 @@ class ForkServerExecutor:
                     "source": m.source,
                     "readonly": m.readonly,
                     "options": list(m.options),
+                    "subpath": m.subpath,
+                    "lowerdirs": list(m.lowerdirs),
+                    "upperdir": m.upperdir,
+                    "workdir": m.workdir,
+                    # secret bytes travel as a memfd (see run), never in this message
+                    "data_fd": secret_index.get(i),
+                    "mode": m.mode,
+                    "uid": m.uid,
+                    "gid": m.gid,
                 }
-                for m in request.mounts
+                for i, m in enumerate(request.mounts)
             ],
             "network": request.network,
+            "security": request.security,
             "hostname": request.hostname,
             "extra_hosts": list(request.extra_hosts),
         }
@@ -258,7 +292,8 @@ class ForkServerExecutor:
                             continue
                         event = json.loads(message)
                         if "pid" in event:
-                            run.pid = event["pid"]
+                            # A PID from the server's own PID namespace is not ours.
+                            run.pid = None if event.get("local") else event["pid"]
                             run.pidfd = fds[0] if fds else None
                             if self._closed:
                                 run.kill()
@@ -288,12 +323,14 @@ class NamespaceExecutor(ForkServerExecutor):
     name = "namespace"
     sandbox = "namespace"
 
-    def __init__(self, *, rootless: bool = False) -> None:
-        if rootless:
-            raise ExecutorError("rootless operation is not implemented yet; run as root")
+    def __init__(self) -> None:
+        from dockbuild.engine.executor.rootless import in_user_namespace
+
         if os.geteuid() != 0:
             raise ExecutorError(
-                "the namespace executor needs root (rootless operation is not implemented yet)",
-                hint="run dockbuild as root, or use --executor chroot",
+                "the namespace executor needs root, or a user namespace of its own "
+                "(the dockbuild command enters one by itself when run by a non-root user)",
+                hint="run the dockbuild command, or use unshare --user --map-root-user",
             )
         super().__init__()
+        self.userxattr = in_user_namespace()

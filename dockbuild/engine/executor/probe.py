@@ -30,7 +30,7 @@ def _probe_namespaces() -> tuple[bool, str]:
     from dockbuild.engine.executor.namespace import FORKSERVER
 
     if os.geteuid() != 0:
-        return False, "not running as root (rootless operation is not implemented yet)"
+        return False, "not root and not in a user namespace"
     try:
         done = subprocess.run(
             [sys.executable, "-I", "-S", str(FORKSERVER), "--probe"],
@@ -42,6 +42,11 @@ def _probe_namespaces() -> tuple[bool, str]:
     except (OSError, ValueError, subprocess.TimeoutExpired) as e:
         return False, f"the namespace probe failed: {e}"
     if answer["namespaces"]:
+        if answer.get("proc") == "bind":
+            return True, (
+                "unshare(mount|pid|ipc|uts) works; /proc is masked (a container), so RUN "
+                "steps see a bind of it instead of a fresh one"
+            )
         return True, "root, and unshare(mount|pid|ipc|uts) with a fresh /proc works"
     return False, f"namespaces are not available: {answer['reason']}"
 
@@ -55,9 +60,60 @@ def describe(name: str | None = None) -> dict[str, object]:
         info["reason"] = "chosen explicitly"
         if requested not in NAMES:
             info["error"] = f"unknown executor {requested!r}"
+        elif requested == "runc":
+            import shutil
+
+            info["runc"] = shutil.which("runc")
         return info
+    from dockbuild.engine.executor import rootless
+
+    mode = rootless.mode()
+    if os.geteuid() != 0:
+        # The dockbuild command re-runs a build in a user namespace (rootless.reexec).
+        plan = rootless.plan()
+        info["rootless"] = plan
+        command = plan.get("command")
+        refused = ""
+        if isinstance(command, list):
+            done = subprocess.run([*command[:3], "true"], capture_output=True, check=False)
+            if done.returncode != 0:
+                refused = done.stderr.decode(errors="replace").strip() or "unshare failed"
+        if "error" in plan or refused:
+            reason = str(plan.get("error") or f"user namespaces are refused here ({refused})")
+            info.update(executor=None, reason=reason, error="no way to run RUN steps here")
+        else:
+            info.update(
+                executor="namespace",
+                reason=f"not root: builds run in a user namespace ({plan['map']} id mapping, "
+                "overlay with userxattr)",
+            )
+            if "warning" in plan:
+                info["warning"] = plan["warning"]
+        return info
+    if os.geteuid() == 0 and rootless.lacks_sys_admin() and not rootless.in_user_namespace():
+        # Container root without CAP_SYS_ADMIN: `dockbuild build` enters a user namespace
+        # of its own first (rootless.enter_as_root) when seccomp lets it.
+        import shutil
+
+        unshare = shutil.which("unshare")
+        if unshare and subprocess.run([unshare, "--user", "true"], capture_output=True).returncode == 0:
+            info["rootless"] = {"map": "root"}
+            info.update(
+                executor="namespace",
+                reason="root without CAP_SYS_ADMIN (a container): builds run in a user "
+                "namespace of their own, ids 0-65535 mapped to themselves",
+            )
+            return info
     works, reason = _probe_namespaces()
     info["namespaces"] = works
+    if mode in ("subuid", "single", "root"):
+        info["rootless"] = {"map": mode}
+        reason = f"in dockbuild's user namespace ({mode} id mapping, overlay with userxattr): {reason}"
+    elif os.geteuid() == 0 and rootless.lacks_sys_admin() and not rootless.in_user_namespace():
+        reason += (
+            "; root without CAP_SYS_ADMIN: `dockbuild build` enters a user namespace of its "
+            "own when seccomp allows it (docker: --security-opt seccomp=unconfined)"
+        )
     if works:
         info.update(executor="namespace", reason=reason)
     elif os.geteuid() == 0:
@@ -87,11 +143,13 @@ def get_executor(name: str | None = None) -> Executor:
             raise ExecutorError(f"{info['error']}: {info['reason']}", hint=LOCKED_DOWN_HINT)
         raise ExecutorError(str(info["error"]), hint=f"choose one of {', '.join(NAMES)}")
     if "warning" in info:
-        log.warning("%s", info["warning"])
+        log.warning("WARNING: %s", info["warning"])
     if chosen == "namespace":
         return NamespaceExecutor()
     if chosen == "chroot":
         executor = ChrootExecutor()
         executor.warning = str(info["warning"]) if "warning" in info else None
         return executor
-    raise ExecutorError("runc executor is not implemented yet", hint="use --executor namespace")
+    from dockbuild.engine.executor.runc import RuncExecutor
+
+    return RuncExecutor()

@@ -252,11 +252,13 @@ class _HashingReader:
 
 def _unpack_verified(blob: Path, dest: Path) -> str:
     from dockbuild.engine import archive
+    from dockbuild.engine.executor.rootless import in_user_namespace
 
     dest.mkdir()
     with archive.open_blob(blob) as stream:
         reader = _HashingReader(stream)
-        archive.unpack_layer(reader, dest)
+        # In a user namespace (rootless), ownership and opaque dirs take the rootless path.
+        archive.unpack_layer(reader, dest, rootless=in_user_namespace())
         while reader.read(1 << 20):  # tar padding after the end-of-archive marker
             pass
     return "sha256:" + reader.sha.hexdigest()

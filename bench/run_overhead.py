@@ -1,0 +1,100 @@
+"""Per-RUN overhead through the real CLI: a Dockerfile of 50 ``RUN true`` steps, cold.
+
+    .venv/bin/python bench/run_overhead.py [--steps 50] [--rounds 3] [--executor namespace]
+                                           [--user NAME]
+
+Each round uses a fresh cache root: a first build of ``FROM busybox`` alone unpacks the
+base image, a cached rebuild of it measures the fixed cost (start-up, resolving, export),
+then the build with the RUN steps runs every step cold. Per step = (build - fixed) / steps.
+``--user`` runs dockbuild as that (unprivileged) user, for the rootless figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKBUILD = str(Path(sys.executable).with_name("dockbuild"))
+BUSYBOX = REPO / "testdata" / "images" / "busybox"
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr.decode(errors='replace')}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--executor", default=None)
+    parser.add_argument("--user", default=None, help="run dockbuild as this user (rootless)")
+    options = parser.parse_args()
+    base = tempfile.mkdtemp(prefix="dockbuild-bench-")
+    os.chmod(base, 0o755)
+    try:
+        empty = Path(base, "empty")
+        steps = Path(base, "steps")
+        for ctx, body in ((empty, ""), (steps, "RUN true\n" * options.steps)):
+            ctx.mkdir()
+            (ctx / "Dockerfile").write_text("FROM busybox\n" + body)
+        per_step = []
+        for round_ in range(options.rounds):
+            root = Path(base, f"root{round_}")
+            prefix: list[str] = []
+            command = [DOCKBUILD]
+            env = dict(os.environ, DOCKBUILD_ROOT=str(root))
+            if options.user:
+                root.mkdir()
+                shutil.chown(root, options.user)
+                prefix = ["runuser", "-u", options.user, "--"]
+                # The venv's interpreter may sit in a private home: use the system one
+                # of the same version with the venv's packages.
+                site = (
+                    Path(sys.executable).parents[1]
+                    / "lib"
+                    / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+                    / "site-packages"
+                )
+                python = shutil.which(
+                    f"python{sys.version_info[0]}.{sys.version_info[1]}", path="/usr/bin"
+                )
+                command = [python or "/usr/bin/python3", "-m", "dockbuild"]
+                env.update(PYTHONPATH=f"{REPO}:{site}", HOME=base)
+            args = ["--progress=quiet", "--build-context", f"busybox=oci-layout://{BUSYBOX}"]
+            if options.executor:
+                args += ["--executor", options.executor]
+            cmd = [*prefix, *command, *args]
+            timed([*cmd, str(empty)], env)  # unpack the base image
+            fixed = min(timed([*cmd, str(empty)], env) for _ in range(3))
+            total = timed([*cmd, str(steps)], env)
+            per_step.append((total - fixed) / options.steps * 1000)
+            print(
+                f"round {round_ + 1}: {options.steps} steps in {total * 1000:.0f} ms, "
+                f"fixed {fixed * 1000:.0f} ms -> {per_step[-1]:.1f} ms per RUN"
+            )
+        who = f"as {options.user}" if options.user else f"as uid {os.geteuid()}"
+        print(
+            f"executor={options.executor or 'auto'} {who}: per RUN median "
+            f"{statistics.median(per_step):.1f} ms (min {min(per_step):.1f}, max {max(per_step):.1f})"
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

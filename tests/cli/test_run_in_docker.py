@@ -1,0 +1,172 @@
+"""dockbuild inside docker containers, against the real dockerd.
+
+The container image is empty apart from a passwd file: the host's /usr (Python 3.11,
+util-linux) and this checkout are mounted read-only, and the cache root is a volume
+(a container's own overlayfs cannot hold overlay upper dirs), as the docs ask.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clitools import REPO, require_docker
+
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+]
+
+IMAGE = f"dockbuild-test-hostfs:{os.getpid()}"
+UNCONFINED = ("--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined")
+SITE = (
+    Path(sys.executable).parents[1]
+    / "lib"
+    / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    / "site-packages"
+)
+DOCKERFILE = """\
+FROM busybox
+RUN touch /a /b && chown 1000:1000 /a && chown 65534:65534 /b \\
+ && mkdir -p /d/opq && touch /d/opq/x /d/gone && id -u > /whoami
+RUN rm -rf /d/opq /d/gone && mkdir /d/opq && touch /d/opq/y
+"""
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    require_docker()
+    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not Path(python).exists():
+        pytest.skip(f"no {python} to run inside the container")
+    root = tmp_path_factory.mktemp("hostfs")
+    for d in ("etc", "tmp", "usr", "proc", "sys", "dev", "work", "vol", "home/builder"):
+        (root / d).mkdir(parents=True)
+    os.chmod(root / "tmp", 0o1777)
+    for link in ("bin", "sbin", "lib", "lib64"):
+        (root / link).symlink_to(f"usr/{link}")
+    (root / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1000::/home/builder:/bin/sh\n"
+    )
+    (root / "etc" / "group").write_text("root:x:0:\nbuilder:x:1000:\n")
+    tar = subprocess.run(
+        ["tar", "-C", str(root), "-c", "."], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["docker", "import", "-", IMAGE], input=tar, capture_output=True, check=True)
+    try:
+        yield IMAGE
+    finally:
+        subprocess.run(["docker", "rmi", "-f", IMAGE], capture_output=True, check=False)
+
+
+@pytest.fixture
+def vol(tmp_path: Path, busybox_layout: Path) -> Iterator[Path]:
+    path = tmp_path / "vol"
+    path.mkdir()
+    shutil.copytree(busybox_layout, path / "busybox")
+    (path / "ctx").mkdir()
+    (path / "ctx" / "Dockerfile").write_text(DOCKERFILE)
+    subprocess.run(["chmod", "-R", "a+rwX", str(path)], check=True)
+    yield path
+    # Files of other ids made in the container: removed by root here.
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def docker_dockbuild(
+    image: str, vol: Path, *args: str, user: str = "0", options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    return subprocess.run(
+        ["docker", "run", "--rm", "--user", user, *options,
+         "-v", "/usr:/usr:ro", "-v", f"{REPO}:{REPO}:ro", "-v", f"{SITE}:{SITE}:ro", "-v", f"{vol}:/vol",
+         "-e", f"PYTHONPATH={REPO}:{SITE}", "-e", "DOCKBUILD_ROOT=/vol/cache", "-e", "HOME=/tmp",
+         "-w", "/tmp", image, python, "-m", "dockbuild", *args],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def layers(archive: Path, skip: int = 1) -> list[dict[str, tuple[int, int]]]:
+    """The layers' entries (name -> uid, gid), without the first ``skip`` (the base)."""
+    outer = tarfile.open(archive)  # noqa: SIM115
+
+    def blob(digest: str) -> bytes:
+        return outer.extractfile("blobs/sha256/" + digest.split(":")[1]).read()  # type: ignore[union-attr]
+
+    index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
+    manifest = json.loads(blob(index["manifests"][0]["digest"]))
+    out = []
+    for d in manifest["layers"][skip:]:
+        layer = tarfile.open(fileobj=io.BytesIO(blob(d["digest"])))  # noqa: SIM115
+        out.append({m.name: (m.uid, m.gid) for m in layer.getmembers()})
+    return out
+
+
+BUILD = (
+    "--progress=plain",
+    "--build-context",
+    "busybox=oci-layout:///vol/busybox",
+    "-o",
+    "type=oci,dest=/vol/out.tar",
+    "/vol/ctx",
+)
+
+
+def _check_image(vol: Path) -> None:
+    first, second = layers(vol / "out.tar")
+    assert first["a"] == (1000, 1000) and first["b"] == (65534, 65534)
+    assert "d/.wh.gone" in second and "d/opq/y" in second
+    assert "d/opq/.wh.x" in second or "d/opq/.wh..wh..opq" in second
+
+
+def test_root_in_an_unconfined_container_builds_in_a_sandbox(image: str, vol: Path) -> None:
+    info = docker_dockbuild(image, vol, "debug", "info", options=UNCONFINED)
+    assert json.loads(info.stdout)["executor"]["executor"] == "namespace", info.stdout
+    run = docker_dockbuild(image, vol, *BUILD, options=UNCONFINED)
+    assert run.returncode == 0, run.stderr
+    assert "bare chroot" not in run.stderr
+    _check_image(vol)
+
+
+def test_root_in_a_default_container_falls_back_to_chroot_with_a_warning(
+    image: str, vol: Path
+) -> None:
+    run = docker_dockbuild(image, vol, *BUILD)
+    assert run.returncode == 0, run.stderr
+    assert "bare chroot without any sandbox" in run.stderr
+    assert "--security-opt seccomp=unconfined" in run.stderr
+    _check_image(vol)
+
+
+def test_a_user_in_an_unconfined_container_builds_with_one_id(image: str, vol: Path) -> None:
+    shutil.copy2("/bin/busybox", vol / "busybox-bin")
+    (vol / "ctx" / "Dockerfile").write_text(
+        "FROM scratch\n"
+        "RUN --mount=from=tools,source=busybox-bin,target=/busybox"
+        ' ["/busybox", "sh", "-c", "/busybox id -u > /whoami"]\n'
+    )
+    run = docker_dockbuild(
+        image, vol, "--progress=plain", "--build-context", "tools=/vol", "-o",
+        "type=oci,dest=/vol/out.tar", "/vol/ctx", user="1000", options=UNCONFINED,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "single-ID mapping" in run.stderr
+    (layer,) = layers(vol / "out.tar", skip=0)
+    assert "whoami" in layer
+
+
+def test_a_user_in_a_default_container_gets_an_error_naming_the_flags(
+    image: str, vol: Path
+) -> None:
+    run = docker_dockbuild(image, vol, *BUILD, user="1000")
+    assert run.returncode == 1
+    assert "no way to run RUN steps here" in run.stderr
+    assert "--security-opt seccomp=unconfined --security-opt apparmor=unconfined" in run.stderr
+    assert "Traceback" not in run.stderr
