@@ -30,11 +30,22 @@ class BuildRequest:
     quiet: bool = False
     no_cache: bool = False
     pull: bool = False
+    no_cache_filter: list[str] = field(default_factory=list)  # stage names
+    explain_cache: bool = False
+    cache_from: list[str] = field(default_factory=list)  # --cache-from specs
+    cache_to: list[str] = field(default_factory=list)  # --cache-to specs
     platform: str | None = None
     executor: str | None = None
     network: str = "default"
+    secrets: list[str] = field(default_factory=list)  # --secret values
+    ssh: list[str] = field(default_factory=list)  # --ssh values
+    allow: list[str] = field(default_factory=list)  # --allow entitlements
     iidfile: str | None = None
     metadata_file: str | None = None
+    check: bool = False  # --check: run the build checks only
+    push: bool = False
+    load: bool = False
+    squash: bool = False
 
 
 @dataclass
@@ -53,21 +64,27 @@ HOST_PLATFORM = "linux/amd64"
 
 
 def _inputs(request: BuildRequest) -> _Inputs:
+    from dockbuild.engine.sources import context as remote_context
     from dockbuild.frontend.dockerignore import parse_dockerignore
 
-    if request.context == "-":
-        raise DockbuildError("a build context on stdin is not supported yet", hint="pass a directory")
-    ctx = Path(request.context)
+    keep_git = request.build_args.get("BUILDKIT_CONTEXT_KEEP_GIT_DIR") in ("1", "true")
+    remote = remote_context.is_remote(request.context)
+    # A tar on stdin (`-`), a git URL or an HTTP tarball becomes a temporary directory.
+    ctx = remote_context.load_context(request.context, keep_git) if remote else Path(request.context)
     if not ctx.is_dir():
         raise DockbuildError(f"unable to prepare context: path {request.context!r} not found")
-    if request.dockerfile:
+    if request.dockerfile and remote and not Path(request.dockerfile).is_absolute():
+        df = ctx / request.dockerfile  # -f names a file inside a remote context
+    elif request.dockerfile:
         df = Path(request.dockerfile)
     else:
         df = ctx / "Dockerfile"
         if not df.exists() and (ctx / "dockerfile").exists():
             df = ctx / "dockerfile"
     try:
-        text = df.read_bytes()
+        text = _read_dockerfile(request, df)
+        if request.dockerfile == "-":
+            df = Path("-")  # no Dockerfile.dockerignore for stdin: the context's applies
     except OSError as e:
         raise DockbuildError(
             f"failed to read dockerfile: open {df}: {e.strerror.lower()}"
@@ -88,13 +105,16 @@ def _inputs(request: BuildRequest) -> _Inputs:
             layouts[name] = (Path(path), tag, digest)
         elif value.startswith("docker-image://"):
             images[name] = value[len("docker-image://") :]
+        elif remote_context.is_remote(value) and value != "-":
+            locals_[name] = remote_context.load_context(value, keep_git)  # git URL, HTTP tar
         elif "://" in value:
             raise DockbuildError(f"build context {name}={value}: this kind of context is not supported yet")
         else:
             if not Path(value).is_dir():
                 raise DockbuildError(f"build context {name}={value}: not a directory")
             locals_[name] = Path(value)
-    return _Inputs(str(df), text, tuple(patterns), locals_, layouts, images)
+    name = STDIN_DOCKERFILE_NAME if request.dockerfile == "-" else str(df)
+    return _Inputs(name, text, tuple(patterns), locals_, layouts, images)
 
 
 def _split_layout(text: str) -> tuple[str, str | None, str | None]:
@@ -143,6 +163,7 @@ def _frontend_definition(request: BuildRequest, inputs: _Inputs, sources: Any) -
         network=request.network,
         exclude_patterns=inputs.ignore_patterns,
         dockerfile_name=inputs.dockerfile_name,
+        all_stages=request.check and request.target is None,
     )
     return convert.dockerfile_to_llb(
         inputs.dockerfile_text, options, resolve_named=resolve, resolve_image=resolve_image
@@ -170,7 +191,7 @@ def definition(request: BuildRequest) -> dict[str, Any]:
 def build(request: BuildRequest) -> None:
     from dockbuild.engine.solver import SolveOptions, Solver
     from dockbuild.engine.sources.image import ImageSources
-    from dockbuild.engine.sources.local import LocalDir
+    from dockbuild.engine.sources.local import FileDigests, LocalDir
     from dockbuild.engine.store import Store
     from dockbuild.outputs import export
     from dockbuild.progress import make_progress
@@ -179,8 +200,17 @@ def build(request: BuildRequest) -> None:
     if platform != HOST_PLATFORM:
         raise DockbuildError(f"platform {platform} is not supported yet", hint=f"use {HOST_PLATFORM}")
     outputs = export.parse_outputs(
-        request.outputs, tags=request.tags, stdout_is_tty=sys.stdout.isatty()
+        request.outputs,
+        tags=request.tags,
+        stdout_is_tty=sys.stdout.isatty(),
+        push=request.push,
+        load=request.load,
     )
+    epoch = export.source_date_epoch(request.build_args)
+    from dockbuild.engine import cacheio
+
+    cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
+    cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
     progress = make_progress(request.progress)
     store = Store()
     solver = None
@@ -192,11 +222,17 @@ def build(request: BuildRequest) -> None:
         sources = ImageSources(
             store, {k: v[0] for k, v in inputs.layouts.items()}, pull=request.pull
         )
+        run_options = _run_options(request)
         result = _frontend_definition(request, inputs, sources)
+        from dockbuild.engine.mounts import check_entitlements
+
+        check_entitlements(result.root, run_options["allow"])
         for warning in result.warnings:
             progress.message(warning)
+        # Context file digests persist in the cache db: an unchanged context is a stat walk.
+        digests = FileDigests(store.root / "db.sqlite")
         locals_ = {
-            name: LocalDir(path, inputs.ignore_patterns if name == "context" else ())
+            name: LocalDir(path, inputs.ignore_patterns if name == "context" else _own_ignore(path), digests)
             for name, path in inputs.local_dirs.items()
         }
         solver = Solver(
@@ -205,16 +241,41 @@ def build(request: BuildRequest) -> None:
             locals_,
             sources,
             lambda: _executor(request.executor),
-            SolveOptions(no_cache=request.no_cache),
+            SolveOptions(
+                no_cache=request.no_cache,
+                no_cache_ops=_no_cache_ops(request, inputs, result.root, progress),
+                explain=request.explain_cache,
+                max_parallel=_max_parallelism(),
+                **run_options,
+            ),
         )
+        if cache_from:
+            cacheio.import_cache(store, solver, result.root, cache_from, progress)
         state = solver.solve(result.root)
         config = export.finish_config(result.image_config, result.history_ops, solver)
-        image = export.Image(state=state, config=config, layer_paths=solver.layer_paths(state))
+        if any(spec.type == "inline" for spec in cache_to):
+            if request.squash:
+                progress.message("WARNING: --cache-to type=inline is ignored with --squash")
+            else:
+                config = cacheio.with_inline_cache(
+                    config, cacheio.inline_metadata(store, solver, result.root, state)
+                )
+        image = export.Image(
+            state=state,
+            config=config,
+            layer_paths=solver.layer_paths(state),
+            base_layers=export.base_layer_count(config, result.history_ops, len(state)),
+            epoch=epoch,
+            squash=request.squash,
+        )
         ids = export.export_all(store, image, outputs, progress)
         if request.iidfile and ids.image_id:
             export.write_atomic(Path(request.iidfile), ids.image_id.encode())
         if request.metadata_file:
             export.write_metadata(Path(request.metadata_file), ids)
+        if cache_to:
+            cacheio.export_cache(store, solver, result.root, cache_to, progress)
+        _collect_garbage(store, progress)
         if not outputs:
             progress.message(
                 "Build result kept in the cache (no output requested). "
@@ -234,21 +295,162 @@ def build(request: BuildRequest) -> None:
         print(ids.image_id)
 
 
+def _collect_garbage(store: Any, progress: Any) -> None:
+    """Keep the cache in bounds after a build (the policy of config.toml); skipped while
+    another build uses the cache, and never a reason for the build to fail."""
+    from dockbuild import config
+    from dockbuild.engine import gc
+
+    try:
+        result = gc.collect(store, config.gc_config())
+    except DockbuildError as e:
+        progress.message(f"WARNING: cache garbage collection skipped: {e.message}")
+        return
+    except OSError as e:
+        progress.message(f"WARNING: cache garbage collection failed: {e}")
+        return
+    if result is not None and result.removed:
+        progress.message(
+            f"cache GC: removed {len(result.removed)} records, freed {gc.human_size(result.freed)}"
+        )
+
+
+def _no_cache_ops(request: BuildRequest, inputs: _Inputs, root: Any, progress: Any) -> frozenset[str]:
+    """The ops of the stages --no-cache-filter names (found by their step names)."""
+    import re
+
+    from dockbuild import llb
+    from dockbuild.frontend import instructions, parser
+
+    if not request.no_cache_filter:
+        return frozenset()
+    if request.no_cache:
+        raise DockbuildError("--no-cache and --no-cache-filter cannot currently be used together")
+    specs, _ = instructions.parse_stages(parser.parse(inputs.dockerfile_text))
+    wanted: set[str] = set()
+    for name in request.no_cache_filter:
+        match = [s for s in specs if (s.name or "").lower() == name.lower() or str(s.index) == name]
+        if not match:
+            progress.message(f"WARNING: --no-cache-filter {name}: no stage of that name")
+        wanted |= {s.name or f"stage-{s.index}" for s in match}
+        if len(specs) == 1 and match:
+            wanted.add("")  # a single stage's steps carry no stage name
+    step = re.compile(r"^\[(?:(\S+) )?\d+/\d+\] (\S+)")
+    digests = set()
+    for op in llb.walk(root):
+        m = step.match(getattr(op, "name", "") or "")
+        if m and (m.group(1) or "") in wanted and m.group(2).upper() != "FROM":
+            digests.add(op.digest)
+    return frozenset(digests)
+
+
+def _run_options(request: BuildRequest) -> dict[str, Any]:
+    """--secret, --ssh and --allow, checked before anything runs (engine/mounts.py uses them)."""
+    from dockbuild.engine.mounts import ENTITLEMENTS
+    from dockbuild.secrets import parse_secret, parse_ssh
+
+    for entitlement in request.allow:
+        if entitlement not in ENTITLEMENTS:
+            raise DockbuildError(
+                f"invalid --allow {entitlement!r}", hint=f"one of {', '.join(ENTITLEMENTS)}"
+            )
+    secrets = {s.id: s for s in map(parse_secret, request.secrets)}
+    ssh = {s.id: s for s in map(parse_ssh, request.ssh)}
+    allow = set(request.allow)
+    if request.network == "host":
+        allow.add("network.host")  # as buildx: the build-wide flag is the user's grant
+    return {"secrets": secrets, "ssh": ssh, "allow": frozenset(allow)}
+
+
+def _own_ignore(path: Path) -> tuple[str, ...]:
+    """A named local context's own .dockerignore (BuildKit's namedcontext.go)."""
+    from dockbuild.frontend.dockerignore import parse_dockerignore
+
+    ignore_file = path / ".dockerignore"
+    return tuple(parse_dockerignore(ignore_file.read_bytes())) if ignore_file.is_file() else ()
+
+
+def _max_parallelism() -> int:
+    """How many steps run at once: ``[worker.oci] max-parallelism`` in the config file
+    (buildkitd.toml's name), else the number of CPUs."""
+    from dockbuild import config
+
+    worker = config.load().get("worker") or {}
+    value = (worker.get("oci") or {}).get("max-parallelism") if isinstance(worker, dict) else None
+    if value is None:
+        return os.cpu_count() or 2
+    if not isinstance(value, int) or value < 1:
+        raise DockbuildError(f"config: [worker.oci] max-parallelism must be a positive integer, not {value!r}")
+    return value
+
+
 def _executor(name: str | None) -> Any:
     from dockbuild.engine.executor import get_executor
 
     return get_executor(name)
 
 
+# Dockerfiles read from stdin (`-f -`), by the name their errors carry, for snippets.
+_STDIN_DOCKERFILES: dict[str, bytes] = {}
+STDIN_DOCKERFILE_NAME = "Dockerfile (stdin)"
+
+
+def _read_dockerfile(request: BuildRequest, df: Path) -> bytes:
+    """The Dockerfile's bytes: the file, or stdin for ``-f -``."""
+    if request.dockerfile != "-":
+        return df.read_bytes()
+    if request.context == "-":
+        raise DockbuildError(
+            "the Dockerfile and the build context cannot both be read from stdin",
+            hint="pass the context as a directory, or the Dockerfile with -f FILE",
+        )
+    text = sys.stdin.buffer.read()
+    _STDIN_DOCKERFILES[STDIN_DOCKERFILE_NAME] = text
+    return text
+
+
+def check(request: BuildRequest) -> list[Any]:
+    """``--check``: convert the Dockerfile (every stage unless --target) and return the
+    build-check warnings, without building anything."""
+    from dockbuild.engine.sources.image import ImageSources
+    from dockbuild.engine.store import Store
+
+    store = Store()
+    try:
+        inputs = _inputs(request)
+        sources = ImageSources(
+            store, {k: v[0] for k, v in inputs.layouts.items()}, pull=request.pull
+        )
+        return list(_frontend_definition(request, inputs, sources).checks)
+    except DockbuildError as e:
+        _attach_snippet(e)
+        raise
+    finally:
+        store.close()
+
+
+def snippet(location: Any) -> list[str]:
+    """The Dockerfile lines around a location, BuildKit style (`>>>` marks the lines)."""
+    err = DockbuildError("", location=location)
+    _attach_snippet(err)
+    return list(getattr(err, "snippet", []))
+
+
 def _attach_snippet(err: DockbuildError) -> None:
     """Give an error with a Dockerfile location the lines around it, as BuildKit shows."""
     loc = err.location
-    if loc is None or not os.path.exists(loc.filename):
+    if loc is None:
         return
-    try:
-        lines = Path(loc.filename).read_text(errors="replace").splitlines()
-    except OSError:
+    if loc.filename in _STDIN_DOCKERFILES:
+        text = _STDIN_DOCKERFILES[loc.filename].decode(errors="replace")
+    elif os.path.exists(loc.filename):
+        try:
+            text = Path(loc.filename).read_text(errors="replace")
+        except OSError:
+            return
+    else:
         return
+    lines = text.splitlines()
     end = loc.end_line or loc.start_line
     first = max(1, loc.start_line - 2)
     last = min(len(lines), end + 2)

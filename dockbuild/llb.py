@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dockbuild.errors import Location
+
 # A field that describes how to show or schedule an op, not what it computes.
 _META = {"digest": False}
 
@@ -108,6 +110,7 @@ class Mount:
     uid: int | None = None
     gid: int | None = None
     size: int | None = None  # tmpfs bytes
+    env: str = ""  # secret: also expose it as this environment variable
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,15 @@ class ExecOp(Op):
     proxy_env: tuple[str, ...] = _meta(())
     name: str = _meta()
     ignore_cache: bool = _meta(False)
+    location: Location | None = _meta(None)  # the Dockerfile lines, for errors
 
     def inputs(self) -> tuple[Op | None, ...]:
-        return tuple(m.input for m in self.mounts if m.type == "bind")
+        # A cache mount reads its ``from`` state only to seed a new cache dir.
+        return tuple(
+            m.input
+            for m in self.mounts
+            if m.type == "bind" or (m.type == "cache" and m.input is not None)
+        )
 
     @property
     def rootfs(self) -> Op | None:
@@ -160,6 +169,10 @@ class Copy:
     exclude: tuple[str, ...] = ()
     parents: bool = False
     timestamp: int | None = None  # override mtimes (SOURCE_DATE_EPOCH), None keeps
+    # ADD: extract a local tar archive (detected by content) into ``dest``.
+    attempt_unpack: bool = False
+    # COPY --parents: patterns below ``src`` whose matches keep their path from ``src``.
+    include: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -198,6 +211,7 @@ class FileOp(Op):
     actions: tuple[FileAction, ...]
     name: str = _meta()
     ignore_cache: bool = _meta(False)
+    location: Location | None = _meta(None)
 
     def inputs(self) -> tuple[Op | None, ...]:
         sources = tuple(a.source for a in self.actions if isinstance(a, Copy))

@@ -11,15 +11,17 @@ cancels everything not yet started, and is the error the build reports.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dockbuild import llb
-from dockbuild.engine import cachekeys
+from dockbuild.engine import cachekeys, explain
 from dockbuild.engine.sources.image import ImageSources
 from dockbuild.engine.sources.local import LocalDir
 from dockbuild.engine.store import Store, remove_tree
@@ -40,7 +42,32 @@ class Cancelled(DockbuildError):
 @dataclass
 class SolveOptions:
     no_cache: bool = False
+    # Digests of ops to run again whatever the cache holds (--no-cache-filter).
+    no_cache_ops: frozenset[str] = frozenset()
+    # Say, for every step that missed the cache, which of its inputs changed.
+    explain: bool = False
     max_parallel: int = field(default_factory=lambda: os.cpu_count() or 2)
+    # RUN mounts and entitlements (--secret, --ssh, --allow); see engine/mounts.py.
+    secrets: dict[str, Any] = field(default_factory=dict)
+    ssh: dict[str, Any] = field(default_factory=dict)
+    allow: frozenset[str] = frozenset()
+
+
+class _WorkSlots:
+    """The semaphore bounding parallel work; a step leaving its slot with an error marks
+    the build failed *before* the slot is free, so no waiting step starts after it."""
+
+    def __init__(self, slots: int, failed: threading.Event) -> None:
+        self._semaphore = threading.Semaphore(slots)
+        self._failed = failed
+
+    def __enter__(self) -> None:
+        self._semaphore.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is not None and not issubclass(kind, Cancelled):
+            self._failed.set()
+        self._semaphore.release()
 
 
 class Solver:
@@ -61,12 +88,20 @@ class Solver:
         self._executor: Executor | None = None
         self._executor_lock = threading.Lock()
         self.options = options or SolveOptions()
-        self.keys = cachekeys.CacheKeys(locals_)
-        self._work = threading.Semaphore(self.options.max_parallel)
+        self.keys = cachekeys.CacheKeys(locals_, store)
+        self.keys.secrets = dict(self.options.secrets)
+        self._failed = threading.Event()
+        self._work = _WorkSlots(self.options.max_parallel, self._failed)
         self._futures: dict[str, concurrent.futures.Future[State]] = {}
         self._futures_lock = threading.Lock()
-        self._failed = threading.Event()
+        self._first_error: BaseException | None = None
         self._reported: set[str] = set()  # digests already shown as CACHED
+        # Keys of steps being run again although cached: their new layer gets a fresh id,
+        # and the steps that read them are keyed by that id (see _key).
+        self._fresh: set[str] = set()
+        self._own: dict[str, str] = {}  # key -> the layer the step added, if any
+        self._solved_keys: dict[str, str] = {}  # op digest -> the key it was solved under
+        self._tainted: set[str] = set()  # ops below a step that runs despite the cache
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64)
 
     # -- public -------------------------------------------------------------------
@@ -75,16 +110,41 @@ class Solver:
         """Solve ``root``; raise the first error any step hit."""
         if root is None:
             return ()
+        for o in llb.walk(root):
+            if any(i is not None and (i.digest in self._tainted or self._ignored(i)) for i in o.inputs()):
+                self._tainted.add(o.digest)
+        future = self._solve_async(root)
         try:
-            return self._solve_async(root).result()
-        except concurrent.futures.CancelledError as e:
+            while True:
+                try:
+                    return future.result(timeout=0.05)
+                except TimeoutError:
+                    # A failure anywhere ends the build now: steps still running are
+                    # stopped by close(), steps not started never start.
+                    if self._first_error is not None:
+                        raise self._first_error from None
+        except (Cancelled, concurrent.futures.CancelledError) as e:
+            # The step that failed first is the error to report, not a cancelled one;
+            # its thread may still be on its way to recording it.
+            for _ in range(100):
+                if self._first_error is not None:
+                    raise self._first_error from None
+                time.sleep(0.05)
             raise Cancelled("build cancelled") from e
 
     def added_layer(self, op: llb.Op) -> bool:
         """Whether a solved step added a layer (a step that changed nothing adds none)."""
-        key = self.keys.key(op)
-        layers = self.store.get_record(key)
-        return bool(layers) and layers[-1] == cachekeys.layer_id(key)
+        key = self._solved_keys.get(op.digest) or self.keys.key(op)
+        if key in self._own:
+            return True
+        record = self.store.record(key)
+        if record is None:  # pruned while the steps on top of it stayed: its layer tells
+            return self.store.has_layer(cachekeys.layer_id(key))
+        if not record.layers:
+            return False
+        if record.owns:
+            return record.layers[-1] in record.owns
+        return record.layers[-1] == cachekeys.layer_id(key)  # a record without owns
 
     def layer_paths(self, state: State) -> tuple[Path, ...]:
         return tuple(self.store.layer_path(lid) for lid in state)
@@ -108,25 +168,45 @@ class Solver:
 
     def _inputs(self, ops: tuple[llb.Op | None, ...]) -> list[State]:
         futures = [self._solve_async(op) if op is not None else None for op in ops]
-        return [f.result() if f is not None else () for f in futures]
+        # The first input to fail fails this step at once, not after its siblings finish.
+        concurrent.futures.wait([f for f in futures if f is not None], return_when="FIRST_EXCEPTION")
+        states = [f.result() if f is not None else () for f in futures]
+        if self._failed.is_set():
+            raise Cancelled("cancelled after an earlier failure")
+        return states
 
     def _solve_one(self, op: llb.Op) -> State:
         if self._failed.is_set():
             raise Cancelled("cancelled after an earlier failure")
         try:
             return self._dispatch(op)
-        except BaseException:
-            self._failed.set()
+        except DockbuildError as e:
+            if e.location is None and not isinstance(e, Cancelled):
+                e.location = getattr(op, "location", None)  # the step's Dockerfile lines
+            self._fail(e)
             raise
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    def _fail(self, error: BaseException) -> None:
+        with self._futures_lock:
+            if self._first_error is None and not isinstance(error, Cancelled):
+                self._first_error = error
+        self._failed.set()
 
     def _dispatch(self, op: llb.Op) -> State:
         if isinstance(op, llb.SourceOp):
             if op.identifier.startswith("local://"):
                 return ()  # read in place through a LocalView, never copied into layers
-            return self.images.materialize(op, self.progress, self._work)
-        key = self.keys.key(op)
+            if cachekeys.is_remote(op):
+                return self._solve_remote(op)
+            state = self.images.materialize(op, self.progress, self._work)
+            self._record_image(op, state)
+            return state
         name = getattr(op, "name", "") or type(op).__name__
-        ignore = self.options.no_cache or getattr(op, "ignore_cache", False)
+        ignore = self._ignored(op)
+        key = self._key(op)
         if not ignore and (hit := self.store.get_record(key)) is not None:
             self._report_cached(op)
             return tuple(hit)
@@ -135,9 +215,121 @@ class Solver:
             if not ignore and (hit := self.store.get_record(key)) is not None:
                 self._report_cached(op)
                 return tuple(hit)
-            state = self._run(op, key, name)
-            self.store.put_record(key, list(state), name)
+            inputs = explain.fingerprint(op, self.keys, self._key_or_none)
+            why = self._explain(name, inputs, ignore) if self.options.explain else None
+            if ignore:
+                self._fresh.add(key)
+            try:
+                state = self._run(op, key, name)
+            finally:
+                if why:  # said once the inputs were solved: the explanations read top-down
+                    self.progress.message(why)
+            own = self._own.get(key)
+            self.store.put_record(
+                key, list(state), name, owns=[own] if own else [], inputs=inputs
+            )
+            if op.digest in self._tainted:
+                # Later builds without the filter read this step under its plain key: let
+                # them find the re-run's result, not the one made before it.
+                self.store.put_record(
+                    self.keys.key(op), list(state), name, owns=[own] if own else [], inputs=inputs
+                )
             return state
+
+    def _ignored(self, op: llb.Op) -> bool:
+        return (
+            self.options.no_cache
+            or op.digest in self.options.no_cache_ops
+            or bool(getattr(op, "ignore_cache", False))
+        )
+
+    def _key(self, op: llb.Op) -> str:
+        """The op's cache key. Below a step that runs again despite the cache, the key
+        also holds the layer ids its inputs solved to: a re-run's output is new, so what
+        reads it must not reuse results made from the old one."""
+        key = self.keys.key(op)
+        if op.digest in self._tainted:
+            states = self._inputs(op.inputs())
+            key = cachekeys.combine(key, *(",".join(s) for s in states))
+        self._solved_keys[op.digest] = key
+        return key
+
+    def solved_key(self, op: llb.Op) -> str:
+        """The key ``op`` was solved (or would be looked up) under."""
+        return self._key_or_none(op)
+
+    def _key_or_none(self, op: llb.Op | None) -> str:
+        if op is None:
+            return "scratch"
+        return self._solved_keys.get(op.digest) or self.keys.key(op)
+
+    def _record_image(self, op: llb.SourceOp, state: State) -> None:
+        """A record for a base image, so du, prune and GC see its layers."""
+        manifest_digest = op.identifier.rpartition("@")[2]
+        refs = [manifest_digest]
+        try:
+            manifest = json.loads(self.store.blob_path(manifest_digest).read_bytes())
+            refs.append(manifest["config"]["digest"])
+        except (OSError, ValueError, KeyError):
+            pass
+        self.store.put_record(
+            self.keys.key(op),
+            list(state),
+            getattr(op, "name", "") or op.identifier,
+            owns=list(state),
+            refs=refs,
+            inputs={"op": {"identifier": op.identifier}, "parents": [], "files": []},
+        )
+
+    def _explain(self, name: str, inputs: dict, ignore: bool) -> str:
+        if ignore:
+            reasons = ["the cache is ignored for this step (--no-cache or --no-cache-filter)"]
+        else:
+            reasons = explain.reasons(inputs, explain.previous(self.store, name))
+        return f"explain-cache: {name}: " + "; ".join(reasons)
+
+    def _solve_remote(self, op: llb.SourceOp) -> State:
+        """An HTTP or git source: fetched into a layer of its own, once per content."""
+        key = self.keys.key(op)
+        if not self.options.no_cache and (hit := self.store.get_record(key)) is not None:
+            self._report_cached(op)
+            return tuple(hit)
+        with self.store.lock(key):
+            if not self.options.no_cache and (hit := self.store.get_record(key)) is not None:
+                self._report_cached(op)
+                return tuple(hit)
+            with self._work:
+                if self._failed.is_set():  # waited for a slot while another step failed
+                    raise Cancelled("cancelled after an earlier failure")
+                vertex = self.progress.vertex(op.name or op.identifier)
+                work = self.store.tempdir("s")
+                try:
+                    layer = work / "layer"
+                    layer.mkdir()
+                    try:
+                        if op.identifier.startswith("git://"):
+                            from dockbuild.engine.sources import git
+
+                            git.materialize(op, layer)
+                        else:
+                            from dockbuild.engine.sources import http
+
+                            http.materialize(op, self.store, layer, self.options.secrets)
+                    except DockbuildError as e:
+                        vertex.error(e.message)
+                        raise
+                    state = self._commit((), layer, key)
+                    self.store.put_record(
+                        key,
+                        list(state),
+                        op.name or op.identifier,
+                        type="source.git.checkout" if op.identifier.startswith("git://") else "regular",
+                        owns=list(state),
+                    )
+                finally:
+                    remove_tree(work)
+                vertex.done()
+                return state
 
     def _report_cached(self, op: llb.Op) -> None:
         """Show a cache hit and the steps behind it as CACHED, as BuildKit does, though
@@ -169,13 +361,20 @@ class Solver:
             return self._executor
 
     def _run_exec(self, op: llb.ExecOp, key: str, name: str) -> State:
+        import contextlib
+
+        from dockbuild.engine import mounts
         from dockbuild.engine.executor import OverlayRootfs, RunRequest
 
-        if len(op.mounts) > 1:
-            kinds = ", ".join(sorted({m.type for m in op.mounts[1:]}))
-            raise DockbuildError(f"RUN --mount ({kinds}) is not supported yet")
-        (parent,) = self._inputs((op.rootfs,))
+        mounts.check_op(op, self.options.allow)
+        # The rootfs and every mount that reads a state (bind, cache from=), in parallel.
+        reads = [i for i, m in enumerate(op.mounts) if i == 0 or m.input is not None]
+        solved = self._inputs(tuple(op.mounts[i].input for i in reads))
+        states = dict(zip(reads, solved, strict=True))
+        parent = states[0]
         with self._work:
+            if self._failed.is_set():  # waited for a slot while another step failed
+                raise Cancelled("cancelled after an earlier failure")
             vertex = self.progress.vertex(name)
             work = self.store.tempdir("x")
             try:
@@ -186,35 +385,82 @@ class Solver:
                 if not lowers:  # overlayfs needs at least one lower dir: FROM scratch
                     (work / "empty").mkdir()
                     lowers = [str(work / "empty")]
-                request = RunRequest(
-                    args=op.args,
-                    env=op.env + op.proxy_env,
-                    cwd=op.cwd,
-                    rootfs=OverlayRootfs(tuple(lowers), str(upper), str(overlay_work)),
-                    user=op.user,
-                    network=op.network,
-                    hostname=op.hostname,
-                )
-                try:
-                    status = self._executor_instance().run(request, vertex.log)
-                except DockbuildError as e:
-                    vertex.error(e.message)
-                    raise
+                with contextlib.ExitStack() as stack:
+                    try:
+                        specs, extra_env = self._run_mounts().prepare(op, states, work, stack)
+                        executor = self._executor_instance()
+                        rootfs: Any = OverlayRootfs(tuple(lowers), str(upper), str(overlay_work))
+                        copied = None
+                        if getattr(executor, "sandbox", "") == "chroot":
+                            # No mounts possible: a copy of the rootfs, diffed afterwards.
+                            from dockbuild.engine.executor import PlainRootfs, copysnap
+
+                            copied = copysnap.materialize(self.layer_paths(parent), work / "root")
+                            rootfs = PlainRootfs(str(work / "root"))
+                        request = RunRequest(
+                            args=op.args,
+                            env=op.env + op.proxy_env + tuple(extra_env),
+                            cwd=op.cwd,
+                            rootfs=rootfs,
+                            user=op.user,
+                            mounts=tuple(specs),
+                            network=op.network,
+                            hostname=op.hostname,
+                            security=op.security,
+                        )
+                        status = executor.run(request, vertex.log)
+                        if copied is not None and status == 0:
+                            copysnap.diff(work / "root", copied, upper)
+                    except DockbuildError as e:
+                        vertex.error(e.message)
+                        raise
                 if status != 0:
                     err = ExecError(_shell_words(op.args), status, list(vertex.tail))
                     vertex.error(err.message)
                     raise err
                 state = self._commit(parent, upper, key)
-            finally:
+            except BaseException:
+                remove_tree(work)
+                raise
+            # Emptied dirs only now; removing them costs a few ms of journal I/O, so it
+            # happens beside the next step (Store.close removes whatever is left).
+            try:
+                self._pool.submit(remove_tree, work)
+            except RuntimeError:  # the solver is closing
                 remove_tree(work)
             vertex.done()
             return state
+
+    def _run_mounts(self) -> Any:
+        """The host side of RUN mounts (engine/mounts.py), made on first use."""
+        import weakref
+
+        from dockbuild.engine import mounts
+
+        with self._executor_lock:
+            run_mounts = self.__dict__.get("_mounts")
+            if run_mounts is None:
+                ssh = mounts.SSHForwarding(dict(self.options.ssh))
+                weakref.finalize(self, ssh.close)  # agents and proxies end with the build
+                run_mounts = mounts.RunMounts(
+                    cache=mounts.CacheMounts(self.store.root),
+                    secrets=dict(self.options.secrets),
+                    ssh=ssh,
+                    locals=self.locals,
+                    layer_paths=self.layer_paths,
+                    input_key=self.keys.key,
+                    cancelled=self._failed.is_set,
+                )
+                self.__dict__["_mounts"] = run_mounts
+            return run_mounts
 
     def _run_file(self, op: llb.FileOp, key: str, name: str) -> State:
         from dockbuild.engine import fileop
 
         base, *sources = self._inputs(op.inputs())
         with self._work:
+            if self._failed.is_set():  # waited for a slot while another step failed
+                raise Cancelled("cancelled after an earlier failure")
             vertex = self.progress.vertex(name)
             work = self.store.tempdir("f")
             try:
@@ -247,8 +493,12 @@ class Solver:
         """The parent chain, plus ``upper`` as a new layer unless the step changed nothing."""
         if not any(upper.iterdir()):
             return parent
-        layer_id = cachekeys.layer_id(key)
+        if key in self._fresh:  # a re-run despite the cache: never reuse the old layer
+            layer_id = cachekeys.layer_id(cachekeys.combine(key, os.urandom(16).hex()))
+        else:
+            layer_id = cachekeys.layer_id(key)
         self.store.commit_layer(layer_id, upper)
+        self._own[key] = layer_id
         return (*parent, layer_id)
 
 

@@ -58,6 +58,8 @@ MAX_CONFIG_SIZE = 16 << 20
 # Registries nest indexes rarely and shallowly; deeper means a loop or an attack.
 MAX_INDEX_DEPTH = 4
 _CHUNK = 1 << 20
+# Yielded by _blob_chunks when a ranged request got the whole blob: start over.
+_RESTART: Any = object()
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 10
@@ -345,6 +347,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def ca_file(domain: str) -> str | None:
+    """A CA certificate configured for ``domain``, as docker and podman look for one.
+
+    ``<dir>/<host[:port]>/ca.crt`` (or the first ``*.crt``) in ``$DOCKBUILD_CERTS_D``
+    (colon-separated), ``/etc/docker/certs.d``, ``/etc/containers/certs.d`` and
+    ``~/.config/containers/certs.d``.
+    """
+    dirs = [d for d in os.environ.get("DOCKBUILD_CERTS_D", "").split(":") if d]
+    dirs += [
+        "/etc/docker/certs.d",
+        "/etc/containers/certs.d",
+        str(Path.home() / ".config" / "containers" / "certs.d"),
+    ]
+    for base in dirs:
+        host_dir = Path(base) / domain
+        if (host_dir / "ca.crt").is_file():
+            return str(host_dir / "ca.crt")
+        with contextlib.suppress(OSError):
+            found = sorted(p for p in host_dir.glob("*.crt") if p.is_file())
+            if found:
+                return str(found[0])
+    return None
+
+
 class RegistryClient:
     """Pulls from registries speaking the OCI distribution API (and Docker Hub's v2).
 
@@ -386,6 +412,12 @@ class RegistryClient:
         # (domain, repository path) -> (Authorization header value, monotonic expiry)
         self._authorization: dict[tuple[str, str], tuple[str, float]] = {}
         self._plain_http: set[str] = set()
+        # What a token is asked for: pushers widen it to "pull,push" and add the
+        # repositories they mount blobs from ("repository:other/repo:pull").
+        self.scope_actions = "pull"
+        # Loopback registries found to speak TLS (they answered plain HTTP with a 400).
+        self._tls_loopback: set[str] = set()
+        self.extra_scopes: list[str] = []
 
     def close(self) -> None:
         self._session.close()
@@ -436,58 +468,63 @@ class RegistryClient:
 
         The bytes stream into a temporary file beside `dest` while being hashed; only a
         blob with the right size and digest is fsynced and renamed to `dest`. A broken
-        connection restarts the download (up to the retry limit).
+        connection resumes the download where it stopped with a ranged request (or
+        starts again if the registry ignores the range), up to the retry limit.
         """
         dest.parent.mkdir(parents=True, exist_ok=True)
         where = f"{ref.repository}@{desc.digest}"
         algorithm, _, expected = desc.digest.partition(":")
         if algorithm not in _ALGORITHMS:
             raise RegistryError(f"{where}: unsupported digest algorithm {algorithm!r}")
-        for attempt in range(self._retries + 1):
-            fd, tmp_name = tempfile.mkstemp(
-                dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"
-            )
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    hasher = _ALGORITHMS[algorithm]()
-                    size = 0
-                    # closing(): an early raise must release the connection now, not at GC.
-                    with contextlib.closing(self._blob_chunks(ref, desc)) as chunks:
-                        for chunk in chunks:
-                            size += len(chunk)
-                            if size > desc.size:
-                                raise DigestMismatchError(
-                                    f"{where}: the registry sent more than the {desc.size} bytes "
-                                    f"the manifest promises (expected {desc.digest})"
-                                )
-                            hasher.update(chunk)
-                            out.write(chunk)
-                    if size != desc.size:
-                        raise DigestMismatchError(
-                            f"{where}: size mismatch: expected {desc.size} bytes, got {size}"
-                        )
-                    actual = hasher.hexdigest()
-                    if actual != expected:
-                        raise DigestMismatchError(
-                            f"{where}: content digest mismatch: expected {desc.digest}, "
-                            f"got {algorithm}:{actual}"
-                        )
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, dest)
-                _fsync_dir(dest.parent)
-                return
-            except self._stream_errors as e:
-                tmp.unlink(missing_ok=True)
-                if attempt >= self._retries:
-                    raise RegistryError(
-                        f"{where}: download from {ref.domain} failed: {_connection_reason(e)}"
-                    ) from e
-                self._sleep(attempt, None)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                hasher = _ALGORITHMS[algorithm]()
+                size = 0
+                for attempt in range(self._retries + 1):
+                    try:
+                        # closing(): an early raise must release the connection now, not at GC.
+                        with contextlib.closing(self._blob_chunks(ref, desc, size)) as chunks:
+                            for chunk in chunks:
+                                if chunk is _RESTART:  # the range was ignored: a full body
+                                    out.seek(0)
+                                    out.truncate()
+                                    hasher = _ALGORITHMS[algorithm]()
+                                    size = 0
+                                    continue
+                                size += len(chunk)
+                                if size > desc.size:
+                                    raise DigestMismatchError(
+                                        f"{where}: the registry sent more than the {desc.size} "
+                                        f"bytes the manifest promises (expected {desc.digest})"
+                                    )
+                                hasher.update(chunk)
+                                out.write(chunk)
+                        break
+                    except self._stream_errors as e:
+                        if attempt >= self._retries:
+                            raise RegistryError(
+                                f"{where}: download from {ref.domain} failed: {_connection_reason(e)}"
+                            ) from e
+                        self._sleep(attempt, None)
+                if size != desc.size:
+                    raise DigestMismatchError(
+                        f"{where}: size mismatch: expected {desc.size} bytes, got {size}"
+                    )
+                actual = hasher.hexdigest()
+                if actual != expected:
+                    raise DigestMismatchError(
+                        f"{where}: content digest mismatch: expected {desc.digest}, "
+                        f"got {algorithm}:{actual}"
+                    )
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     # -- manifests and blobs --------------------------------------------------------
 
@@ -544,17 +581,24 @@ class RegistryClient:
         verify_digest(data, desc.digest, where)
         return data
 
-    def _blob_chunks(self, ref: Reference, desc: Descriptor) -> Iterator[bytes]:
+    def _blob_chunks(self, ref: Reference, desc: Descriptor, offset: int = 0) -> Iterator[bytes]:
+        """The blob's bytes from ``offset`` (a ranged request); when the registry answers
+        a range with the whole blob, ``_RESTART`` comes first."""
         where = f"{ref.repository}@{desc.digest}"
+        # Registries serve blobs as stored; a proxy must not re-encode them.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         response = self._request(
             ref,
             "GET",
             f"/v2/{ref.path}/blobs/{desc.digest}",
-            # Registries serve blobs as stored; a proxy must not re-encode them.
-            headers={"Accept-Encoding": "identity"},
+            headers=headers,
             what=where,
         )
         with response:
+            if offset and response.status_code != 206:
+                yield _RESTART
             # raw + decode_content=False: hash the bytes as sent, never a decoded form.
             yield from response.raw.stream(_CHUNK, decode_content=False)
 
@@ -573,7 +617,10 @@ class RegistryClient:
 
     def _base_url(self, domain: str) -> str:
         host = _api_host(domain)
-        plain = _is_loopback(domain) or domain in self._plain_http
+        # A loopback registry speaks plain HTTP, unless a CA was configured for it.
+        plain = (
+            _is_loopback(domain) and ca_file(domain) is None and domain not in self._tls_loopback
+        ) or domain in self._plain_http
         return f"{'http' if plain else 'https'}://{host}"
 
     def _request(
@@ -584,8 +631,13 @@ class RegistryClient:
         *,
         headers: Mapping[str, str],
         what: str,
+        data: bytes | None = None,
+        accept_status: frozenset[int] = frozenset(),
     ) -> requests.Response:
         """Send one API request with auth, retries and redirects; raise on failure.
+
+        ``path`` may also be an absolute URL (an upload ``Location``); statuses in
+        ``accept_status`` are returned to the caller instead of raised.
 
         A 401 is answered once by authenticating against the challenge; connection
         errors, 429 and 5xx are retried with exponential backoff.
@@ -597,9 +649,13 @@ class RegistryClient:
             authorization = self._cached_authorization(ref)
             if authorization:
                 request_headers["Authorization"] = authorization
-            url = self._base_url(ref.domain) + path
+            url = (
+                path
+                if path.startswith(("http://", "https://"))
+                else self._base_url(ref.domain) + path
+            )
             try:
-                response = self._send(method, url, request_headers, ref.domain)
+                response = self._send(method, url, request_headers, ref.domain, data)
             except (self._requests.ConnectionError, self._requests.Timeout) as e:
                 if attempt < self._retries and not isinstance(
                     e, self._requests.exceptions.SSLError
@@ -623,22 +679,23 @@ class RegistryClient:
                 self._sleep(attempt, retry_after)
                 attempt += 1
                 continue
-            if response.status_code >= 400:
+            if response.status_code >= 400 and response.status_code not in accept_status:
                 with response:
                     raise self._status_error(response, what)
             return response
 
     def _send(
-        self, method: str, url: str, headers: dict[str, str], domain: str
+        self, method: str, url: str, headers: dict[str, str], domain: str, data: bytes | None = None
     ) -> requests.Response:
         """Follow redirects by hand so Authorization never travels to another host."""
-        verify = domain not in self._insecure
+        verify: bool | str = domain not in self._insecure and (ca_file(domain) or True)
         for _ in range(_MAX_REDIRECTS):
             try:
                 response = self._session.request(
                     method,
                     url,
                     headers=headers,
+                    data=data,
                     stream=True,
                     allow_redirects=False,
                     timeout=self._timeout,
@@ -651,6 +708,17 @@ class RegistryClient:
                     url = "http://" + url.removeprefix("https://")
                     continue
                 raise
+            if (
+                response.status_code == 400
+                and url.startswith("http://")
+                and _is_loopback(domain)
+                and self._speaks_tls(url, method, response)
+            ):
+                # A loopback registry behind TLS: speak TLS to it from now on.
+                response.close()
+                self._tls_loopback.add(domain)
+                url = "https://" + url.removeprefix("http://")
+                continue
             location = response.headers.get("Location")
             if response.status_code not in _REDIRECT_STATUSES or not location:
                 return response
@@ -663,6 +731,16 @@ class RegistryClient:
                 method = "GET"
             url = target
         raise RegistryError(f"{url}: more than {_MAX_REDIRECTS} redirects")
+
+    def _speaks_tls(self, url: str, method: str, response: requests.Response) -> bool:
+        """Whether a 400 is Go's answer to plain HTTP sent to a TLS server."""
+        marker = b"HTTP request to an HTTPS server"
+        if method != "HEAD":
+            return marker in response.content[:512]
+        parts = urlsplit(url)  # a HEAD answer has no body: ask /v2/ the same way
+        probe = self._session.get(f"http://{parts.netloc}/v2/", timeout=self._timeout)
+        with probe:
+            return probe.status_code == 400 and marker in probe.content[:512]
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
         delay = self._backoff * (2**attempt)
@@ -685,7 +763,7 @@ class RegistryClient:
             token = fetch_bearer_token(
                 self._session,
                 by_scheme["bearer"],
-                [f"repository:{ref.path}:pull"],
+                [f"repository:{ref.path}:{self.scope_actions}", *self.extra_scopes],
                 credentials,
                 timeout=self._timeout,
             )
