@@ -21,10 +21,10 @@ from dockbuild import llb
 from dockbuild.engine import snapshots
 from dockbuild.engine.sources.local import (
     LocalDir,
+    glob_paths,
     has_glob,
     ignore_rules,
     is_ignored,
-    match,
     match_path,
 )
 from dockbuild.errors import DockbuildError
@@ -72,20 +72,9 @@ class SourceView:
         return "/".join(out)
 
     def glob(self, pattern: str) -> list[str]:
-        parts = [p for p in pattern.strip("/").split("/") if p not in ("", ".")]
-        found = [""]
-        for part in parts:
-            nxt = []
-            for base in found:
-                if has_glob(part):
-                    names = self.children(base)
-                    nxt += [f"{base}/{n}" if base else n for n in sorted(names) if match(part, n)]
-                else:
-                    cand = f"{base}/{part}" if base else part
-                    if self.lstat(cand) is not None:
-                        nxt.append(cand)
-            found = nxt
-        return found
+        return glob_paths(
+            pattern, lambda rel: sorted(self.children(rel)), lambda rel: self.lstat(rel) is not None
+        )
 
 
 class LocalView(SourceView):

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from dockbuild.outputs.atomic import atomic_file
+from dockbuild.atomic import atomic_file
 
 _CHUNK = 1 << 20
 

@@ -733,7 +733,7 @@ def _destination(spec: OutputSpec) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    from dockbuild.outputs.atomic import atomic_file
+    from dockbuild.atomic import atomic_file
 
     with atomic_file(path) as f:
         f.write(data)

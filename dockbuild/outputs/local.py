@@ -22,9 +22,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from dockbuild.atomic import replace_dir, syncfs
 from dockbuild.engine.archive import content_xattrs
 from dockbuild.engine.snapshots import Snapshot, walk_merged
-from dockbuild.outputs.atomic import replace_dir, syncfs
 
 
 def _layers(snapshot: Snapshot | Sequence[Path]) -> Sequence[Path]:

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from dockbuild.atomic import atomic_dir, atomic_file
 from dockbuild.errors import DockbuildError
-from dockbuild.outputs.atomic import atomic_dir, atomic_file
 from dockbuild.outputs.image import OCI_LAYOUT, ImageBlobs, layout_index
 
 _CHUNK = 1 << 20

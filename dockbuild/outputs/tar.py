@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from dockbuild.atomic import atomic_file
 from dockbuild.engine.archive import TreeTarWriter
 from dockbuild.engine.snapshots import Snapshot, walk_merged
-from dockbuild.outputs.atomic import atomic_file
 
 
 def write_rootfs_tar(

@@ -20,3 +20,11 @@ def hello(tmp_path: Path) -> Path:
     dest = tmp_path / "hello"
     shutil.copytree(REPO / "examples" / "hello", dest, symlinks=True)
     return dest
+
+
+@pytest.fixture(params=["namespace", "runc"])
+def executor(request: pytest.FixtureRequest) -> str:
+    """The same behaviour from the built-in executor and from runc."""
+    if request.param == "runc" and shutil.which("runc") is None:
+        pytest.skip("runc is not installed")
+    return request.param

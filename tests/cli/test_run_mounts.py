@@ -18,14 +18,6 @@ from clitools import DockbuildCLI, write_context
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="RUN steps need root here")
 
 
-@pytest.fixture(params=["namespace", "runc"])
-def executor(request: pytest.FixtureRequest) -> str:
-    """The same behaviour from the built-in executor and from runc."""
-    if request.param == "runc" and shutil.which("runc") is None:
-        pytest.skip("runc is not installed")
-    return request.param
-
-
 def oci_bytes(archive: Path) -> tuple[dict, list[dict], list[tarfile.TarFile], list[bytes]]:
     """(config, history, layer tars, every blob decompressed) of an OCI layout tar."""
     outer = tarfile.open(archive)  # noqa: SIM115

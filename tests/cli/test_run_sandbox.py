@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tarfile
@@ -18,14 +17,6 @@ import pytest
 from clitools import DOCKBUILD, DockbuildCLI, write_context
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="RUN steps need root here")
-
-
-@pytest.fixture(params=["namespace", "runc"])
-def executor(request: pytest.FixtureRequest) -> str:
-    """The same behaviour from the built-in executor and from runc."""
-    if request.param == "runc" and shutil.which("runc") is None:
-        pytest.skip("runc is not installed")
-    return request.param
 
 
 DEFAULT_CAPS = "00000000a80425fb"  # docker's default capability set

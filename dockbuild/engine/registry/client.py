@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 from dockbuild import __version__
+from dockbuild.atomic import fsync_dir
 from dockbuild.engine.registry.auth import (
     Challenge,
     basic_authorization,
@@ -339,14 +340,6 @@ def _error_details(response: requests.Response) -> list[tuple[str, str]]:
     ]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def ca_file(domain: str) -> str | None:
     """A CA certificate configured for ``domain``, as docker and podman look for one.
 
@@ -521,7 +514,7 @@ class RegistryClient:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -16,7 +16,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +73,28 @@ def _compile(pattern: str, doublestar: bool) -> re.Pattern[str]:
 def match(pattern: str, name: str) -> bool:
     """Go's filepath.Match."""
     return _compile(pattern, False).match(name) is not None
+
+
+def glob_paths(
+    pattern: str, names: Callable[[str], list[str]], exists: Callable[[str], bool]
+) -> list[str]:
+    """Paths of a tree matching a COPY source pattern, one component at a time.
+
+    ``names(dir)`` lists a directory (sorted), ``exists(path)`` tests a literal path;
+    both take paths relative to the tree's root ("" is the root).
+    """
+    found = [""]
+    for part in (p for p in pattern.strip("/").split("/") if p not in ("", ".")):
+        nxt: list[str] = []
+        for base in found:
+            if has_glob(part):
+                nxt += [f"{base}/{n}" if base else n for n in names(base) if match(part, n)]
+            else:
+                cand = f"{base}/{part}" if base else part
+                if exists(cand):
+                    nxt.append(cand)
+        found = nxt
+    return found
 
 
 def match_path(pattern: str, path: str) -> bool:
@@ -254,23 +276,16 @@ class LocalDir:
 
     def glob(self, pattern: str) -> list[str]:
         """Context paths matching a COPY source pattern (component by component)."""
-        parts = [p for p in pattern.strip("/").split("/") if p not in ("", ".")]
-        found = [""]
-        for part in parts:
-            nxt = []
-            for base in found:
-                if has_glob(part):
-                    try:
-                        names = sorted(os.listdir(self.host_path(base)))
-                    except (NotADirectoryError, FileNotFoundError):
-                        continue
-                    nxt += [f"{base}/{n}" if base else n for n in names if match(part, n)]
-                else:
-                    cand = f"{base}/{part}" if base else part
-                    if os.path.lexists(self.host_path(cand)):
-                        nxt.append(cand)
-            found = nxt
+        found = glob_paths(
+            pattern, self._names, lambda rel: os.path.lexists(self.host_path(rel))
+        )
         return [f for f in found if not self.ignored(f)]
+
+    def _names(self, rel: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self.host_path(rel)))
+        except (NotADirectoryError, FileNotFoundError):
+            return []
 
     def checksum(self, rels: list[str]) -> str:
         """A digest of what a step would read: each path and, for dirs, all below it."""

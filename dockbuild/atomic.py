@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -53,7 +54,7 @@ def atomic_file(dest: Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 @contextlib.contextmanager
@@ -90,4 +91,4 @@ def replace_dir(src: Path, dest: Path) -> None:
             raise
         finally:
             shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
