@@ -275,7 +275,8 @@ def build(request: BuildRequest) -> None:
             export.write_metadata(Path(request.metadata_file), ids)
         if cache_to:
             cacheio.export_cache(store, solver, result.root, cache_to, progress)
-        _collect_garbage(store, progress)
+        if store.grew:  # a build that added nothing cannot push the cache over a limit
+            _collect_garbage(store, progress)
         if not outputs:
             progress.message(
                 "Build result kept in the cache (no output requested). "

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         args.insert(0, "build")
     if os.geteuid() != 0 or args[:1] in (["build"], ["du"], ["prune"]):
         # Rootless (or root without CAP_SYS_ADMIN): the build runs in a user namespace.
-        from dockbuild.engine.executor.rootless import reexec
+        from dockbuild.userns import reexec
 
         reexec(args)
     from dockbuild.errors import DockbuildError

@@ -23,6 +23,8 @@ Other engineers may add their own sections (registry mirrors, ...); each reads i
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -43,13 +45,23 @@ def config_path() -> Path:
 
 def load() -> dict[str, Any]:
     """The whole config file as a dict ({} when there is none)."""
-    import tomllib
-
     path = config_path()
     try:
-        data = path.read_bytes()
+        st = path.stat()
     except FileNotFoundError:
         return {}
+    except OSError as e:
+        raise DockbuildError(f"cannot read config {path}: {e.strerror}") from e
+    # A build asks several times; parse once per version of the file.
+    return copy.deepcopy(_parse(path, st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(path: Path, _mtime_ns: int, _size: int) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        data = path.read_bytes()
     except OSError as e:
         raise DockbuildError(f"cannot read config {path}: {e.strerror}") from e
     try:

@@ -99,6 +99,7 @@ class Store:
         if shared:
             fcntl.flock(self._gc_fd, fcntl.LOCK_SH)
         self._tmp = self.root / "tmp" / f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.grew = False  # whether this process added a blob, layer or record
         self._tmp.mkdir()
         self._sweep_tmp()
 
@@ -137,6 +138,7 @@ class Store:
             src.unlink()
         else:
             os.replace(src, dest)
+            self.grew = True
         return digest, size
 
     def put_blob_bytes(self, data: bytes) -> str:
@@ -149,6 +151,7 @@ class Store:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
+            self.grew = True
         return digest
 
     # -- layers ------------------------------------------------------------------
@@ -158,6 +161,7 @@ class Store:
 
     def commit_layer(self, layer_id: str, src: Path, diff_id: str | None = None) -> None:
         """Rename a finished layer directory into place (first writer wins) and record it."""
+        self.grew = True
         dest = self.layer_path(layer_id)
         try:
             os.rename(src, dest)
@@ -229,6 +233,7 @@ class Store:
     ) -> None:
         """Record (or replace) what ``key`` solved to; one transaction, so a killed
         process leaves either the old record or the new one."""
+        self.grew = True
         now = time.time()
         with self._db_lock:
             self._db.execute(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,14 @@ class Executor(Protocol):
         ...
 
 
-# Re-exported last: the back ends import the types above from this package.
-from dockbuild.engine.executor.probe import describe, get_executor  # noqa: E402
+def __getattr__(name: str) -> Any:
+    # describe/get_executor load the probe (and its imports) only when a build needs an
+    # executor: every dockbuild start imports this package (the rootless check).
+    if name in ("describe", "get_executor"):
+        from dockbuild.engine.executor import probe
+
+        return getattr(probe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Executor",

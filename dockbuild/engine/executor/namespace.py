@@ -324,7 +324,7 @@ class NamespaceExecutor(ForkServerExecutor):
     sandbox = "namespace"
 
     def __init__(self) -> None:
-        from dockbuild.engine.executor.rootless import in_user_namespace
+        from dockbuild.userns import in_user_namespace
 
         if os.geteuid() != 0:
             raise ExecutorError(

@@ -65,7 +65,7 @@ def describe(name: str | None = None) -> dict[str, object]:
 
             info["runc"] = shutil.which("runc")
         return info
-    from dockbuild.engine.executor import rootless
+    from dockbuild import userns as rootless
 
     mode = rootless.mode()
     if os.geteuid() != 0:

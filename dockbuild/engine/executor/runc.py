@@ -87,7 +87,7 @@ class RuncExecutor:
             if shutil.which(tool) is None:
                 raise ExecutorError(f"the runc executor needs {tool} (util-linux)")
         self.binary = found
-        from dockbuild.engine.executor.rootless import in_user_namespace
+        from dockbuild.userns import in_user_namespace
 
         # Rootless (dockbuild's user namespace): overlayfs keeps its xattrs in user.*,
         # and sysfs can only be bound from the host.

@@ -252,7 +252,7 @@ class _HashingReader:
 
 def _unpack_verified(blob: Path, dest: Path) -> str:
     from dockbuild.engine import archive
-    from dockbuild.engine.executor.rootless import in_user_namespace
+    from dockbuild.userns import in_user_namespace
 
     dest.mkdir()
     with archive.open_blob(blob) as stream:

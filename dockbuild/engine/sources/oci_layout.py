@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dockbuild.engine.registry.client import (
+from dockbuild.engine.registry.manifest import (
     MANIFEST_TYPES,
     MAX_CONFIG_SIZE,
     MAX_INDEX_DEPTH,
