@@ -465,8 +465,9 @@ def unpack_layer(fileobj: BinaryIO, dest: Path, *, rootless: bool = False) -> No
 # --- writing -----------------------------------------------------------------------------
 
 
-class _CountingWriter:
-    """A write-only file object over ``out`` that knows its position without seeking."""
+class CountingWriter:
+    """A write-only file object over ``out`` that knows its position without seeking
+    (so tarfile can write to a pipe)."""
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
@@ -499,7 +500,7 @@ class TreeTarWriter:
         # Mode "w" on a position-counting wrapper rather than the "w|" stream mode: the
         # stream mode re-buffers every write, and pipes (stdout) cannot tell().
         self.tar = tarfile.open(  # noqa: SIM115 - closed by close()
-            fileobj=_CountingWriter(out),  # type: ignore[arg-type]
+            fileobj=CountingWriter(out),  # type: ignore[arg-type]
             mode="w",
             format=tarfile.PAX_FORMAT,
             encoding="utf-8",

@@ -17,26 +17,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dockbuild.atomic import atomic_dir, atomic_file
+from dockbuild.engine.archive import CountingWriter
 from dockbuild.errors import DockbuildError
 from dockbuild.outputs.image import OCI_LAYOUT, ImageBlobs, layout_index
 
 _CHUNK = 1 << 20
-
-
-class _PositionWriter:
-    """Write-only file object that knows its offset, so tarfile works on pipes."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-        self.pos = 0
-
-    def write(self, data: bytes) -> int:
-        self.out.write(data)
-        self.pos += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.pos
 
 
 def _blob_files(image: ImageBlobs) -> dict[str, bytes | Path]:
@@ -98,7 +83,7 @@ def write_layout_tar(files: Mapping[str, bytes | Path], out: BinaryIO) -> None:
             entries["/".join(parts[:i]) + "/"] = None
 
     # Mode "w" on a position-counting wrapper: pipes cannot tell(), and "w|" re-buffers.
-    position = _PositionWriter(out)
+    position = CountingWriter(out)
     tar = tarfile.open(fileobj=position, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]  # noqa: SIM115
     out_fd = _fileno(out)
     tar.copybufsize = _CHUNK

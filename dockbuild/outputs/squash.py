@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from dockbuild.engine import archive
-from dockbuild.outputs.oci import _PositionWriter
+from dockbuild.engine.archive import CountingWriter
 
 _WH = archive.WHITEOUT_PREFIX
 _OPQ = archive.OPAQUE_MARKER
@@ -102,7 +102,7 @@ def _merge(tars: Sequence[tarfile.TarFile], out: BinaryIO) -> None:
 
     written: set[str] = set()
     with tarfile.open(  # noqa: SIM115
-        fileobj=_PositionWriter(out),  # type: ignore[arg-type]
+        fileobj=CountingWriter(out),  # type: ignore[arg-type]
         mode="w",
         format=tarfile.PAX_FORMAT,
         encoding="utf-8",
