@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from clitools import DOCKBUILD, DockbuildCLI, require_docker, write_context
+from clitools import DOCKBUILD, DockbuildCLI, read_oci, require_docker, write_context
 
 from dockbuild import __version__
 
@@ -20,22 +20,6 @@ from dockbuild import __version__
 def _tar(data: bytes) -> tarfile.TarFile:
     """A tar held in memory: nothing to close."""
     return tarfile.open(fileobj=io.BytesIO(data))  # noqa: SIM115
-
-
-def _oci_image(archive: bytes | Path) -> tuple[dict, dict, list[tarfile.TarFile]]:
-    """(manifest, config, layer tars) of the single image in an OCI layout tar."""
-    data = archive.read_bytes() if isinstance(archive, Path) else archive
-    outer = _tar(data)
-
-    def blob(digest: str) -> bytes:
-        return outer.extractfile("blobs/sha256/" + digest.split(":")[1]).read()  # type: ignore[union-attr]
-
-    index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
-    (entry,) = index["manifests"]
-    manifest = json.loads(blob(entry["digest"]))
-    config = json.loads(blob(manifest["config"]["digest"]))
-    layers = [_tar(blob(d["digest"])) for d in manifest["layers"]]
-    return manifest, config, layers
 
 
 def _steps(stderr: str) -> dict[str, str]:
@@ -119,7 +103,8 @@ def test_oci_output_to_stdout_equals_the_file_output(
 def test_image_config_and_history_follow_the_dockerfile(
     dockbuild: DockbuildCLI, hello: Path
 ) -> None:
-    manifest, config, layers = _oci_image(dockbuild.build(hello, "-o", "type=oci").stdout)
+    image = read_oci(dockbuild.build(hello, "-o", "type=oci").stdout)
+    manifest, config, layers = image.manifest, image.config, image.layers
     cfg = config["config"]
     assert cfg["Cmd"] == ["greet"]
     assert cfg["WorkingDir"] == "/app"
@@ -253,7 +238,8 @@ def test_from_a_registry_image_pulls_over_http_and_verifies(
         tmp_path / "ctx",
         {"Dockerfile": f"FROM {busybox_ref}\nRUN cat /etc/passwd | cut -d: -f1 > /users\n"},
     )
-    _, config, layers = _oci_image(dockbuild("--progress=plain", str(ctx), "-o", "type=oci").stdout)
+    image = read_oci(dockbuild("--progress=plain", str(ctx), "-o", "type=oci").stdout)
+    config, layers = image.config, image.layers
     users = layers[-1].extractfile("users").read().decode().split()  # type: ignore[union-attr]
     assert users == ["root", "user", "nobody"] or set(users) >= {"root", "nobody"}
     assert config["config"]["Cmd"] == ["sh"]

@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from clitools import DockbuildCLI, write_context
+from clitools import DockbuildCLI, read_oci, write_context
 
 DOCKERFILE = """\
 FROM busybox
@@ -237,13 +237,7 @@ def test_hardlinks_within_a_copy_are_kept(image: Path) -> None:
 
 
 def _layers(oci_tar: Path) -> list[str]:
-    import json
-
-    with tarfile.open(oci_tar) as tf:
-        index = json.load(tf.extractfile("index.json"))  # type: ignore[arg-type]
-        manifest_digest = index["manifests"][0]["digest"].split(":")[1]
-        manifest = json.load(tf.extractfile(f"blobs/sha256/{manifest_digest}"))  # type: ignore[arg-type]
-    return [layer["digest"] for layer in manifest["layers"]]
+    return [layer["digest"] for layer in read_oci(oci_tar).manifest["layers"]]
 
 
 def test_copy_link_layer_does_not_depend_on_earlier_steps(dockbuild: DockbuildCLI, tmp_path: Path) -> None:

@@ -7,18 +7,16 @@ util-linux) and this checkout are mounted read-only, and the cache root is a vol
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clitools import REPO, require_docker
+from clitools import REPO, read_oci, require_docker
 
 pytestmark = [
     pytest.mark.docker,
@@ -95,18 +93,7 @@ def docker_dockbuild(
 
 def layers(archive: Path, skip: int = 1) -> list[dict[str, tuple[int, int]]]:
     """The layers' entries (name -> uid, gid), without the first ``skip`` (the base)."""
-    outer = tarfile.open(archive)  # noqa: SIM115
-
-    def blob(digest: str) -> bytes:
-        return outer.extractfile("blobs/sha256/" + digest.split(":")[1]).read()  # type: ignore[union-attr]
-
-    index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
-    manifest = json.loads(blob(index["manifests"][0]["digest"]))
-    out = []
-    for d in manifest["layers"][skip:]:
-        layer = tarfile.open(fileobj=io.BytesIO(blob(d["digest"])))  # noqa: SIM115
-        out.append({m.name: (m.uid, m.gid) for m in layer.getmembers()})
-    return out
+    return [{m.name: (m.uid, m.gid) for m in t.getmembers()} for t in read_oci(archive).layers[skip:]]
 
 
 BUILD = (

@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import shutil
 import subprocess
-import tarfile
 import threading
 from pathlib import Path
 
 import pytest
-from clitools import DockbuildCLI, write_context
+from clitools import DockbuildCLI, layer_files, layer_names, read_oci, write_context
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="RUN steps need root here")
-
-
-def oci_bytes(archive: Path) -> tuple[dict, list[dict], list[tarfile.TarFile], list[bytes]]:
-    """(config, history, layer tars, every blob decompressed) of an OCI layout tar."""
-    outer = tarfile.open(archive)  # noqa: SIM115
-
-    def blob(digest: str) -> bytes:
-        return outer.extractfile("blobs/sha256/" + digest.split(":")[1]).read()  # type: ignore[union-attr]
-
-    index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
-    manifest = json.loads(blob(index["manifests"][0]["digest"]))
-    config = json.loads(blob(manifest["config"]["digest"]))
-    raw_layers = [gzip.decompress(blob(d["digest"])) for d in manifest["layers"]]
-    layers = [tarfile.open(fileobj=io.BytesIO(r)) for r in raw_layers]  # noqa: SIM115
-    everything = [outer.extractfile(m).read() for m in outer.getmembers() if m.isfile()]  # type: ignore[union-attr]
-    return config, config.get("history", []), layers, everything + raw_layers
-
-
-def layer_names(layers: list[tarfile.TarFile]) -> list[str]:
-    return [m.name for layer in layers[1:] for m in layer.getmembers()]  # [0] is busybox
 
 
 def step_status(stderr: str, fragment: str) -> str:
@@ -72,13 +50,8 @@ def test_cache_mount_persists_across_builds_and_never_reaches_the_image(
     out = tmp_path / "out.tar"
     build_oci(dockbuild, ctx, out, "--executor", executor, "--build-arg", "N=1")
     build_oci(dockbuild, ctx, out, "--executor", executor, "--build-arg", "N=2")
-    _, _, layers, _ = oci_bytes(out)
-    files = {
-        m.name: layer.extractfile(m).read()
-        for layer in layers[1:]
-        for m in layer.getmembers()
-        if m.isfile()
-    }  # type: ignore[union-attr]
+    layers = read_oci(out).layers
+    files = layer_files(layers)
     assert files["seen"] == b"run-1\nrun-2\n"  # the second build saw the first one's write
     assert files["other"] == b"0\n"  # another id is another cache
     # The cache's contents are not part of the step's cache key: N=1 again is a hit.
@@ -97,7 +70,7 @@ def test_cache_mount_persists_across_builds_and_never_reaches_the_image(
         "--build-arg",
         "BUILDKIT_CACHE_MOUNT_NS=ns1",
     )
-    _, _, layers, _ = oci_bytes(out)
+    layers = read_oci(out).layers
     seen = [layer.extractfile("seen").read() for layer in layers[1:] if "seen" in layer.getnames()]  # type: ignore[union-attr]
     assert seen == [b"run-3\n"]
 
@@ -117,13 +90,8 @@ def test_cache_mount_from_a_stage_with_owner_mode_and_readonly(
     )
     out = tmp_path / "out.tar"
     build_oci(dockbuild, ctx, out)
-    _, _, layers, _ = oci_bytes(out)
-    files = {
-        m.name: layer.extractfile(m).read()
-        for layer in layers[1:]
-        for m in layer.getmembers()
-        if m.isfile()
-    }  # type: ignore[union-attr]
+    layers = read_oci(out).layers
+    files = layer_files(layers)
     assert files["out"] == b"1000 65534 710\nseeded\n"
     assert files["ro"] != b"0\n"
 
@@ -154,7 +122,7 @@ def test_cache_mount_sharing_between_concurrent_builds(
         t.join(120)
     befores = []
     for n in ("1", "2"):
-        _, _, layers, _ = oci_bytes(tmp_path / f"{n}.tar")
+        layers = read_oci(tmp_path / f"{n}.tar").layers
         (before,) = [
             layer.extractfile("before").read().decode()
             for layer in layers[1:]
@@ -192,13 +160,8 @@ def test_bind_mounts_from_context_stage_and_image(
     )
     out = tmp_path / "out.tar"
     build_oci(dockbuild, ctx, out, "--executor", executor)
-    _, _, layers, _ = oci_bytes(out)
-    files = {
-        m.name: layer.extractfile(m).read()
-        for layer in layers[1:]
-        for m in layer.getmembers()
-        if m.isfile()
-    }  # type: ignore[union-attr]
+    layers = read_oci(out).layers
+    files = layer_files(layers)
     assert files["r1"] == b"hello\n"
     assert files["r1-ls"] == b"Dockerfile\nhello.txt\n"  # .dockerignore applies, as in BuildKit
     assert files["r1-ro"] != b"0\n"  # read-only by default
@@ -223,7 +186,7 @@ def test_tmpfs_mount_has_its_size_and_leaves_nothing(
     )
     out = tmp_path / "out.tar"
     build_oci(dockbuild, ctx, out, "--executor", executor)
-    _, _, layers, _ = oci_bytes(out)
+    layers = read_oci(out).layers
     assert layer_names(layers) == ["df"]
     df = layers[1].extractfile("df").read().split()  # type: ignore[union-attr]
     assert df[0] == b"tmpfs" and df[1] == b"2048"
@@ -252,7 +215,8 @@ def test_a_secret_never_appears_in_any_byte_the_build_produces(
         "--secret", "id=envtok,env=MY_SECRET_VAR",
         env={"MY_SECRET_VAR": secret},
     )  # fmt: skip
-    config, history, layers, blobs = oci_bytes(out)
+    image = read_oci(out)
+    config, history, layers, blobs = image.config, image.history, image.layers, image.raw
     files = {
         m.name: layers[i].extractfile(m).read()
         for i in range(1, len(layers))
@@ -348,13 +312,8 @@ def test_ssh_mount_forwards_the_agent_and_key_files(
     finally:
         agent.kill()
         agent.wait()
-    _, _, layers, _ = oci_bytes(out)
-    files = {
-        m.name: layer.extractfile(m).read().decode()
-        for layer in layers[1:]
-        for m in layer.getmembers()
-        if m.isfile()
-    }  # type: ignore[union-attr]
+    layers = read_oci(out).layers
+    files = {name: data.decode() for name, data in layer_files(layers).items()}
     assert "dockbuild-test-key (ED25519)" in files["default"]
     assert files["sock"] == "/run/buildkit/ssh_agent.0\n"
     assert "dockbuild-test-key (ED25519)" in files["sock-id"]  # --ssh ID=SOCKET
@@ -389,10 +348,10 @@ def test_secret_source_is_detected_as_buildx_does(dockbuild: DockbuildCLI, tmp_p
         cwd=tmp_path,
         env={"DB_TOKEN": "from-env"},
     )
-    _, _, layers, _ = oci_bytes(out)
+    layers = read_oci(out).layers
     assert layers[-1].extractfile("got").read() == b"from-env"  # type: ignore[union-attr]
     build_oci(dockbuild, ctx, out, "--secret", "id=DB_TOKEN", "--no-cache", cwd=tmp_path)
-    _, _, layers, _ = oci_bytes(out)
+    layers = read_oci(out).layers
     assert layers[-1].extractfile("got").read() == b"from-file"  # type: ignore[union-attr]
     # Neither: a clear error before anything runs.
     failed = build_oci(dockbuild, ctx, out, "--secret", "id=NOPE_X", check=False, cwd=tmp_path)

@@ -7,21 +7,19 @@ build runs with a single-ID mapping and says so.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pwd
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from clitools import REPO
+from clitools import REPO, layer_files, read_oci
 
 needs = pytest.mark.skipif(
     os.geteuid() != 0
@@ -148,17 +146,6 @@ def _context(user: BuildUser, name: str, dockerfile: str) -> Path:
     return ctx
 
 
-def _layers(archive: Path) -> list[tarfile.TarFile]:
-    outer = tarfile.open(archive)  # noqa: SIM115
-
-    def blob(digest: str) -> bytes:
-        return outer.extractfile("blobs/sha256/" + digest.split(":")[1]).read()  # type: ignore[union-attr]
-
-    index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
-    manifest = json.loads(blob(index["manifests"][0]["digest"]))
-    return [tarfile.open(fileobj=io.BytesIO(blob(d["digest"]))) for d in manifest["layers"]]  # noqa: SIM115
-
-
 DOCKERFILE = """\
 FROM busybox
 RUN touch /a /b /c && chown 1000:1000 /a && chown 65534:65534 /b \\
@@ -195,17 +182,12 @@ def test_a_user_with_subuids_builds_like_root_with_ids_kept(
     run = ranged_user.dockbuild(*args, "-o", f"type=oci,dest={out}", str(ctx))
     assert "WARNING" not in run.stderr
     assert out.stat().st_uid == ranged_user.uid  # outputs belong to the user
-    layers = _layers(out)
+    layers = read_oci(out).layers
     first = {m.name: m for m in layers[1].getmembers()}
     assert (first["a"].uid, first["a"].gid) == (1000, 1000)
     assert (first["b"].uid, first["b"].gid) == (65534, 65534)
     assert (first["c"].uid, first["c"].gid) == (0, 0)
-    files = {
-        m.name: layer.extractfile(m).read()
-        for layer in layers[1:]
-        for m in layer.getmembers()
-        if m.isfile()
-    }  # type: ignore[union-attr]
+    files = layer_files(layers)
     assert files["whoami"] == b"0\n"
     assert files["owners"] == b"1000:1000\n65534:65534\n"
     assert files["cache-owner"] == b"1000:65534\n"
@@ -215,12 +197,7 @@ def test_a_user_with_subuids_builds_like_root_with_ids_kept(
     assert not any(name.startswith("cache") and "/" in name for name in files)
     # The cache mount persists across the user's builds.
     ranged_user.dockbuild(*args, "--no-cache", "-o", f"type=oci,dest={out}", str(ctx))
-    files = {
-        m.name: layer.extractfile(m).read()
-        for layer in _layers(out)[1:]
-        for m in layer.getmembers()
-        if m.isfile()
-    }  # type: ignore[union-attr]
+    files = layer_files(read_oci(out).layers)
     assert files["cache-log"].endswith(b"hit\nhit\n")  # shared with the other executor's run
 
 
@@ -253,7 +230,7 @@ def test_a_user_without_subuids_gets_one_id_and_a_warning(single_user: BuildUser
         f"usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {single_user.name}"
         in run.stderr
     )
-    (layer,) = _layers(out)
+    (layer,) = read_oci(out).layers
     files = {m.name: layer.extractfile(m).read() for m in layer.getmembers() if m.isfile()}  # type: ignore[union-attr]
     assert files["whoami"] == b"0\n"
     assert files["chown"] != b"0\n"  # uid 1000 does not exist in a single-ID namespace

@@ -3,42 +3,21 @@ stopping a build with Ctrl-C / SIGTERM, and exact layer diffs."""
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import signal
 import subprocess
-import tarfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from clitools import DOCKBUILD, DockbuildCLI, write_context
+from clitools import DOCKBUILD, DockbuildCLI, layer_files, read_oci, write_context
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="RUN steps need root here")
 
 
 DEFAULT_CAPS = "00000000a80425fb"  # docker's default capability set
 CAP_SYS_ADMIN = 1 << 21
-
-
-def _files(out: Path) -> tuple[list[tarfile.TarFile], dict[str, bytes]]:
-    outer = tarfile.open(out)  # noqa: SIM115
-
-    def blob(digest: str) -> bytes:
-        return outer.extractfile("blobs/sha256/" + digest.split(":")[1]).read()  # type: ignore[union-attr]
-
-    index = json.loads(outer.extractfile("index.json").read())  # type: ignore[union-attr]
-    manifest = json.loads(blob(index["manifests"][0]["digest"]))
-    layers = [tarfile.open(fileobj=io.BytesIO(blob(d["digest"]))) for d in manifest["layers"]]  # noqa: SIM115
-    files = {
-        m.name: layer.extractfile(m).read()  # type: ignore[union-attr]
-        for layer in layers[1:]
-        for m in layer.getmembers()
-        if m.isfile()
-    }
-    return layers, files
 
 
 def test_network_none_has_only_loopback_up(
@@ -53,7 +32,7 @@ def test_network_none_has_only_loopback_up(
     )
     out = tmp_path / "out.tar"
     dockbuild.build(ctx, "--executor", executor, "-o", f"type=oci,dest={out}")
-    _, files = _files(out)
+    files = layer_files(read_oci(out).layers)
     none = files["none"].decode().strip().splitlines()
     assert len(none) == 1 and ": lo:" in none[0] and "UP" in none[0], none
     assert len(files["default"].decode().strip().splitlines()) > 1  # the host's interfaces
@@ -97,7 +76,7 @@ def test_network_host_and_insecure_need_their_entitlement(
         "--allow",
         "network.host,security.insecure",
     )
-    _, files = _files(out)
+    files = layer_files(read_oci(out).layers)
     assert int(files["host"]) > 1
     assert files["sandbox"].split()[1].decode() == DEFAULT_CAPS
     assert int(files["insecure"].split()[1], 16) & CAP_SYS_ADMIN
@@ -226,7 +205,7 @@ def test_each_run_layer_is_the_exact_diff(
         "--build-context",
         f"tools={tools}",
     )
-    layers, _ = _files(out)
+    layers = read_oci(out).layers
     diff = {m.name: m for m in layers[2].getmembers()}
     assert sorted(diff) == sorted(
         ["d", "d/.wh.gone", "d/changed", "d/opq", "d/opq/.wh..wh..opq", "d/opq/new", "d/h1",
