@@ -299,10 +299,6 @@ class Store:
             ).fetchall()
         return [BlobInfo(*r) for r in rows]
 
-    def resolution_rows(self) -> list[tuple[str, str, str]]:
-        with self._db_lock:
-            return self._db.execute("SELECT ref, platform, manifest_digest FROM resolutions").fetchall()
-
     def delete_layer(self, layer_id: str) -> None:
         """Forget a layer and remove its directory. The directory first moves into this
         process's temp area, so snapshots/ never holds half a layer."""

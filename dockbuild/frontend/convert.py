@@ -999,14 +999,6 @@ def _env_dict(env: list[str]) -> dict[str, str]:
     return out
 
 
-def _set_env(env: list[str], key: str, value: str) -> None:
-    for i, item in enumerate(env):
-        if item.partition("=")[0] == key:
-            env[i] = f"{key}={value}"
-            return
-    env.append(f"{key}={value}")
-
-
 def _upper_first(text: str) -> str:
     word, sep, rest = text.partition(" ")
     return word.upper() + sep + rest

@@ -20,10 +20,6 @@ if TYPE_CHECKING:
     from dockbuild.frontend.convert import _Stage
 
 
-def is_http_source(src: str) -> bool:
-    return src.startswith(("http://", "https://")) and parse_git_ref(src) is None
-
-
 def git_source(ref: GitRef, keep_git_dir: bool, checksum: str, name: str) -> llb.SourceOp:
     attrs = [("ref", ref.ref), ("subdir", ref.subdir)]
     if keep_git_dir:

@@ -86,10 +86,6 @@ def config_media_type(oci: bool) -> str:
     return OCI_CONFIG if oci else DOCKER_CONFIG
 
 
-def index_media_type(oci: bool) -> str:
-    return OCI_INDEX if oci else DOCKER_MANIFEST_LIST
-
-
 class _HashingWriter:
     """Counts and hashes what passes through to ``out``."""
 

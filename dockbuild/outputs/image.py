@@ -278,10 +278,6 @@ class ImageBlobs:
         return sha256_digest(self.config)
 
     @property
-    def config_descriptor(self) -> Descriptor:
-        return Descriptor.from_json(self.manifest_doc["config"])
-
-    @property
     def layers(self) -> list[Descriptor]:
         return [Descriptor.from_json(d) for d in self.manifest_doc["layers"]]
 

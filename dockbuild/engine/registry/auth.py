@@ -230,10 +230,6 @@ class BearerToken:
     token: str
     expires_at: float
 
-    @property
-    def expired(self) -> bool:
-        return time.monotonic() >= self.expires_at
-
 
 def fetch_bearer_token(
     session: requests.Session,
