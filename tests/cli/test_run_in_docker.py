@@ -132,6 +132,23 @@ def test_root_in_a_default_container_falls_back_to_chroot_with_a_warning(
     _check_image(vol)
 
 
+def test_run_mounts_in_a_default_container_fail_saying_why_and_what_fixes_it(
+    image: str, vol: Path
+) -> None:
+    # A default container forbids mount(2) (no CAP_SYS_ADMIN, seccomp), so the chroot
+    # fallback cannot make any RUN mount: the build stops, naming the flags that fix it.
+    (vol / "ctx" / "Dockerfile").write_text(
+        "FROM busybox\nRUN --mount=type=tmpfs,target=/scratch touch /scratch/x\n"
+    )
+    run = docker_dockbuild(image, vol, *BUILD)
+    assert run.returncode == 1
+    assert "RUN --mount (/scratch) cannot work here" in run.stderr
+    assert "forbids mount(2)" in run.stderr
+    assert "--security-opt seccomp=unconfined --security-opt apparmor=unconfined" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (vol / "out.tar").exists()
+
+
 def test_a_user_in_an_unconfined_container_builds_with_one_id(image: str, vol: Path) -> None:
     shutil.copy2("/bin/busybox", vol / "busybox-bin")
     (vol / "ctx" / "Dockerfile").write_text(

@@ -155,6 +155,8 @@ RUN rm -rf /d/opq && mkdir /d/opq && touch /d/opq/new \\
 RUN --mount=type=cache,target=/cache,uid=1000,gid=65534 stat -c '%u:%g' /cache > /cache-owner \\
  && echo hit >> /cache/log && cat /cache/log > /cache-log
 RUN --network=none ip -o link | wc -l > /links
+RUN --mount=type=bind,from=busybox,target=/m,rw rm -rf /m/etc && mkdir /m/etc \
+ && touch /m/etc/x && ls /m/etc > /rw-bind
 """
 
 
@@ -192,6 +194,7 @@ def test_a_user_with_subuids_builds_like_root_with_ids_kept(
     assert files["owners"] == b"1000:1000\n65534:65534\n"
     assert files["cache-owner"] == b"1000:65534\n"
     assert files["links"] == b"1\n"
+    assert files["rw-bind"] == b"x\n"  # a rw bind mount's overlay can make opaque dirs
     second = [m.name for m in layers[2].getmembers()]
     assert "d/opq/.wh..wh..opq" in second and "d/opq/new" in second  # opaque dir, as root
     assert not any(name.startswith("cache") and "/" in name for name in files)

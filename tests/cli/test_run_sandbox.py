@@ -38,6 +38,42 @@ def test_network_none_has_only_loopback_up(
     assert len(files["default"].decode().strip().splitlines()) > 1  # the host's interfaces
 
 
+def test_sandbox_hostname_build_arg_applies_with_every_executor(
+    dockbuild: DockbuildCLI, tmp_path: Path, executor: str
+) -> None:
+    ctx = write_context(
+        tmp_path / "ctx",
+        {"Dockerfile": "FROM busybox\nRUN hostname > /h && cat /etc/hosts > /hosts\n"},
+    )
+    out = tmp_path / "out.tar"
+    dockbuild.build(
+        ctx, "--executor", executor, "--build-arg", "BUILDKIT_SANDBOX_HOSTNAME=foo",
+        "-o", f"type=oci,dest={out}",
+    )  # fmt: skip
+    files = layer_files(read_oci(out).layers)
+    assert files["h"] == b"foo\n"
+    assert "127.0.0.1\tlocalhost foo" in files["hosts"].decode()
+    assert "etc/hosts" not in files  # the generated file is bound, never in the layer
+
+
+def test_run_sees_default_signal_dispositions(
+    dockbuild: DockbuildCLI, tmp_path: Path, executor: str
+) -> None:
+    # Python (and the fork server) ignore SIGPIPE, SIGXFSZ and SIGINT; a RUN must not
+    # inherit that (`yes | head -1` ends because yes dies of SIGPIPE). Exec form, as
+    # busybox sh itself ignores SIGQUIT for its children: cp copies its own status.
+    ctx = write_context(
+        tmp_path / "ctx",
+        {"Dockerfile": 'FROM busybox\nRUN ["cp", "/proc/self/status", "/status"]\n'},
+    )
+    out = tmp_path / "out.tar"
+    dockbuild.build(ctx, "--executor", executor, "-o", f"type=oci,dest={out}")
+    status = layer_files(read_oci(out).layers)["status"].decode()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["SigIgn"] == "0000000000000000"
+    assert fields["SigBlk"] == "0000000000000000"
+
+
 def test_network_host_and_insecure_need_their_entitlement(
     dockbuild: DockbuildCLI, tmp_path: Path, executor: str
 ) -> None:

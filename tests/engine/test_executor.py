@@ -305,6 +305,21 @@ def test_mount_stubs_do_not_stay_in_the_upper_dir(
     assert rootfs.upper_entries() == []
 
 
+def test_mountpoints_provided_below_the_image_never_change_what_the_step_writes(
+    executor: NamespaceExecutor, rootfs: Rootfs
+) -> None:
+    # /etc/hosts and /etc/resolv.conf are missing from the image: the mountpoints come
+    # from a layer below it, so a file written into /etc copies up the image's /etc
+    # (its mode), and nothing else appears in the upper dir.
+    layer = rootfs.add_layer()
+    (layer / "etc").mkdir()
+    os.chmod(layer / "etc", 0o751)
+    code, out = sh(executor, rootfs.overlay(), "cat /etc/hosts >/dev/null && echo x > /etc/new")
+    assert code == 0, out.stderr
+    assert rootfs.upper_entries() == ["etc", "etc/new"]
+    assert stat.S_IMODE((rootfs.upper / "etc").stat().st_mode) == 0o751
+
+
 def test_etc_files_are_bound_over_existing_ones_without_copies(
     executor: NamespaceExecutor, rootfs: Rootfs
 ) -> None:

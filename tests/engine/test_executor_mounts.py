@@ -125,3 +125,50 @@ def test_a_missing_subpath_is_a_setup_error(
             executor, rootfs.overlay(), "true",
             mounts=(MountSpec("/m", "overlay", lowerdirs=(str(lower),), subpath="nope", readonly=True),),
         )  # fmt: skip
+
+
+def _mount_options(mounts: str, path: str) -> set[str]:
+    """The options of the mount that ``path`` is on, from /proc/mounts output."""
+    best = ""
+    options = ""
+    for line in mounts.splitlines():
+        target, opts = line.split()[1], line.split()[3]
+        prefix = target.rstrip("/") + "/"
+        if (path == target or path.startswith(prefix)) and len(target) >= len(best):
+            best, options = target, opts
+    return set(options.split(","))
+
+
+@pytest.mark.parametrize("security", ["sandbox", "insecure"])
+@pytest.mark.parametrize("network", ["default", "none"])
+def test_proc_sys_and_dev_for_each_security_and_network_mode(
+    executor: NamespaceExecutor | RuncExecutor,
+    tmp_path: Path,
+    lower: Path,
+    security: str,
+    network: str,
+) -> None:
+    # The sandbox masks /proc/kcore (a mount over it) and keeps /proc/sys and /sys read-only; insecure
+    # does neither; --network=none shows its own /sys/class/net (only lo).
+    rootfs = Rootfs(tmp_path, lower)
+    code, out = run(
+        executor, rootfs.overlay(),
+        "cat /proc/mounts; echo ==; ls /sys/class/net;"
+        " echo ==; ls /dev; echo ==; echo x > /dev/null && head -c 4 /dev/zero | wc -c",
+        security=security, network=network,
+    )  # fmt: skip
+    assert code == 0, out.stderr
+    mounts, net, dev, null = out.stdout.split("==\n")
+    sandbox = security == "sandbox"
+    assert ("ro" in _mount_options(mounts, "/proc/sys")) == sandbox
+    assert ("ro" in _mount_options(mounts, "/sys")) == sandbox
+    masked = {line.split()[1] for line in mounts.splitlines()} & {"/proc/kcore", "/proc/keys"}
+    assert bool(masked) == sandbox
+    if network == "none":
+        assert net.split() == ["lo"]
+    else:
+        assert len(net.split()) > 1
+    for name in ("null", "zero", "full", "random", "urandom", "tty", "pts", "shm"):
+        assert name in dev.split(), dev
+    assert null.strip() == "4"
+    assert rootfs.upper_entries() == []

@@ -3,17 +3,22 @@
 dockbuild's main process runs solver threads, and forking Python code out of a
 multi-threaded process is unsafe (locks held by other threads stay locked in the child,
 and ``unshare(CLONE_NEWUSER)`` fails with EINVAL). So :mod:`.namespace` starts this file
-once per build as a script (``python -I -S _forkserver.py FD``). It imports nothing from
-dockbuild and only the standard library, so it starts fast and stays single-threaded.
+once per build as a script (``python -I -S _forkserver.py FD SANDBOX``). It imports
+nothing from dockbuild and few standard modules (every page it holds makes each fork
+dearer), so it starts fast and stays single-threaded.
 
 Per run, the main process sends one SOCK_SEQPACKET message on the control socket: a JSON
 spec plus three descriptors (the stdout and stderr pipe write ends, and a per-run status
-socket). The server unshares a PID namespace for its next child, forks the container's
-PID 1 (then points its own future children back at its PID namespace with setns), and
-goes back to its select loop, which also reaps exited PID 1s::
+socket), and memfds for secrets. The server passes it on to a spare PID 1: a child it
+forked in advance (into a new PID namespace: unshare, fork, then setns back to its own),
+which has already made the parts of a container that need no request (its namespaces,
+the scratch tmpfs, /proc, /dev and /sys) and waits on a socket of its own. The server
+then forks the next spare while this run goes on, and goes back to its select loop,
+which also reaps exited PID 1s::
 
-    fork server ── PID 1 (unshare NS|IPC|UTS[|NET], mounts, pivot_root, drop to USER,
-                          execve the RUN command)
+    fork server ── spare PID 1 (unshare NS|IPC|UTS, scratch tmpfs, /proc, /dev, /sys;
+                   wait for a request; [unshare NET,] overlay and RUN mounts, pivot_root,
+                   drop to USER, execve the RUN command)
 
 Messages on the status socket, one JSON object each: ``{"pid": N}`` with a pidfd for
 PID 1 (so the main process can kill it), ``{"error": "..."}`` when setup failed, and
@@ -26,18 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import fcntl
+import gc
 import json
 import os
-import platform
 import selectors
 import signal
 import socket
 import stat
 import struct
 import sys
-import tempfile
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -53,8 +56,10 @@ MS_REMOUNT = 0x20
 MS_NOATIME = 0x400
 MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
+MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
 MS_RELATIME = 0x200000
 MS_STRICTATIME = 0x1000000
 MNT_DETACH = 0x2
@@ -166,6 +171,31 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
         raise SetupError(f"mounting {what} on {target}: {os.strerror(err)}")
 
 
+def mount_upper_overlay(
+    target: str, lowers: list[str], upper: str, work: str, userxattr: bool | None
+) -> None:
+    """A writable overlay, ``volatile``: no syncfs of the upper dir's filesystem when it
+    is unmounted. Without it, every RUN's end waits for the whole filesystem (every other
+    process's writes too) to reach the disk, which takes from milliseconds to far longer
+    on a busy machine. The layer is as durable as the rest of the cache (written back
+    by the kernel in its own time; a kill -9 loses nothing), like the exports."""
+    options = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    if userxattr:
+        options += ",userxattr"
+    # A volatile mount leaves work/incompat/volatile behind, and the kernel refuses to
+    # mount on that work dir again until it is gone. Ours are fresh per run; a caller
+    # reusing one (after a clean end: a crash leaves nothing we reuse) gets it cleared.
+    marker = os.path.join(work, "work", "incompat", "volatile")
+    if os.path.lexists(marker):
+        for name in os.listdir(marker):  # "dirty"
+            os.unlink(os.path.join(marker, name))
+        os.rmdir(marker)
+    try:
+        mount("overlay", target, "overlay", 0, options + ",volatile")
+    except SetupError:
+        mount("overlay", target, "overlay", 0, options)  # a kernel before 5.10
+
+
 def unshare(flags: int) -> None:
     if _libc.unshare(flags):
         raise _errno_error("unshare")
@@ -184,9 +214,12 @@ def _last_capability() -> int:
         return 40
 
 
+LAST_CAPABILITY = _last_capability()  # read once, in the server: the kernel's, fixed
+
+
 def drop_bounding_capabilities(keep: tuple[int, ...]) -> None:
     """Remove every capability but ``keep`` from the bounding set (needs CAP_SETPCAP)."""
-    for cap in range(_last_capability() + 1):
+    for cap in range(LAST_CAPABILITY + 1):
         if cap not in keep and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0):
             raise SetupError(f"dropping capability {cap}: {os.strerror(ctypes.get_errno())}")
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
@@ -204,9 +237,10 @@ def set_capabilities(caps: tuple[int, ...]) -> None:
 
 def pivot_root(root: str) -> None:
     """Make ``root`` the root: pivot_root(".", ".") stacks the old root on top, detach it."""
-    number = SYS_PIVOT_ROOT.get(platform.machine())
+    machine = os.uname().machine
+    number = SYS_PIVOT_ROOT.get(machine)
     if number is None:
-        raise SetupError(f"pivot_root: unsupported architecture {platform.machine()}")
+        raise SetupError(f"pivot_root: unsupported architecture {machine}")
     os.chdir(root)
     if _libc.syscall(number, b".", b"."):
         raise SetupError(f"pivot_root: {os.strerror(ctypes.get_errno())}")
@@ -219,20 +253,38 @@ def pivot_root(root: str) -> None:
 # The server loop
 
 
-@dataclasses.dataclass(eq=False)
 class Container:
     """A running PID 1, as the server tracks it until it has reported the exit."""
 
-    spec: dict
-    status: socket.socket
-    stubs_r: int
-    stubs: bytearray = dataclasses.field(default_factory=bytearray)
+    def __init__(self, spec: dict, status: socket.socket, stubs_r: int) -> None:
+        self.spec = spec
+        self.status = status
+        self.stubs_r = stubs_r
+        self.stubs = bytearray()
+
+
+class Spare:
+    """A PID 1 forked before its request: it waits for the request on ``sock``."""
+
+    def __init__(self, pid: int, sock: socket.socket, stubs_r: int) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.stubs_r = stubs_r
+
+    def discard(self) -> None:
+        self.sock.close()  # EOF: it exits (or, gone already, it is reaped as usual)
+        os.close(self.stubs_r)
 
 
 class Server:
-    """Waits for run requests and container exits, single-threaded, in one select loop."""
+    """Waits for run requests and container exits, single-threaded, in one select loop.
 
-    def __init__(self, control_fd: int) -> None:
+    One PID 1 is kept forked ahead (the spare), made while the step before runs (the
+    main process only waits then): a request costs no fork and no namespace set-up.
+    """
+
+    def __init__(self, control_fd: int, sandbox: str) -> None:
+        self.sandbox = sandbox
         self.control = socket.socket(fileno=control_fd)
         self.control.set_inheritable(False)
         self.selector = selectors.DefaultSelector()
@@ -244,12 +296,22 @@ class Server:
         # PIDs we report mean nothing to the main process when we are PID 1 of our own
         # PID namespace (see enter_own_pid_namespace): it must use the pidfd only.
         self.nested = os.getpid() == 1
+        self.user_namespace = _in_user_namespace()
         # Where each PID 1 mounts its private tmpfs (root mountpoint, /etc/hosts, ...).
         # It stays empty on the host; the server removes it when it ends, which it does
         # even when the main process is killed (EOF on the control socket).
-        self.scratch = tempfile.mkdtemp(prefix="dockbuild-exec-")
+        # (Not the tempfile module: its imports would make every fork dearer.)
+        self.scratch = os.path.join(
+            os.environ.get("TMPDIR") or "/tmp", f"dockbuild-exec-{os.urandom(6).hex()}"
+        )
+        os.mkdir(self.scratch, 0o700)
+        self.spare: Spare | None = None
 
     def serve(self) -> None:
+        # No cyclic GC: a collection touches every object, and after a fork every page
+        # touched is copied (in the server and in the PID 1 being set up). The server
+        # makes next to no reference cycles; reference counting frees the rest.
+        gc.disable()
         try:
             self.loop()
         finally:
@@ -260,6 +322,12 @@ class Server:
         # Ctrl-C reaches the whole foreground process group; the engine decides what a
         # Ctrl-C means (Executor.close), so the server must not die on its own.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.ignored_signals = [
+            sig
+            for sig in signal.valid_signals()
+            if sig not in (signal.SIGKILL, signal.SIGSTOP)
+            and signal.getsignal(sig) == signal.SIG_IGN
+        ]
         # Step reserved for rootless operation: enter the build's user namespace here,
         # once, before the first fork (the main process writes the id maps).
         wake_r, wake_w = os.pipe()
@@ -269,6 +337,7 @@ class Server:
         signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
         self.selector.register(self.control, selectors.EVENT_READ, "control")
         self.selector.register(wake_r, selectors.EVENT_READ, "wake")
+        self.keep_spare()
         while True:
             for key, _ in self.selector.select():
                 if key.data == "control":
@@ -278,6 +347,9 @@ class Server:
                     if not message:
                         return  # the main process closed us (or died): PID 1s die with us
                     self.start(message, fds)
+                    # The next PID 1 is made while this one runs: the main process waits
+                    # meanwhile, so there is a CPU free for it.
+                    self.keep_spare()
                 elif key.data == "wake":
                     with contextlib.suppress(BlockingIOError):
                         while os.read(wake_r, 512):
@@ -294,19 +366,56 @@ class Server:
             for fd in fds:
                 os.close(fd)
             return
-        out_fd, err_fd, status_fd = fds[:3]
-        # Secret bytes come as memfds, never in the message.
-        secret_fds = fds[3:]
-        status = socket.socket(fileno=status_fd)
+        status = socket.socket(fileno=fds[2])
         try:
-            spec = json.loads(message)
-            spec["scratch"] = self.scratch
-            spec["secret_fds"] = secret_fds
-            namespace = spec["sandbox"] == "namespace"
-            stubs_r, stubs_w = os.pipe()
-        except (OSError, ValueError, KeyError) as e:
-            self.refuse(status, (out_fd, err_fd, *secret_fds), f"bad run request: {e}")
+            spec = json.loads(message)  # the PID 1 reads it too; the server needs the rootfs
+            if spec["sandbox"] != self.sandbox:
+                raise ValueError(f"this server runs {self.sandbox} containers")
+        except (ValueError, KeyError) as e:
+            self.refuse(status, (fds[0], fds[1], *fds[3:]), f"bad run request: {e}")
             return
+        spare, self.spare = self.spare, None
+        for _attempt in range(2):
+            try:
+                if spare is None:
+                    spare = self.spawn()
+                # The PID 1 gets the message and its own copies of the descriptors.
+                socket.send_fds(spare.sock, [message], fds)
+                break
+            except OSError as e:
+                if spare is not None:
+                    spare.discard()  # died before its request (killed?): fork afresh
+                    spare = None
+                error = e
+        else:
+            self.refuse(status, (fds[0], fds[1], *fds[3:]), str(error))
+            return
+        spare.sock.close()
+        for fd in (fds[0], fds[1], *fds[3:]):
+            os.close(fd)
+        try:
+            pidfd = os.pidfd_open(spare.pid)
+        except OSError:  # old kernel or seccomp: the main process falls back to kill(pid)
+            _send(status, {"pid": spare.pid, "local": self.nested})
+        else:
+            _send(status, {"pid": spare.pid, "local": self.nested}, [pidfd])
+            os.close(pidfd)
+        os.set_blocking(spare.stubs_r, False)
+        container = Container(spec, status, spare.stubs_r)
+        self.containers[spare.pid] = container
+        self.selector.register(spare.stubs_r, selectors.EVENT_READ, container)
+
+    def keep_spare(self) -> None:
+        if self.spare is None:
+            # On failure a request forks for itself, and reports the error.
+            with contextlib.suppress(OSError):
+                self.spare = self.spawn()
+
+    def spawn(self) -> Spare:
+        """Fork a PID 1 that prepares what does not depend on the request, then waits."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        stubs_r, stubs_w = os.pipe()
+        namespace = self.sandbox == "namespace"
         try:
             if namespace:
                 # Applies to the next child only, which becomes PID 1 of a new PID
@@ -314,40 +423,27 @@ class Server:
                 # own, so the next run can unshare again. (No intermediate process.)
                 unshare(CLONE_NEWPID)
             pid = os.fork()
-        except OSError as e:
+        except OSError:
             if namespace:
                 self.reset_pid_namespace()
-            self.refuse(status, (out_fd, err_fd, stubs_r, stubs_w, *secret_fds), str(e))
-            return
+            ours.close()
+            theirs.close()
+            os.close(stubs_r)
+            os.close(stubs_w)
+            raise
         if pid == 0:
             try:
-                os.close(self.life_w)
-                os.close(stubs_r)
-                init(spec, out_fd, err_fd, status, self.life_r, stubs_w)
-            except SetupError as e:
-                _send(status, {"error": str(e)})
-            except OSError as e:
-                where = f": {e.filename}" if e.filename else ""
-                _send(status, {"error": f"{e.strerror or e}{where}"})
-            except BaseException as e:
-                _send(status, {"error": f"internal error setting up the container: {e!r}"})
+                # Only what this PID 1 needs: a spare waits for long, and copies of other
+                # runs' descriptors (their status sockets, ...) would keep them from EOF.
+                _close_fds_except({theirs.fileno(), stubs_w, self.life_r})
+                pid1(self, theirs, stubs_w)
             finally:
                 os._exit(1)  # never back into the server loop
         if namespace:
             self.reset_pid_namespace()
-        for fd in (out_fd, err_fd, stubs_w, *secret_fds):
-            os.close(fd)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:  # old kernel or seccomp: the main process falls back to kill(pid)
-            _send(status, {"pid": pid, "local": self.nested})
-        else:
-            _send(status, {"pid": pid, "local": self.nested}, [pidfd])
-            os.close(pidfd)
-        os.set_blocking(stubs_r, False)
-        container = Container(spec, status, stubs_r)
-        self.containers[pid] = container
-        self.selector.register(stubs_r, selectors.EVENT_READ, container)
+        theirs.close()
+        os.close(stubs_w)
+        return Spare(pid, ours, stubs_r)
 
     def reset_pid_namespace(self) -> None:
         if _libc.setns(self.own_pid_ns, CLONE_NEWPID):
@@ -362,6 +458,10 @@ class Server:
             os.close(fd)
 
     def read_stubs(self, container: Container) -> None:
+        if container.stubs_r == -1:
+            # Read to the end by reap() already, while the same select() also reported
+            # the pipe readable.
+            return
         with contextlib.suppress(BlockingIOError):
             while chunk := os.read(container.stubs_r, 65536):
                 container.stubs += chunk
@@ -370,6 +470,7 @@ class Server:
             container.stubs_r = -1
 
     def reap(self) -> None:
+        """Report every exited PID 1 (a spare that died is not replaced until a request)."""
         while True:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
@@ -379,6 +480,9 @@ class Server:
                 return
             container = self.containers.pop(pid, None)
             if container is None:
+                if self.spare is not None and self.spare.pid == pid:
+                    self.spare.discard()
+                    self.spare = None
                 continue
             if container.stubs_r != -1:
                 self.read_stubs(container)  # the writer is dead: this reaches EOF
@@ -417,26 +521,61 @@ def _read_all(fd: int) -> bytes:
 # PID 1
 
 
-def init(
-    spec: dict,
-    out_fd: int,
-    err_fd: int,
-    status: socket.socket,
-    life_r: int,
-    stubs_w: int,
-) -> None:
-    """Become the container: namespaces, mounts, root, user, then execve."""
+def _close_fds_except(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(fd for fd in keep if fd >= low):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def pid1(server: Server, sock: socket.socket, stubs_w: int) -> None:
+    """A forked PID 1: prepare what needs no request, wait for it, become the container."""
     set_parent_death_signal(signal.SIGKILL)
-    os.set_blocking(life_r, False)
+    os.set_blocking(server.life_r, False)
     try:
-        if os.read(life_r, 1) == b"":
+        if os.read(server.life_r, 1) == b"":
             os._exit(1)  # the server died before our prctl: nobody would reap us
     except BlockingIOError:
         pass
-    os.close(life_r)
+    os.close(server.life_r)
     signal.set_wakeup_fd(-1)
-    os.setsid()
+    # A process group of its own (the chroot executor kills the step by it). Not setsid:
+    # a new session also makes a new scheduler autogroup, which costs about a millisecond.
+    os.setpgid(0, 0)
     os.umask(0o022)
+    early: BaseException | None = None
+    if server.sandbox == "namespace":
+        try:
+            prepare_namespaces(server.scratch, server.user_namespace)
+        except (SetupError, OSError) as e:
+            early = e  # reported on the request's status socket
+    message, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 3 + MAX_SECRETS)
+    if not message:
+        os._exit(0)  # no request will come (the server is ending)
+    sock.close()
+    out_fd, err_fd, status_fd = fds[:3]
+    status = socket.socket(fileno=status_fd)
+    try:
+        if early is not None:
+            raise early
+        spec = json.loads(message)
+        spec["scratch"] = server.scratch
+        spec["secret_fds"] = fds[3:]  # secret bytes come as memfds, never in the message
+        spec["ignored_signals"] = server.ignored_signals
+        spec["user_namespace"] = server.user_namespace
+        init(spec, out_fd, err_fd, status, stubs_w)
+    except SetupError as e:
+        _send(status, {"error": str(e)})
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        _send(status, {"error": f"{e.strerror or e}{where}"})
+    except BaseException as e:
+        _send(status, {"error": f"internal error setting up the container: {e!r}"})
+
+
+def init(spec: dict, out_fd: int, err_fd: int, status: socket.socket, stubs_w: int) -> None:
+    """Become the container: mounts, root, user, then execve."""
     if spec["sandbox"] == "namespace":
         stubs: list[dict] = []
         try:
@@ -489,10 +628,10 @@ def init(
     program = _look_path(args[0], env.get("PATH", DEFAULT_PATH))
     if program is None:
         _exec_failed(f'exec: "{args[0]}": executable file not found in $PATH', 127)
-    for sig in signal.valid_signals():
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            with contextlib.suppress(OSError, ValueError):
-                signal.signal(sig, signal.SIG_DFL)  # Python ignores SIGPIPE and SIGXFSZ
+    # execve resets caught signals but keeps ignored ones (Python ignores SIGPIPE and
+    # SIGXFSZ, the server SIGINT, and whoever started dockbuild maybe more).
+    for sig in spec["ignored_signals"]:
+        signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     status.close()
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
@@ -534,66 +673,74 @@ def _look_path(name: str, path: str) -> str | None:
 # Namespaces and mounts
 
 
-def enter_container_root(spec: dict, stubs: list[dict]) -> None:
-    """Unshare the namespaces, build the container's mount tree and pivot_root into it.
+def prepare_namespaces(scratch: str, user_namespace: bool) -> None:
+    """The part of a container that needs no request: done by a spare PID 1 in advance.
 
     These namespaces are made here in PID 1, not by the server, so that they die with
     it: when PID 1 has been reaped the overlay is unmounted and the upper dir is final.
-    Order matters: the mount namespace must exist before anything is mounted, mounts
-    must be private before the first mount (or they would propagate to the host), /proc
-    can only be mounted by a process inside the new PID namespace (that is us, PID 1),
-    and everything that needs a host path (devices, bind sources) happens before
-    pivot_root hides the host.
+    Mounts become slaves (as runc makes them) before the first mount, so nothing
+    propagates to the host, while host mounts made before the request still show.
     """
-    network = spec["network"]
-    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-    if network == "none":
-        flags |= CLONE_NEWNET
     try:
-        unshare(flags)
+        unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
     except OSError as e:
         raise SetupError(f"cannot create the container's namespaces: {e.strerror}") from None
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount(None, "/", None, MS_REC | MS_SLAVE)
     # A tmpfs on the executor's scratch dir, visible only in this mount namespace: the
     # root's mountpoint and the generated /etc files live there, nothing on the host.
-    scratch = spec["scratch"]
     mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "mode=700,size=1m")
+    os.mkdir(os.path.join(scratch, "root"))
+    _stub_layer(scratch)
+    # What most requests want, moved into the root when the request comes (we are
+    # PID 1 of the new PID namespace already, so /proc can be mounted now).
+    prepared = os.path.join(scratch, "prepared")
+    for name in ("", "proc", "dev", "sys"):
+        os.mkdir(os.path.join(prepared, name), 0o755)
+    _mount_proc(os.path.join(prepared, "proc"), masked=True)
+    _mount_dev(os.path.join(prepared, "dev"), user_namespace)
+    _mount_sys(os.path.join(prepared, "sys"), insecure=False)
+
+
+def enter_container_root(spec: dict, stubs: list[dict]) -> None:
+    """Build the container's mount tree in the prepared namespaces, pivot_root into it.
+
+    Order matters: /proc can only be mounted by a process inside the new PID namespace
+    (that is us, PID 1), and everything that needs a host path (devices, bind sources)
+    happens before pivot_root hides the host.
+    """
+    network = spec["network"]
+    if network == "none":
+        try:
+            unshare(CLONE_NEWNET)
+        except OSError as e:
+            raise SetupError(f"cannot create the container's network: {e.strerror}") from None
+    scratch = spec["scratch"]
     root = os.path.join(scratch, "root")
-    os.mkdir(root)
     rootfs = spec["rootfs"]
     upper: str | None = None
     if rootfs["kind"] == "overlay":
         upper = rootfs["upperdir"]
-        options = "lowerdir={},upperdir={},workdir={}".format(
-            ":".join(rootfs["lowerdirs"]), upper, rootfs["workdir"]
-        )
-        if rootfs.get("userxattr"):
-            options += ",userxattr"
-        mount("overlay", root, "overlay", 0, options)
+        lowers = [*rootfs["lowerdirs"], os.path.join(scratch, "stubs")]
+        mount_upper_overlay(root, lowers, upper, rootfs["workdir"], rootfs.get("userxattr"))
     else:
         mount(rootfs["path"], root, None, MS_BIND | MS_REC)
     place = Mountpoints(root, upper, stubs)
 
-    proc = place.directory("/proc")
-    try:
-        mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    except SetupError:
-        # A docker container masks parts of its /proc, and the kernel then refuses a
-        # fresh procfs in a user namespace: bind the one we see (it lists more
-        # processes than the step's own, as BuildKit's no-process-sandbox mode does).
-        mount("/proc", proc, None, MS_BIND | MS_REC)
-    _mount_dev(place.directory("/dev"))
-    sys_dir = place.directory("/sys")
+    # /proc, /dev and /sys as prepared in advance (one move each), unless the request
+    # wants them otherwise: unmasked (insecure), or a /sys of its own network.
+    prepared = os.path.join(scratch, "prepared")
     insecure = spec.get("security") == "insecure"
-    sys_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | (0 if insecure else MS_RDONLY)
-    try:
-        mount("sysfs", sys_dir, "sysfs", sys_flags)
-    except SetupError:  # sysfs refused (e.g. a user namespace without a netns)
-        mount("/sys", sys_dir, None, MS_BIND | MS_REC)
-        if not insecure:
-            remount_readonly(sys_dir)
-    if not insecure:
-        _mask_kernel_paths(root)
+    proc = place.directory("/proc")
+    if insecure:
+        _mount_proc(proc, masked=False)
+    else:
+        mount(os.path.join(prepared, "proc"), proc, None, MS_MOVE)
+    mount(os.path.join(prepared, "dev"), place.directory("/dev"), None, MS_MOVE)
+    sys_dir = place.directory("/sys")
+    if insecure or network == "none":
+        _mount_sys(sys_dir, insecure)
+    else:
+        mount(os.path.join(prepared, "sys"), sys_dir, None, MS_MOVE)
 
     hosts = os.path.join(scratch, "hosts")
     _write(hosts, hosts_file(spec["hostname"], spec.get("extra_hosts", [])))
@@ -613,6 +760,26 @@ def enter_container_root(spec: dict, stubs: list[dict]) -> None:
     pivot_root(root)
 
 
+# Mountpoints every container needs; images often lack /etc/hosts and /etc/resolv.conf.
+STUB_DIRS = ("proc", "dev", "sys", "etc")
+STUB_FILES = ("etc/hosts", "etc/resolv.conf")
+
+
+def _stub_layer(scratch: str) -> None:
+    """The overlay's bottom layer, on the scratch tmpfs: the usual mountpoints.
+
+    Whatever the image has shadows it, so the merged view differs only by mountpoints
+    that would otherwise be made as stubs in the upper dir (copying /etc up, and
+    removed again afterwards). A stub here costs nothing and never reaches the upper dir.
+    """
+    layer = os.path.join(scratch, "stubs")
+    os.mkdir(layer)
+    for name in STUB_DIRS:
+        os.mkdir(os.path.join(layer, name), 0o755)
+    for name in STUB_FILES:
+        os.close(os.open(os.path.join(layer, name), os.O_CREAT | os.O_WRONLY, 0o644))
+
+
 def _run_mount(m: dict, index: int, scratch: str, place: Mountpoints) -> None:
     """One RUN mount (see executor.MountSpec), made before pivot_root."""
     flags, data = mount_options(m.get("options", []))
@@ -628,14 +795,11 @@ def _run_mount(m: dict, index: int, scratch: str, place: Mountpoints) -> None:
                 source = os.path.join(scratch, f"m{index}")
                 os.mkdir(source)
                 if m.get("upperdir"):
-                    options = "lowerdir={},upperdir={},workdir={}".format(
-                        ":".join(lowers), m["upperdir"], m["workdir"]
+                    mount_upper_overlay(
+                        source, lowers, m["upperdir"], m["workdir"], m.get("userxattr")
                     )
-                    if m.get("userxattr"):
-                        options += ",userxattr"
                 else:
-                    options = "lowerdir=" + ":".join(lowers)
-                mount("overlay", source, "overlay", 0, options)
+                    mount("overlay", source, "overlay", 0, "lowerdir=" + ":".join(lowers))
         else:
             source = m["source"]
         if m.get("subpath"):
@@ -690,13 +854,21 @@ def _read_memfd(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _mount_dev(dev: str) -> None:
-    """A /dev like runc's: a tmpfs with a few host devices bound in, pts, shm, mqueue."""
+def _mount_dev(dev: str, user_namespace: bool) -> None:
+    """A /dev like runc's: a tmpfs with a few host devices, pts, shm, mqueue.
+
+    Like runc, the devices are made with mknod (no mount to make and tear down for each),
+    except in a user namespace, where mknod is refused: there they are bind mounts.
+    """
     mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=755,size=65536k")
     for name in DEVICES:
         target = os.path.join(dev, name)
-        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
-        mount(f"/dev/{name}", target, None, MS_BIND)
+        if user_namespace:
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
+            mount(f"/dev/{name}", target, None, MS_BIND)
+        else:
+            os.mknod(target, stat.S_IFCHR | 0o666, os.stat(f"/dev/{name}").st_rdev)
+            os.chmod(target, 0o666)  # past the umask
     for name, options, fstype, flags in (
         ("pts", "newinstance,ptmxmode=0666,mode=0620,gid=5", "devpts", MS_NOSUID | MS_NOEXEC),
         ("shm", "mode=1777,size=65536k", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC),
@@ -715,18 +887,45 @@ def _mount_dev(dev: str) -> None:
         os.symlink(link, os.path.join(dev, name))
 
 
-def _mask_kernel_paths(root: str) -> None:
+def _mount_proc(proc: str, masked: bool) -> None:
+    try:
+        mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except SetupError:
+        # A docker container masks parts of its /proc, and the kernel then refuses a
+        # fresh procfs in a user namespace: bind the one we see (it lists more
+        # processes than the step's own, as BuildKit's no-process-sandbox mode does).
+        mount("/proc", proc, None, MS_BIND | MS_REC)
+    if masked:
+        _mask_kernel_paths(proc, "proc/")
+
+
+def _mount_sys(sys_dir: str, insecure: bool) -> None:
+    sys_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | (0 if insecure else MS_RDONLY)
+    try:
+        mount("sysfs", sys_dir, "sysfs", sys_flags)
+    except SetupError:  # sysfs refused (e.g. a user namespace without a netns)
+        mount("/sys", sys_dir, None, MS_BIND | MS_REC)
+        if not insecure:
+            remount_readonly(sys_dir)
+    if not insecure:
+        _mask_kernel_paths(sys_dir, "sys/")
+
+
+def _mask_kernel_paths(base: str, prefix: str) -> None:
+    """runc's masks for the ``prefix`` ("proc/" or "sys/") part, mounted on ``base``."""
     for rel in MASKED_PATHS:
-        path = os.path.join(root, rel)
-        if os.path.isdir(path):
-            mount("tmpfs", path, "tmpfs", MS_RDONLY)
-        elif os.path.exists(path):
-            mount("/dev/null", path, None, MS_BIND)
+        if rel.startswith(prefix):
+            path = os.path.join(base, rel[len(prefix) :])
+            if os.path.isdir(path):
+                mount("tmpfs", path, "tmpfs", MS_RDONLY)
+            elif os.path.exists(path):
+                mount("/dev/null", path, None, MS_BIND)
     for rel in READONLY_PATHS:
-        path = os.path.join(root, rel)
-        if os.path.exists(path):
-            mount(path, path, None, MS_BIND | MS_REC)
-            remount_readonly(path)
+        if rel.startswith(prefix):
+            path = os.path.join(base, rel[len(prefix) :])
+            if os.path.exists(path):
+                mount(path, path, None, MS_BIND | MS_REC)
+                remount_readonly(path)
 
 
 def remount(target: str, flags: int) -> None:
@@ -1073,7 +1272,7 @@ def main(argv: list[str]) -> None:
     else:
         if _in_user_namespace():
             enter_own_pid_namespace()
-        Server(int(argv[1])).serve()
+        Server(int(argv[1]), argv[2]).serve()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Where a default docker container forbids unshare and mount (seccomp, no CAP_SYS_ADMIN),
 a plain chroot into a :class:`PlainRootfs` is still possible for root. There is no
-sandbox: no /proc, /dev or /etc/hosts of its own, the host's network, PIDs and hostname,
-and no RUN mounts. It shares the fork server and its protocol with the namespace executor.
+sandbox: no /proc, /dev or /etc/hosts of its own, the host's network, PIDs and hostname
+(BUILDKIT_SANDBOX_HOSTNAME cannot apply: setting it needs a UTS namespace), and no RUN
+mounts (mount(2) is what such a container forbids). It shares the fork server and its protocol with the namespace executor.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ class ChrootExecutor(ForkServerExecutor):
                 hint="use the copy snapshotter with --executor chroot",
             )
         if request.mounts:
+            from dockbuild.engine.executor.probe import LOCKED_DOWN_HINT
+
             targets = ", ".join(m.target for m in request.mounts)
-            raise ExecutorError(f"the chroot executor cannot mount anything ({targets})")
+            if self.warning is not None:  # chosen because nothing else works here
+                raise ExecutorError(
+                    f"RUN --mount ({targets}) cannot work here: this environment forbids "
+                    "mount(2) (no CAP_SYS_ADMIN, seccomp: a default docker container), "
+                    "so RUN steps fall back to a bare chroot, which cannot mount anything",
+                    hint=LOCKED_DOWN_HINT,
+                )
+            raise ExecutorError(
+                f"RUN --mount ({targets}) needs mounts, and the chroot executor makes none",
+                hint="use the namespace or runc executor",
+            )
         return super().run(request, output)

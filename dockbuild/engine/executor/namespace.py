@@ -210,6 +210,7 @@ class ForkServerExecutor:
                     "lowerdirs": list(m.lowerdirs),
                     "upperdir": m.upperdir,
                     "workdir": m.workdir,
+                    "userxattr": self.userxattr,  # a rw overlay in a user namespace
                     # secret bytes travel as a memfd (see run), never in this message
                     "data_fd": secret_index.get(i),
                     "mode": m.mode,
@@ -241,7 +242,7 @@ class ForkServerExecutor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             res.server = subprocess.Popen(
-                [*self._server_command(), str(theirs.fileno())],
+                [*self._server_command(), str(theirs.fileno()), self.sandbox],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

@@ -204,9 +204,7 @@ class RuncExecutor:
             )
             + self._xattr
         )
-        bundle.script.append(
-            shlex.join(["mount", "-t", "overlay", "overlay", "-o", options, str(b / "rootfs")])
-        )
+        bundle.script.append(_upper_overlay_mount(options, rootfs.workdir, b / "rootfs"))
         layers = [Path(p) for p in reversed(rootfs.lowerdirs)]
         user = self._user(request.user, layers, b)
         env = fs._environ(list(request.env))
@@ -306,9 +304,7 @@ class RuncExecutor:
                     )
                     + self._xattr
                 )
-                bundle.script.append(
-                    shlex.join(["mount", "-t", "overlay", "overlay", "-o", options, str(where)])
-                )
+                bundle.script.append(_upper_overlay_mount(options, m.workdir, where))
             elif len(m.lowerdirs) == 1:
                 bundle.script.append(
                     shlex.join(["mount", "--bind", "-o", "ro", m.lowerdirs[0], str(where)])
@@ -427,3 +423,16 @@ def _clean_stubs(rootfs: OverlayRootfs, targets: list[str]) -> None:
                 os.unlink(path)
             os.utime(os.path.dirname(path), ns=(parent_st.st_atime_ns, parent_st.st_mtime_ns))
             rel = os.path.dirname(rel)
+
+
+def _upper_overlay_mount(options: str, workdir: str, where: Path) -> str:
+    """The shell command mounting a writable overlay, ``volatile`` where the kernel has it
+    (5.10): no syncfs of the whole filesystem when the mount ends (see the fork server's
+    mount_upper_overlay, which also says why a reused work dir loses its marker)."""
+    marker = shlex.quote(str(Path(workdir, "work", "incompat", "volatile")))
+    plain = ["mount", "-t", "overlay", "overlay", "-o", options, str(where)]
+    volatile = ["mount", "-t", "overlay", "overlay", "-o", options + ",volatile", str(where)]
+    return (
+        f"[ ! -e {marker} ] || rm -rf -- {marker}\n"
+        f"{shlex.join(volatile)} 2>/dev/null || {shlex.join(plain)}"
+    )
