@@ -6,16 +6,23 @@ megabytes of mixed files (half random bytes, half text-like bytes that compress 
 
 - dockbuild's layer blob (tar + compress + digest, both cores) for gzip and zstd;
 - ``tar -cf - . | pigz -6`` and ``tar -cf - . | zstd -3 -T0`` on the same directory;
-- the second export of the image as an OCI tar (blobs cached: no compression), both
-  the blob lookup alone and the whole ``type=oci,dest=FILE`` write.
+- the second export of the image as an OCI tar (blobs cached: no compression): the blob
+  lookup alone, the ``type=oci,dest=FILE`` write in this process, and the goal figure
+  (issue #6: under 1 s), the whole CLI run ``dockbuild -o type=oci,dest=FILE CONTEXT``
+  of a cached build of the same files (``FROM scratch`` + ``COPY``), with its CPU time.
+
+Byte-compiles dockbuild first, so the CLI figures include no compilation.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +30,9 @@ from pathlib import Path
 from dockbuild.engine.store import Store
 from dockbuild.outputs import export
 from dockbuild.progress import make_progress
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKBUILD = str(Path(sys.executable).with_name("dockbuild"))
 
 # 16 letters and a space: about 4 bits of entropy per byte, so gzip gets about 2x.
 _TEXT = bytes.maketrans(bytes(range(256)), bytes(b"etaoinshrdlucmfw "[i % 17] for i in range(256)))
@@ -55,14 +65,39 @@ def shell(command: str, cwd: Path) -> float:
     return timed(lambda: subprocess.run(["bash", "-c", command], cwd=cwd, check=True))
 
 
+def cli_export(context: Path, root: Path, dest: Path) -> tuple[float, float]:
+    """One ``dockbuild -o type=oci,dest=DEST CONTEXT`` run: (wall, CPU) seconds."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["DOCKBUILD_ROOT"] = str(root)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [DOCKBUILD, "-q", "-o", f"type=oci,dest={dest}", str(context)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        sys.exit(f"dockbuild failed:\n{done.stderr.decode()}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=500)
+    parser.add_argument("--runs", type=int, default=5, help="cached CLI re-exports to time")
     args = parser.parse_args()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "dockbuild")], check=True)
     work = Path(tempfile.mkdtemp(prefix="dockbuild-bench-export-", dir="/var/tmp"))
     try:
-        data = work / "src"
-        data.mkdir()
+        context = work / "context"
+        data = context / "src"
+        data.mkdir(parents=True)
+        (context / "Dockerfile").write_text("FROM scratch\nCOPY src/ /data/\n")
         size = make_tree(data, args.mb)
         mb = size / (1 << 20)
         print(
@@ -106,11 +141,47 @@ def main() -> None:
             spec = export.OutputSpec("oci", str(dest))
             runs.append(timed(lambda s=spec: export.export_all(store, image, [s], progress)))
         print(
-            f"second export, whole type=oci,dest=FILE ({dest.stat().st_size >> 20} MiB, fsynced): "
+            f"second export, type=oci,dest=FILE in-process ({dest.stat().st_size >> 20} MiB): "
             + ", ".join(f"{t:.2f}" for t in runs)
             + f" s (median {sorted(runs)[1]:.2f} s)"
         )
+        layouts = []
+        for n in range(3):
+            spec = export.OutputSpec("oci", str(out / f"layout{n}"), {"tar": "false"})
+            layouts.append(timed(lambda s=spec: export.export_all(store, image, [s], progress)))
+        print(
+            "second export, type=oci,tar=false,dest=DIR in-process (blobs hard-linked): "
+            + ", ".join(f"{t:.3f}" for t in layouts)
+            + f" s (median {sorted(layouts)[1]:.3f} s)"
+        )
         store.close()
+
+        cli_root = work / "cli-root"
+        wall, cpu = cli_export(context, cli_root, out / "first.tar")
+        print(f"CLI first build + export (hash, COPY, gzip): {wall:.2f} s wall, {cpu:.2f} s CPU")
+        walls, cpus = [], []
+        for n in range(args.runs):
+            dest = out / f"cli{n}.tar"
+            wall, cpu = cli_export(context, cli_root, dest)
+            walls.append(wall)
+            cpus.append(cpu)
+            dest.unlink()  # a new file each run; replacing one is timed below
+        median = statistics.median(walls)
+        print(
+            "CLI cached re-export, whole run `dockbuild -o type=oci,dest=FILE`: "
+            + ", ".join(f"{t:.2f}" for t in walls)
+            + f" s; median {median:.2f} s wall, {statistics.median(cpus):.2f} s CPU"
+            + f" (goal < 1 s: {'met' if median < 1 else 'MISSED'}; load {os.getloadavg()[0]:.1f})"
+        )
+        # The same, replacing the file the previous run wrote (freeing the old file's
+        # blocks and pages is part of the rename): what re-running one command costs.
+        cli_export(context, cli_root, out / "again.tar")
+        again = [cli_export(context, cli_root, out / "again.tar")[0] for _ in range(args.runs)]
+        print(
+            "CLI cached re-export over the previous dest file: "
+            + ", ".join(f"{t:.2f}" for t in again)
+            + f" s; median {statistics.median(again):.2f} s wall"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,16 +1,18 @@
 """All-or-nothing writes for exporters: a temp file or dir beside the target, then rename.
 
 An interrupted export (Ctrl-C, a full disk, a broken pipe) leaves the destination as it
-was: the temp is removed on any exception, and only a complete, synced result is renamed
-into place.
+was: the temp is removed on any exception, and only a complete result is renamed into
+place (synced first, unless the caller asks for ``durable=False``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,45 +41,82 @@ def syncfs(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(dest: Path) -> Iterator[BinaryIO]:
-    """Yield a file to write; on success it is synced and renamed to ``dest``."""
+def atomic_file(dest: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """Yield a file to write; on success it is synced and renamed to ``dest``.
+
+    ``durable=False`` skips the syncs: the rename is still all-or-nothing for every
+    reader while the system runs, but the kernel writes the data back in its own time
+    (image exports: see docs/outputs.md, "Atomic, not synced").
+    """
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; an export is an ordinary file
-        os.replace(tmp, dest)
+        if durable:
+            os.replace(tmp, dest)
+        else:
+            _replace_unsynced(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(dest.parent)
+    if durable:
+        fsync_dir(dest.parent)
+
+
+_RENAME_EXCHANGE = 2  # renameat2(2) flag
+_AT_FDCWD = -100
+
+
+def _replace_unsynced(tmp: str, dest: Path) -> None:
+    """``os.replace(tmp, dest)`` without ext4's flush of ``tmp`` (auto_da_alloc, which it
+    starts when a rename replaces a file): the two names are swapped atomically
+    (renameat2 RENAME_EXCHANGE) and the old file, now at ``tmp``, is removed."""
+    try:
+        if not stat.S_ISREG(os.lstat(dest).st_mode):
+            raise FileNotFoundError  # not a file to swap with: a plain rename decides
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no such file, or a libc without renameat2
+        os.replace(tmp, dest)
+        return
+    if renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(dest), _RENAME_EXCHANGE):
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOENT, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dest))
+        os.replace(tmp, dest)  # a filesystem that cannot swap, or dest just went away
+        return
+    os.unlink(tmp)
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
+def atomic_dir(dest: Path, *, durable: bool = True) -> Iterator[Path]:
     """Yield an empty temp directory; on success it replaces ``dest``.
 
     An existing ``dest`` is swapped out (rename) and then removed, so readers see either
-    the old tree or the new one, never a mix.
+    the old tree or the new one, never a mix. ``durable=False``: no sync, as in
+    :func:`atomic_file`.
     """
     dest = Path(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o755)
         yield tmp
-        syncfs(tmp)
-        replace_dir(tmp, dest)
+        if durable:
+            syncfs(tmp)
+        replace_dir(tmp, dest, durable=durable)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def replace_dir(src: Path, dest: Path) -> None:
-    """Rename the directory ``src`` to ``dest``, removing what ``dest`` held."""
+def replace_dir(src: Path, dest: Path, *, durable: bool = True) -> None:
+    """Rename the directory ``src`` to ``dest``, removing what ``dest`` held (and sync
+    the rename, unless ``durable=False``)."""
     if not os.path.lexists(dest):
         os.rename(src, dest)
     else:
@@ -91,4 +130,5 @@ def replace_dir(src: Path, dest: Path) -> None:
             raise
         finally:
             shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(dest.parent)
+    if durable:
+        fsync_dir(dest.parent)

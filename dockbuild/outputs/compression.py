@@ -86,7 +86,7 @@ def config_media_type(oci: bool) -> str:
     return OCI_CONFIG if oci else DOCKER_CONFIG
 
 
-class _HashingWriter:
+class HashingWriter:
     """Counts and hashes what passes through to ``out``."""
 
     def __init__(self, out: BinaryIO) -> None:
@@ -258,7 +258,7 @@ def compress_stream(
     src: BinaryIO, dst: BinaryIO, kind: Compression | str, level: int | None = None
 ) -> tuple[str, int]:
     """Compress ``src`` into ``dst``; return the ``sha256:`` digest and size written."""
-    out = _HashingWriter(dst)
+    out = HashingWriter(dst)
     writer = open_compressor(out, kind, level)  # type: ignore[arg-type]
     try:
         while chunk := src.read(_CHUNK):

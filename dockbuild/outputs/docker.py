@@ -41,7 +41,6 @@ def export_docker(
     dest: Path | None = None,
     created: str | None = None,
     descriptor_annotations: Mapping[str, str] | None = None,
-    index_annotations: Mapping[str, str] | None = None,
 ) -> None:
     """Write the docker-load tarball of ``image`` to ``out`` or atomically to ``dest``."""
     files = layout_files(
@@ -50,7 +49,6 @@ def export_docker(
         created=created,
         extra={"manifest.json": docker_manifest_json(image, names)},
         descriptor_annotations=descriptor_annotations,
-        index_annotations=index_annotations,
     )
     deliver_tar(files, out=out, dest=dest)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -114,6 +113,9 @@ class Image:
     base_layers: int = 0  # how many of the layers come from the base image, unchanged
     epoch: int | None = None  # SOURCE_DATE_EPOCH
     squash: bool = False
+    # The registry images the build read (docker-image://REF@DIGEST, see registry_sources):
+    # a push to their registry mounts their layers from their repository.
+    sources: tuple[str, ...] = ()
 
 
 @dataclass
@@ -161,8 +163,17 @@ def parse_outputs(
             )
         for key, value in attrs.items():
             if key.startswith("annotation") and kind in ("image", "registry", "docker", "oci"):
-                if not _ANNOTATION.fullmatch(key):
+                match = _ANNOTATION.fullmatch(key)
+                if not match:
                     raise DockbuildError(f"invalid output {text!r}: bad annotation key {key!r}")
+                if match.group(1) in ("index", "index-descriptor"):
+                    # BuildKit's image writer refuses them too: one platform, no index.
+                    raise DockbuildError(
+                        f"invalid output {text!r}: {key}: "
+                        "index annotations not supported for single platform export",
+                        hint="annotate the manifest (annotation.K=V) or its descriptor in "
+                        "index.json (annotation-manifest-descriptor.K=V)",
+                    )
                 continue
             if key not in _KEYS[kind]:
                 raise DockbuildError(
@@ -215,6 +226,12 @@ def _check_image_spec(spec: OutputSpec) -> None:
     if spec.type in ("local", "tar"):
         return
     compression = spec.attrs.get("compression", "gzip")
+    if compression == "estargz":
+        raise DockbuildError(
+            "compression=estargz is not supported: dockbuild does not write eStargz "
+            "(lazy-pulling) layers",
+            hint="use gzip, zstd or uncompressed",
+        )
     if compression not in ("gzip", "zstd", "uncompressed"):
         raise DockbuildError(
             f"unsupported compression {compression!r}", hint="use gzip, zstd or uncompressed"
@@ -245,6 +262,19 @@ def _split_csv(text: str) -> list[str]:
     import csv
 
     return next(csv.reader([text]))
+
+
+def registry_sources(root: Any) -> tuple[str, ...]:
+    """The identifiers of the registry images an LLB graph reads (its docker-image sources)."""
+    from dockbuild import llb
+
+    return tuple(
+        dict.fromkeys(
+            op.identifier
+            for op in llb.walk(root)
+            if isinstance(op, llb.SourceOp) and op.identifier.startswith("docker-image://")
+        )
+    )
 
 
 def finish_config(config: dict[str, Any], history_ops: list, solver: Any) -> dict[str, Any]:
@@ -356,35 +386,23 @@ def _remember(store: Store, layer_id: str, key: str, blob: _Blob) -> None:
     store.set_layer_blob(BlobInfo(layer_id, key, digest, len(meta)))
 
 
-class _DiffWriter:
-    """Hashes the uncompressed tar (the diff_id) on its way to the compressor."""
-
-    def __init__(self, out: Any) -> None:
-        self.out = out
-        self.sha = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.out.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
 def _make_blob(
     store: Store, kind: str, level: int | None, write_tar: Any, source: Path | None = None
 ) -> _Blob:
     """Compress a layer tar (written by ``write_tar(file)``, or read from the blob
-    ``source``) into the blob store in one pass; return the blob and its diff_id."""
+    ``source``) into the blob store in one pass; return the blob and its diff_id.
+
+    The tar is hashed (diff_id) on its way into the compressor and the blob (digest) on
+    its way out, so the blob is never read back."""
     from dockbuild.engine import archive
-    from dockbuild.outputs.compression import open_compressor
+    from dockbuild.outputs.compression import HashingWriter, open_compressor
 
     work = store.tempdir("e")
     blob_path = work / "blob"
     with open(blob_path, "wb") as dst:
-        writer = open_compressor(dst, kind, level)
-        tee = _DiffWriter(writer)
+        blob = HashingWriter(dst)  # type: ignore[arg-type]
+        writer = open_compressor(blob, kind, level)  # type: ignore[arg-type]
+        tee = HashingWriter(writer)
         try:
             if source is not None:
                 with archive.open_blob(source) as src:
@@ -398,7 +416,7 @@ def _make_blob(
             raise
         dst.flush()
         os.fsync(dst.fileno())
-    digest, size = store.put_blob_file(blob_path)
+    digest, size = store.put_blob_file(blob_path, "sha256:" + blob.sha.hexdigest())
     with contextlib.suppress(OSError):
         work.rmdir()
     return _Blob(kind, digest, size, "sha256:" + tee.sha.hexdigest())
@@ -469,6 +487,7 @@ def layer_blobs(
                     source=store.blob_path(existing.digest),
                 )
             else:
+                store.unpacked_paths([layer_id])  # a packed layer (a cache import's) gets its files
                 blob = _make_blob(
                     store,
                     options.compression,
@@ -486,7 +505,7 @@ def layer_blobs(
                 vertex = progress.vertex("exporting layers")
             from dockbuild.outputs.squash import write_squashed_tar
 
-            upper = paths[squash_from:]
+            upper = store.unpacked_paths(layer_ids[squash_from:])
             blob = _make_blob(
                 store,
                 options.compression,
@@ -516,13 +535,9 @@ def squash_history(config: dict[str, Any], base_layers: int) -> None:
 
 
 def _annotations(spec: OutputSpec, platform: str) -> dict[str, dict[str, str]]:
-    """``annotation.*`` and ``annotation-<type>[platform].*`` keys, by where they go."""
-    out: dict[str, dict[str, str]] = {
-        "manifest": {},
-        "manifest-descriptor": {},
-        "index": {},
-        "index-descriptor": {},
-    }
+    """``annotation.*`` and ``annotation-<type>[platform].*`` keys, by where they go
+    (``index*`` ones were refused by :func:`parse_outputs`)."""
+    out: dict[str, dict[str, str]] = {"manifest": {}, "manifest-descriptor": {}}
     for key, value in spec.attrs.items():
         match = _ANNOTATION.fullmatch(key)
         if not match:
@@ -608,23 +623,34 @@ def _export_all(
                 if spec.type in ("docker", "oci"):
                     _export_image(spec, blobs, progress, names, notes)
                 elif spec.push:
-                    pusher = _push(spec, blobs, names, progress, pusher)
+                    origins = _layer_origins(store, image.sources)
+                    pusher = _push(spec, blobs, names, progress, pusher, origins)
+                else:
+                    progress.message(_NOT_STORED)
             elif spec.type == "local":
                 from dockbuild.outputs.local import export_local
 
                 vertex = progress.vertex(f"exporting to client directory {spec.dest}")
-                export_local(image.layer_paths, Path(spec.dest or "."))
+                export_local(store.unpacked_paths(image.state), Path(spec.dest or "."))
                 vertex.done()
             elif spec.type == "tar":
                 from dockbuild.outputs.tar import export_tar
 
                 vertex = progress.vertex("exporting to client tarball")
-                export_tar(image.layer_paths, **_destination(spec))
+                export_tar(store.unpacked_paths(image.state), **_destination(spec))
                 vertex.done()
     finally:
         if pusher is not None:
             pusher.client.close()
     return ids
+
+
+# BuildKit's daemon keeps a type=image result in its image store; dockbuild has none.
+_NOT_STORED = (
+    "WARNING: -o type=image without push=true keeps the image nowhere: dockbuild has no "
+    "image store (its digests are still reported). Use --push, --load, or "
+    "-o type=oci,dest=FILE (or type=docker)"
+)
 
 
 def _names(spec: OutputSpec, manifest_digest: str) -> list[str]:
@@ -647,9 +673,34 @@ def _repository(name: str) -> str:
     return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
 
 
-def _push(spec: OutputSpec, blobs: Any, names: list[str], progress: Progress, pusher: Any) -> Any:
+def _layer_origins(store: Store, sources: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """(layer digest, the repository it was pulled from) for each registry image read:
+    BuildKit's distribution-source labels, taken from the pinned manifests in the cache."""
+    from dockbuild.engine.registry.reference import parse_reference
+
+    origins = []
+    for identifier in sources:
+        location, _, manifest_digest = identifier.removeprefix("docker-image://").rpartition("@")
+        try:
+            ref = parse_reference(location)
+            manifest = json.loads(store.blob_path(manifest_digest).read_bytes())
+        except (OSError, ValueError):
+            continue  # not in the cache (nothing of it was pulled): nothing to mount
+        origins += [(layer["digest"], ref) for layer in manifest.get("layers", [])]
+    return origins
+
+
+def _push(
+    spec: OutputSpec,
+    blobs: Any,
+    names: list[str],
+    progress: Progress,
+    pusher: Any,
+    origins: list[tuple[str, Any]],
+) -> Any:
     """Push to every repository named (tags, or by digest), sharing one pusher per build
-    so a second repository mounts the blobs the first one received."""
+    so a second repository mounts the blobs the first one received; a layer of an image
+    the build pulled from the same registry is mounted from the repository it came from."""
     from dockbuild.engine.registry.client import RegistryClient
     from dockbuild.engine.registry.push import PushBlob, Pusher
     from dockbuild.engine.registry.reference import Reference, parse_reference
@@ -663,6 +714,8 @@ def _push(spec: OutputSpec, blobs: Any, names: list[str], progress: Progress, pu
         client = RegistryClient(insecure={r.domain for r in refs} if insecure else set())
         pusher = Pusher(client)
         pusher.known.update(known)
+    for digest, origin in origins:
+        pusher.remember(digest, origin)
     by_digest = spec.flag("push-by-digest")
     items = [PushBlob(d.digest, d.size, path=blobs.blobs[d.digest]) for d in blobs.layers]
     items.append(PushBlob(blobs.config_digest, len(blobs.config), data=blobs.config))
@@ -697,10 +750,7 @@ def _export_image(
     vertex.log("stdout", f"exporting manifest {blobs.manifest_digest} done\n".encode())
     vertex.log("stdout", f"exporting config {blobs.config_digest} done\n".encode())
     names = [n for n in names if "@" not in n] if spec.type == "docker" else names
-    layout = {
-        "descriptor_annotations": notes["manifest-descriptor"],
-        "index_annotations": notes["index"],
-    }
+    layout = {"descriptor_annotations": notes["manifest-descriptor"]}
     if spec.type == "docker":
         from dockbuild.outputs.docker import export_docker, load_into_docker
 

@@ -213,19 +213,12 @@ def manifest_json(
     return go_json(_manifest(doc), indent=2)
 
 
-def index_json(
-    manifests: Sequence[Descriptor],
-    *,
-    media_type: str | None = None,
-    annotations: Mapping[str, str] | None = None,
-) -> bytes:
+def index_json(manifests: Sequence[Descriptor], *, media_type: str | None = None) -> bytes:
     """An index document (compact, as containerd writes an OCI layout's index.json)."""
     doc: dict[str, Any] = {"schemaVersion": 2}
     if media_type:
         doc["mediaType"] = media_type
     doc["manifests"] = [m.to_json() for m in manifests]
-    if annotations:
-        doc["annotations"] = dict(annotations)
     return go_json(_index(doc))
 
 
@@ -391,7 +384,6 @@ def layout_index(
     *,
     created: str | None = None,
     descriptor_annotations: Mapping[str, str] | None = None,
-    index_annotations: Mapping[str, str] | None = None,
 ) -> bytes:
     """index.json of an OCI layout (and docker tarball) holding ``image`` under ``names``.
 
@@ -409,4 +401,4 @@ def layout_index(
             annotations[ANNOTATION_IMAGE_NAME] = full
             annotations[ANNOTATION_REF_NAME] = ref_name(full)
         entries.append(image.manifest_descriptor(annotations))
-    return index_json(entries, media_type=OCI_INDEX, annotations=index_annotations)
+    return index_json(entries, media_type=OCI_INDEX)

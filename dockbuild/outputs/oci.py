@@ -52,7 +52,6 @@ def layout_files(
     created: str | None = None,
     extra: Mapping[str, bytes] | None = None,
     descriptor_annotations: Mapping[str, str] | None = None,
-    index_annotations: Mapping[str, str] | None = None,
 ) -> dict[str, bytes | Path]:
     """The files of an OCI layout for ``image`` (contents as bytes or a path to copy)."""
     files: dict[str, bytes | Path] = {
@@ -62,7 +61,6 @@ def layout_files(
             names,
             created=created,
             descriptor_annotations=descriptor_annotations,
-            index_annotations=index_annotations,
         ),
     }
     files.update(_blob_files(image))
@@ -166,17 +164,36 @@ class _BytesReader:
 
 
 def write_layout_dir(files: Mapping[str, bytes | Path], dest: Path) -> None:
-    """Write layout files as a directory, replacing ``dest`` atomically."""
-    with atomic_dir(dest) as tmp:
+    """Write layout files as a directory, replacing ``dest`` atomically.
+
+    Blob files (the cache's, immutable) are hard-linked where ``dest`` is on the cache's
+    filesystem, so no byte is copied; elsewhere they are copied.
+    """
+    with atomic_dir(dest, durable=False) as tmp:
         for name in sorted(files):
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
             content = files[name]
             if isinstance(content, bytes):
                 target.write_bytes(content)
+            elif _link(content, target):
+                continue  # a link keeps the cache file's mode: never chmod the cache
             else:
                 shutil.copyfile(content, target)
             os.chmod(target, 0o644)
+
+
+def _link(src: Path, target: Path) -> bool:
+    """Hard-link ``src`` to ``target``; False where that cannot be done (so: copy)."""
+    try:
+        os.link(src, target)
+    except OSError as e:
+        # EXDEV: another filesystem; EPERM/EACCES: protected_hardlinks or a filesystem
+        # without links; EMLINK: too many links to the one inode.
+        if e.errno in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
 
 
 def deliver_tar(
@@ -188,7 +205,9 @@ def deliver_tar(
     if out is not None:
         write_layout_tar(files, out)
         return
-    with atomic_file(Path(dest)) as f:  # type: ignore[arg-type]
+    # Atomic, not synced (docs/outputs.md): the copy is in the page cache, and waiting
+    # for the disk would cost more than all the rest of the export.
+    with atomic_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]
         write_layout_tar(files, f)
 
 
@@ -201,7 +220,6 @@ def export_oci(
     tar: bool = True,
     created: str | None = None,
     descriptor_annotations: Mapping[str, str] | None = None,
-    index_annotations: Mapping[str, str] | None = None,
 ) -> None:
     """Export ``image`` as an OCI image layout.
 
@@ -215,7 +233,6 @@ def export_oci(
         names,
         created=created,
         descriptor_annotations=descriptor_annotations,
-        index_annotations=index_annotations,
     )
     if tar:
         deliver_tar(files, out=out, dest=dest)

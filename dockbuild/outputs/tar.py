@@ -40,5 +40,5 @@ def export_tar(
     if out is not None:
         write_rootfs_tar(snapshot, out, clamp_mtime=clamp_mtime)
         return
-    with atomic_file(Path(dest)) as f:  # type: ignore[arg-type]
+    with atomic_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]  # as oci.py
         write_rootfs_tar(snapshot, f, clamp_mtime=clamp_mtime)

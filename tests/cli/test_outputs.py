@@ -135,6 +135,33 @@ def test_oci_directory_passes_skopeo_and_umoci(
     _run("umoci", "unpack", "--image", f"{layout}:v1", str(bundle))
     assert (bundle / "rootfs" / "two.txt").read_text() == "two\n"
     assert not (bundle / "rootfs" / "etc" / "app" / "conf").exists()
+    # On the cache's filesystem the layers are hard links to the cache's blobs: no copy.
+    index = json.loads((layout / "index.json").read_text())
+    manifest_hex = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / manifest_hex).read_text())
+    for layer in manifest["layers"]:
+        hexpart = layer["digest"].split(":")[1]
+        cached = dockbuild.root / "blobs" / "sha256" / hexpart
+        assert (layout / "blobs" / "sha256" / hexpart).stat().st_ino == cached.stat().st_ino
+
+
+def test_oci_directory_on_another_filesystem_gets_copies(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(other)], check=True)
+    try:
+        layout = other / "layout"
+        dockbuild.build(app, "-t", "copied:v1", "-o", f"type=oci,tar=false,dest={layout}")
+        _run("skopeo", "inspect", f"oci:{layout}:v1")
+        blobs = list((layout / "blobs" / "sha256").iterdir())
+        assert len(blobs) == 6  # 4 layers, config, manifest
+        assert all(b.stat().st_nlink == 1 for b in blobs)
+    finally:
+        subprocess.run(["umount", str(other)], check=False)
 
 
 def test_oci_mediatypes_false_writes_docker_media_types(
@@ -198,13 +225,35 @@ def test_annotations_go_where_buildkit_puts_them(
         f"type=oci,dest={out},annotation.org.example.a=1,"
         "annotation-manifest-descriptor.org.example.b=2,"
         "annotation-manifest[linux/amd64].org.example.c=3,"
-        "annotation-manifest[linux/arm64].org.example.d=4,"
-        "annotation-index.org.example.e=5",
+        "annotation-manifest[linux/arm64].org.example.d=4",
     )  # fmt: skip
     index, manifest, _, _ = oci_image(out)
     assert manifest["annotations"] == {"org.example.a": "1", "org.example.c": "3"}
     assert index["manifests"][0]["annotations"]["org.example.b"] == "2"
-    assert index["annotations"] == {"org.example.e": "5"}
+    assert "annotations" not in index
+
+
+def test_index_annotations_are_refused_for_a_single_platform_image(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    # One platform makes no image index: BuildKit's image writer refuses both forms.
+    for key in ("annotation-index.org.example.e", "annotation-index-descriptor.org.example.f"):
+        out = tmp_path / "o.tar"
+        run = dockbuild.build(app, "-o", f"type=oci,dest={out},{key}=5", check=False)
+        assert run.returncode == 1, key
+        assert "index annotations not supported for single platform export" in run.stderr
+        assert "Traceback" not in run.stderr and "#2" not in run.stderr  # before any step
+        assert not out.exists()
+
+
+def test_image_output_without_push_warns_that_nothing_keeps_it(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    meta = tmp_path / "meta.json"
+    run = dockbuild.build(app, "-o", "type=image,name=kept:1", "--metadata-file", str(meta))
+    assert "type=image without push=true keeps the image nowhere" in run.stderr
+    assert "--push, --load" in run.stderr
+    assert json.loads(meta.read_text())["containerimage.digest"].startswith("sha256:")
 
 
 def test_bad_output_options_are_clear_errors_before_building(
@@ -212,6 +261,7 @@ def test_bad_output_options_are_clear_errors_before_building(
 ) -> None:
     for option, message in [
         ("type=oci,dest=x,compression=lz4", "unsupported compression 'lz4'"),
+        ("type=oci,dest=x,compression=estargz", "compression=estargz is not supported"),
         ("type=oci,dest=x,compression-level=30", "out of range"),
         ("type=oci,dest=x,colour=blue", "has no option 'colour'"),
         ("type=oci,dest=x,compression=zstd,oci-mediatypes=false", "needs OCI media types"),

@@ -94,6 +94,26 @@ def test_blobs_present_are_skipped_and_a_second_repository_mounts_them(
     assert again.count(": uploaded") == 1
 
 
+def test_base_layers_are_mounted_from_the_repository_they_were_pulled_from(
+    dockbuild: DockbuildCLI, registry: Registry, busybox_ref: str, tmp_path: Path
+) -> None:
+    ctx = write_context(
+        tmp_path / "cross", {"Dockerfile": f"FROM {busybox_ref}\nRUN echo x > /x.txt\n"}
+    )
+    name = f"{registry.host}/cross/app:1"
+    # Chunks smaller than the busybox layer: uploading it would show as "uploaded in".
+    run = dockbuild.build(ctx, "-t", name, "--push", env={"DOCKBUILD_PUSH_CHUNK_SIZE": "16384"})
+    _, base = _manifest(registry, "library/busybox", "latest")
+    _, pushed = _manifest(registry, "cross/app", "1")
+    (base_layer,) = [layer["digest"] for layer in base["layers"]]
+    assert pushed["layers"][0]["digest"] == base_layer
+    # The registry answered the mount with 201 Created: the layer body was never sent.
+    assert f"{base_layer}: mounted from library/busybox" in run.stderr
+    assert f"{base_layer}: uploaded" not in run.stderr
+    assert run.stderr.count(": uploaded") == 2  # the RUN layer and the config
+    _skopeo("copy", "--src-tls-verify=false", f"docker://{name}", f"oci:{tmp_path / 'copy'}:x")
+
+
 def test_big_blobs_are_uploaded_in_chunks(
     dockbuild: DockbuildCLI, registry: Registry, app: Path, tmp_path: Path
 ) -> None:

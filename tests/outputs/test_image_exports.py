@@ -138,6 +138,29 @@ def test_oci_directory_replaces_an_existing_one(image: ImageBlobs, tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_oci_tar_replaces_an_existing_file_and_refuses_a_directory(
+    image: ImageBlobs, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dest = out_dir / "image.tar"
+    dest.write_bytes(b"an older export")
+    keep = out_dir / "kept.tar"
+    os.link(dest, keep)  # another name of the old file keeps the old bytes
+    export_oci(image, names=["hello:1"], dest=dest)
+    with tarfile.open(dest) as tar:
+        assert "index.json" in tar.getnames()
+    assert keep.read_bytes() == b"an older export"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["image.tar", "kept.tar"]
+
+    folder = out_dir / "folder.tar"
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        export_oci(image, dest=folder)
+    assert (folder / "inside").is_dir()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["folder.tar", "image.tar", "kept.tar"]
+
+
 def test_interrupted_export_leaves_no_partial_dest(
     image: ImageBlobs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

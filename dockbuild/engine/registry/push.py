@@ -3,9 +3,10 @@
 The OCI distribution-spec push flow, as BuildKit's pusher does it:
 
 1. ``HEAD /v2/<repo>/blobs/<digest>``: 200 means the blob is there, nothing to send;
-2. a blob this process already pushed to another repository of the same registry is
-   mounted (``POST .../uploads/?mount=<digest>&from=<repo>``; 201 = mounted, 202 = refused
-   and an upload session started instead);
+2. a blob known to be in another repository of the same registry is mounted
+   (``POST .../uploads/?mount=<digest>&from=<repo>``; 201 = mounted, 202 = refused and an
+   upload session started instead): one this process pushed there, or one the caller
+   :meth:`Pusher.remember`-ed (the layers of a pulled base image, by their repository);
 3. otherwise uploaded: monolithic (``POST`` then ``PUT ?digest=`` with the body) for
    small blobs, chunked (``PATCH`` with ``Content-Range``, then ``PUT ?digest=``) for
    blobs larger than the chunk size, always following the latest ``Location``;
