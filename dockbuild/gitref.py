@@ -17,12 +17,13 @@ class GitRef:
     keep_git_dir: bool | None = None
     checksum: str = ""
     submodules: bool = True
+    mtime: str = ""  # "commit" or "checkout" (?mtime=); "" lets the build decide
 
 
 def parse_git_ref(src: str) -> GitRef | None:
     """``https://host/x.git#ref:subdir``, ``git@host:x.git``, ``ssh://``, ``git://`` and
-    the query form (``?ref=&subdir=&checksum=&keep-git-dir=&tag=&branch=&commit=``); None
-    when ``src`` is not a git source."""
+    the query form (``?ref=&subdir=&checksum=&keep-git-dir=&tag=&branch=&commit=&mtime=``);
+    None when ``src`` is not a git source."""
     scheme = src.split("://", 1)[0] if "://" in src else ""
     if src.startswith("git@"):
         scheme = "scp"
@@ -36,6 +37,7 @@ def parse_git_ref(src: str) -> GitRef | None:
     ref = subdir = checksum = ""
     keep: bool | None = None
     submodules = True
+    mtime = ""
     if fragment:
         ref, _, subdir = fragment.partition(":")
     for key, value in parse_qsl(query, keep_blank_values=True):
@@ -49,6 +51,10 @@ def parse_git_ref(src: str) -> GitRef | None:
             keep = value.lower() in ("1", "true", "yes", "")
         elif key == "submodules":
             submodules = value.lower() not in ("0", "false", "no")
+        elif key == "mtime":
+            if value not in ("commit", "checkout"):
+                raise ValueError(f"invalid mtime {value!r} in git source {src!r}: expected commit or checkout")
+            mtime = value
         else:
             raise ValueError(f"unexpected query {key!r} in git source {src!r}")
-    return GitRef(remote, ref, subdir.strip("/"), keep, checksum, submodules)
+    return GitRef(remote, ref, subdir.strip("/"), keep, checksum, submodules, mtime)

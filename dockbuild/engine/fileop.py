@@ -10,6 +10,7 @@ a removed path becomes a 0:0 character device. Sources are read through a
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
 import posixpath
 import shutil
@@ -76,6 +77,15 @@ class SourceView:
             pattern, lambda rel: sorted(self.children(rel)), lambda rel: self.lstat(rel) is not None
         )
 
+    def scan(self, rel: str) -> list[tuple[str, str, os.stat_result]]:
+        """The entries of the directory ``rel``, sorted: (name, host path, lstat)."""
+        out = []
+        for name in self.children(rel):
+            host = self.host(f"{rel}/{name}" if rel else name)
+            if host is not None:
+                out.append((name, str(host), os.lstat(host)))
+        return out
+
 
 class LocalView(SourceView):
     reset_owner = True
@@ -106,6 +116,23 @@ class LocalView(SourceView):
     def glob(self, pattern: str) -> list[str]:
         return self.local.glob(pattern)
 
+    def scan(self, rel: str) -> list[tuple[str, str, os.stat_result]]:
+        # One lstat per entry, from the directory listing: the hot loop of COPY . /app.
+        local = self.local
+        try:
+            with os.scandir(local.host_path(rel)) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except (NotADirectoryError, FileNotFoundError):
+            return []
+        out = []
+        for e in entries:
+            if local.excludes:
+                child = f"{rel}/{e.name}" if rel else e.name
+                if local.ignored(child) and not local.reincludes(child):
+                    continue
+            out.append((e.name, e.path, e.stat(follow_symlinks=False)))
+        return out
+
 
 class LayersView(SourceView):
     """The merged view of a layer chain (bottom first)."""
@@ -125,13 +152,20 @@ def apply(
     base: Sequence[Path],
     upper: Path,
     sources: list[SourceView],
+    reuse: Sequence[Path] = (),
 ) -> None:
-    """Run ``actions`` in order; ``sources`` holds one view per Copy action."""
+    """Run ``actions`` in order; ``sources`` holds one view per Copy action.
+
+    ``reuse``: layers an earlier run of the same step made. A file copied from a local
+    context that such a layer already holds, with the same content (by the digests the
+    context's tables recorded), owner, mode and mtime, is hardlinked from it instead of
+    copied: layers are never written once made, so they can share the inode.
+    """
     target = _Target(base, upper)
     views = iter(sources)
     for action in actions:
         if isinstance(action, llb.Copy):
-            _copy(action, next(views), target)
+            _copy(action, next(views), target, tuple(reuse))
         elif isinstance(action, llb.Mkdir):
             _mkdir(action, target)
         elif isinstance(action, llb.Mkfile):
@@ -231,17 +265,19 @@ def _resolve_chown(chown: llb.Chown | None, target: _Target) -> tuple[int, int] 
 
     # As BuildKit's readUser: a name missing from the destination's /etc/passwd or
     # /etc/group (or a missing file) resolves to 0, without an error.
+    # "root" is id 0 without a lookup, as BuildKit's llb parses ids (so it works with
+    # --link, on scratch).
     uid, gid = 0, 0
-    if chown.user.isdigit():
-        uid = gid = int(chown.user)
+    if chown.user.isdigit() or chown.user == "root":
+        uid = gid = 0 if chown.user == "root" else int(chown.user)
     else:
         for fields in table("etc/passwd"):
             if len(fields) > 3 and fields[0] == chown.user:
                 uid, gid = _int(fields[2]), _int(fields[3])
                 break
     if chown.group:
-        if chown.group.isdigit():
-            gid = int(chown.group)
+        if chown.group.isdigit() or chown.group == "root":
+            gid = 0 if chown.group == "root" else int(chown.group)
         else:
             for fields in table("etc/group"):
                 if len(fields) > 2 and fields[0] == chown.group:
@@ -316,12 +352,14 @@ def _apply_mode(spec: str, current: int, is_dir: bool) -> int:
 # -- actions ---------------------------------------------------------------------------
 
 
-def _copy(action: llb.Copy, view: SourceView, target: _Target) -> None:
+def _copy(action: llb.Copy, view: SourceView, target: _Target, reuse: tuple[Path, ...] = ()) -> None:
     src = action.src.strip("/")
     if src == ".":
         src = ""
     owner = _resolve_chown(action.chown, target)
     copier = _Copier(view, target, owner, action.mode, action.timestamp, action.exclude)
+    if isinstance(view, LocalView):
+        copier.reuse = reuse
     try:
         _copy_with(action, src, view, target, copier)
     except BaseException:
@@ -528,6 +566,7 @@ class _Copier:
         self.timestamp = timestamp
         self.rules = ignore_rules(exclude)
         self.links: dict[tuple[int, int], str] = {}
+        self.reuse: tuple[Path, ...] = ()  # see apply(); only for a LocalView
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: list[concurrent.futures.Future[None]] = []
         self._pending_outs: set[str] = set()
@@ -575,55 +614,74 @@ class _Copier:
         mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
         self.target.keep_mtime(out, mtime)
 
-    def children(self, src: str, out: str) -> None:
-        for name in self.view.children(src):
+    def children(self, src: str, out: str, fresh: bool = False) -> None:
+        """Copy the entries of ``src`` into ``out`` (``fresh``: a directory this copy just
+        created, which holds nothing yet to replace)."""
+        for name, host, st in self.view.scan(src):
             s = f"{src}/{name}" if src else name
             if self.rules:
                 below = s[len(self.root) + 1 :] if self.root else s
                 if self.excluded(below):
                     continue
-            self.entry(s, f"{out}/{name}" if out else name)
+            self.entry(s, f"{out}/{name}" if out else name, host=host, st=st, fresh=fresh)
 
-    def entry(self, src: str, out: str, top: bool = False) -> None:
-        host = self.view.host(src)
-        assert host is not None
-        st = os.lstat(host)
-        dest = self.target.upper / out
+    def entry(
+        self,
+        src: str,
+        out: str,
+        top: bool = False,
+        host: str | Path | None = None,
+        st: os.stat_result | None = None,
+        fresh: bool = False,
+    ) -> None:
+        if host is None:
+            host = self.view.host(src)
+            assert host is not None
+        if st is None:
+            st = os.lstat(host)
+        dest = os.path.join(self.target.upper, out)
         uid, gid = self.owner or ((0, 0) if self.view.reset_owner else (st.st_uid, st.st_gid))
         mode = _apply_mode(self.mode, stat.S_IMODE(st.st_mode), stat.S_ISDIR(st.st_mode))
         mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
         if stat.S_ISDIR(st.st_mode):
-            existing = _lstat(dest)
+            existing = None if fresh else _lstat(dest)
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
-                dest.unlink()
+                os.unlink(dest)
                 existing = None
+            created = False
             if existing is None:
-                if self.target.exists_as_dir(out):
+                if not fresh and self.target.exists_as_dir(out):
                     self.target.ensure_dir(out)  # merge into the directory below
                 else:
                     os.mkdir(dest)
+                    created = True
             os.chmod(dest, mode)
             os.lchown(dest, uid, gid)
-            self.children(src, out)
+            self.children(src, out, created)
             self.target.keep_mtime(out, mtime)
             return
         if out in self._pending_outs:
             self._drain()  # two sources for one destination: the later one wins
-        self.target.clear(out)
+        if not fresh:
+            self.target.clear(out)
         link_key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and link_key in self.links:
-            os.link(self.target.upper / self.links[link_key], dest)
+        if st.st_nlink > 1 and link_key in self.links:
+            first = self.links[link_key]
+            if first in self._pending_outs:
+                self._drain()  # the file to link to is still being written
+            os.link(os.path.join(self.target.upper, first), dest)
             return
         if stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(host), dest)
         elif stat.S_ISREG(st.st_mode):
-            if st.st_nlink == 1:
-                # Contents are copied by a few threads: creating many small files is
-                # bound by system calls, which run without the GIL.
-                self._submit(out, _copy_regular, host, dest, mode, uid, gid, mtime)
-                return
-            _copy_regular(host, dest, mode, uid, gid, mtime)
-            self.links[link_key] = out
+            # Contents are copied by a few threads: creating many small files is bound
+            # by system calls, which run without the GIL.
+            if isinstance(self.view, LocalView) and st.st_nlink == 1:
+                self._submit(out, self._copy_local, str(host), st, out, dest, mode, uid, gid, mtime)
+            else:
+                self._submit(out, _copy_regular, host, dest, mode, uid, gid, mtime, st.st_size)
+            if st.st_nlink > 1:  # another path of this copy may name the same file
+                self.links[link_key] = out
             return
         elif stat.S_ISFIFO(st.st_mode):
             os.mkfifo(dest, mode)
@@ -638,19 +696,97 @@ class _Copier:
         if st.st_nlink > 1:
             self.links[link_key] = out
 
+    def _copy_local(
+        self, host: str, st: os.stat_result, out: str, dest: str, mode: int, uid: int, gid: int, mtime: int
+    ) -> None:
+        """One regular file from a local context: linked from a reusable layer when one
+        holds it already, else copied; either way remembered for the next copy."""
+        local = self.view.local  # type: ignore[attr-defined]
+        digest = local.known_digest(host, st)
+        if digest is not None:
+            for layer in self.reuse:
+                try:
+                    cst = os.lstat(os.path.join(layer, out))
+                except OSError:
+                    continue
+                if (
+                    stat.S_ISREG(cst.st_mode)
+                    and cst.st_size == st.st_size
+                    and cst.st_mtime_ns == mtime
+                    and stat.S_IMODE(cst.st_mode) == mode
+                    and (cst.st_uid, cst.st_gid) == (uid, gid)
+                    and local.copied_digest(cst) == digest
+                ):
+                    try:
+                        os.link(os.path.join(layer, out), dest)
+                    except OSError:
+                        break  # too many links, another file system: copy it
+                    local.remember_copy(os.lstat(dest), digest)  # the link moved its ctime
+                    return
+        written = _copy_regular(host, dest, mode, uid, gid, mtime, st.st_size, st)
+        if digest is not None and written is not None:
+            local.remember_copy(written, digest)
 
-def _copy_regular(src: Path, dest: Path, mode: int, uid: int, gid: int, mtime: int) -> None:
-    """Copy one file's contents and metadata (owner before mode: chown clears setuid)."""
-    with open(src, "rb") as fin:
+
+def _copy_regular(
+    src: str | Path,
+    dest: str | Path,
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime: int,
+    size: int,
+    expect: os.stat_result | None = None,
+) -> os.stat_result | None:
+    """Copy one file's contents and metadata (owner before mode: chown clears setuid).
+
+    Return the new file's stat data if the source still has the stat data ``expect``
+    once copied (so what was written is what ``expect`` describes), else None."""
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            with open(fd, "wb", closefd=False) as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
+            if size:
+                _copy_data(fin, fd, size)
             os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
+            if expect is None:
+                return None
+            now = os.fstat(fin)
+            if (now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+                expect.st_ino, expect.st_size, expect.st_mtime_ns, expect.st_ctime_ns
+            ):
+                return None
+            return os.fstat(fd)
         finally:
             os.close(fd)
+    finally:
+        os.close(fin)
+
+
+def _copy_data(fin: int, fout: int, size: int) -> None:
+    """The bytes of ``fin`` into ``fout``, copied by the kernel (copy_file_range: a
+    reflink where the filesystem can, else no round trip through Python)."""
+    copied = 0
+    try:
+        # The size lstat saw: one call for a small file, not a second one to meet the end.
+        while copied < size and (n := os.copy_file_range(fin, fout, size - copied)):
+            copied += n
+        if copied:
+            return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    # Another filesystem on an older kernel, or one whose files cannot be copied this way
+    # (they read as empty): read and write.
+    os.lseek(fin, 0, os.SEEK_SET)
+    os.lseek(fout, 0, os.SEEK_SET)
+    os.ftruncate(fout, 0)
+    while chunk := os.read(fin, 1 << 20):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fout, view):]
 
 
 def _mkdir(action: llb.Mkdir, target: _Target) -> None:

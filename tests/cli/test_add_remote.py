@@ -191,7 +191,7 @@ def test_add_git_ref_and_subdir(dockbuild: DockbuildCLI, tmp_path: Path, repo: t
     assert os.lstat(out / "whole/run.sh").st_mode & 0o7777 == 0o755
     assert os.lstat(out / "whole/sub/s.txt").st_mode & 0o7777 == 0o644
     assert os.lstat(out / "whole/sub").st_mode & 0o7777 == 0o755
-    assert os.lstat(out / "whole/sub/s.txt").st_mtime == 1600000000  # the commit time
+    assert os.lstat(out / "whole/sub/s.txt").st_mtime > 1600000000  # the checkout time, as BuildKit
     assert (out / "kept/.git").is_dir()
     assert (out / "checked/sub/s.txt").read_text() == "s\n"
 

@@ -250,8 +250,19 @@ def test_copy_link_layer_does_not_depend_on_earlier_steps(dockbuild: DockbuildCL
     one, two = _layers(tmp_path / "one.tar"), _layers(tmp_path / "two.tar")
     assert one[-2] != two[-2]  # the RUN layer changed...
     assert one[-1] == two[-1]  # ...the --link layer is the very same blob
-    block = [b for b in run.stderr.split("\n\n") if "COPY --link f.txt /app/" in b][0]
-    assert block.strip().endswith("CACHED")
+    assert _vertex_lines(run.stderr, "COPY --link f.txt /app/")[-1] == "CACHED"
+
+
+def _vertex_lines(progress: str, name: str) -> list[str]:
+    """The lines plain progress printed for the vertex named ``name`` (found by its
+    number: steps running in parallel interleave their lines)."""
+    numbers = {
+        line.split(" ", 1)[0] for line in progress.splitlines()
+        if line.startswith("#") and line.split(" ", 1)[1:] and line.split(" ", 1)[1].endswith(name)
+    }
+    assert len(numbers) == 1, f"no single vertex named {name!r} in:\n{progress}"
+    (number,) = numbers
+    return [line.split(" ", 1)[1] for line in progress.splitlines() if line.split(" ", 1)[0] == number][1:]
 
 
 def test_dockerignore_negation_and_explicit_copy_of_an_ignored_file(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
@@ -271,3 +282,54 @@ def test_dockerignore_negation_and_explicit_copy_of_an_ignored_file(dockbuild: D
     run = dockbuild.build(ctx, "-o", f"type=local,dest={tmp_path / 'o2'}", check=False)
     assert run.returncode == 1
     assert "secret.env" in run.stderr and "Dockerfile:2" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_copy_link_chown_by_name_is_refused_numeric_ids_and_root_work(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    # As BuildKit (moby/buildkit#7134): a --link copy is made on scratch, where there is
+    # no /etc/passwd to resolve a name in, so a name is an error, not a silent 0:0 or a
+    # lookup in the stage below.
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": "FROM busybox\nCOPY --link --chown=user:user f.txt /app/\n",
+        "f.txt": "f\n",
+    })
+    run = dockbuild.build(ctx, "-o", f"type=oci,dest={tmp_path / 'no.tar'}", check=False)
+    assert run.returncode == 1
+    assert "--link" in run.stderr and "numeric ids" in run.stderr and "Dockerfile:2" in run.stderr
+    assert "Traceback" not in run.stderr
+    (ctx / "Dockerfile").write_text(
+        "FROM busybox\n"
+        "COPY --link --chown=1234:4321 f.txt /ids/\n"
+        "COPY --link --chown=1234:root f.txt /root-group/\n"
+        "COPY --link --chown=user --chmod=600 f.txt /with-chmod/\n"  # not a --link layer: resolved
+    )
+    dockbuild.build(ctx, "-o", f"type=oci,dest={tmp_path / 'ok.tar'}")
+    image = read_oci(tmp_path / "ok.tar")
+    owners = {m.name: (m.uid, m.gid) for layer in image.layers[1:] for m in layer.getmembers() if m.isfile()}
+    assert owners == {"ids/f.txt": (1234, 4321), "root-group/f.txt": (1234, 0), "with-chmod/f.txt": (1000, 1000)}
+
+
+def test_rebuild_after_an_edit_gives_the_image_a_fresh_cache_gives(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    # The second build links the unchanged files from the first build's layer: its
+    # image must be exactly what a build in an empty cache makes.
+    files = {f"d{i % 3}/f{i}.txt": f"file {i}\n" for i in range(30)}
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM busybox\nCOPY . /app/\n", **files})
+    for name in files:
+        os.utime(ctx / name, (1500000000, 1500000000))
+    os.chmod(ctx / "d1/f1.txt", 0o755)
+    dockbuild.build(ctx, "-o", f"type=oci,dest={tmp_path / 'one.tar'}")
+    (ctx / "d2/f2.txt").write_text("edited\n")
+    os.utime(ctx / "d2/f2.txt", (1500000000, 1500000000))
+    os.chmod(ctx / "d1/f1.txt", 0o700)
+    dockbuild.build(ctx, "-o", f"type=oci,dest={tmp_path / 'two.tar'}")
+    fresh = DockbuildCLI(tmp_path / "fresh-cache", dockbuild.busybox)
+    fresh.build(ctx, "-o", f"type=oci,dest={tmp_path / 'fresh.tar'}")
+    assert _layers(tmp_path / "two.tar") == _layers(tmp_path / "fresh.tar")
+    two = read_oci(tmp_path / "two.tar")
+    members = {m.name: m for m in two.layers[-1].getmembers()}
+    assert two.layers[-1].extractfile(members["app/d2/f2.txt"]).read() == b"edited\n"  # type: ignore[union-attr]
+    assert members["app/d1/f1.txt"].mode == 0o700
+    assert _layers(tmp_path / "one.tar")[-1] != _layers(tmp_path / "two.tar")[-1]

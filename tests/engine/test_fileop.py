@@ -134,3 +134,125 @@ def test_two_sources_for_one_destination_the_later_wins(tmp_path: Path) -> None:
     action = llb.Copy(source=None, src="dir*/x.txt", dest="/out/")
     fileop.apply((action,), [], upper, [fileop.LocalView(LocalDir(ctx))])
     assert (upper / "out/x.txt").read_text() == "dir2"
+
+
+def test_copy_from_another_filesystem_keeps_contents(tmp_path: Path) -> None:
+    # A context on tmpfs copied into a layer on the cache's filesystem: the kernel copy
+    # (copy_file_range) refuses to cross file systems, the read/write fallback takes over.
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        ctx = Path(shm)
+        (ctx / "big.bin").write_bytes(os.urandom(3 << 20))
+        (ctx / "empty").write_bytes(b"")
+        upper = tmp_path / "upper"
+        upper.mkdir()
+        fileop.apply((llb.Copy(source=None, src=".", dest="/c/"),), [], upper, [fileop.LocalView(LocalDir(ctx))])
+        assert (upper / "c/big.bin").read_bytes() == (ctx / "big.bin").read_bytes()
+        assert (upper / "c/empty").read_bytes() == b""
+
+
+def test_two_directory_sources_merge_into_one_new_destination(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    for d, names in (("a", ("same.txt", "only-a.txt", "sub/x")), ("b", ("same.txt", "only-b.txt", "sub/x"))):
+        for name in names:
+            p = ctx / d / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(f"{d}:{name}")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    actions = (llb.Copy(source=None, src="a", dest="/out/"), llb.Copy(source=None, src="b", dest="/out/"))
+    views = [fileop.LocalView(LocalDir(ctx)), fileop.LocalView(LocalDir(ctx))]
+    fileop.apply(actions, [], upper, views)
+    assert _all_files(upper / "out") == ["only-a.txt", "only-b.txt", "same.txt", "sub", "sub/x"]
+    assert (upper / "out/same.txt").read_text() == "b:same.txt"
+    assert (upper / "out/sub/x").read_text() == "b:sub/x"
+
+
+def test_a_copy_links_the_unchanged_files_of_the_last_run_and_copies_the_rest(tmp_path: Path) -> None:
+    from dockbuild.engine.sources.local import FileDigests
+
+    ctx = tmp_path / "ctx"
+    for i in range(6):
+        p = ctx / f"d{i % 2}" / f"f{i}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"file {i}\n")
+        os.utime(p, (1500000000, 1500000000))
+    db = tmp_path / "db.sqlite"
+    copy = (llb.Copy(source=None, src=".", dest="/app/"),)
+
+    def run(upper: Path, reuse: tuple[Path, ...]) -> None:
+        # a new LocalDir and FileDigests per run: the next dockbuild process
+        digests = FileDigests(db)
+        local = LocalDir(ctx, digests=digests)
+        local.checksum([""])  # the step's key, as the solver computes it first
+        upper.mkdir()
+        fileop.apply(copy, [], upper, [fileop.LocalView(local)], reuse)
+        digests.close()
+
+    first = tmp_path / "first"
+    run(first, ())
+    (ctx / "d0/f0").write_text("a longer file 0\n")  # the first file copied: no candidate
+    (ctx / "d1/f3").write_text("FILE 3\n")  # same size, same mtime: new content
+    for name in ("d0/f0", "d1/f3"):
+        os.utime(ctx / name, (1500000000, 1500000000))
+    os.chmod(ctx / "d1/f1", 0o600)
+    second = tmp_path / "second"
+    run(second, (first,))
+    for i in range(6):
+        rel = f"app/d{i % 2}/f{i}"
+        assert (second / rel).read_bytes() == (ctx / rel[4:]).read_bytes()
+        linked = os.lstat(second / rel).st_ino == os.lstat(first / rel).st_ino
+        assert linked == (i not in (0, 1, 3)), rel
+    assert os.lstat(second / "app/d1/f1").st_mode & 0o777 == 0o600
+    assert (first / "app/d1/f3").read_text() == "file 3\n"  # the earlier layer is untouched
+    # The links are remembered too (a link moves the inode's ctime): a third run links
+    # everything from the second.
+    third = tmp_path / "third"
+    run(third, (second,))
+    for i in range(6):
+        rel = f"app/d{i % 2}/f{i}"
+        assert os.lstat(third / rel).st_ino == os.lstat(second / rel).st_ino, rel
+
+
+def test_a_layer_file_changed_after_its_copy_is_not_linked(tmp_path: Path) -> None:
+    from dockbuild.engine.sources.local import FileDigests
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "f").write_text("right\n")
+    os.utime(ctx / "f", (1500000000, 1500000000))
+    db = tmp_path / "db.sqlite"
+    copy = (llb.Copy(source=None, src=".", dest="/app/"),)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for upper, reuse in ((first, ()), (second, (first,))):
+        if upper is second:  # something rewrote the earlier layer's file in place
+            (first / "app/f").write_text("wrong\n")
+            os.utime(first / "app/f", (1500000000, 1500000000))
+        digests = FileDigests(db)
+        local = LocalDir(ctx, digests=digests)
+        local.checksum([""])
+        upper.mkdir()
+        fileop.apply(copy, [], upper, [fileop.LocalView(local)], reuse)
+        digests.close()
+    assert (second / "app/f").read_text() == "right\n"
+
+
+def test_hardlinks_copied_from_a_layer_stay_linked_when_written_by_threads(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    (layer / "d").mkdir(parents=True)
+    for i in range(300):  # enough files for the copy's threads to be busy
+        (layer / "d" / f"f{i:03}").write_text(f"{i}\n")
+        if i % 3 == 0:
+            os.link(layer / "d" / f"f{i:03}", layer / "d" / f"g{i:03}")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    fileop.apply((llb.Copy(source=None, src="d", dest="/out/"),), [], upper, [fileop.LayersView([layer])])
+    for i in range(300):
+        f = upper / "out" / f"f{i:03}"
+        assert f.read_text() == f"{i}\n"
+        if i % 3 == 0:
+            assert os.lstat(upper / "out" / f"g{i:03}").st_ino == os.lstat(f).st_ino
+            assert os.lstat(f).st_ino != os.lstat(layer / "d" / f"f{i:03}").st_ino  # a copy, not the layer's file

@@ -86,3 +86,72 @@ def test_ignored_files_never_enter_the_checksum(tmp_path: Path) -> None:
     (ctx / "debug.log").write_text("noise\n")
     assert LocalDir(ctx, excludes=("*.log",)).checksum([""]) == before
     assert LocalDir(ctx).checksum([""]) != before
+
+
+def _mutations() -> dict[str, object]:
+    def add(ctx: Path) -> None:
+        (ctx / "d2" / "new.txt").write_text("new\n")
+
+    def remove(ctx: Path) -> None:
+        (ctx / "d0" / "f0.txt").unlink()
+
+    def chmod(ctx: Path) -> None:
+        os.chmod(ctx / "d1" / "f4.txt", 0o755)
+
+    def relink(ctx: Path) -> None:
+        (ctx / "link").unlink()
+        (ctx / "link").symlink_to("d1")
+
+    def same_size_same_mtime(ctx: Path) -> None:
+        p = ctx / "d0" / "f3.txt"
+        p.write_text("file X\n")  # as long as "file 3\n"
+        os.utime(p, (OLD, OLD))
+
+    def empty_dir(ctx: Path) -> None:
+        (ctx / "d2" / "empty").mkdir()
+
+    return {f.__name__: f for f in (add, remove, chmod, relink, same_size_same_mtime, empty_dir)}
+
+
+@pytest.mark.parametrize("change", sorted(_mutations()))
+def test_a_remembered_tree_gives_what_a_fresh_hash_gives_after_any_change(tmp_path: Path, change: str) -> None:
+    ctx = _context(tmp_path / "ctx")
+    (ctx / "link").symlink_to("d0")
+    db = tmp_path / "db.sqlite"
+    before = LocalDir(ctx, digests=FileDigests(db)).checksum([""])
+    _mutations()[change](ctx)  # type: ignore[operator]
+    after = LocalDir(ctx, digests=FileDigests(db)).checksum([""])
+    assert after != before
+    assert after == LocalDir(ctx).checksum([""])  # no table: everything hashed afresh
+    assert LocalDir(ctx, digests=FileDigests(db)).checksum([""]) == after
+
+
+def test_trees_remembered_under_other_ignore_rules_are_not_reused(tmp_path: Path) -> None:
+    ctx = _context(tmp_path / "ctx")
+    (ctx / "d0" / "debug.log").write_text("noise\n")
+    db = tmp_path / "db.sqlite"
+    ignoring = LocalDir(ctx, excludes=("**/*.log",), digests=FileDigests(db)).checksum([""])
+    keeping = LocalDir(ctx, digests=FileDigests(db)).checksum([""])
+    assert ignoring != keeping
+    assert ignoring == LocalDir(ctx, excludes=("**/*.log",)).checksum([""])
+    assert keeping == LocalDir(ctx).checksum([""])
+
+
+def test_a_subdirectory_hashes_the_same_alone_and_within_the_whole(tmp_path: Path) -> None:
+    ctx = _context(tmp_path / "ctx")
+    db = tmp_path / "db.sqlite"
+    LocalDir(ctx, digests=FileDigests(db)).checksum([""])  # remembers every directory
+    assert LocalDir(ctx, digests=FileDigests(db)).checksum(["d1"]) == LocalDir(ctx).checksum(["d1"])
+
+
+def test_a_prefetch_gives_the_same_checksum_and_stops_when_unused(tmp_path: Path) -> None:
+    ctx = _context(tmp_path / "ctx")
+    expected = LocalDir(ctx).checksum([""])
+    local = LocalDir(ctx, digests=FileDigests(tmp_path / "db.sqlite"))
+    local.prefetch()
+    assert local.checksum([""]) == expected
+    local.stop()
+    unused = LocalDir(ctx, digests=FileDigests(tmp_path / "db2.sqlite"))
+    unused.prefetch()
+    unused.stop()  # returns once the walk has stopped; what it learned is kept
+    assert LocalDir(ctx, digests=FileDigests(tmp_path / "db2.sqlite")).checksum([""]) == expected

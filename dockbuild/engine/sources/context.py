@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dockbuild.errors import DockbuildError
-from dockbuild.gitref import parse_git_ref
 
 
 def is_remote(spec: str) -> bool:
@@ -33,9 +32,19 @@ def _tempdir() -> Path:
     return path
 
 
-def load_context(spec: str, keep_git_dir: bool = False, stdin: BinaryIO | None = None) -> Path:
-    """The directory holding the context ``spec`` names (``-``, a git URL, an HTTP URL)."""
-    git = parse_git_ref(spec)
+def load_context(
+    spec: str, keep_git_dir: bool = False, stdin: BinaryIO | None = None, epoch: bool = False
+) -> Path:
+    """The directory holding the context ``spec`` names (``-``, a git URL, an HTTP URL).
+
+    A git checkout's files get the checkout time, or the commit time with ``?mtime=commit``
+    or when SOURCE_DATE_EPOCH is set (``epoch``), as BuildKit's git contexts."""
+    from dockbuild.gitref import parse_git_ref
+
+    try:
+        git = parse_git_ref(spec)
+    except ValueError as e:
+        raise DockbuildError(f"unable to prepare context: {e}") from None
     if git is not None:
         from dockbuild.engine.sources import git as gitsrc
 
@@ -47,6 +56,7 @@ def load_context(spec: str, keep_git_dir: bool = False, stdin: BinaryIO | None =
             keep_git_dir if git.keep_git_dir is None else git.keep_git_dir,
             dest,
             git.checksum,
+            git.mtime or ("commit" if epoch else "checkout"),
         )
         return dest
     root = _tempdir()

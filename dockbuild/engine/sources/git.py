@@ -5,8 +5,9 @@ The ref resolves to a commit with ``git ls-remote`` (cheap: no clone to compute 
 key); the commit is then fetched shallowly into a fresh repository. As in BuildKit,
 ``.git`` is removed unless ``--keep-git-dir``, files get mode 0644 (0755 when
 executable) and directories 0755, owned by root; ``--checksum`` is a commit prefix that
-the resolved commit must start with. Unlike BuildKit (checkout time), file mtimes are
-the commit time, so a checkout is reproducible.
+the resolved commit must start with. File mtimes are the checkout time, or the commit
+time with ``mtime=commit`` (BuildKit's git.mtime: ``?mtime=commit``, or SOURCE_DATE_EPOCH
+set), which makes a checkout reproducible.
 """
 
 from __future__ import annotations
@@ -85,9 +86,12 @@ def _check(remote: str, commit: str, checksum: str) -> None:
         )
 
 
-def checkout(remote: str, ref: str, subdir: str, keep_git_dir: bool, dest: Path, checksum: str = "") -> str:
+def checkout(
+    remote: str, ref: str, subdir: str, keep_git_dir: bool, dest: Path, checksum: str = "", mtime: str = "checkout"
+) -> str:
     """Fetch ``ref`` of ``remote`` and put its tree (or ``subdir`` of it) at ``dest``
-    (which must not exist). Return the commit."""
+    (which must not exist), with file times of the checkout or (``mtime="commit"``) of
+    the commit. Return the commit."""
     commit = resolve(remote, ref)
     _check(remote, commit, checksum)
     work = dest.with_name(dest.name + ".git-work")
@@ -114,15 +118,16 @@ def checkout(remote: str, ref: str, subdir: str, keep_git_dir: bool, dest: Path,
                 raise DockbuildError(f"git source {remote}: subdir {subdir!r} leaves the repository")
             if not tree.is_dir():
                 raise DockbuildError(f"git source {remote}: subdir {subdir!r} not found at {commit[:12]}")
-        _normalise(tree, when, skip_git=keep_git_dir)
+        _normalise(tree, when if mtime == "commit" else None, skip_git=keep_git_dir)
         os.rename(tree, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return commit
 
 
-def _normalise(root: Path, mtime: int, skip_git: bool) -> None:
-    """Modes 0644/0755 (by the executable bit), dirs 0755, owner root, mtime = commit time."""
+def _normalise(root: Path, mtime: int | None, skip_git: bool) -> None:
+    """Modes 0644/0755 (by the executable bit), dirs 0755, owner root, and ``mtime`` (the
+    commit time) unless None (the checkout's times stay)."""
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         if skip_git and (dirpath == str(root / ".git") or dirpath.startswith(str(root / ".git") + os.sep)):
             continue
@@ -132,15 +137,18 @@ def _normalise(root: Path, mtime: int, skip_git: bool) -> None:
             if not os.path.islink(p):
                 os.chmod(p, 0o755 if st.st_mode & 0o100 else 0o644)
             os.lchown(p, 0, 0)
-            os.utime(p, (mtime, mtime), follow_symlinks=False)
+            if mtime is not None:
+                os.utime(p, (mtime, mtime), follow_symlinks=False)
         for name in dirnames:
             p = os.path.join(dirpath, name)
             if not os.path.islink(p):
                 os.chmod(p, 0o755)
             os.lchown(p, 0, 0)
-            os.utime(p, (mtime, mtime), follow_symlinks=False)
+            if mtime is not None:
+                os.utime(p, (mtime, mtime), follow_symlinks=False)
     os.chmod(root, 0o755)
-    os.utime(root, (mtime, mtime))
+    if mtime is not None:
+        os.utime(root, (mtime, mtime))
 
 
 def materialize(op: llb.SourceOp, layer_dir: Path) -> None:
@@ -154,6 +162,7 @@ def materialize(op: llb.SourceOp, layer_dir: Path) -> None:
         op.attr("keep_git_dir") == "true",
         tree,
         op.attr("checksum"),
+        op.attr("mtime", "checkout"),
     )
     layer_dir.rmdir()
     os.rename(tree, layer_dir)

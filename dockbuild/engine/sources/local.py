@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import marshal
 import os
 import re
 import stat
@@ -134,14 +135,22 @@ def is_ignored(rules: tuple[IgnoreRule, ...], rel: str) -> bool:
 
 
 class FileDigests:
-    """Content digests of context files, keyed by their stat data, kept in the cache db.
+    """What an earlier build learned about a context, kept in the cache db.
 
-    A file whose path, device, inode, size, mode, mtime and ctime are unchanged since it
-    was last read is not read again: an unchanged context costs a stat walk. The table
-    lives in the store's ``db.sqlite`` (WAL), one row per context directory holding the
-    map of its files (one read and one write per build, not one per file), so several
-    dockbuild processes share it; the last writer wins, and any row is correct for the
-    stat data it records.
+    Two tables, both in the store's ``db.sqlite`` (WAL), one row per context directory
+    (one read and one write per build, not one per file), so several dockbuild processes
+    share them; the last writer wins, and any row is correct for the stat data it records:
+
+    - ``context_digests``: the content digest of each file, keyed by its path, device,
+      inode, size, mode, mtime and ctime. A file whose stat data is unchanged is not read
+      again.
+    - ``context_trees``: for each directory of the context (under one set of ignore
+      rules), a digest of the stat data of its entries and the tree hash that data gave.
+      A directory whose entries all stat the same reuses its hash: an unchanged context
+      costs one ``lstat`` per entry and no hashing. The file table is then not even loaded.
+    - ``context_copies``: the files the last ``COPY`` from the context wrote into layers,
+      keyed by their device, inode and ctime, with the digest of their content. A later
+      copy of an unchanged file hardlinks that layer file instead of copying it again.
     """
 
     _SCHEMA = """
@@ -149,7 +158,19 @@ class FileDigests:
         root TEXT PRIMARY KEY,  -- absolute host path of a context directory
         data BLOB NOT NULL,     -- marshal: {host path: (dev, ino, size, mode, mtime_ns, ctime_ns, sha256 hex)}
         updated REAL NOT NULL
-    )
+    );
+    CREATE TABLE IF NOT EXISTS context_trees (
+        root TEXT NOT NULL,     -- absolute host path of a context directory
+        rules TEXT NOT NULL,    -- digest of the ignore rules the hashes were made under
+        data BLOB NOT NULL,     -- marshal: {relative dir: (stat signature, tree hash hex)}
+        updated REAL NOT NULL,
+        PRIMARY KEY (root, rules)
+    );
+    CREATE TABLE IF NOT EXISTS context_copies (
+        root TEXT PRIMARY KEY,  -- absolute host path of a context directory
+        data BLOB NOT NULL,     -- marshal: {(dev, ino, ctime_ns) of a layer file: sha256 hex}
+        updated REAL NOT NULL
+    );
     """
 
     def __init__(self, db_path: Path) -> None:
@@ -159,50 +180,78 @@ class FileDigests:
             db_path, timeout=60, check_same_thread=False, isolation_level=None
         )
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(self._SCHEMA)
+        self._conn.executescript(self._SCHEMA)
         self._lock = threading.Lock()
-        self._maps: dict[str, dict[str, tuple]] = {}  # root -> its file map
-        self._dirty: set[str] = set()
+        self._maps: dict[tuple[str, str], dict] = {}  # (table, row key) -> its map
+        self._dirty: set[tuple[str, str]] = set()
 
     def load(self, root: Path) -> dict[str, tuple]:
         """The file map of ``root`` (read once per process)."""
-        import marshal
+        return self._load("context_digests", "root=?", (str(root),))
 
-        key = str(root)
+    def trees(self, root: Path, rules: str) -> dict[str, tuple[bytes, str]]:
+        """The directory map of ``root`` under the ignore rules ``rules``."""
+        return self._load("context_trees", "root=? AND rules=?", (str(root), rules))
+
+    def copies(self, root: Path) -> dict[tuple[int, int, int], str]:
+        """The layer files the last copy from ``root`` wrote (read once per process)."""
+        return self._load("context_copies", "root=?", (str(root),))
+
+    def copied(self, root: Path, written: dict[tuple[int, int, int], str]) -> None:
+        """Replace what :meth:`copies` recorded for ``root`` by ``written`` at the next
+        flush (only the newest copies: the table does not grow build after build)."""
+        with self._lock:
+            self._maps[("context_copies", str(root))] = written
+            self._dirty.add(("context_copies", str(root)))
+
+    def _load(self, table: str, where: str, args: tuple[str, ...]) -> dict:
+        key = (table, "\0".join(args))
         with self._lock:
             found = self._maps.get(key)
             if found is not None:
                 return found
-            row = self._conn.execute("SELECT data FROM context_digests WHERE root=?", (key,)).fetchone()
-            data: dict[str, tuple] = {}
-            if row is not None:
-                with contextlib.suppress(ValueError, EOFError, TypeError):
+            data: dict = {}
+            with contextlib.suppress(Exception):  # a busy or damaged table: start afresh
+                row = self._conn.execute(f"SELECT data FROM {table} WHERE {where}", args).fetchone()
+                if row is not None:
                     loaded = marshal.loads(row[0])
                     if isinstance(loaded, dict):
                         data = loaded
             self._maps[key] = data
             return data
 
-    def changed(self, root: Path) -> None:
+    def changed(self, root: Path, rules: str | None = None) -> None:
+        """Mark the file map (``rules`` None) or a directory map of ``root`` for writing."""
         with self._lock:
-            self._dirty.add(str(root))
+            if rules is None:
+                self._dirty.add(("context_digests", str(root)))
+            else:
+                self._dirty.add(("context_trees", f"{root}\0{rules}"))
 
     def flush(self) -> None:
-        import marshal
         import sqlite3
 
         with self._lock:
             # a copy first: another thread may be adding digests while we write
-            todo = [(root, marshal.dumps(dict(self._maps[root]))) for root in self._dirty]
+            todo = [(key, marshal.dumps(dict(self._maps[key]))) for key in self._dirty]
             self._dirty.clear()
             if not todo:
                 return
+            now = time.time()
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.executemany(
-                    "INSERT OR REPLACE INTO context_digests(root, data, updated) VALUES (?,?,?)",
-                    [(root, blob, time.time()) for root, blob in todo],
-                )
+                for (table, row), blob in todo:
+                    if table in ("context_digests", "context_copies"):
+                        self._conn.execute(
+                            f"INSERT OR REPLACE INTO {table}(root, data, updated) VALUES (?,?,?)",
+                            (row, blob, now),
+                        )
+                    else:
+                        root, rules = row.split("\0")
+                        self._conn.execute(
+                            "INSERT OR REPLACE INTO context_trees(root, rules, data, updated) VALUES (?,?,?,?)",
+                            (root, rules, blob, now),
+                        )
                 self._conn.execute("COMMIT")
             except sqlite3.Error:
                 # Only a speed-up: a busy or read-only cache must not fail the build.
@@ -215,20 +264,56 @@ class FileDigests:
             self._conn.close()
 
 
+_EMPTY_TREE = hashlib.sha256().hexdigest()
+# A file modified within the timestamp granularity could change again without its stat
+# data moving: what was learned from it is used for this build but not remembered.
+_RACY_NS = 2 * 10**9
+
+
+class _Stopped(Exception):
+    """A background walk was told to stop."""
+
+
 @dataclass
 class LocalDir:
-    """A directory on this host offered to the build under a name."""
+    """A directory on this host offered to the build under a name.
+
+    Its cache keys hash a tree: each directory's hash covers its entries' names, types,
+    modes and, per entry, the file's content digest, the link's target or the
+    subdirectory's hash, so a directory's hash can be reused as long as every entry below
+    it stats the same. Within a process a context is assumed not to change.
+    """
 
     path: Path
     excludes: tuple[str, ...] = ()
-    digests: FileDigests | None = None  # the persistent digest table, when there is a cache
+    digests: FileDigests | None = None  # the persistent tables, when there is a cache
     _rules: tuple[IgnoreRule, ...] = field(init=False, repr=False)
-    _known: dict[str, tuple] = field(init=False, repr=False)
+    _rules_key: str = field(init=False, repr=False)
+    _known: dict[str, tuple] | None = field(init=False, repr=False)
+    _trees: dict[str, tuple[bytes, str]] = field(init=False, repr=False)
+    _hashed: dict[str, str] = field(init=False, repr=False)
+    _copies: dict[tuple[int, int, int], str] | None = field(init=False, repr=False)
+    _written: dict[tuple[int, int, int], str] = field(init=False, repr=False)
+    _may_reinclude: bool = field(init=False, repr=False)
+    _lock: threading.RLock = field(init=False, repr=False)
+    _stop: threading.Event = field(init=False, repr=False)
+    _prefetch: threading.Thread | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path).absolute()
         self._rules = ignore_rules(self.excludes)
-        self._known = self.digests.load(self.path) if self.digests is not None else {}
+        self._may_reinclude = any(r.exclusion for r in self._rules)
+        self._rules_key = hashlib.sha256(
+            repr([(r.pattern, r.exclusion) for r in self._rules]).encode()
+        ).hexdigest()[:32]
+        self._known = None if self.digests is not None else {}  # loaded when first needed
+        self._trees = self.digests.trees(self.path, self._rules_key) if self.digests is not None else {}
+        self._hashed = {}  # relative dir -> its tree hash, this process
+        self._copies = None  # layer files earlier copies wrote, loaded when first needed
+        self._written = {}  # the layer files copies of this process wrote or reused
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._prefetch = None
 
     def ignored(self, rel: str) -> bool:
         return bool(self._rules) and is_ignored(self._rules, rel)
@@ -239,7 +324,7 @@ class LocalDir:
     def reincludes(self, rel: str) -> bool:
         """Whether ``rel``, an ignored directory, holds something a later ``!`` rule
         takes back (``docs`` then ``!docs/keep.md``): it then exists, with only that."""
-        if not any(r.exclusion for r in self._rules):
+        if not self._may_reinclude:
             return False
         if not stat.S_ISDIR(os.lstat(self.host_path(rel)).st_mode):
             return False
@@ -251,14 +336,8 @@ class LocalDir:
         An ignored directory is still entered when a later ``!`` rule may re-include
         something below it, as moby's patternmatcher does.
         """
-        for child, _host, _st in self._walk_stat(rel, os.path.join(self.path, rel) if rel else str(self.path)):
-            yield child
-
-    def _walk_stat(self, rel: str, host: str) -> Iterator[tuple[str, str, os.stat_result]]:
-        """(relative path, host path, lstat) below ``rel``; strings only: this is the
-        hot loop of an unchanged rebuild."""
         rules = self._rules
-        may_reinclude = any(r.exclusion for r in rules)
+        host = os.path.join(self.path, rel) if rel else str(self.path)
         try:
             with os.scandir(host) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -268,11 +347,10 @@ class LocalDir:
         for entry in entries:
             child = prefix + entry.name
             ignored = bool(rules) and is_ignored(rules, child)
-            st = entry.stat(follow_symlinks=False)
             if not ignored:
-                yield child, entry.path, st
-            if stat.S_ISDIR(st.st_mode) and (not ignored or may_reinclude):
-                yield from self._walk_stat(child, entry.path)
+                yield child
+            if entry.is_dir(follow_symlinks=False) and (not ignored or self._may_reinclude):
+                yield from self.walk(child)
 
     def glob(self, pattern: str) -> list[str]:
         """Context paths matching a COPY source pattern (component by component)."""
@@ -287,66 +365,178 @@ class LocalDir:
         except (NotADirectoryError, FileNotFoundError):
             return []
 
+    # -- cache keys -------------------------------------------------------------------
+
     def checksum(self, rels: list[str]) -> str:
         """A digest of what a step would read: each path and, for dirs, all below it."""
         h = hashlib.sha256()
-        update = h.update
-        entry = self._entry_host
         try:
-            for rel in rels:
-                host = os.path.join(self.path, rel) if rel else str(self.path)
-                st = os.lstat(host)
-                update(entry(rel, host, st))
-                if stat.S_ISDIR(st.st_mode):
-                    cut = len(rel) + 1 if rel else 0
-                    for child, child_host, cst in self._walk_stat(rel, host):
-                        update(entry(child[cut:], child_host, cst))
+            with self._lock:
+                for rel in rels:
+                    h.update(self._entry(rel, rel, below=True))
         finally:
             if self.digests is not None:
                 self.digests.flush()
         return "sha256:" + h.hexdigest()
 
-    def _entry(self, rel: str, shown: str, st: os.stat_result | None = None) -> bytes:
-        host = str(self.host_path(rel))
-        return self._entry_host(shown, host, st if st is not None else os.lstat(host))
+    def prefetch(self) -> None:
+        """Start hashing the whole directory in a background thread, for a step that will
+        read it (``COPY . /app``) while the Dockerfile is still being converted: system
+        calls run without the GIL, so the stat walk overlaps the conversion."""
+        self._prefetch = threading.Thread(target=self._prefetch_tree, name="context-prefetch", daemon=True)
+        self._prefetch.start()
 
-    def _entry_host(self, shown: str, host: str, st: os.stat_result) -> bytes:
+    def _prefetch_tree(self) -> None:
+        # Only a head start: whatever goes wrong here, the step's own checksum meets
+        # again and reports.
+        with contextlib.suppress(Exception):
+            self.checksum([""])
+
+    def stop(self) -> None:
+        """Stop a prefetch no step waited for (what it learned so far is still saved)."""
+        self._stop.set()
+        if self._prefetch is not None:
+            self._prefetch.join()
+            self._prefetch = None
+        if self.digests is not None:
+            self.digests.flush()
+
+    def _entry(self, rel: str, shown: str, below: bool = False) -> bytes:
+        """The line a cache key hashes for the path ``rel``, named ``shown``: its type,
+        mode and content (a file's digest, a link's target) and, with ``below``, for a
+        directory the hash of everything in it (explain.py compares lines without)."""
+        host = os.path.join(self.path, rel) if rel else str(self.path)
+        st = os.lstat(host)
+        if not (below and stat.S_ISDIR(st.st_mode)):
+            return self._line(shown, host, st, None)
+        with self._lock:
+            tree = self._hashed.get(rel)
+            if tree is None:
+                tree = self._tree(rel, host)
+            return self._line(shown, host, st, tree)
+
+    def _tree(self, rel: str, host: str, parent_fd: int | None = None) -> str:
+        """The tree hash of the directory ``rel``: its entries' stat data first, and only
+        when that differs from what the last build recorded, its entries' lines."""
+        if self._stop.is_set():
+            raise _Stopped
+        rules = self._rules
+        prefix = rel + "/" if rel else ""
+        sig: list[tuple] = []
+        append = sig.append
+        stats: list[os.stat_result] = []  # beside sig, in the same order
+        keep = stats.append
+        isdir = stat.S_ISDIR
+        racy = time.time_ns() - _RACY_NS
+        fresh = False
+        # Entries are stat'ed relative to their directory's fd (fstatat): a shorter path
+        # lookup per entry than an lstat of the full path.
+        fd = os.open(
+            os.path.basename(host) if parent_fd is not None else host,
+            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=parent_fd,
+        )
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    st = entry.stat(follow_symlinks=False)
+                    name = entry.name
+                    ignored = bool(rules) and is_ignored(rules, prefix + name)
+                    sub = None
+                    if isdir(st.st_mode):
+                        if not ignored or self._may_reinclude:
+                            sub = self._tree(prefix + name, os.path.join(host, name), fd)
+                    elif st.st_mtime_ns > racy:
+                        fresh = True
+                    keep(st)
+                    append((name, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, ignored, sub))
+        finally:
+            os.close(fd)
+        # Version 2 of marshal writes no back-references: equal lists give equal bytes
+        # (or, rarely, different ones: the directory is then hashed again).
+        signature = hashlib.sha256(marshal.dumps(sig, 2)).digest()
+        known = self._trees.get(rel)
+        if known is not None and known[0] == signature:
+            self._hashed[rel] = known[1]
+            return known[1]
+        h = hashlib.sha256()
+        for i in sorted(range(len(sig)), key=lambda i: sig[i][0]):
+            name, *_, ignored, sub = sig[i]
+            if not ignored:
+                h.update(self._line(name, os.path.join(host, name), stats[i], sub))
+            elif sub is not None and sub != _EMPTY_TREE:  # an ignored dir with re-included paths
+                h.update(b"%s\0ignored\0%s\n" % (_bytes(name), sub.encode()))
+        tree = h.hexdigest()
+        self._hashed[rel] = tree
+        if not fresh and self.digests is not None:
+            self._trees[rel] = (signature, tree)
+            self.digests.changed(self.path, self._rules_key)
+        return tree
+
+    def _line(self, shown: str, host: str, st: os.stat_result, tree: str | None) -> bytes:
         mode = st.st_mode
         if stat.S_ISREG(mode):
             extra = self._file_digest(host, st)
         elif stat.S_ISLNK(mode):
             extra = os.readlink(host)
         else:
-            extra = ""
-        return b"%s\0%o\0%o\0%s\n" % (
-            shown.encode("utf-8", "surrogateescape"), stat.S_IFMT(mode), stat.S_IMODE(mode),
-            extra.encode("utf-8", "surrogateescape"),
-        )
+            extra = tree or ""
+        return b"%s\0%o\0%o\0%s\n" % (_bytes(shown), stat.S_IFMT(mode), stat.S_IMODE(mode), _bytes(extra))
+
+    # -- layer files copied from this context -------------------------------------------
+
+    def known_digest(self, host: str, st: os.stat_result) -> str | None:
+        """The content digest of the context file at ``host`` if its stat data ``st`` is
+        the one it was last read with; None rather than reading it."""
+        with self._lock:
+            known = self._known
+            if known is None:
+                known = self._known = self.digests.load(self.path) if self.digests is not None else {}
+        row = known.get(host)
+        if row is not None and row[1:6] == (st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns):
+            return row[6] if row[0] == st.st_dev else None
+        return None
+
+    def copied_digest(self, st: os.stat_result) -> str | None:
+        """The content digest a copy recorded for the layer file with stat data ``st``."""
+        key = (st.st_dev, st.st_ino, st.st_ctime_ns)
+        return self._written.get(key) or self._earlier_copies().get(key)
+
+    def remember_copy(self, st: os.stat_result, digest: str) -> None:
+        """Record that the layer file with stat data ``st`` holds content ``digest``."""
+        if self.digests is None:
+            return
+        self._earlier_copies()  # read before this process's records replace them
+        with self._lock:
+            first = not self._written
+            self._written[(st.st_dev, st.st_ino, st.st_ctime_ns)] = digest
+            if first:
+                self.digests.copied(self.path, self._written)  # the same dict: later records follow
+
+    def _earlier_copies(self) -> dict[tuple[int, int, int], str]:
+        with self._lock:
+            if self._copies is None:
+                self._copies = self.digests.copies(self.path) if self.digests is not None else {}
+            return self._copies
 
     def _file_digest(self, path: str, st: os.stat_result) -> str:
         # Unchanged files are known by their stat data; only changed ones are read.
-        row = self._known.get(path)
-        if (
-            row is not None
-            and row[4] == st.st_mtime_ns
-            and row[1] == st.st_ino
-            and row[2] == st.st_size
-            and row[5] == st.st_ctime_ns
-            and row[3] == st.st_mode
-            and row[0] == st.st_dev
-        ):
-            return row[6]
+        found = self.known_digest(path, st)
+        if found is not None:
+            return found
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
         digest = h.hexdigest()
-        # A file modified within the timestamp granularity could change again without
-        # its mtime moving: such a digest is used for this build but not remembered.
-        if time.time_ns() - st.st_mtime_ns > 2 * 10**9:
-            self._known[path] = (
+        if time.time_ns() - st.st_mtime_ns > _RACY_NS:
+            self._known[path] = (  # type: ignore[index]  # loaded by known_digest
                 st.st_dev, st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns, digest
             )
             if self.digests is not None:
                 self.digests.changed(self.path)
         return digest
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
