@@ -13,7 +13,13 @@ layers; BuildKit: ``docker push`` of the image that carries the inline cache). d
 writes an OCI tarball; BuildKit stores the image in dockerd. BuildKit is driven through
 the Engine API with an uploaded context tar (this host's docker CLI has no buildx).
 
-Run as root with dockerd up: ``.venv/bin/python bench/cache_roundtrip.py [--runs 3]``.
+The two builders run one after the other within each run (interleaved), so a busy
+machine slows both alike; the load average is printed before and after. For dockbuild
+the CPU time (user + sys of the process) is printed too: it is steadier than wall time.
+
+Run as root with dockerd up (``.ci/start-dockerd``), after
+``.venv/bin/python -m compileall -q dockbuild`` so start-up is not measured compiling:
+``env -u PYTHONDONTWRITEBYTECODE .venv/bin/python bench/cache_roundtrip.py [--runs 5]``.
 Needs docker-registry, skopeo and the busybox layout (``make testdata``).
 """
 
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import socket
 import statistics
@@ -52,10 +60,16 @@ def sh(*cmd: str, env: dict[str, str] | None = None, quiet: bool = True) -> None
         sys.exit(f"failed: {' '.join(cmd)}\n{done.stdout}{done.stderr}")
 
 
-def timed(*cmd: str, env: dict[str, str] | None = None) -> float:
+def timed(*cmd: str, env: dict[str, str] | None = None, cpu: list[float] | None = None) -> float:
+    """Wall seconds of a command; its CPU seconds (user + sys) are appended to ``cpu``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     sh(*cmd, env=env)
-    return time.monotonic() - start
+    elapsed = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return elapsed
 
 
 def buildkit_build(context_tar: Path, tag: str, *, inline_cache: bool = False, cache_from: str | None = None) -> float:
@@ -111,7 +125,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-buildkit", action="store_true")
     options = parser.parse_args()
-    import os
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="dockbuild-bench-") as tmp_text:
         tmp = Path(tmp_text)
@@ -129,6 +143,7 @@ def main() -> None:
             sh("tar", "-C", str(ctx), "-cf", str(context_tar), ".")
             results: dict[str, list[float]] = {"dockbuild cold": [], "dockbuild warm": [],
                                                "buildkit cold": [], "buildkit warm": []}  # fmt: skip
+            cpu: dict[str, list[float]] = {"dockbuild cold": [], "dockbuild warm": []}
             env = dict(os.environ, SOURCE_DATE_EPOCH="1700000000")
             for run in range(options.runs):
                 cache_ref = f"{reg}/bench/app:cache{run}"
@@ -136,11 +151,13 @@ def main() -> None:
                 env["DOCKBUILD_ROOT"] = str(root)
                 results["dockbuild cold"].append(timed(
                     DOCKBUILD, "--progress=quiet", "-o", f"type=oci,dest={tmp / 'a.tar'}",
-                    "--cache-to", f"type=registry,ref={cache_ref}", str(ctx), env=env))
+                    "--cache-to", f"type=registry,ref={cache_ref}", str(ctx), env=env,
+                    cpu=cpu["dockbuild cold"]))
                 shutil.rmtree(root)
                 results["dockbuild warm"].append(timed(
                     DOCKBUILD, "--progress=quiet", "-o", f"type=oci,dest={tmp / 'b.tar'}",
-                    "--cache-from", f"type=registry,ref={cache_ref}", str(ctx), env=env))
+                    "--cache-from", f"type=registry,ref={cache_ref}", str(ctx), env=env,
+                    cpu=cpu["dockbuild warm"]))
                 shutil.rmtree(root)
                 if options.skip_buildkit:
                     continue
@@ -155,11 +172,16 @@ def main() -> None:
                 subprocess.run(["docker", "rmi", "-f", image, base], capture_output=True)
                 results["buildkit warm"].append(buildkit_build(context_tar, image + "-warm", cache_from=image))
                 subprocess.run(["docker", "rmi", "-f", image + "-warm"], capture_output=True)
-            print(f"{'builder / phase':<18}{'median s':>10}{'min s':>9}   runs")
+            print(f"load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+            print(f"{'builder / phase':<18}{'median s':>10}{'min s':>9}{'cpu s':>8}   runs (wall s)")
             for name, values in results.items():
                 if values:
-                    print(f"{name:<18}{statistics.median(values):>10.2f}{min(values):>9.2f}   "
+                    spent = f"{statistics.median(cpu[name]):>8.2f}" if name in cpu else f"{'-':>8}"
+                    print(f"{name:<18}{statistics.median(values):>10.2f}{min(values):>9.2f}{spent}   "
                           + " ".join(f"{v:.2f}" for v in values))
+            if results["buildkit warm"]:
+                ratio = statistics.median(results["dockbuild warm"]) / statistics.median(results["buildkit warm"])
+                print(f"warm from registry, dockbuild / BuildKit (medians): {ratio:.2f} (goal: <= 1.00)")
         finally:
             reg_proc.kill()
             reg_proc.wait()

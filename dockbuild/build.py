@@ -7,7 +7,9 @@ knows both the frontend and the engine.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,9 +70,11 @@ def _inputs(request: BuildRequest) -> _Inputs:
     from dockbuild.frontend.dockerignore import parse_dockerignore
 
     keep_git = request.build_args.get("BUILDKIT_CONTEXT_KEEP_GIT_DIR") in ("1", "true")
+    epoch_arg = request.build_args.get("SOURCE_DATE_EPOCH")  # git contexts then get commit times
+    epoch = bool(os.environ.get("SOURCE_DATE_EPOCH") if epoch_arg is None else epoch_arg)
     remote = remote_context.is_remote(request.context)
     # A tar on stdin (`-`), a git URL or an HTTP tarball becomes a temporary directory.
-    ctx = remote_context.load_context(request.context, keep_git) if remote else Path(request.context)
+    ctx = remote_context.load_context(request.context, keep_git, epoch=epoch) if remote else Path(request.context)
     if not ctx.is_dir():
         raise DockbuildError(f"unable to prepare context: path {request.context!r} not found")
     if request.dockerfile and remote and not Path(request.dockerfile).is_absolute():
@@ -106,7 +110,7 @@ def _inputs(request: BuildRequest) -> _Inputs:
         elif value.startswith("docker-image://"):
             images[name] = value[len("docker-image://") :]
         elif remote_context.is_remote(value) and value != "-":
-            locals_[name] = remote_context.load_context(value, keep_git)  # git URL, HTTP tar
+            locals_[name] = remote_context.load_context(value, keep_git, epoch=epoch)  # git URL, HTTP tar
         elif "://" in value:
             raise DockbuildError(f"build context {name}={value}: this kind of context is not supported yet")
         else:
@@ -129,6 +133,7 @@ def _split_layout(text: str) -> tuple[str, str | None, str | None]:
 
 
 def _frontend_definition(request: BuildRequest, inputs: _Inputs, sources: Any) -> Any:
+    from dockbuild.engine.sources.local import ignore_rules, is_ignored
     from dockbuild.frontend import convert
 
     def resolve(name: str) -> convert.NamedSource | None:
@@ -164,6 +169,7 @@ def _frontend_definition(request: BuildRequest, inputs: _Inputs, sources: Any) -
         exclude_patterns=inputs.ignore_patterns,
         dockerfile_name=inputs.dockerfile_name,
         all_stages=request.check and request.target is None,
+        is_ignored=functools.partial(is_ignored, ignore_rules(inputs.ignore_patterns)),
     )
     return convert.dockerfile_to_llb(
         inputs.dockerfile_text, options, resolve_named=resolve, resolve_image=resolve_image
@@ -211,30 +217,35 @@ def build(request: BuildRequest) -> None:
 
     cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
     cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
+    store = Store()  # first: a cache it cannot open is an error before any progress shows
     progress = make_progress(request.progress)
-    store = Store()
     solver = None
+    locals_: dict[str, Any] = {}
     try:
         vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
         inputs = _inputs(request)
         vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
         vertex.done()
-        sources = ImageSources(
-            store, {k: v[0] for k, v in inputs.layouts.items()}, pull=request.pull
-        )
-        run_options = _run_options(request)
-        result = _frontend_definition(request, inputs, sources)
-        from dockbuild.engine.mounts import check_entitlements
-
-        check_entitlements(result.root, run_options["allow"])
-        for warning in result.warnings:
-            progress.message(warning)
         # Context file digests persist in the cache db: an unchanged context is a stat walk.
         digests = FileDigests(store.root / "db.sqlite")
         locals_ = {
             name: LocalDir(path, inputs.ignore_patterns if name == "context" else _own_ignore(path), digests)
             for name, path in inputs.local_dirs.items()
         }
+        if _WHOLE_CONTEXT.search(inputs.dockerfile_text):
+            locals_["context"].prefetch()  # hashed beside the frontend's work
+        sources = ImageSources(
+            store, {k: v[0] for k, v in inputs.layouts.items()}, pull=request.pull
+        )
+        run_options = _run_options(request)
+        # The cache manifests arrive while the frontend resolves base images.
+        cache_sources = cacheio.open_sources(cache_from, sources.client, progress) if cache_from else None
+        result = _frontend_definition(request, inputs, sources)
+        from dockbuild.engine.mounts import check_entitlements
+
+        check_entitlements(result.root, run_options["allow"])
+        for warning in result.warnings:
+            progress.message(warning)
         solver = Solver(
             store,
             progress,
@@ -249,8 +260,8 @@ def build(request: BuildRequest) -> None:
                 **run_options,
             ),
         )
-        if cache_from:
-            cacheio.import_cache(store, solver, result.root, cache_from, progress)
+        if cache_sources is not None:
+            cacheio.import_cache(store, solver, result.root, cache_sources(), progress)
         state = solver.solve(result.root)
         config = export.finish_config(result.image_config, result.history_ops, solver)
         if any(spec.type == "inline" for spec in cache_to):
@@ -263,10 +274,11 @@ def build(request: BuildRequest) -> None:
         image = export.Image(
             state=state,
             config=config,
-            layer_paths=solver.layer_paths(state),
+            layer_paths=tuple(store.layer_path(lid) for lid in state),  # may be packed: see export
             base_layers=export.base_layer_count(config, result.history_ops, len(state)),
             epoch=epoch,
             squash=request.squash,
+            sources=export.registry_sources(result.root),
         )
         ids = export.export_all(store, image, outputs, progress)
         if request.iidfile and ids.image_id:
@@ -290,10 +302,16 @@ def build(request: BuildRequest) -> None:
     finally:
         if solver is not None:
             solver.close()
+        for local in locals_.values():
+            local.stop()
         progress.close()
         store.close()
     if request.quiet and ids.image_id:
         print(ids.image_id)
+
+
+# A COPY or ADD of the whole context (``COPY . /app``, flags allowed, not --from).
+_WHOLE_CONTEXT = re.compile(rb"(?im)^[ \t]*(?:copy|add)[ \t]+(?:--(?!from)\S+[ \t]+)*\./?[ \t]")
 
 
 def _collect_garbage(store: Any, progress: Any) -> None:

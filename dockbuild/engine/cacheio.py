@@ -7,9 +7,12 @@ into an OCI layout directory (``index.json`` entry named by ``tag``); ``type=reg
 pushes it under ``ref``. Keys are content-addressed (op definitions, base image manifest
 digests, context file contents), so they mean the same on every machine.
 
-Import is lazy in BuildKit's spirit: before solving, the graph is walked from the
-result down, and only the records the build can use (the highest hit on every path)
-are brought in, with just the layers they need, verified against their diff_ids.
+Import is lazy in BuildKit's spirit: the manifests are read while the frontend works;
+before solving, the graph is walked from the result down, and only the records the build
+can use (the highest hit on every path) are brought in, with just the layer blobs they
+need, verified against their digests. Layers stay packed: a build whose steps all hit
+the cache and exports an image never unpacks them; a step that must run on top of them,
+or a local/tar export, unpacks them then (and checks their diff_ids).
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dockbuild import llb
-from dockbuild.engine.store import BlobInfo, Store, remove_tree
+from dockbuild.engine.store import BlobInfo, Store, remove_tree, unpack_verified
 from dockbuild.errors import DockbuildError
 from dockbuild.progress import Progress
 
@@ -243,7 +247,7 @@ def _layer_blob(store: Store, lid: str, compression: str) -> dict[str, Any]:
     try:
         tar_path, blob_path = work / "layer.tar", work / "blob"
         with open(tar_path, "wb") as f:
-            archive.write_layer_tar(store.layer_path(lid), f)
+            archive.write_layer_tar(store.unpacked_paths([lid])[0], f)
         h = hashlib.sha256()
         with open(tar_path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -321,8 +325,6 @@ def _import_mounts(store: Store, source: _Source, progress: Progress) -> int:
     """Restore exported cache mounts this cache root does not have yet."""
     import fcntl
 
-    from dockbuild.engine.sources.image import _unpack_verified
-
     count = 0
     for mount in source.mounts:
         name = str(mount.get("name", ""))
@@ -342,7 +344,7 @@ def _import_mounts(store: Store, source: _Source, progress: Progress) -> int:
                 source.fetch(mount, blob)
                 unpacked = home / f".import-{os.getpid()}-{os.urandom(4).hex()}"
                 try:
-                    got = _unpack_verified(blob, unpacked)
+                    got = unpack_verified(blob, unpacked)
                     if got != mount["diff_id"]:
                         raise DockbuildError(f"cache mount {mount.get('id')}: content is {got}, expected {mount['diff_id']}")
                     if not (home / "id").exists():
@@ -415,16 +417,28 @@ def _atomic_copy(src: Path, dest: Path) -> None:
             tmp.unlink()
 
 
+def _verified_copy(src: Path, dest: Path, digest: str) -> None:
+    """Copy a blob of a local cache, checking its digest on the way."""
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
+            h.update(chunk)
+            fout.write(chunk)
+    if "sha256:" + h.hexdigest() != digest:
+        raise DockbuildError(f"cache blob {digest} in {src.parent.parent.parent} is corrupt")
+
+
 def _push(store: Store, ref_text: str, manifest: bytes, config: bytes, config_digest: str,
           layers: list[dict[str, Any]], vertex: Any) -> None:
     from dockbuild.engine.registry.client import RegistryClient
+    from dockbuild.engine.registry.hosts import load_hosts
     from dockbuild.engine.registry.push import PushBlob, Pusher
     from dockbuild.engine.registry.reference import parse_reference
 
     ref = parse_reference(ref_text)
     blobs = [PushBlob(config_digest, len(config), data=config)]
     blobs += [PushBlob(layer["digest"], layer["size"], path=store.blob_path(layer["digest"])) for layer in layers]
-    client = RegistryClient()
+    client = RegistryClient(insecure=load_hosts().insecure)  # config.toml's insecure registries
     try:
         pusher = Pusher(client, log=lambda text: vertex.log("stdout", text.encode()))
         pusher.push(ref, blobs, manifest, MANIFEST_MEDIA_TYPE, tags=[ref.tag or "latest"] if not ref.digest else [])
@@ -445,22 +459,58 @@ class _Source:
     mounts: list[dict[str, Any]] = field(default_factory=list)
 
 
-def import_cache(
-    store: Store, solver: Any, root: llb.Op | None, specs: list[CacheSpec], progress: Progress
-) -> int:
-    """Bring in the records this build can use from each ``--cache-from``; return how many."""
-    sources = []
-    for spec in specs:
-        vertex = progress.vertex(f"importing cache manifest from {spec.describe()}")
+def open_sources(
+    specs: list[CacheSpec], client: Callable[[], Any], progress: Progress
+) -> Callable[[], list[_Source]]:
+    """Start reading every ``--cache-from``'s manifest and config, each in a thread of its
+    own, so they arrive while the frontend resolves base images; the function returned
+    waits for them (and reports them). ``client()`` is the build's registry client (one
+    keep-alive session), asked for only by a registry cache."""
+    import threading
+
+    vertices = [progress.vertex(f"importing cache manifest from {spec.describe()}") for spec in specs]
+    opened: list[_Source | str] = ["not read"] * len(specs)  # a source, or why not
+
+    def open_one(index: int, spec: CacheSpec) -> None:
         try:
-            sources.append(_open(store, spec))
-        except (DockbuildError, OSError) as e:
-            # A missing cache is normal on a first build: say so and go on, as BuildKit does.
-            message = e.message if isinstance(e, DockbuildError) else str(e)
-            vertex.log("stderr", f"cache not imported: {message}\n".encode())
+            opened[index] = _open(spec, client)
+        except DockbuildError as e:
+            opened[index] = e.message
+        except OSError as e:
+            opened[index] = str(e)
+        except (ValueError, KeyError, TypeError):
+            opened[index] = "not a valid dockbuild cache export"
+
+    threads = [
+        threading.Thread(target=open_one, args=(i, spec), daemon=True) for i, spec in enumerate(specs)
+    ]
+    for thread in threads:
+        thread.start()
+
+    def wait() -> list[_Source]:
+        sources = []
+        for index, (thread, vertex) in enumerate(zip(threads, vertices, strict=True)):
+            thread.join()
+            result = opened[index]
+            if isinstance(result, str):
+                # A missing cache is normal on a first build: say so and go on, as BuildKit does.
+                vertex.log("stderr", f"cache not imported: {result}\n".encode())
+            else:
+                sources.append(result)
             vertex.done()
-            continue
-        vertex.done()
+        return sources
+
+    return wait
+
+
+def import_cache(
+    store: Store, solver: Any, root: llb.Op | None, sources: list[_Source], progress: Progress
+) -> int:
+    """Bring in the records this build can use from the opened caches; return how many.
+
+    Layers come in packed (their blobs, verified); they are unpacked only when a step
+    that must run reads them, or an export needs their files (Store.unpacked_paths).
+    """
     if not sources:
         return 0
     imported = 0
@@ -495,7 +545,11 @@ def import_cache(
     return imported
 
 
-def _open(store: Store, spec: CacheSpec) -> _Source:
+_LAYER_ID = re.compile(r"[0-9a-f]{20}")  # cachekeys.layer_id: a directory name under snapshots/
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _open(spec: CacheSpec, client: Callable[[], Any]) -> _Source:
     if spec.type == "local":
         layout = Path(spec.attrs["src"])
         index = json.loads((layout / "index.json").read_bytes())
@@ -511,6 +565,8 @@ def _open(store: Store, spec: CacheSpec) -> _Source:
             raise DockbuildError(f"no cache manifest {wanted or tag!r} in {layout}")
 
         def read(digest: str) -> bytes:
+            if not _DIGEST.fullmatch(digest):
+                raise DockbuildError(f"{layout}: invalid digest {digest!r}")
             data = (layout / "blobs" / "sha256" / digest.partition(":")[2]).read_bytes()
             if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
                 raise DockbuildError(f"cache blob {digest} in {layout} is corrupt")
@@ -520,67 +576,61 @@ def _open(store: Store, spec: CacheSpec) -> _Source:
         config = json.loads(read(manifest["config"]["digest"]))
 
         def fetch(layer: dict[str, Any], dest: Path) -> None:
-            _atomic_copy(layout / "blobs" / "sha256" / layer["digest"].partition(":")[2], dest)
+            _verified_copy(layout / "blobs" / "sha256" / layer["digest"].partition(":")[2], dest, layer["digest"])
 
     else:
-        from dockbuild.engine.registry.client import Descriptor, RegistryClient
+        from dockbuild.engine.registry.client import Descriptor
         from dockbuild.engine.registry.reference import parse_reference
 
         ref = parse_reference(spec.attrs["ref"])
-        client = RegistryClient()
-        # Not client.resolve() first: that accepts container images only, and a cache
+        registry = client()
+        # Not registry.resolve() first: that accepts container images only, and a cache
         # manifest is not one. An image (with an inline cache) is resolved as an image.
-        data, _, _ = client._get_manifest(ref, ref.identifier, ref.digest, None)
+        data, _, _ = registry.fetch_manifest(ref)
         manifest = json.loads(data)
-        config = {}
         if isinstance(manifest.get("config"), dict) and manifest["config"].get("mediaType") == CONFIG_MEDIA_TYPE:
             config_desc = Descriptor.from_json(manifest.get("config"), str(ref))
-            config = json.loads(client._get_small_blob(ref, config_desc, 64 << 20))
+            config = json.loads(registry.fetch_blob_bytes(ref, config_desc, 64 << 20))
         else:
-            config = _inline_as_export(client.resolve(ref))
+            config = _inline_as_export(registry.resolve(ref))
 
         def fetch(layer: dict[str, Any], dest: Path) -> None:
-            client.fetch_blob(ref, Descriptor(layer["mediaType"], layer["digest"], layer["size"]), dest)
+            registry.fetch_blob(ref, Descriptor(layer["mediaType"], layer["digest"], layer["size"]), dest)
 
     data = config.get(_CACHE_KEY)
     if not isinstance(data, dict):
         raise DockbuildError(f"{spec.describe()} is not a dockbuild cache export")
-    return _Source(
-        spec,
-        {r["key"]: r for r in data.get("records", [])},
-        {layer["id"]: layer for layer in data.get("layers", [])},
-        fetch,
-        list(data.get("mounts", [])),
-    )
+    # What the cache says becomes file names here: nothing may point outside the store.
+    layers = {layer["id"]: layer for layer in data.get("layers", [])}
+    mounts = list(data.get("mounts", []))
+    for blob in [*layers.values(), *mounts]:
+        if not (
+            _DIGEST.fullmatch(str(blob["digest"]))
+            and _DIGEST.fullmatch(str(blob["diff_id"]))
+            and blob["compression"] in ("gzip", "zstd", "uncompressed")
+        ):
+            raise DockbuildError(f"{spec.describe()}: the cache names an invalid blob {blob['digest']!r}")
+    records = {r["key"]: r for r in data.get("records", [])}
+    for record in records.values():
+        ids, refs = [*record["layers"], *record.get("owns", [])], record.get("refs", [])
+        if not all(_LAYER_ID.fullmatch(str(lid)) for lid in ids) or not all(_DIGEST.fullmatch(str(d)) for d in refs):
+            raise DockbuildError(f"{spec.describe()}: the cache has an invalid record {record['key']!r}")
+    return _Source(spec, records, layers, fetch, mounts)
 
 
 def _import_layer(store: Store, source: _Source, layer: dict[str, Any]) -> None:
-    from dockbuild.engine.sources.image import _unpack_verified
-
+    """The layer's blob, fetched once and verified, recorded as a packed layer."""
     lid = layer["id"]
     with store.lock("layer:" + lid):
         if store.has_layer(lid):
             return
-        blob = store.blob_path(layer["digest"])
-        if not blob.exists():
+        if not store.has_blob(layer["digest"]):
             tmp = store.tempdir("i") / "blob"
-            source.fetch(layer, tmp)
-            digest, _ = store.put_blob_file(tmp)
-            if digest != layer["digest"]:
-                store.delete_blob(digest)
-                raise DockbuildError(f"cache layer {layer['digest']}: content has digest {digest}")
-        dest = store.tempdir("u")
-        try:
-            got = _unpack_verified(blob, dest / "diff")
-            if got != layer["diff_id"]:
-                raise DockbuildError(
-                    f"cache layer {layer['digest']}: uncompressed content is {got}, "
-                    f"the cache says {layer['diff_id']}"
-                )
-            store.commit_layer(lid, dest / "diff", layer["diff_id"])
-        finally:
-            remove_tree(dest)
-        store.set_layer_blob(BlobInfo(lid, layer["compression"], layer["digest"], layer["size"]))
+            source.fetch(layer, tmp)  # verified against the digest on the way in
+            store.put_blob_file(tmp, layer["digest"])
+        store.add_packed_layer(
+            BlobInfo(lid, layer["compression"], layer["digest"], layer["size"]), layer["diff_id"]
+        )
 
 
 def _inline_as_export(image: Any) -> dict[str, Any]:
@@ -605,8 +655,8 @@ def _inline_as_export(image: Any) -> dict[str, Any]:
 
 
 def _import_record(store: Store, source: _Source, record: dict[str, Any], progress: Progress) -> bool:
-    """Bring one record in: its missing layers (fetched and unpacked in parallel), then
-    the record itself, last, so a killed import leaves no record without its layers."""
+    """Bring one record in: its missing layers (fetched in parallel), then the record
+    itself, last, so a killed import leaves no record without its layers."""
     import concurrent.futures
 
     missing = [lid for lid in record["layers"] if not store.has_layer(lid)]

@@ -67,7 +67,8 @@ def ago(t: float, now: float | None = None) -> str:
 class CacheIndex:
     store: Store
     records: dict[str, Record] = field(default_factory=dict)
-    layer_size: dict[str, int] = field(default_factory=dict)
+    layers: set[str] = field(default_factory=set)  # every known layer, unpacked or packed
+    layer_size: dict[str, int] = field(default_factory=dict)  # the unpacked ones
     blobs_of_layer: dict[str, set[str]] = field(default_factory=dict)
     blob_size: dict[str, int] = field(default_factory=dict)
     layer_refs: Counter[str] = field(default_factory=Counter)
@@ -81,6 +82,7 @@ class CacheIndex:
         idx.records = {r.key: r for r in store.records()}
         on_disk = set(store.snapshot_ids())
         for lid, (size, _) in store.layer_rows().items():
+            idx.layers.add(lid)
             if lid in on_disk:
                 idx.layer_size[lid] = size
         for info in store.layer_blob_rows():
@@ -151,9 +153,10 @@ class CacheIndex:
         return freed
 
     def _drop_layer(self, lid: str) -> int:
+        self.layers.discard(lid)
         freed = self.layer_size.pop(lid, 0)
         blobs = self.blobs_of_layer.pop(lid, set())
-        if self.store.has_layer(lid) and not freed:
+        if not freed:
             freed = tree_size(self.store.layer_path(lid))
         self.store.delete_layer(lid)
         live = self.live_blobs()
@@ -171,7 +174,7 @@ class CacheIndex:
         """Remove what no record uses: layers, blob files, stray directories, partial
         downloads. Only under the exclusive lock (a running build's work looks stray)."""
         freed = 0
-        for lid in list(self.layer_size):
+        for lid in list(self.layers):
             if lid not in self.layer_refs:
                 freed += self._drop_layer(lid)
         known = set(self.store.layer_rows())
@@ -541,15 +544,18 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
                         lambda d=info.digest: store.delete_blob(d),  # type: ignore[misc]
                     )
                 )
+        # A layer without its directory is fine while its blob is here (a packed layer,
+        # unpacked when a step reads it); without either, it is lost.
+        packed = {lid for lid in layer_rows if lid not in on_disk and store.packed_blob(lid)}
         for lid in layer_rows:
-            if lid not in on_disk:
+            if lid not in on_disk and lid not in packed:
                 problems.append(
                     Problem(f"layer {lid}: directory missing", lambda lid=lid: store.delete_layer(lid))  # type: ignore[misc]
                 )
         referenced = set()
         for r in store.records():
             referenced |= set(r.layers)
-            missing = [lid for lid in r.layers if lid not in on_disk]
+            missing = [lid for lid in r.layers if lid not in on_disk and lid not in packed]
             if missing:
                 problems.append(
                     Problem(

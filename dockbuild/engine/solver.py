@@ -147,7 +147,9 @@ class Solver:
         return record.layers[-1] == cachekeys.layer_id(key)  # a record without owns
 
     def layer_paths(self, state: State) -> tuple[Path, ...]:
-        return tuple(self.store.layer_path(lid) for lid in state)
+        """The state's layer directories, for a step that reads them: packed layers (a
+        cache import's, a base image's) are unpacked now."""
+        return self.store.unpacked_paths(state)
 
     def close(self) -> None:
         self._failed.set()
@@ -472,7 +474,9 @@ class Solver:
                     if isinstance(action, llb.Copy):
                         views.append(self._copy_source(action.source, next(source_views)))
                 try:
-                    fileop.apply(op.actions, self.layer_paths(base), upper, views)
+                    # --no-cache: nothing from earlier builds, not even their files
+                    reuse = () if self._ignored(op) else self._earlier_layers(name)
+                    fileop.apply(op.actions, self.layer_paths(base), upper, views, reuse)
                 except DockbuildError as e:
                     vertex.error(e.message)
                     raise
@@ -481,6 +485,15 @@ class Solver:
                 remove_tree(work)
             vertex.done()
             return state
+
+    def _earlier_layers(self, name: str) -> tuple[Path, ...]:
+        """The layer the last run of the step named ``name`` added, if still unpacked: a
+        COPY from the context hardlinks its unchanged files from it (fileop.apply)."""
+        record = explain.previous(self.store, name) if name else None
+        if record is None or not record.owns:
+            return ()
+        path = self.store.layer_path(record.owns[-1])
+        return (path,) if path.is_dir() else ()
 
     def _copy_source(self, source: llb.Op | None, state: State) -> fileop.SourceView:
         from dockbuild.engine import fileop

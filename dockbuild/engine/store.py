@@ -16,14 +16,20 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dockbuild.errors import DigestMismatchError, DockbuildError
+
+# The database's shape, in PRAGMA user_version; docs/cache.md says what each one added.
+# Older versions are migrated when a cache root is opened; a newer one is refused.
+SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     key TEXT PRIMARY KEY,       -- cache key of a solved op
@@ -60,6 +66,9 @@ CREATE TABLE IF NOT EXISTS resolutions (
 """
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def default_root() -> Path:
     env = os.environ.get("DOCKBUILD_ROOT")
     if env:
@@ -88,11 +97,16 @@ class Store:
         self._db = sqlite3.connect(
             self.root / "db.sqlite", timeout=60, check_same_thread=False, isolation_level=None
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        with self._db_lock:
-            self._db.executescript(_SCHEMA)
-            _migrate(self._db)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            _open_schema(self._db, self.root)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise DockbuildError(
+                f"cache database {self.root / 'db.sqlite'} cannot be read: {e}",
+                hint=f"move {self.root} aside (or set DOCKBUILD_ROOT to another directory) and build again",
+            ) from e
         # Every process holds the GC lock shared while it uses the cache; prune and GC
         # take it exclusively, so they never delete what a running build reads.
         self._gc_fd = os.open(self.root / "locks" / "gc", os.O_RDWR | os.O_CREAT, 0o600)
@@ -107,7 +121,7 @@ class Store:
 
     def blob_path(self, digest: str) -> Path:
         algo, _, hexpart = digest.partition(":")
-        if algo != "sha256" or len(hexpart) != 64:
+        if algo != "sha256" or not _HEX64.fullmatch(hexpart):
             raise ValueError(f"unsupported digest {digest!r}")
         return self.root / "blobs" / "sha256" / hexpart
 
@@ -125,13 +139,18 @@ class Store:
 
     # -- blobs -------------------------------------------------------------------
 
-    def put_blob_file(self, src: Path) -> tuple[str, int]:
-        """Move a finished file into the blob store under its sha256; return (digest, size)."""
-        h = hashlib.sha256()
-        with open(src, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digest = "sha256:" + h.hexdigest()
+    def put_blob_file(self, src: Path, digest: str | None = None) -> tuple[str, int]:
+        """Move a finished file into the blob store under its sha256; return (digest, size).
+
+        ``digest``: the caller has verified the content has this digest (a download
+        hashed on the way in), so it is not read again.
+        """
+        if digest is None:
+            h = hashlib.sha256()
+            with open(src, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = "sha256:" + h.hexdigest()
         size = src.stat().st_size
         dest = self.blob_path(digest)
         if dest.exists():
@@ -157,7 +176,83 @@ class Store:
     # -- layers ------------------------------------------------------------------
 
     def has_layer(self, layer_id: str) -> bool:
-        return self.layer_path(layer_id).is_dir()
+        """Whether the layer is here: unpacked, or packed (its verified blob only)."""
+        return self.layer_path(layer_id).is_dir() or self.packed_blob(layer_id) is not None
+
+    def packed_blob(self, layer_id: str) -> BlobInfo | None:
+        """The stored blob a layer can be unpacked from (its diff_id known), if any."""
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT b.compression, b.digest, b.size FROM layer_blobs b"
+                " JOIN layers l ON l.id = b.layer_id WHERE b.layer_id=? AND l.diff_id IS NOT NULL"
+                " AND b.compression IN ('gzip', 'zstd', 'uncompressed')",
+                (layer_id,),
+            ).fetchall()
+        for compression, digest, size in rows:
+            if self.has_blob(digest):
+                return BlobInfo(layer_id, compression, digest, size)
+        return None
+
+    def add_packed_layer(self, blob: BlobInfo, diff_id: str) -> None:
+        """Record a layer by its blob, already verified against its digest, without
+        unpacking it: a build whose steps are all cached, exported as an image, never
+        needs its files. :meth:`unpacked_paths` unpacks it (checking ``diff_id``) once
+        a step or an export reads them."""
+        self.grew = True
+        now = time.time()
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO layers(id, diff_id, size, created, last_used) VALUES (?,?,0,?,?)"
+                    " ON CONFLICT(id) DO UPDATE SET last_used=excluded.last_used,"
+                    " diff_id=COALESCE(layers.diff_id, excluded.diff_id)",
+                    (blob.layer_id, diff_id, now, now),
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO layer_blobs(layer_id, compression, digest, size)"
+                    " VALUES (?,?,?,?)",
+                    (blob.layer_id, blob.compression, blob.digest, blob.size),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def unpacked_paths(self, layer_ids: Sequence[str]) -> tuple[Path, ...]:
+        """The directories of ``layer_ids``; packed layers are unpacked first (in parallel)."""
+        missing = [lid for lid in dict.fromkeys(layer_ids) if not self.layer_path(lid).is_dir()]
+        if len(missing) == 1:
+            self._unpack(missing[0])
+        elif missing:
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, len(missing))) as pool:
+                for job in [pool.submit(self._unpack, lid) for lid in missing]:
+                    job.result()
+        return tuple(self.layer_path(lid) for lid in layer_ids)
+
+    def _unpack(self, layer_id: str) -> None:
+        with self.lock("layer:" + layer_id):
+            if self.layer_path(layer_id).is_dir():
+                return  # another thread or process unpacked it meanwhile
+            blob = self.packed_blob(layer_id)
+            diff_id = self.layer_diff_id(layer_id)
+            if blob is None or diff_id is None:
+                raise DockbuildError(
+                    f"layer {layer_id} is missing from the cache",
+                    hint="run `dockbuild debug check-cache --repair`, then build again",
+                )
+            work = self.tempdir("u")
+            try:
+                got = unpack_verified(self.blob_path(blob.digest), work / "diff")
+                if got != diff_id:
+                    raise DigestMismatchError(
+                        f"layer {blob.digest}: uncompressed content is {got}, expected {diff_id}"
+                    )
+                self.commit_layer(layer_id, work / "diff", diff_id)
+            finally:
+                remove_tree(work)
 
     def commit_layer(self, layer_id: str, src: Path, diff_id: str | None = None) -> None:
         """Rename a finished layer directory into place (first writer wins) and record it."""
@@ -173,7 +268,7 @@ class Store:
         with self._db_lock:
             self._db.execute(
                 "INSERT INTO layers(id, diff_id, size, created, last_used) VALUES (?,?,?,?,?)"
-                " ON CONFLICT(id) DO UPDATE SET last_used=excluded.last_used,"
+                " ON CONFLICT(id) DO UPDATE SET last_used=excluded.last_used, size=excluded.size,"
                 " diff_id=COALESCE(layers.diff_id, excluded.diff_id)",
                 (layer_id, diff_id, tree_size(dest), now, now),
             )
@@ -472,8 +567,35 @@ def _record(row: tuple) -> Record:
     )
 
 
+def _open_schema(db: sqlite3.Connection, root: Path) -> None:
+    """Check the database's schema version (``PRAGMA user_version``); bring an older
+    one up to date in one transaction; refuse one made by a newer dockbuild."""
+    if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise DockbuildError(
+                f"the cache at {root} was made by a newer dockbuild (database schema "
+                f"{version}; this dockbuild knows schema {SCHEMA_VERSION} and older)",
+                hint="use the newer dockbuild, or another cache root (DOCKBUILD_ROOT); "
+                f"to start this one afresh, remove {root}",
+            )
+        if version < SCHEMA_VERSION:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            _migrate(db)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 def _migrate(db: sqlite3.Connection) -> None:
-    """Add the columns a cache root made by an older dockbuild lacks."""
+    """Schema 0 (before versions) -> 1: add the columns an older records table lacks."""
     have = {row[1] for row in db.execute("PRAGMA table_info(records)")}
     wanted = {
         "type": "TEXT NOT NULL DEFAULT 'regular'",
@@ -483,8 +605,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     }
     for name, decl in wanted.items():
         if name not in have:
-            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
-                db.execute(f"ALTER TABLE records ADD COLUMN {name} {decl}")
+            db.execute(f"ALTER TABLE records ADD COLUMN {name} {decl}")
 
 
 def _alive(pid: int) -> bool:
@@ -495,6 +616,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class _HashingReader:
+    """Wraps a stream and hashes what passes through (the layer's diff_id)."""
+
+    def __init__(self, raw) -> None:  # type: ignore[no-untyped-def]
+        self.raw = raw
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        return data
+
+
+def unpack_verified(blob: Path, dest: Path) -> str:
+    """Unpack a layer blob into the new directory ``dest``; return its diff_id."""
+    from dockbuild.engine import archive
+    from dockbuild.userns import in_user_namespace
+
+    dest.mkdir()
+    with archive.open_blob(blob) as stream:
+        reader = _HashingReader(stream)
+        # In a user namespace (rootless), ownership and opaque dirs take the rootless path.
+        archive.unpack_layer(reader, dest, rootless=in_user_namespace())
+        while reader.read(1 << 20):  # tar padding after the end-of-archive marker
+            pass
+    return "sha256:" + reader.sha.hexdigest()
 
 
 def remove_tree(path: Path) -> None:

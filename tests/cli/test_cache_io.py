@@ -53,7 +53,11 @@ def test_cache_roundtrip_through_a_registry_gives_every_step_cached_and_the_same
     steps = {name: state for name, state in step_lines(second.stderr).items() if re.match(r"\[\S* ?\d", name)}
     assert steps and all(state == "CACHED" for state in steps.values()), second.stderr
     assert manifest_digest(tmp_path / "a.tar") == manifest_digest(tmp_path / "b.tar")
-    # A changed source file: the cached dependency step is still reused.
+    # Every step cached and an image export: the layers came as blobs, none was unpacked.
+    assert not any((dockbuild.root / "snapshots").iterdir())
+    assert dockbuild("debug", "check-cache").out.strip() == "cache OK"
+    # A changed source file: the cached dependency step is still reused, and the steps
+    # that run again get its files (unpacked now).
     (ctx / "src" / "main.txt").write_text("v2\n")
     shutil.rmtree(dockbuild.root)
     third = dockbuild("--progress=plain", "--cache-from", cache_ref, "-o", f"type=local,dest={tmp_path / 'c'}", str(ctx))
@@ -91,6 +95,45 @@ def test_local_cache_export_min_mode_and_tags_and_a_missing_cache_is_not_an_erro
         "-o", f"type=local,dest={tmp_path / 'o2'}",
     )
     assert "ignored:" in ignored.stderr
+
+
+def test_a_cache_naming_paths_outside_the_store_is_refused_and_the_build_goes_on(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    import hashlib
+
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": APP.format(base="busybox"), "src/main.txt": "v1\n"})
+    cache = tmp_path / "cache-dir"
+    dockbuild.build(ctx, "--cache-to", f"type=local,dest={cache}", "-o", f"type=local,dest={tmp_path / 'a'}")
+    blobs = cache / "blobs" / "sha256"
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return "sha256:" + digest
+
+    # A tampered export: a layer id that climbs out of snapshots/.
+    escape = "../../../escaped"
+    index = json.loads((cache / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_bytes())
+    data = config["dockbuild.cache.v1"]
+    victim = data["records"][-1]["layers"][-1]
+    for layer in data["layers"]:
+        layer["id"] = escape if layer["id"] == victim else layer["id"]
+    for record in data["records"]:
+        record["layers"] = [escape if lid == victim else lid for lid in record["layers"]]
+    config_bytes = json.dumps(config).encode()
+    manifest["config"] = {**manifest["config"], "digest": put(config_bytes), "size": len(config_bytes)}
+    manifest_bytes = json.dumps(manifest).encode()
+    index["manifests"][0].update(digest=put(manifest_bytes), size=len(manifest_bytes))
+    (cache / "index.json").write_text(json.dumps(index))
+
+    shutil.rmtree(dockbuild.root)
+    run = dockbuild.build(ctx, "--cache-from", f"type=local,src={cache}", "-o", f"type=local,dest={tmp_path / 'b'}")
+    assert "cache not imported: type=local" in run.stderr and "invalid record" in run.stderr, run.stderr
+    assert (tmp_path / "b" / "app" / "built.txt").read_text() == "v1\n"  # built without it
+    assert not (dockbuild.root / "snapshots" / escape).resolve().exists()
 
 
 def test_cache_mounts_travel_with_the_cache_when_asked(dockbuild: DockbuildCLI, tmp_path: Path) -> None:

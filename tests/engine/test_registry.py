@@ -98,6 +98,29 @@ def test_fetch_blob_writes_the_verified_layer(
     assert leftovers(dest.parent) == ["layer"]
 
 
+def test_any_manifest_and_small_blob_can_be_fetched_verified(
+    client: RegistryClient, registry: Registry
+) -> None:
+    """What a cache import reads: a manifest whose config is not an image config."""
+    config = json.dumps({"dockbuild.cache.v1": {"records": []}}).encode()
+    config_digest = registry.put_blob("cache/app", config)
+    manifest = json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [],
+         "config": {"mediaType": "application/vnd.dockbuild.cache.config.v1+json",
+                    "digest": config_digest, "size": len(config)}}
+    ).encode()  # fmt: skip
+    digest = registry.put_manifest("cache/app", "buildcache", manifest, OCI_MANIFEST)
+    ref = parse_reference(f"{registry.host}/cache/app:buildcache")
+    assert client.fetch_manifest(ref) == (manifest, OCI_MANIFEST, digest)
+    desc = Descriptor(OCI_MANIFEST, digest, len(manifest))
+    assert client.fetch_manifest(ref, desc)[0] == manifest
+    assert client.fetch_blob_bytes(ref, Descriptor("x", config_digest, len(config))) == config
+    with pytest.raises(DigestMismatchError):
+        client.fetch_manifest(ref, Descriptor(OCI_MANIFEST, digest, len(manifest) + 1))
+    with pytest.raises(RegistryError, match="more than the 10"):
+        client.fetch_blob_bytes(ref, Descriptor("x", config_digest, len(config)), limit=10)
+
+
 def test_unknown_tag_says_manifest_unknown(
     client: RegistryClient, registry: Registry, busybox_ref: str
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from dockbuild.config import GCConfig, GCPolicy, Size, gc_config, parse_duration, parse_size
 from dockbuild.engine import gc
-from dockbuild.engine.store import Store
+from dockbuild.engine.store import SCHEMA_VERSION, Store
 from dockbuild.errors import DockbuildError
 
 
@@ -95,8 +95,13 @@ def test_an_older_cache_database_gains_the_new_columns(tmp_path: Path) -> None:
     try:
         (record,) = store.records()
         assert record.type == "regular" and record.owns == [] and record.inputs is None
+        store.put_record("sha256:new", [], "new step", type="source.local", inputs={"files": []})
+        assert store.record("sha256:new").type == "source.local"  # type: ignore[union-attr]
     finally:
         store.close()
+    db = sqlite3.connect(root / "db.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
 
 
 def test_sizes_and_durations_read_as_buildkitd_toml_spells_them() -> None:
@@ -149,3 +154,41 @@ def test_filters_select_records_as_buildctl_does() -> None:
     assert gc.parse_filters(["until=2h"])[1] == 7200
     with pytest.raises(DockbuildError, match="unknown record type"):
         gc.parse_filters(["type==bogus"])
+
+
+def _layer_blob(store: Store, files: dict[str, bytes]) -> tuple[str, int, str]:
+    """A gzip layer blob in the store: (digest, size, diff_id)."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    blob = gzip.compress(raw.getvalue(), mtime=0)
+    digest = store.put_blob_bytes(blob)
+    return digest, len(blob), "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
+
+
+def test_a_packed_layer_is_unpacked_on_first_read_and_checked_against_its_diff_id(store: Store) -> None:
+    from dockbuild.engine.store import BlobInfo
+    from dockbuild.errors import DigestMismatchError
+
+    digest, size, diff_id = _layer_blob(store, {"etc/app.conf": b"x" * 5000})
+    store.add_packed_layer(BlobInfo("a" * 20, "gzip", digest, size), diff_id)
+    assert store.has_layer("a" * 20) and not store.layer_path("a" * 20).exists()
+    assert store.layer_rows()["a" * 20][0] == 0  # nothing on disk but the blob yet
+    (path,) = store.unpacked_paths(["a" * 20])
+    assert (path / "etc" / "app.conf").read_bytes() == b"x" * 5000
+    assert store.layer_rows()["a" * 20][0] > 0  # du now counts the directory
+
+    other, other_size, _ = _layer_blob(store, {"f": b"y"})
+    store.add_packed_layer(BlobInfo("b" * 20, "gzip", other, other_size), diff_id)  # a lying diff_id
+    with pytest.raises(DigestMismatchError, match="uncompressed content is"):
+        store.unpacked_paths(["a" * 20, "b" * 20])
+    assert not store.layer_path("b" * 20).exists()
+    assert list((store.root / "tmp").glob("*/u*")) == []  # the half-unpacked work is gone

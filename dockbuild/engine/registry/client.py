@@ -76,6 +76,7 @@ _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 10
 
+
 def _is_loopback(domain: str) -> bool:
     """localhost, 127.0.0.0/8 and [::1], with or without a port."""
     host = domain[1:].split("]", 1)[0] if domain.startswith("[") else domain.split(":", 1)[0]
@@ -218,19 +219,18 @@ class RegistryClient:
         """
         parse_platform(platform)  # reject a bad platform before any network traffic
         where = str(ref)
-        data, media_type, digest = self._get_manifest(ref, ref.identifier, ref.digest, None)
+        data, media_type, digest = self.fetch_manifest(ref)
         for _ in range(MAX_INDEX_DEPTH):
             media_type, document = sniff_media_type(data, media_type, where)
             if media_type in MANIFEST_TYPES:
                 break
-            chosen = select_manifest(document, platform, where)
-            data, media_type, digest = self._get_manifest(
-                ref, chosen.digest, chosen.digest, chosen.size, chosen.media_type
+            data, media_type, digest = self.fetch_manifest(
+                ref, select_manifest(document, platform, where)
             )
         else:
             raise RegistryError(f"{where}: indexes nested more than {MAX_INDEX_DEPTH} deep")
         config_desc, layers = parse_image_manifest(document, where)
-        config = self._get_small_blob(ref, config_desc, MAX_CONFIG_SIZE)
+        config = self.fetch_blob_bytes(ref, config_desc)
         return ResolvedImage(
             ref=ref,
             manifest_digest=digest,
@@ -305,17 +305,20 @@ class RegistryClient:
             tmp.unlink(missing_ok=True)
             raise
 
-    # -- manifests and blobs --------------------------------------------------------
-
-    def _get_manifest(
-        self,
-        ref: Reference,
-        identifier: str,
-        expected_digest: str | None,
-        expected_size: int | None,
-        declared_type: str | None = None,
+    def fetch_manifest(
+        self, ref: Reference, desc: Descriptor | None = None
     ) -> tuple[bytes, str, str]:
-        """(bytes, media type, digest) of one manifest, verified every way available."""
+        """(bytes, media type, digest) of one manifest or index, whatever it describes
+        (an image, a cache export): ``ref`` itself, by its tag or digest, or the entry
+        ``desc`` of an index in ``ref``'s repository.
+
+        Verified every way available: against the registry's Docker-Content-Digest, the
+        digest asked for, and ``desc``'s size.
+        """
+        identifier = desc.digest if desc else ref.identifier
+        expected_digest = desc.digest if desc else ref.digest
+        expected_size = desc.size if desc else None
+        declared_type = desc.media_type if desc else None
         where = str(ref) if identifier == ref.identifier else f"{ref.repository}@{identifier}"
         response = self._request(
             ref,
@@ -339,10 +342,15 @@ class RegistryClient:
         digest = expected_digest or "sha256:" + hashlib.sha256(data).hexdigest()
         return data, content_type or "", digest
 
-    def _get_small_blob(self, ref: Reference, desc: Descriptor, limit: int) -> bytes:
+    def fetch_blob_bytes(
+        self, ref: Reference, desc: Descriptor, limit: int = MAX_CONFIG_SIZE
+    ) -> bytes:
+        """A small blob (a config) in memory, verified against ``desc``."""
         where = f"{ref.repository}@{desc.digest}"
         if desc.size > limit:
-            raise RegistryError(f"{where}: {desc.size} bytes is too big for an image config")
+            raise RegistryError(
+                f"{where}: {desc.size} bytes is more than the {limit} a config may have"
+            )
         parts: list[bytes] = []
         received = 0
         with contextlib.closing(self._blob_chunks(ref, desc)) as chunks:
@@ -359,6 +367,8 @@ class RegistryClient:
             )
         verify_digest(data, desc.digest, where)
         return data
+
+    # -- streams ---------------------------------------------------------------------
 
     def _blob_chunks(self, ref: Reference, desc: Descriptor, offset: int = 0) -> Iterator[bytes]:
         """The blob's bytes from ``offset`` (a ranged request); when the registry answers

@@ -1,9 +1,9 @@
-"""Image sources: resolve a base image, pull what is missing, unpack each layer once.
+"""Image sources: resolve a base image, pull the layer blobs that are missing.
 
-A layer is unpacked into ``snapshots/<id>`` (id from its diff_id) the first time any
-build needs it and shared by every build after that; its original compressed blob stays
-in ``blobs/`` so an export reuses it unchanged. Tags resolve through the registry once
-and are then reused from the cache unless ``--pull`` is given.
+A layer's blob is kept in ``blobs/`` (an export reuses it unchanged) and is unpacked into
+``snapshots/<id>`` (id from its diff_id) the first time a step reads its files, then
+shared by every build after that (Store.unpacked_paths). Tags resolve through the
+registry once and are then reused from the cache unless ``--pull`` is given.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dockbuild import llb
-from dockbuild.engine.store import BlobInfo, Store, remove_tree
+from dockbuild.engine.store import BlobInfo, Store
 from dockbuild.errors import DigestMismatchError, DockbuildError
 from dockbuild.progress import Progress
 
@@ -85,7 +85,9 @@ class ImageSources:
             name=f"{name}@{manifest_digest}",
         )
 
-    def resolve_layout(self, name: str, tag: str | None = None, digest: str | None = None) -> ImageInfo:
+    def resolve_layout(
+        self, name: str, tag: str | None = None, digest: str | None = None
+    ) -> ImageInfo:
         from dockbuild.engine.sources import oci_layout
 
         path = self.layouts[name]
@@ -164,17 +166,23 @@ class ImageSources:
                 f"image {location}: config lists {len(diff_ids)} layers, manifest {len(layers)}"
             )
         ids = tuple(diff_id.partition(":")[2][:20] for diff_id in diff_ids)
-        vertex = progress.vertex(op.name or f"FROM {location}")
         missing = [i for i, lid in enumerate(ids) if not self.store.has_layer(lid)]
+        vertex = progress.vertex(op.name or f"FROM {location}")
         if not missing:
-            vertex.cached()
+            vertex.cached()  # at once: its start and CACHED lines stay together
             return ids
         with work:
             try:
                 with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
                     jobs = [
                         pool.submit(
-                            self._ensure_layer, scheme, location, layers[i], diff_ids[i], ids[i], vertex
+                            self._ensure_layer,
+                            scheme,
+                            location,
+                            layers[i],
+                            diff_ids[i],
+                            ids[i],
+                            vertex,
                         )
                         for i in missing
                     ]
@@ -189,35 +197,27 @@ class ImageSources:
     def _ensure_layer(
         self, scheme: str, location: str, desc: dict, diff_id: str, layer_id: str, vertex
     ) -> None:  # type: ignore[no-untyped-def]
+        """Bring the layer's blob in, verified; it is unpacked when a step reads it."""
         with self.store.lock("layer:" + layer_id):
             if self.store.has_layer(layer_id):
                 return
-            blob = self.store.blob_path(desc["digest"])
-            if not blob.exists():
-                self._fetch(scheme, location, desc, blob)
+            if not self.store.has_blob(desc["digest"]):
+                self._fetch(scheme, location, desc)
                 vertex.log("stdout", f"{desc['digest']} {desc['size']} bytes done\n".encode())
-            dest = self.store.tempdir("l")
-            try:
-                got = _unpack_verified(blob, dest / "diff")
-                if got != diff_id:
-                    raise DigestMismatchError(
-                        f"layer {desc['digest']}: uncompressed content is {got}, "
-                        f"the image config says {diff_id}"
-                    )
-                self.store.commit_layer(layer_id, dest / "diff", diff_id)
-            finally:
-                remove_tree(dest)
-            self.store.set_layer_blob(
-                BlobInfo(layer_id, compression_of(desc["mediaType"]), desc["digest"], desc["size"])
+            self.store.add_packed_layer(
+                BlobInfo(layer_id, compression_of(desc["mediaType"]), desc["digest"], desc["size"]),
+                diff_id,
             )
-            vertex.log("stdout", f"extracting {desc['digest']} done\n".encode())
 
-    def _fetch(self, scheme: str, location: str, desc: dict, blob: Path) -> None:
+    def _fetch(self, scheme: str, location: str, desc: dict) -> None:
+        """Download (or copy) a blob into the store, hashing it once on the way in. It
+        lands in this process's temp area first: a killed pull leaves nothing behind
+        that the next build does not sweep."""
+        tmp = self.store.tempdir("p") / "blob"
         if scheme == "oci-layout":
             from dockbuild.engine.sources import oci_layout
 
             src = oci_layout.blob_path(self.layouts[location], desc["digest"])
-            tmp = self.store.tempdir("c") / "blob"
             h = hashlib.sha256()
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
                 for chunk in iter(lambda: fin.read(1 << 20), b""):
@@ -227,41 +227,14 @@ class ImageSources:
                 raise DigestMismatchError(
                     f"blob {desc['digest']} in layout {location} has digest sha256:{h.hexdigest()}"
                 )
-            self.store.put_blob_file(tmp)
-            return
-        from dockbuild.engine.registry.client import Descriptor
-        from dockbuild.engine.registry.reference import parse_reference
+        else:
+            from dockbuild.engine.registry.client import Descriptor
+            from dockbuild.engine.registry.reference import parse_reference
 
-        ref = parse_reference(location)
-        descriptor = Descriptor(desc["mediaType"], desc["digest"], desc["size"])
-        self._from_mirrors(ref, lambda c, r: c.fetch_blob(r, descriptor, blob))
-
-
-class _HashingReader:
-    """Wraps a stream and hashes what passes through (the layer's diff_id)."""
-
-    def __init__(self, raw) -> None:  # type: ignore[no-untyped-def]
-        self.raw = raw
-        self.sha = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        return data
-
-
-def _unpack_verified(blob: Path, dest: Path) -> str:
-    from dockbuild.engine import archive
-    from dockbuild.userns import in_user_namespace
-
-    dest.mkdir()
-    with archive.open_blob(blob) as stream:
-        reader = _HashingReader(stream)
-        # In a user namespace (rootless), ownership and opaque dirs take the rootless path.
-        archive.unpack_layer(reader, dest, rootless=in_user_namespace())
-        while reader.read(1 << 20):  # tar padding after the end-of-archive marker
-            pass
-    return "sha256:" + reader.sha.hexdigest()
+            ref = parse_reference(location)
+            descriptor = Descriptor(desc["mediaType"], desc["digest"], desc["size"])
+            self._from_mirrors(ref, lambda c, r: c.fetch_blob(r, descriptor, tmp))
+        self.store.put_blob_file(tmp, desc["digest"])
 
 
 def _strip_tag(location: str) -> str:
