@@ -115,7 +115,8 @@ RULES: dict[str, Rule] = {
         Rule(
             "InvalidDefinitionDescription",
             "Comment for build stage or argument should follow the format: "
-            "`# <arg/stage name> <description>`.",
+            "`# <arg/stage name> <description>`. If this is not intended to be a description "
+            "comment, add an empty line or comment between the instruction and the comment.",
             "invalid-definition-description",
             experimental=True,
         ),
@@ -221,12 +222,12 @@ def keyword(original: str) -> str:
 
 def check_casing(words: list[tuple[str, Location]], linter: Linter) -> None:
     """ConsistentInstructionCasing over every instruction word of every stage."""
-    lower = upper = 0
-    for word, _ in words:
-        if word.lower() == word:
-            lower += 1
-        elif word.upper() == word:
-            upper += 1
+    # Instruction words are letters only, so islower/isupper are `word.lower() == word`.
+    names = [word for word, _ in words]
+    lower = sum(map(str.islower, names))
+    upper = sum(map(str.isupper, names))
+    if lower == len(words) or upper == len(words):
+        return  # consistent already (the common case)
     majority_lower = lower > upper
     for word, location in words:
         wanted = ""
@@ -279,6 +280,21 @@ def check_stage_names(names: list[tuple[str, Location]], linter: Linter) -> None
                 location,
             )
         seen.add(name)
+
+
+def check_definition_description(
+    instruction: str, keys: list[str], comments: list[str], location: Location, linter: Linter
+) -> None:
+    """InvalidDefinitionDescription (experimental): the comment right above a named FROM or
+    an ARG should start with the name it documents (BuildKit's validateDefinitionDescription)."""
+    if not comments or not keys or comments[-1].split(" ")[0] in keys:
+        return
+    name = keys[0] if len(keys) == 1 else "<arg_key>"
+    linter.run(
+        "InvalidDefinitionDescription",
+        f"Comment for {instruction} should follow the format: `# {name} <description>`",
+        location,
+    )
 
 
 # BuildKit's validateNoSecretKey: a name made of `_`-separated words, one of which is a

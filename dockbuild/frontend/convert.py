@@ -40,7 +40,7 @@ BUILDKIT_ARGS = {
 _NON_ENV_ARGS = {"BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"}
 # The instructions BuildKit numbers in progress names ([stage 2/5] ...), besides FROM.
 _COUNTED_STEPS = (ins.AddCommand, ins.CopyCommand, ins.RunCommand, ins.WorkdirCommand)
-_PIPES = "/dev/pipes"  # where a RUN heredoc with a shebang is mounted, as in BuildKit
+_KEY_VALUE_COMMANDS = (ins.EnvCommand, ins.LabelCommand)
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,9 @@ class ConvertOptions:
     dockerfile_name: str = "Dockerfile"
     # Convert every stage, not only those the target needs (`--check` without --target).
     all_stages: bool = False
+    # Whether .dockerignore excludes a context path (the CopyIgnoredFile check); the
+    # caller passes the engine's matcher, so both read the patterns the same way.
+    is_ignored: Callable[[str], bool] | None = None
 
 
 @dataclass
@@ -92,7 +95,15 @@ class _Stage:
     history: list[dict[str, Any]] = field(default_factory=list)
     history_ops: list[llb.Op | None] = field(default_factory=list)
     args: dict[str, str | None] = field(default_factory=dict)  # ARGs in scope, in order
-    env: dict[str, str] = field(default_factory=dict)  # the expansion scope (ARG + ENV)
+    # BuildKit's state env (llb EnvList): the base image's Env, then every ENV and every
+    # ARG with a value, the latest assignment of a key winning and moving it to the end.
+    # It is the expansion scope and RUN's environment.
+    env: dict[str, str] = field(default_factory=dict)
+    env_pairs: dict[str, str] = field(default_factory=dict)  # key -> "k=v", as `env`
+    # The `|N K=v ...` of RUN history (runCommandString): every ARG in scope, in the
+    # order first declared, showing the key's env value, else the ARG's own ("" unset).
+    arg_pairs: dict[str, str] = field(default_factory=dict)
+    run_env: tuple[str, ...] | None = None  # tuple(env_pairs.values()), until env changes
     cmd_set: bool = False
     done: bool = False
     # The resolved base: ("stage", _Stage) | ("scratch", None) | ("image", NamedSource).
@@ -132,6 +143,13 @@ class _Converter(RunInstructions, CopyInstructions):
         self._onbuild = False
         self.resolve_named = resolve_named
         self.resolve_image = resolve_image
+        # keyword -> the `_do_<keyword>` function (FROM has none: stages are not dispatched);
+        # unbound, so that the converter holds no reference cycle to itself.
+        self._handlers: dict[str, Callable[[Any, _Stage, Any, str], None]] = {
+            name: getattr(type(self), "_do_" + name)
+            for name in parser.INSTRUCTION_NAMES
+            if hasattr(type(self), "_do_" + name)
+        }
         if not text:
             raise DockerfileError(
                 "the Dockerfile cannot be empty", location=Location(options.dockerfile_name, 1, 1)
@@ -180,6 +198,7 @@ class _Converter(RunInstructions, CopyInstructions):
         )
 
     def _static_checks(self) -> None:
+        keyword = checks.keyword
         words: list[tuple[str, Location]] = []
         names: list[tuple[str, Location]] = []
         for stage in self.stages:
@@ -188,15 +207,15 @@ class _Converter(RunInstructions, CopyInstructions):
             names.append((spec.name, spec.location))
             checks.check_from(spec.original, spec.location, self.linter)
             for cmd in spec.commands:
-                words.append((checks.keyword(cmd.original), cmd.location))
+                words.append((keyword(cmd.original), cmd.location))
                 if isinstance(cmd, ins.MaintainerCommand):
                     self.linter.run(
                         "MaintainerDeprecated",
                         "Maintainer instruction is deprecated in favor of using label",
                         cmd.location,
                     )
-                if isinstance(cmd, ins.EnvCommand | ins.LabelCommand) and cmd.legacy:
-                    word = checks.keyword(cmd.original)
+                elif isinstance(cmd, _KEY_VALUE_COMMANDS) and cmd.legacy:
+                    word = keyword(cmd.original)
                     self.linter.run(
                         "LegacyKeyValueFormat",
                         f'"{word} key=value" should be used instead of legacy "{word} key value" format',
@@ -204,6 +223,18 @@ class _Converter(RunInstructions, CopyInstructions):
                     )
         checks.check_casing(words, self.linter)
         checks.check_stage_names(names, self.linter)
+        if self.linter.enabled("InvalidDefinitionDescription"):
+            for node in self.result.children:
+                if node.value == "from" and len(node.args) == 3 and node.args[1].lower() == "as":
+                    word, keys = "FROM", [node.args[2].lower()]
+                elif node.value == "arg":
+                    word, keys = "ARG", [arg.partition("=")[0] for arg in node.args]
+                else:
+                    continue
+                location = Location(self.opts.dockerfile_name, node.start_line, node.end_line)
+                checks.check_definition_description(
+                    word, keys, node.prev_comment, location, self.linter
+                )
 
     # -- scopes ------------------------------------------------------------------------
 
@@ -302,6 +333,8 @@ class _Converter(RunInstructions, CopyInstructions):
                 )
 
     def _expand(self, word: str, env: dict[str, str], location: Location) -> str:
+        if self.lex.is_plain(word):
+            return word
         try:
             if self._current is None:
                 return self.lex.process_word(word, env)
@@ -332,8 +365,21 @@ class _Converter(RunInstructions, CopyInstructions):
 
     @staticmethod
     def _stage_env(stage: _Stage) -> dict[str, str]:
-        """Expansion scope inside a stage: the image's ENV, then each ARG and ENV in order."""
-        return dict(stage.env)
+        """Expansion scope inside a stage: the image's ENV, then each ARG and ENV in order.
+        The stage's own dict, not a copy: callers only read it."""
+        return stage.env
+
+    @staticmethod
+    def _assign_env(stage: _Stage, key: str, value: str) -> None:
+        """EnvList.AddOrReplace on the stage's env: the key moves to the end."""
+        pair = f"{key}={value}"
+        if key in stage.env:
+            del stage.env[key], stage.env_pairs[key]
+        stage.env[key] = value
+        stage.env_pairs[key] = pair
+        if key in stage.arg_pairs:
+            stage.arg_pairs[key] = pair
+        stage.run_env = None
 
     # -- stage graph -------------------------------------------------------------------
 
@@ -466,7 +512,7 @@ class _Converter(RunInstructions, CopyInstructions):
         if kind == "stage":
             deps.append(base)
         for cmd in self._commands(stage):
-            for ref in _from_refs(cmd):
+            for ref in cmd.from_refs:
                 ref = self._from_ref(ref, cmd)
                 try:
                     dep = self._stage_by_ref(ref)
@@ -490,7 +536,7 @@ class _Converter(RunInstructions, CopyInstructions):
             if earlier is not None:
                 targets.append(earlier.spec.index)
             for cmd in st.spec.commands:
-                for ref in _from_refs(cmd):
+                for ref in cmd.from_refs:
                     if "$" in ref:
                         continue
                     try:
@@ -620,6 +666,8 @@ class _Converter(RunInstructions, CopyInstructions):
             stage.history_ops = list(base.history_ops)
             stage.args = dict(base.args)
             stage.env = dict(base.env)
+            stage.env_pairs = dict(base.env_pairs)
+            stage.arg_pairs = dict(base.arg_pairs)
             stage.workdir_set = base.workdir_set
         elif kind == "scratch":
             stage.config = {"Env": [DEFAULT_PATH]}
@@ -635,7 +683,9 @@ class _Converter(RunInstructions, CopyInstructions):
         if not any(e.partition("=")[0] == "PATH" for e in env_list):
             env_list.append(DEFAULT_PATH)
         if kind != "stage":
-            stage.env = _env_dict(env_list)
+            for item in env_list:
+                key, _, value = item.partition("=")
+                self._assign_env(stage, key, value)
         for index, cmd in enumerate(commands):
             self._dispatch(stage, cmd, onbuild=index < stage.triggers)
         stage.done = True
@@ -658,12 +708,12 @@ class _Converter(RunInstructions, CopyInstructions):
         stage.history_ops.append(op)
 
     def _dispatch(self, stage: _Stage, cmd: ins.Instruction, onbuild: bool = False) -> None:
-        handler = getattr(self, "_do_" + cmd.keyword, None)
+        handler = self._handlers.get(cmd.keyword)
         if handler is None:
             raise DockerfileError(
                 f"{cmd.keyword.upper()} is not supported yet", location=cmd.location
             )
-        for from_ in _from_refs(cmd):
+        for from_ in cmd.from_refs:
             if "$" in from_ or self.resolve_named(from_) is not None:
                 continue
             try:
@@ -676,18 +726,19 @@ class _Converter(RunInstructions, CopyInstructions):
                     f'stage "{stage.display_name}"',
                     location=cmd.location,
                 )
-        counted = isinstance(cmd, _COUNTED_STEPS)
-        name = " ".join(cmd.original.split())
-        if isinstance(cmd, ins.RunCommand) and self._single_heredoc(cmd) is not None:
-            # BuildKit names the step after the heredoc's first line: RUN <<EOF (apt-get...)
-            lines = cmd.files[0].data.strip().replace("\r\n", "\n").split("\n")
-            name += f" ({lines[0]}{'...' if len(lines) > 1 else ''})"
+        name = ""  # the progress name, for the instructions that are steps
+        if isinstance(cmd, _COUNTED_STEPS):
+            name = " ".join(cmd.original.split())
+            if isinstance(cmd, ins.RunCommand) and cmd.single_heredoc is not None:
+                # BuildKit names the step after the heredoc's first line: RUN <<EOF (apt-get...)
+                lines = cmd.files[0].data.strip().replace("\r\n", "\n").split("\n")
+                name += f" ({lines[0]}{'...' if len(lines) > 1 else ''})"
+            if not isinstance(cmd, ins.WorkdirCommand):
+                name = self._step_name(stage, _upper_first(name), onbuild)
         self._onbuild = onbuild
-        if counted and not isinstance(cmd, ins.WorkdirCommand):
-            name = self._step_name(stage, _upper_first(name), onbuild)
         self._current = (stage, cmd)
         try:
-            handler(stage, cmd, name)
+            handler(self, stage, cmd, name)
         except DockerfileError as err:
             if err.location is None:
                 err.location = cmd.location
@@ -715,7 +766,7 @@ class _Converter(RunInstructions, CopyInstructions):
             else:
                 index[key] = len(current)
                 current.append(f"{key}={value}")
-            stage.env[key] = value
+            self._assign_env(stage, key, value)
         self._commit(stage, "ENV " + " ".join(f"{k}={v}" for k, v in pairs))
 
     def _do_arg(self, stage: _Stage, cmd: ins.ArgCommand, name: str) -> None:
@@ -733,7 +784,9 @@ class _Converter(RunInstructions, CopyInstructions):
                 value = None
             stage.args[key] = value
             if value is not None and key not in _NON_ENV_ARGS:
-                stage.env[key] = value
+                self._assign_env(stage, key, value)
+            shown = stage.env.get(key, value or "")
+            stage.arg_pairs[key] = f"{key}={shown}"
             parts.append(key if value is None else f"{key}={value}")
         self._commit(stage, "ARG " + " ".join(parts))
 
@@ -882,53 +935,6 @@ class _Converter(RunInstructions, CopyInstructions):
         stage.config["OnBuild"] = triggers
         triggers.append(cmd.expression)
 
-    # -- RUN heredocs (the rest of RUN lives in convert_run.py) ---------------------------
-
-    @staticmethod
-    def _single_heredoc(cmd: ins.RunCommand) -> ins.InlineFile | None:
-        """The heredoc of a RUN whose whole command is one heredoc (`RUN <<EOF`)."""
-        if len(cmd.files) != 1 or not cmd.prepend_shell or len(cmd.cmd_line) != 1:
-            return None
-        try:
-            if parser.parse_heredoc(cmd.cmd_line[0].strip()) is None:
-                return None
-        except ValueError:
-            return None
-        return cmd.files[0]
-
-    def _shebang_heredoc(self, cmd: ins.RunCommand) -> ins.InlineFile | None:
-        """The heredoc of `RUN <<EOF` whose body starts with `#!`: BuildKit writes it to a
-        file and runs that file instead of passing the body to the shell."""
-        heredoc = self._single_heredoc(cmd)
-        if heredoc is None:
-            return None
-        return heredoc if heredoc.chomped_data.startswith("#!") else None
-
-    def _heredoc_run_args(self, stage: _Stage, cmd: ins.RunCommand) -> list[str]:
-        heredoc = self._shebang_heredoc(cmd)
-        if heredoc is None:
-            return super()._heredoc_run_args(stage, cmd)
-        shell = list(stage.config.get("Shell") or DEFAULT_SHELL)
-        return [*shell, posixpath.join(_PIPES, heredoc.name)]
-
-    def _run_mounts(self, stage: _Stage, cmd: ins.RunCommand) -> list[llb.Mount]:
-        mounts = super()._run_mounts(stage, cmd)
-        heredoc = self._shebang_heredoc(cmd)
-        if heredoc is not None:
-            script = llb.FileOp(
-                None,
-                (
-                    llb.Mkfile(
-                        "/" + heredoc.name,
-                        heredoc.chomped_data.encode(errors="surrogateescape"),
-                        0o755,
-                    ),
-                ),
-                name="[internal] preparing inline document",
-            )
-            mounts.append(llb.Mount(_PIPES, script, selector="/", type="bind", readonly=True))
-        return mounts
-
     # -- filesystem instructions -----------------------------------------------------------
 
     def _do_workdir(self, stage: _Stage, cmd: ins.WorkdirCommand, name: str) -> None:
@@ -991,14 +997,6 @@ def _defined(scope: dict[str, str | None]) -> dict[str, str]:
     return {k: v for k, v in scope.items() if v is not None}
 
 
-def _env_dict(env: list[str]) -> dict[str, str]:
-    out = {}
-    for item in env:
-        k, _, v = item.partition("=")
-        out[k] = v
-    return out
-
-
 def _upper_first(text: str) -> str:
     word, sep, rest = text.partition(" ")
     return word.upper() + sep + rest
@@ -1042,16 +1040,6 @@ def _fraction(value: int, unit: int) -> str:
         return str(whole)
     digits = len(str(unit)) - 1
     return f"{whole}." + f"{rest:0{digits}d}".rstrip("0")
-
-
-def _from_refs(cmd: ins.Instruction) -> list[str]:
-    ref = getattr(cmd, "from_", None)
-    refs = [ref] if ref else []
-    for mount in getattr(cmd, "mounts", None) or []:
-        src = getattr(mount, "from_", None)
-        if src:
-            refs.append(src)
-    return refs
 
 
 _SIGNALS = {

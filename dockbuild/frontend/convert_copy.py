@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from dockbuild import llb
 from dockbuild.errors import DockerfileError, Location
 from dockbuild.frontend import instructions as ins
+from dockbuild.frontend.parser import go_quote
 from dockbuild.frontend.shell import Lex, ShellError
 from dockbuild.gitref import GitRef, parse_git_ref
 
@@ -20,8 +21,12 @@ if TYPE_CHECKING:
     from dockbuild.frontend.convert import _Stage
 
 
-def git_source(ref: GitRef, keep_git_dir: bool, checksum: str, name: str) -> llb.SourceOp:
+def git_source(ref: GitRef, keep_git_dir: bool, checksum: str, name: str, epoch: bool = False) -> llb.SourceOp:
     attrs = [("ref", ref.ref), ("subdir", ref.subdir)]
+    # As BuildKit (git.mtime): files get the checkout time, or the commit time with
+    # ?mtime=commit or when SOURCE_DATE_EPOCH is set.
+    if (ref.mtime or ("commit" if epoch else "checkout")) == "commit":
+        attrs.append(("mtime", "commit"))
     if keep_git_dir:
         attrs.append(("keep_git_dir", "true"))
     if checksum:
@@ -89,7 +94,9 @@ class CopyInstructions:
                 keep = git.keep_git_dir if git.keep_git_dir is not None else bool(keep_git_dir)
                 if checksum and git.checksum and checksum != git.checksum:
                     raise DockerfileError(f'checksum mismatch "{checksum}" != "{git.checksum}"', location=loc)
-                source = git_source(git, keep, git.checksum or checksum, src)
+                source = git_source(
+                    git, keep, git.checksum or checksum, src, epoch=bool(self.opts.build_args.get("SOURCE_DATE_EPOCH"))
+                )
                 actions.append(
                     llb.Copy(source=source, src="/", dest=abs_dest, chown=chown, mode=chmod, exclude=exclude)
                 )
@@ -119,6 +126,8 @@ class CopyInstructions:
                     )
                 )
                 continue
+            if not getattr(cmd, "from_", ""):
+                self._check_ignored(verb, src, loc)
             if context_source == "unset":
                 context_source = self._copy_source(stage, cmd)
             include: tuple[str, ...] = ()
@@ -163,12 +172,19 @@ class CopyInstructions:
         created_by = f"{verb}{flags} {shown} {dest} # buildkit"
         # --link: the files go into a layer of their own on scratch, merged onto the
         # stage, so the layer never depends on what is below it. As in BuildKit, not
-        # with --chmod; and not with --chown by name either, which needs the stage's
-        # /etc/passwd to resolve (BuildKit would silently use 0:0 there).
-        names_in_chown = chown is not None and not (
-            chown.user.isdigit() and (not chown.group or chown.group.isdigit())
-        )
-        if cmd.link and not chmod and not names_in_chown:
+        # with --chmod (that copy is made on the stage).
+        if cmd.link and not chmod:
+            # Scratch has no /etc/passwd to resolve names in: BuildKit refuses --chown by
+            # name with --link (moby/buildkit#7134); numeric ids and "root" work.
+            if chown is not None and not all(
+                part.isdigit() or part == "root" for part in (chown.user, chown.group) if part
+            ):
+                raise DockerfileError(
+                    f"COPY --link --chown={chown_text}: user and group names cannot be resolved "
+                    "with --link (the files are copied onto an empty layer, without /etc/passwd "
+                    "or /etc/group); use numeric ids",
+                    location=cmd.location,
+                )
             layer = llb.FileOp(None, tuple(actions), name=name)
             stage.state = llb.MergeOp((stage.state, layer), name=name)
             self._commit(stage, created_by, layer)
@@ -176,6 +192,24 @@ class CopyInstructions:
         op = llb.FileOp(stage.state, tuple(actions), name=name, location=cmd.location)
         stage.state = op
         self._commit(stage, created_by, op)
+
+    def _check_ignored(self, verb: str, src: str, loc: Location) -> None:
+        """CopyIgnoredFile (experimental): a context source that .dockerignore excludes. As
+        in BuildKit, not checked when the patterns have `!` exceptions (too hard to judge
+        statically)."""
+        is_ignored = self.opts.is_ignored
+        if is_ignored is None or not self.linter.enabled("CopyIgnoredFile"):
+            return
+        if any(p.startswith("!") for p in self.opts.exclude_patterns):
+            return
+        path = posixpath.normpath(src)
+        if is_ignored(path):
+            self.linter.run(
+                "CopyIgnoredFile",
+                f"Attempting to {verb.capitalize()} file {go_quote(path)} that is excluded by "
+                ".dockerignore",
+                loc,
+            )
 
     def _expand_heredoc(self, data: str, env: dict[str, str], loc: Location) -> str:
         lex = Lex(self.result.escape_token)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
+_PIPES = "/dev/pipes"  # where a RUN heredoc with a shebang is mounted, as in BuildKit
 PROXY_ARGS = {
     name
     for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
@@ -31,39 +32,37 @@ class RunInstructions:
             args = self._heredoc_run_args(stage, cmd)
         else:
             args = self._command_args(stage, cmd.cmd_line, cmd.prepend_shell)
-        env_list = list(stage.config.get("Env") or [])
-        env_keys = {e.partition("=")[0] for e in env_list}
-        build_env = [
-            f"{k}={v}"
-            for k, v in stage.args.items()
-            if v is not None and k not in env_keys and k not in PROXY_ARGS
-        ]
-        proxy_env = [
+        if stage.run_env is None:
+            stage.run_env = tuple(stage.env_pairs.values())
+        env = stage.run_env
+        proxy_env = tuple(
             f"{k}={v}"
             for k, v in self.opts.build_args.items()
             if k in PROXY_ARGS and k not in stage.args
-        ]
+        )
         ssh = [m for m in mounts if m.type == "ssh"]
-        ssh_env = []
-        if ssh and "SSH_AUTH_SOCK" not in env_keys and "SSH_AUTH_SOCK" not in stage.args:
+        if ssh and "SSH_AUTH_SOCK" not in stage.env:
             # As BuildKit's llb.AddSSHSocket: the first agent socket is the default one.
-            ssh_env.append(f"SSH_AUTH_SOCK={ssh[0].target}")
+            env = (*env, f"SSH_AUTH_SOCK={ssh[0].target}")
         network = self.opts.network if cmd.network == "default" else cmd.network
         op = llb.ExecOp(
             mounts=(llb.Mount("/", stage.state, output=True), *mounts),
             args=tuple(args),
-            env=tuple(env_list + build_env + ssh_env),
+            env=env,
             cwd=stage.config.get("WorkingDir") or "/",
             user=stage.config.get("User") or "",
             network=network,
             security=cmd.security,
-            proxy_env=tuple(proxy_env),
+            proxy_env=proxy_env,
+            hostname=self.opts.build_args.get("BUILDKIT_SANDBOX_HOSTNAME") or "buildkitsandbox",
             name=name,
             location=cmd.location,
         )
         stage.state = op
-        prefix = [f"|{len(build_env)}", *build_env] if build_env else []
-        self._commit(stage, "RUN " + " ".join([*prefix, *args]) + " # buildkit", op)
+        # BuildKit's runCommandString: `|N K=v ...` before the command when ARGs are in scope.
+        shown = stage.arg_pairs
+        prefix = f"|{len(shown)} " + " ".join(shown.values()) + " " if shown else ""
+        self._commit(stage, "RUN " + prefix + " ".join(args) + " # buildkit", op)
 
     def _run_mounts(self, stage: _Stage, cmd: ins.RunCommand) -> list[llb.Mount]:
         """RUN --mount flags as LLB mounts (BuildKit's dispatchRunMounts)."""
@@ -72,12 +71,14 @@ class RunInstructions:
         namespace = self.opts.build_args.get("BUILDKIT_CACHE_MOUNT_NS", "")
         mounts: list[llb.Mount] = []
         ssh_count = 0
-        for raw in cmd.mount_specs:
-            try:
-                spec = ins.parse_mount(raw, lambda word: self._expand(word, env, cmd.location))
-            except DockerfileError as e:
-                e.location = e.location or cmd.location
-                raise
+        for raw, parsed in zip(cmd.mount_specs, cmd.mounts, strict=True):
+            spec = parsed
+            if parsed.deferred:  # it holds variables or quotes: parse it again, expanded
+                try:
+                    spec = ins.parse_mount(raw, lambda word: self._expand(word, env, cmd.location))
+                except DockerfileError as e:
+                    e.location = e.location or cmd.location
+                    raise
             target = spec.target
             if target and not target.startswith("/"):
                 target = posixpath.join("/", workdir, target)
@@ -158,6 +159,21 @@ class RunInstructions:
                         gid=spec.gid or 0,
                     )  # fmt: skip
                 )
+        heredoc = cmd.single_heredoc
+        if heredoc is not None and heredoc.chomped_data.startswith("#!"):
+            # BuildKit writes a shebang heredoc to a file and runs that file.
+            script = llb.FileOp(
+                None,
+                (
+                    llb.Mkfile(
+                        "/" + heredoc.name,
+                        heredoc.chomped_data.encode(errors="surrogateescape"),
+                        0o755,
+                    ),
+                ),
+                name="[internal] preparing inline document",
+            )
+            mounts.append(llb.Mount(_PIPES, script, selector="/", type="bind", readonly=True))
         return mounts
 
     def _mount_source(self, stage: _Stage, cmd: ins.RunCommand, from_: str) -> llb.Op | None:
@@ -166,14 +182,15 @@ class RunInstructions:
 
     def _heredoc_run_args(self, stage: _Stage, cmd: ins.RunCommand) -> list[str]:
         shell = list(stage.config.get("Shell") or DEFAULT_SHELL)
+        heredoc = cmd.single_heredoc
+        if heredoc is not None:
+            body = heredoc.chomped_data
+            # With a shebang the body is a file mounted at /dev/pipes (see _run_mounts).
+            return [*shell, posixpath.join(_PIPES, heredoc.name) if body.startswith("#!") else body]
+        # The line plus the raw heredocs, as the shell reads them from a script (BuildKit
+        # joins them exactly so: no newline after the last delimiter).
         line = " ".join(cmd.cmd_line)
-        if len(cmd.files) == 1 and line.strip().startswith("<<"):
-            body = cmd.files[0].chomped_data
-            if not body.startswith("#!"):
-                return [*shell, body]
-        # The line plus the heredocs, as the shell would read them from a script.
-        script = line + "\n" + "".join(f"{h.chomped_data}{h.name}\n" for h in cmd.files)
-        return [*shell, script]
+        return [*shell, line + "".join(f"\n{h.data}{h.name}" for h in cmd.files)]
 
 
 @dataclass(frozen=True)

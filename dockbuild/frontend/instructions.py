@@ -4,13 +4,17 @@ This mirrors BuildKit's `frontend/dockerfile/instructions` (commands.go, parse.g
 commands_run*.go). Every string field is a raw, unexpanded word unless its docstring says
 otherwise: variable expansion happens later (`shell`), with the ARG/ENV scope that only
 the conversion step knows, just as BuildKit expands after parsing.
+
+The instructions are plain dataclasses, not frozen ones: nothing changes them after
+parsing, and a big Dockerfile makes thousands of them (a frozen dataclass sets each field
+through object.__setattr__, about three times the cost).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from typing import ClassVar
 
@@ -28,16 +32,19 @@ from dockbuild.frontend.parser import (
 # --- base and shared types -------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Instruction:
     """Fields every instruction has: where it is and its text (the joined logical line)."""
 
     keyword: ClassVar[str] = ""
+    # The stages, named contexts or images the instruction reads (COPY --from, RUN
+    # --mount from=), raw; the two that have any override this.
+    from_refs: ClassVar[tuple[str, ...]] = ()
     location: Location
     original: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class InlineFile:
     """A RUN heredoc: `name` is the delimiter, `data` the raw body (tabs not yet stripped
     when `chomp`; see `chomped_data`)."""
@@ -54,7 +61,7 @@ class InlineFile:
         return chomp_heredoc_content(self.data) if self.chomp else self.data
 
 
-@dataclass(frozen=True)
+@dataclass
 class HeredocSource:
     """A COPY/ADD heredoc source: written as file `path` (the delimiter word) with `data`
     (already tab-stripped for `<<-`; raw words, expanded later only if `expand`)."""
@@ -67,7 +74,7 @@ class HeredocSource:
 # --- the instructions ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class FromCommand(Instruction):
     """FROM [--platform=P] base [AS name]. `base_name` and `platform` are raw words (expanded
     later with global ARGs only); `stage_name` is lower-cased, "" when unnamed."""
@@ -79,7 +86,7 @@ class FromCommand(Instruction):
     comment: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class MountSpec:
     """One `RUN --mount`. String fields are raw words.
 
@@ -106,7 +113,7 @@ class MountSpec:
     deferred: bool = False
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class RunCommand(Instruction):
     """RUN. `cmd_line` holds one raw string for the shell form (`prepend_shell` True) or
     the JSON array items for the exec form. `files` are the heredocs. `mounts` are parsed
@@ -124,8 +131,17 @@ class RunCommand(Instruction):
     security: str = "sandbox"
     flags_used: tuple[str, ...] = ()
 
+    # The heredoc when the whole command is one (`RUN <<EOF`), as BuildKit's
+    # MustParseHeredoc(CmdLine[0]) finds it: its body is run as the command (or as a file,
+    # with a shebang) instead of being part of a reconstituted script.
+    single_heredoc: InlineFile | None = None
 
-@dataclass(frozen=True, kw_only=True)
+    @property
+    def from_refs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(m.from_ for m in self.mounts if m.from_) if self.mounts else ()
+
+
+@dataclass(kw_only=True)
 class CmdCommand(Instruction):
     """CMD: `cmd_line` is one raw string (shell form, `prepend_shell`) or the JSON items."""
 
@@ -134,7 +150,7 @@ class CmdCommand(Instruction):
     prepend_shell: bool
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class EntrypointCommand(Instruction):
     """ENTRYPOINT: like CMD; an empty `cmd_line` (`ENTRYPOINT []`) clears the entrypoint."""
 
@@ -143,7 +159,7 @@ class EntrypointCommand(Instruction):
     prepend_shell: bool
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class _CopyLike(Instruction):
     sources: tuple[str, ...]
     dest: str
@@ -154,7 +170,7 @@ class _CopyLike(Instruction):
     exclude: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class CopyCommand(_CopyLike):
     """COPY. `sources` (paths), `dest`, `from_`, `chown`, `chmod`, `exclude` are raw words;
     heredoc sources are in `heredoc_sources` (in their own order, after the paths)."""
@@ -163,8 +179,12 @@ class CopyCommand(_CopyLike):
     from_: str = ""
     parents: bool = False
 
+    @property
+    def from_refs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.from_,) if self.from_ else ()
 
-@dataclass(frozen=True, kw_only=True)
+
+@dataclass(kw_only=True)
 class AddCommand(_CopyLike):
     """ADD. Like COPY plus `checksum` (raw), `keep_git_dir` and `unpack` (None when the flag
     was not given, so the conversion step can apply the source-dependent default)."""
@@ -175,7 +195,7 @@ class AddCommand(_CopyLike):
     unpack: bool | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class EnvCommand(Instruction):
     """ENV: ordered raw (key, value) pairs; `legacy` when the `ENV k v` form was used."""
 
@@ -184,7 +204,7 @@ class EnvCommand(Instruction):
     legacy: bool = False
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class LabelCommand(Instruction):
     """LABEL: ordered raw (key, value) pairs; `legacy` for the `LABEL k v` form."""
 
@@ -193,7 +213,7 @@ class LabelCommand(Instruction):
     legacy: bool = False
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class ArgCommand(Instruction):
     """ARG: raw (name, default) pairs; default None when the ARG has no `=`. `comments`
     holds the doc comment (`# NAME text`) found for each name, or ""."""
@@ -203,7 +223,7 @@ class ArgCommand(Instruction):
     comments: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class WorkdirCommand(Instruction):
     """WORKDIR: `path` is a raw word."""
 
@@ -211,7 +231,7 @@ class WorkdirCommand(Instruction):
     path: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class UserCommand(Instruction):
     """USER: `user` is a raw word (`name[:group]`)."""
 
@@ -219,7 +239,7 @@ class UserCommand(Instruction):
     user: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class ShellCommand(Instruction):
     """SHELL: the JSON array items (never expanded)."""
 
@@ -227,7 +247,7 @@ class ShellCommand(Instruction):
     shell: tuple[str, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class ExposeCommand(Instruction):
     """EXPOSE: raw port words (`80`, `53/udp`, `8000-8010`), expanded later."""
 
@@ -235,7 +255,7 @@ class ExposeCommand(Instruction):
     ports: tuple[str, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class VolumeCommand(Instruction):
     """VOLUME: raw path words (surrounding white space trimmed)."""
 
@@ -243,7 +263,7 @@ class VolumeCommand(Instruction):
     volumes: tuple[str, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class StopSignalCommand(Instruction):
     """STOPSIGNAL: `signal` is a raw word (name or number)."""
 
@@ -251,7 +271,7 @@ class StopSignalCommand(Instruction):
     signal: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class HealthcheckCommand(Instruction):
     """HEALTHCHECK. `test` is the image-config form, never expanded: ("NONE",),
     ("CMD", *exec_args) or ("CMD-SHELL", command). Durations are nanoseconds, 0 = inherit."""
@@ -265,7 +285,7 @@ class HealthcheckCommand(Instruction):
     retries: int = 0
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class OnbuildCommand(Instruction):
     """ONBUILD: `expression` is the trigger as stored in the image config (the text after
     ONBUILD, heredoc bodies appended); `trigger` is its upper-cased instruction word."""
@@ -275,7 +295,7 @@ class OnbuildCommand(Instruction):
     trigger: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class MaintainerCommand(Instruction):
     """MAINTAINER (deprecated): `maintainer` is the raw text."""
 
@@ -305,13 +325,6 @@ class _InstructionError(Exception):
     """A problem in one instruction; parse_instruction adds the location."""
 
 
-@dataclass
-class _Flag:
-    kind: str  # "bool", "string" or "strings"
-    value: str = ""
-    values: list[str] = field(default_factory=list)
-
-
 class BuilderFlags:
     """The `--name[=value]` flags of one instruction, checked strictly like BuildKit's BFlags.
 
@@ -322,26 +335,31 @@ class BuilderFlags:
 
     def __init__(self, raw: list[str]) -> None:
         self.raw = raw
-        self.flags: dict[str, _Flag] = {}
+        self.kinds: dict[str, str] = {}  # name -> "bool", "string" or "strings"
+        self.values: dict[str, str] = {}  # bool ("true"/"false") and string flags
+        self.lists: dict[str, list[str]] = {}  # strings flags (repeatable)
         self.used: list[str] = []
 
     def add_bool(self, name: str, default: bool = False) -> None:
-        self.flags[name] = _Flag("bool", "true" if default else "false")
+        self.kinds[name] = "bool"
+        self.values[name] = "true" if default else "false"
 
     def add_string(self, name: str, default: str = "") -> None:
-        self.flags[name] = _Flag("string", default)
+        self.kinds[name] = "string"
+        self.values[name] = default
 
     def add_strings(self, name: str) -> None:
-        self.flags[name] = _Flag("strings")
+        self.kinds[name] = "strings"
+        self.lists[name] = []
 
     def string(self, name: str) -> str:
-        return self.flags[name].value
+        return self.values[name]
 
     def strings(self, name: str) -> tuple[str, ...]:
-        return tuple(self.flags[name].values)
+        return tuple(self.lists[name])
 
     def bool(self, name: str) -> bool:
-        return self.flags[name].value == "true"
+        return self.values[name] == "true"
 
     def optional_bool(self, name: str) -> bool | None:
         return self.bool(name) if name in self.used else None
@@ -353,15 +371,15 @@ class BuilderFlags:
             if not arg.startswith("--"):
                 raise _InstructionError(f"arg should start with -- : {arg}")
             name, has_value, value = arg[2:].partition("=")
-            flag = self.flags.get(name)
-            if flag is None:
+            kind = self.kinds.get(name)
+            if kind is None:
                 raise _InstructionError(
-                    _with_suggestion(f"unknown flag: {name}", name, sorted(self.flags), True)
+                    _with_suggestion(f"unknown flag: {name}", name, sorted(self.kinds), True)
                 )
-            if name in self.used and flag.kind != "strings":
+            if name in self.used and kind != "strings":
                 raise _InstructionError(f"duplicate flag specified: {name}")
             self.used.append(name)
-            if flag.kind == "bool":
+            if kind == "bool":
                 if has_value and value == "":
                     raise _InstructionError(f"missing a value on flag: {name}")
                 lowered = value.lower()
@@ -369,13 +387,13 @@ class BuilderFlags:
                     raise _InstructionError(
                         f"expecting boolean value for flag {name}, not: {value}"
                     )
-                flag.value = "false" if lowered == "false" else "true"
+                self.values[name] = "false" if lowered == "false" else "true"
             elif not has_value:
                 raise _InstructionError(f"missing a value on flag: {name}")
-            elif flag.kind == "string":
-                flag.value = value
+            elif kind == "string":
+                self.values[name] = value
             else:
-                flag.values.append(value)
+                self.lists[name].append(value)
 
 
 # --- public entry points ---------------------------------------------------------------
@@ -442,19 +460,22 @@ def parse_stages(result: ParseResult) -> tuple[list[Stage], list[ArgCommand]]:
 class _Request:
     """What one instruction parser needs from the node."""
 
+    __slots__ = ("node", "location", "args", "original", "flags")
+
     def __init__(self, node: Node, location: Location) -> None:
         self.node = node
         self.location = location
-        self.args = _node_args(node)
-        self.flags = BuilderFlags(list(node.flags))
-        self.base: dict[str, object] = {"location": location, "original": node.original}
+        self.args = node.args if node.sub is None else _node_args(node)
+        self.original = node.original
+        self.flags = BuilderFlags(node.flags)
 
 
 def _node_args(node: Node) -> list[str]:
-    # ONBUILD's inner instruction contributes its word and its arguments, as in BuildKit.
+    """The node's arguments (read only). ONBUILD's inner instruction contributes its word
+    and its arguments, as in BuildKit."""
     if node.sub is not None:
         return [*node.args, node.sub.value, *_node_args(node.sub)]
-    return list(node.args)
+    return node.args
 
 
 def _json_args(req: _Request) -> tuple[str, ...]:
@@ -480,7 +501,8 @@ def _parse_from(req: _Request) -> FromCommand:
     req.flags.add_string("platform")
     req.flags.parse()
     return FromCommand(
-        **req.base,
+        location=req.location,
+        original=req.original,
         base_name=args[0],
         stage_name=stage_name,
         platform=req.flags.string("platform"),
@@ -522,11 +544,21 @@ def _parse_run(req: _Request) -> RunCommand:
     cmd_line = _json_args(req)
     if not cmd_line and not req.node.heredocs:
         raise _InstructionError("RUN requires at least one argument")
+    files = tuple(_inline_file(h) for h in req.node.heredocs)
+    single = None
+    if files and not req.node.json and len(cmd_line) == 1:
+        try:
+            if parse_heredoc(cmd_line[0].strip()) is not None:
+                single = files[0]
+        except ValueError:
+            pass
     return RunCommand(
-        **req.base,
+        location=req.location,
+        original=req.original,
         cmd_line=cmd_line,
         prepend_shell=not req.node.json,
-        files=tuple(_inline_file(h) for h in req.node.heredocs),
+        files=files,
+        single_heredoc=single,
         mounts=tuple(mounts),
         mount_specs=specs,
         network=network,
@@ -551,12 +583,22 @@ def _inline_file(heredoc: Heredoc) -> InlineFile:
 
 def _parse_cmd(req: _Request) -> CmdCommand:
     req.flags.parse()
-    return CmdCommand(**req.base, cmd_line=_json_args(req), prepend_shell=not req.node.json)
+    return CmdCommand(
+        location=req.location,
+        original=req.original,
+        cmd_line=_json_args(req),
+        prepend_shell=not req.node.json,
+    )
 
 
 def _parse_entrypoint(req: _Request) -> EntrypointCommand:
     req.flags.parse()
-    return EntrypointCommand(**req.base, cmd_line=_json_args(req), prepend_shell=not req.node.json)
+    return EntrypointCommand(
+        location=req.location,
+        original=req.original,
+        cmd_line=_json_args(req),
+        prepend_shell=not req.node.json,
+    )
 
 
 def _require_destination(req: _Request, command: str) -> None:
@@ -608,7 +650,8 @@ def _parse_copy(req: _Request) -> CopyCommand:
     flags.parse()
     sources, dest, contents = _sources_and_dest(req, "COPY")
     return CopyCommand(
-        **req.base,
+        location=req.location,
+        original=req.original,
         sources=sources,
         dest=dest,
         heredoc_sources=contents,
@@ -633,7 +676,8 @@ def _parse_add(req: _Request) -> AddCommand:
     flags.parse()
     sources, dest, contents = _sources_and_dest(req, "ADD")
     return AddCommand(
-        **req.base,
+        location=req.location,
+        original=req.original,
         sources=sources,
         dest=dest,
         heredoc_sources=contents,
@@ -667,13 +711,13 @@ def _key_value_pairs(req: _Request, command: str) -> tuple[tuple[tuple[str, str]
 def _parse_env(req: _Request) -> EnvCommand:
     req.flags.parse()
     pairs, legacy = _key_value_pairs(req, "ENV")
-    return EnvCommand(**req.base, env=pairs, legacy=legacy)
+    return EnvCommand(location=req.location, original=req.original, env=pairs, legacy=legacy)
 
 
 def _parse_label(req: _Request) -> LabelCommand:
     req.flags.parse()
     pairs, legacy = _key_value_pairs(req, "LABEL")
-    return LabelCommand(**req.base, labels=pairs, legacy=legacy)
+    return LabelCommand(location=req.location, original=req.original, labels=pairs, legacy=legacy)
 
 
 def _parse_arg(req: _Request) -> ArgCommand:
@@ -687,7 +731,9 @@ def _parse_arg(req: _Request) -> ArgCommand:
             raise _InstructionError("ARG names can not be blank")
         pairs.append((name, value if has_value else None))
     comments = tuple(_doc_comment(req.node.prev_comment, name) for name, _ in pairs)
-    return ArgCommand(**req.base, args=tuple(pairs), comments=comments)
+    return ArgCommand(
+        location=req.location, original=req.original, args=tuple(pairs), comments=comments
+    )
 
 
 def _exactly_one(req: _Request, command: str) -> str:
@@ -698,26 +744,32 @@ def _exactly_one(req: _Request, command: str) -> str:
 
 
 def _parse_workdir(req: _Request) -> WorkdirCommand:
-    return WorkdirCommand(**req.base, path=_exactly_one(req, "WORKDIR"))
+    return WorkdirCommand(
+        location=req.location, original=req.original, path=_exactly_one(req, "WORKDIR")
+    )
 
 
 def _parse_user(req: _Request) -> UserCommand:
-    return UserCommand(**req.base, user=_exactly_one(req, "USER"))
+    return UserCommand(location=req.location, original=req.original, user=_exactly_one(req, "USER"))
 
 
 def _parse_maintainer(req: _Request) -> MaintainerCommand:
-    return MaintainerCommand(**req.base, maintainer=_exactly_one(req, "MAINTAINER"))
+    return MaintainerCommand(
+        location=req.location, original=req.original, maintainer=_exactly_one(req, "MAINTAINER")
+    )
 
 
 def _parse_stopsignal(req: _Request) -> StopSignalCommand:
-    return StopSignalCommand(**req.base, signal=_exactly_one(req, "STOPSIGNAL"))
+    return StopSignalCommand(
+        location=req.location, original=req.original, signal=_exactly_one(req, "STOPSIGNAL")
+    )
 
 
 def _parse_expose(req: _Request) -> ExposeCommand:
     if not req.args:
         raise _InstructionError("EXPOSE requires at least one argument")
     req.flags.parse()
-    return ExposeCommand(**req.base, ports=tuple(req.args))
+    return ExposeCommand(location=req.location, original=req.original, ports=tuple(req.args))
 
 
 def _parse_volume(req: _Request) -> VolumeCommand:
@@ -727,7 +779,7 @@ def _parse_volume(req: _Request) -> VolumeCommand:
     volumes = tuple(volume.strip() for volume in req.args)
     if "" in volumes:
         raise _InstructionError("VOLUME specified can not be an empty string")
-    return VolumeCommand(**req.base, volumes=volumes)
+    return VolumeCommand(location=req.location, original=req.original, volumes=volumes)
 
 
 def _parse_shell(req: _Request) -> ShellCommand:
@@ -739,7 +791,7 @@ def _parse_shell(req: _Request) -> ShellCommand:
         raise _InstructionError(
             'SHELL requires the arguments to be in JSON form, e.g. SHELL ["/bin/bash", "-c"]'
         )
-    return ShellCommand(**req.base, shell=shell)
+    return ShellCommand(location=req.location, original=req.original, shell=shell)
 
 
 def _parse_onbuild(req: _Request) -> OnbuildCommand:
@@ -754,7 +806,9 @@ def _parse_onbuild(req: _Request) -> OnbuildCommand:
     expression = _ONBUILD_PREFIX_RE.sub("", req.node.original, count=1)
     for heredoc in req.node.heredocs:
         expression += "\n" + heredoc.content + heredoc.name
-    return OnbuildCommand(**req.base, expression=expression, trigger=trigger)
+    return OnbuildCommand(
+        location=req.location, original=req.original, expression=expression, trigger=trigger
+    )
 
 
 _ONBUILD_PREFIX_RE = re.compile(r"^\s*ONBUILD\s*", re.IGNORECASE)
@@ -769,7 +823,7 @@ def _parse_healthcheck(req: _Request) -> HealthcheckCommand:
         # BuildKit does not look at flags here, so `HEALTHCHECK --interval=1s NONE` passes.
         if args:
             raise _InstructionError("HEALTHCHECK NONE takes no arguments")
-        return HealthcheckCommand(**req.base, test=("NONE",))
+        return HealthcheckCommand(location=req.location, original=req.original, test=("NONE",))
     flags = req.flags
     durations = ("interval", "timeout", "start-period", "start-interval")
     for name in (*durations, "retries"):
@@ -784,7 +838,8 @@ def _parse_healthcheck(req: _Request) -> HealthcheckCommand:
         _health_interval(name, flags.string(name)) for name in durations
     )
     return HealthcheckCommand(
-        **req.base,
+        location=req.location,
+        original=req.original,
         test=test,
         interval=interval,
         timeout=timeout,
@@ -881,7 +936,7 @@ def parse_mount(spec: str, expand: Callable[[str], str] | None = None) -> MountS
 
 
 class _MountDraft:
-    """A MountSpec while its fields are read (frozen dataclasses are slow to update)."""
+    """A MountSpec while its fields are read, in any order; `freeze` makes the MountSpec."""
 
     def __init__(self) -> None:
         self.__dict__.update(_MOUNT_DEFAULTS)
@@ -922,7 +977,7 @@ def _parse_mount(spec: str, expand: Callable[[str], str] | None) -> MountSpec:
             )
         if expand is not None:
             value = expand(value)
-        elif key != "from" and _needs_expansion(value):
+        elif _needs_expansion(value):
             # Kept as written; type-dependent checks wait for the expanded form.
             deferred = True
             mount = _set_raw(mount, key, value, item)
@@ -1037,6 +1092,8 @@ def _set_field(mount: _MountDraft, key: str, value: str, item: str) -> _MountDra
 
 def _csv_fields(text: str) -> list[str]:
     """One CSV record as Go's encoding/csv reads it (quotes only around whole fields)."""
+    if '"' not in text:
+        return text.split(",")  # no quoting: the common case
     fields: list[str] = []
     index = 0
     length = len(text)
@@ -1118,6 +1175,9 @@ _DURATION_UNITS = {
 }
 
 
+_DURATION_NUMBER_RE = re.compile(r"([0-9]*)(?:\.([0-9]*))?")
+
+
 def parse_go_duration(text: str) -> int:
     """Go's time.ParseDuration (`1h30m`, `1.5s`, `300ms`, `0`) in nanoseconds.
 
@@ -1134,7 +1194,7 @@ def parse_go_duration(text: str) -> int:
         raise ValueError(f"time: invalid duration {original!r}")
     total = 0
     while text:
-        match = re.match(r"([0-9]*)(?:\.([0-9]*))?", text)
+        match = _DURATION_NUMBER_RE.match(text)
         assert match is not None  # the pattern matches the empty string
         whole, fraction = match.group(1), match.group(2)
         if not whole and not fraction:

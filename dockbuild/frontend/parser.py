@@ -52,7 +52,7 @@ class Heredoc:
     file_descriptor: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """One instruction as the parser sees it; every string is a raw, unexpanded word.
 
@@ -139,39 +139,50 @@ def parse(text: str | bytes, filename: str = "Dockerfile") -> ParseResult:
     def fail(message: str, start: int, end: int = 0) -> DockerfileError:
         return DockerfileError(message, location=Location(filename, start, end or start))
 
-    def process(raw: str, strip_left: bool) -> str:
-        token = _trim_newline(raw)
-        if strip_left:
-            token = _trim_left_space(token)
+    def feed(token: str) -> None:
+        # Directives are only looked for until the first line that is not one.
         try:
             directives.feed(token)
         except DockerfileError as err:
             raise fail(err.message, current + 1) from None
-        return "" if token.startswith("#") else token
 
-    while index < len(lines):
+    seen = directives.parser
+    n_lines = len(lines)
+    while index < n_lines:
         raw = lines[index]
         index += 1
-        if _is_comment(raw):
+        token = raw.rstrip("\r\n").lstrip(GO_SPACE)
+        if not seen.done:
+            feed(token)
+        if token.startswith("#"):
             # BuildKit drops the first character assuming it is the `#`.
             comment = _trim_space(raw[1:])
             comments = [] if comment == "" else [*comments, comment]
-        token = process(raw, True)
+            current += 1
+            continue
         current += 1
         start = current
-        line, end_of_line = _trim_continuation(token, directives)
-        if end_of_line and line == "":
+        if token == "":
             continue
+        if token.rstrip(" \t").endswith(directives.escape):
+            line, end_of_line = _trim_continuation(token, directives)
+            if end_of_line and line == "":
+                continue
+        else:  # the common case: a one-line instruction
+            line, end_of_line = token, True
 
         has_empty_continuation = False
-        while not end_of_line and index < len(lines):
+        while not end_of_line and index < n_lines:
             raw = lines[index]
             index += 1
-            token = process(raw, False)
+            token = raw.rstrip("\r\n")
+            if not seen.done:
+                feed(token)
             current += 1
-            if _is_comment(raw):
+            trimmed = token.lstrip(GO_SPACE)
+            if trimmed.startswith("#"):
                 continue
-            if _trim_left_space(token) == "":
+            if trimmed == "":
                 has_empty_continuation = True
                 continue
             continued, end_of_line = _trim_continuation(token, directives)
@@ -193,7 +204,7 @@ def parse(text: str | bytes, filename: str = "Dockerfile") -> ParseResult:
         except _LineError as err:
             raise fail(str(err), start, current) from None
 
-        if _can_contain_heredoc(child) and "<<" in line:
+        if "<<" in line and _can_contain_heredoc(child):
             try:
                 heredocs = _heredocs_from_line(line)
             except _LineError as err:
@@ -251,6 +262,8 @@ def parse_heredoc(word: str) -> Heredoc | None:
 
     Raises ValueError when the delimiter has an unterminated quote (`<<'EOF`).
     """
+    if "<<" not in word:
+        return None
     match = _HEREDOC_RE.fullmatch(word)
     if match is None:
         return None
@@ -278,12 +291,14 @@ def parse_heredoc(word: str) -> Heredoc | None:
 
 def split_command(line: str) -> tuple[str, list[str], str]:
     """Split a logical line into (instruction word, raw flags, argument text)."""
-    parts = _WHITESPACE_RE.split(_go_trim_space(line), maxsplit=1)
-    flags: list[str] = []
-    rest = ""
-    if len(parts) == 2:
-        rest, flags = _extract_builder_flags(parts[1])
-    return parts[0], flags, _go_trim_space(rest)
+    parts = _WHITESPACE_RE.split(line.strip(GO_SPACE), maxsplit=1)
+    if len(parts) == 1:
+        return parts[0], [], ""
+    rest = parts[1]
+    if not rest.lstrip(GO_SPACE).startswith("--"):
+        return parts[0], [], rest.strip(GO_SPACE)
+    rest, flags = _extract_builder_flags(rest)
+    return parts[0], flags, rest.strip(GO_SPACE)
 
 
 # --- line assembly helpers -------------------------------------------------------------
@@ -317,12 +332,10 @@ def _go_trim_space(text: str) -> str:
 _trim_space = _go_trim_space
 
 
-def _is_comment(raw: str) -> bool:
-    return _trim_left_space(_trim_newline(raw)).startswith("#")
-
-
 def _trim_continuation(line: str, directives: _Directives) -> tuple[str, bool]:
     """(line without its continuation token, whether the logical line ends here)."""
+    if not line.rstrip(" \t").endswith(directives.escape):
+        return line, True  # no escape token at the end: nothing to trim
     match = directives.continuation.search(line)
     if match is None:
         return line, True
@@ -332,17 +345,9 @@ def _trim_continuation(line: str, directives: _Directives) -> tuple[str, bool]:
 
 def _node_from_line(line: str, directives: _Directives, comments: list[str]) -> Node:
     command, flags, rest = split_command(line)
-    parse_args = _DISPATCH.get(command.lower(), _parse_ignore)
-    args, sub, is_json = parse_args(rest, directives)
-    return Node(
-        value=command.lower(),
-        args=args,
-        sub=sub,
-        flags=flags,
-        json=is_json,
-        original=line,
-        prev_comment=list(comments),
-    )
+    value = command.lower()
+    args, sub, is_json = _DISPATCH.get(value, _parse_ignore)(rest, directives)
+    return Node(value, args, sub, flags, is_json, [], line, 0, 0, list(comments))
 
 
 def _can_contain_heredoc(node: Node) -> bool:
@@ -376,6 +381,8 @@ def _split_shell_words(text: str, *, raw_quotes: bool, raw_escapes: bool) -> lis
     its lexer here with an empty environment and unset variables kept, so `$x` stays as
     written. Returns None when a quote is not closed.
     """
+    if "'" not in text and '"' not in text and "\\" not in text:
+        return [word for word in _GO_SPACES_RE.split(text) if word]
     words: list[str] = []
     word = ""
     index = 0
@@ -548,65 +555,74 @@ def _parse_words(rest: str, escape: str) -> list[str]:
     if "'" not in rest and '"' not in rest and escape not in rest:
         # Nothing to be quote- or escape-aware about: plain splitting (the common case).
         return [word for word in _GO_SPACES_RE.split(rest) if word]
+    plain_run, double_run = _WORD_RUNS[escape]
     words: list[str] = []
-    word = ""
-    quote = ""
-    blank_ok = False
-    in_spaces, in_word, in_quote = 0, 1, 2
-    phase = in_spaces
+    parts: list[str] = []  # the current word, in pieces
+    blank_ok = False  # a word that held quotes is kept even when empty
     index = 0
     length = len(rest)
     while True:
-        at_end = index >= length
-        ch = "" if at_end else rest[index]
-        if phase == in_spaces:
-            if at_end:
-                break
-            if is_go_space(ch):
-                index += 1
-                continue
-            phase = in_word
-        if at_end:
-            if blank_ok or word:
-                words.append(word)
-            break
-        if phase == in_word:
-            if is_go_space(ch):
-                phase = in_spaces
-                if blank_ok or word:
-                    words.append(word)
-                word = ""
-                blank_ok = False
-                index += 1
-                continue
-            if ch in "'\"":
-                quote = ch
-                blank_ok = True
-                phase = in_quote
+        # Between words: skip white space.
+        space = _GO_SPACES_RE.match(rest, index)
+        if space is not None:
+            index = space.end()
+        if index >= length:
+            return words
+        while index < length:
+            run = plain_run.match(rest, index)
+            if run is not None:
+                parts.append(run.group())
+                index = run.end()
+                if index >= length:
+                    break
+            ch = rest[index]
             if ch == escape:
-                if index + 1 == length:
-                    index += 1
-                    continue
                 # An unquoted escape keeps itself and the next character, even a quote.
-                word += ch
+                if index + 1 < length:
+                    parts.append(rest[index : index + 2])
+                index += 2  # a trailing escape is dropped
+            elif ch == "'":
+                blank_ok = True
+                end = rest.find("'", index + 1)  # nothing is escaped in single quotes
+                close = length if end < 0 else end + 1
+                parts.append(rest[index:close])
+                index = close
+            elif ch == '"':
+                blank_ok = True
+                parts.append('"')
                 index += 1
-                ch = rest[index]
-            word += ch
-        else:
-            if ch == quote:
-                phase = in_word
-            # Inside single quotes nothing is escaped.
-            if ch == escape and quote != "'":
-                if index + 1 == length:
-                    phase = in_word
-                    index += 1
-                    continue
-                word += ch
-                index += 1
-                ch = rest[index]
-            word += ch
-        index += 1
-    return words
+                while index < length:  # to the closing quote (or the end), escapes kept
+                    run = double_run.match(rest, index)
+                    if run is not None:
+                        parts.append(run.group())
+                        index = run.end()
+                        if index >= length:
+                            break
+                    if rest[index] == '"':
+                        parts.append('"')
+                        index += 1
+                        break
+                    if index + 1 < length:
+                        parts.append(rest[index : index + 2])
+                    index += 2  # a trailing escape is dropped
+            else:  # white space ends the word
+                break
+        word = "".join(parts)
+        if blank_ok or word:
+            words.append(word)
+        parts = []
+        blank_ok = False
+
+
+def _word_runs(escape: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    e = re.escape(escape)
+    return (
+        re.compile(f"[^{re.escape(GO_SPACE)}'\"{e}]+"),  # unquoted: up to space/quote/escape
+        re.compile(f'[^"{e}]+'),  # inside double quotes: up to the quote or an escape
+    )
+
+
+_WORD_RUNS = {"\\": _word_runs("\\"), "`": _word_runs("`")}
 
 
 def _parse_name_val(rest: str, key: str, directives: _Directives) -> _ParsedArgs:
@@ -660,13 +676,15 @@ def _parse_json(rest: str) -> list[str] | None:
     if not rest.startswith("["):
         return None
     try:
-        value = json.loads(rest, parse_constant=_reject_constant)
+        value = _JSON.decode(rest)
     except (ValueError, RecursionError):
         return None
     if not isinstance(value, list):
         return None
     if not all(isinstance(item, str) for item in value):
         raise _NotStringArray
+    if "\\u" not in rest and _SURROGATE_RE.search(rest) is None:
+        return value
     # Go's decoder turns lone surrogates and invalid UTF-8 into U+FFFD.
     return [_SURROGATE_RE.sub("\ufffd", item) for item in value]
 
@@ -677,6 +695,9 @@ _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 def _reject_constant(name: str) -> object:
     # NaN and Infinity are not JSON to Go; the line then falls back to the shell form.
     raise ValueError(name)
+
+
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 _NOT_STRING_ARRAY = "when using JSON array syntax, arrays must be comprised of strings only"
@@ -770,6 +791,8 @@ _GO_ESCAPES = {
 
 def go_quote(text: str) -> str:
     """Go's strconv.Quote: a double-quoted string with Go escapes for the unprintable."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'  # nothing to escape (the common case)
     out = ['"']
     for ch in text:
         code = ord(ch)

@@ -88,6 +88,8 @@ class Lex:
         self.raw_escapes = False
         self.skip_unset_env = False
         self.skip_process_quotes = False
+        # What makes a word need the scanner: `$`, the escape token, quotes, a BOM.
+        self._special = re.compile(f"[$'\"{re.escape(escape_token)}{_BOM}]")
 
     def process_word(self, word: str, env: Env) -> str:
         """``word`` with its quotes removed and its variables expanded, as one string."""
@@ -98,7 +100,7 @@ class Lex:
 
         White space that comes out of a variable splits too; quoted white space does not.
         """
-        if self._is_plain(word):
+        if self.is_plain(word):
             return _split_plain(word)
         expansion = _Expansion(self, word, _as_getter(env))
         words = _Words()
@@ -110,25 +112,23 @@ class Lex:
 
         The unset names feed the ``UndefinedVar`` and ``UndefinedArgInFrom`` checks.
         """
-        if self._is_plain(word):
+        if self.is_plain(word):
             return word, set(), set()
         expansion = _Expansion(self, word, _as_getter(env))
         result = expansion.run(None)
         return result, expansion.matched, expansion.unmatched
 
-    def _is_plain(self, word: str) -> bool:
-        # Most words (paths, image names, ports) hold nothing to expand; skip the scanner.
-        return (
-            "$" not in word
-            and self.escape_token not in word
-            and (self.skip_process_quotes or ("'" not in word and '"' not in word))
-            and not word.startswith(_BOM)
-        )
+    def is_plain(self, word: str) -> bool:
+        """Whether `word` holds nothing to expand (most paths, image names, ports)."""
+        if self.skip_process_quotes:
+            return "$" not in word and self.escape_token not in word and _BOM not in word
+        return self._special.search(word) is None
 
 
 # --- implementation -------------------------------------------------------------------
 
 _BOM = "\ufeff"
+_ASCII_NAME = re.compile("[A-Za-z0-9_]+")
 
 # Go's unicode.IsSpace, which is narrower than str.isspace (that one also counts
 # U+001C..U+001F as space).
@@ -360,7 +360,8 @@ class _Expansion:
         if first in _SPECIAL_PARAMS:
             self.pos = start + 1
             return first
-        pos = start
+        ascii_run = _ASCII_NAME.match(src, start, end)  # the common case, in one step
+        pos = start if ascii_run is None else ascii_run.end()
         while pos < end and (src[pos].isalpha() or src[pos].isdecimal() or src[pos] == "_"):
             pos += 1
         self.pos = pos

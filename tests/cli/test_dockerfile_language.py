@@ -173,6 +173,7 @@ def test_heredoc_shebang_script_runs_as_a_file(dockbuild: DockbuildCLI, tmp_path
                 "FROM busybox\n"
                 'RUN <<EOF\n#!/bin/busybox sh\necho "as $0" > /shebang\nEOF\n'
                 "RUN <<EOF\necho one > /plain\necho two >> /plain\nEOF\n"
+                "RUN <<EOF cat > /catted\nread by cat\nEOF\n"
                 "ARG WHO=world\n"
                 "COPY <<EOT /expanded\nhello $WHO\nEOT\n"
                 "COPY <<'EOT' /literal\nhello $WHO\nEOT\n"
@@ -183,6 +184,7 @@ def test_heredoc_shebang_script_runs_as_a_file(dockbuild: DockbuildCLI, tmp_path
     _, layers = oci_image(out)
     assert file_in(layers, "shebang") == b"as /dev/pipes/EOF\n"
     assert file_in(layers, "plain") == b"one\ntwo\n"
+    assert file_in(layers, "catted") == b"read by cat\n"  # the heredoc is cat's stdin
     assert file_in(layers, "expanded") == b"hello world\n"
     assert file_in(layers, "literal") == b"hello $WHO\n"
 
@@ -255,3 +257,89 @@ def test_debug_parse_prints_buildkits_ast_dump(dockbuild: DockbuildCLI, case: st
         pytest.skip(f"no conformance case {case}")
     run = dockbuild("debug", "parse", str(folder / "Dockerfile"))
     assert run.out == (folder / "result").read_text()
+
+
+def test_run_history_lists_every_arg_in_scope_and_arg_after_env_wins_in_run(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    # BuildKit's runCommandString: `|N K=v ...` names each ARG of the stage (an unset one as
+    # `K=`), showing the value RUN sees; the state env takes the latest ARG or ENV of a
+    # name, so an ARG after an ENV of the same name wins in RUN (the image Env keeps the ENV).
+    ctx = write_context(
+        tmp_path / "args",
+        {
+            "Dockerfile": (
+                "FROM busybox\n"
+                "ARG UNSET\n"
+                "ARG A=1\n"
+                "ENV B=env\n"
+                "ARG B=arg\n"
+                "ENV A=env-a\n"
+                'RUN echo "A=$A B=$B UNSET=${UNSET-none}" > /seen\n'
+            )
+        },
+    )
+    _, out = build_oci(dockbuild, ctx, "--build-arg", "HTTP_PROXY=http://proxy.invalid:3128")
+    config, layers = oci_image(out)
+    assert file_in(layers, "seen") == b"A=env-a B=arg UNSET=none\n"
+    assert "B=env" in config["config"]["Env"] and "A=env-a" in config["config"]["Env"]
+    runs = [h["created_by"] for h in config["history"] if h["created_by"].startswith("RUN")]
+    assert runs == [
+        'RUN |3 UNSET= A=env-a B=arg /bin/sh -c echo "A=$A B=$B UNSET=${UNSET-none}" > /seen '
+        "# buildkit"
+    ]  # the undeclared proxy build arg stays out of history
+
+
+def test_sandbox_hostname_build_arg_sets_the_hostname_of_run(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    ctx = write_context(
+        tmp_path / "hostname",
+        {"Dockerfile": "FROM busybox\nRUN hostname > /name && cat /etc/hosts > /hosts\n"},
+    )
+    _, out = build_oci(dockbuild, ctx, "--build-arg", "BUILDKIT_SANDBOX_HOSTNAME=builder-1")
+    _, layers = oci_image(out)
+    assert file_in(layers, "name") == b"builder-1\n"
+    hosts = file_in(layers, "hosts")
+    assert hosts is not None and b"builder-1" in hosts
+    _, plain = build_oci(
+        dockbuild,
+        write_context(tmp_path / "default", {"Dockerfile": "FROM busybox\nRUN hostname > /name\n"}),
+    )
+    assert file_in(oci_image(plain)[1], "name") == b"buildkitsandbox\n"
+
+
+def test_experimental_checks_run_when_enabled(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    dockerfile = (
+        "# base has the tools\n"  # a description that follows the format
+        "FROM busybox AS base\n"
+        "# the version to install\n"
+        "ARG VERSION=1\n"
+        "COPY secret.txt kept.txt /\n"
+    )
+    ctx = write_context(
+        tmp_path / "experimental",
+        {
+            "Dockerfile": dockerfile,
+            ".dockerignore": "secret.txt\n",
+            "secret.txt": "s\n",
+            "kept.txt": "k\n",
+        },
+    )
+    quiet = dockbuild.build(ctx, "--check")
+    assert "Check complete, no warnings found." in quiet.out  # experimental: off by default
+    (ctx / "Dockerfile").write_text("# check=experimental=all\n" + dockerfile)
+    run = dockbuild.build(ctx, "--check", check=False)
+    out = run.out
+    assert run.returncode == 1
+    assert "WARNING: InvalidDefinitionDescription" in out
+    assert "Comment for ARG should follow the format: `# VERSION <description>`" in out
+    assert "WARNING: CopyIgnoredFile" in out
+    assert 'Attempting to Copy file "secret.txt" that is excluded by .dockerignore' in out
+    assert 'file "kept.txt"' not in out
+    assert "Check complete, 2 warnings have been found!" in out
+    (ctx / "Dockerfile").write_text(
+        "# check=experimental=CopyIgnoredFile\n" + dockerfile.replace("the version", "VERSION")
+    )
+    named = dockbuild.build(ctx, "--check", check=False)
+    assert "CopyIgnoredFile" in named.out and "InvalidDefinitionDescription" not in named.out

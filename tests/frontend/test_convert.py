@@ -261,6 +261,29 @@ def test_proxy_args_reach_run_but_not_history_or_the_digest() -> None:
     assert not any("HTTP_PROXY" in w for w in proxied.warnings)
 
 
+def test_a_declared_proxy_arg_is_in_history_and_the_run_env() -> None:
+    d = convert("FROM base\nARG HTTP_PROXY\nRUN echo\n", build_args={"HTTP_PROXY": "http://p:1"})
+    run = next(op for op in ops(d) if isinstance(op, llb.ExecOp))
+    assert "HTTP_PROXY=http://p:1" in run.env and not run.proxy_env
+    assert history(d)[-1][0] == "RUN |1 HTTP_PROXY=http://p:1 /bin/sh -c echo # buildkit"
+
+
+def test_run_env_is_buildkits_state_env_latest_assignment_last() -> None:
+    d = convert("FROM base\nENV X=env Y=1\nARG X=arg\nARG Z\nENV Y=2\nRUN echo\n")
+    run = next(op for op in ops(d) if isinstance(op, llb.ExecOp))
+    assert run.env == ("PATH=/bin", "X=arg", "Y=2")  # an ARG without a value sets nothing
+    assert "X=env" in config(d)["Env"]  # the image keeps the ENV value
+    assert history(d)[-1][0] == "RUN |2 X=arg Z= /bin/sh -c echo # buildkit"
+
+
+def test_sandbox_hostname_build_arg_is_every_runs_hostname() -> None:
+    d = convert("FROM base\nRUN a\nRUN b\n", build_args={"BUILDKIT_SANDBOX_HOSTNAME": "h1"})
+    hosts = {op.hostname for op in ops(d) if isinstance(op, llb.ExecOp)}
+    assert hosts == {"h1"} and not d.warnings
+    plain = convert("FROM base\nRUN a\n")
+    assert {op.hostname for op in ops(plain) if isinstance(op, llb.ExecOp)} == {"buildkitsandbox"}
+
+
 def test_unused_build_args_are_reported() -> None:
     d = convert("FROM base\nARG USED\n", build_args={"USED": "1", "UNUSED": "2"})
     assert "WARNING: One or more build-args [UNUSED] were not consumed" in d.warnings
@@ -389,6 +412,17 @@ def test_heredoc_without_a_shebang_is_passed_to_the_shell() -> None:
     assert d.root.args == ("/bin/sh", "-c", "echo a\necho b\n")
 
 
+def test_a_heredoc_with_a_command_after_it_runs_as_a_script() -> None:
+    # `<<EOF cat > /out` is not a lone heredoc (MustParseHeredoc gives nil): the line and
+    # the body go to the shell together, so `cat` reads the body.
+    d = convert("FROM base\nRUN <<EOF cat > /out\nhello\nEOF\n")
+    assert isinstance(d.root, llb.ExecOp)
+    assert d.root.args == ("/bin/sh", "-c", "<<EOF cat > /out\nhello\nEOF")
+    tabs = convert("FROM base\nRUN <<-EOF cat\n\thello\n\tEOF\n")
+    assert isinstance(tabs.root, llb.ExecOp)  # the shell strips the tabs of <<-
+    assert tabs.root.args == ("/bin/sh", "-c", "<<-EOF cat\n\thello\nEOF")
+
+
 # -- checks ------------------------------------------------------------------------------------
 
 
@@ -419,6 +453,28 @@ def test_check_directive_skips_rules_and_can_fail_the_build() -> None:
         convert("# check=error=true\n" + text)
     by_arg = convert(text, build_args={"BUILDKIT_DOCKERFILE_CHECK": "skip=all"})
     assert rules(by_arg) == [] and not any("not consumed" in w for w in by_arg.warnings)
+
+
+def test_invalid_definition_description_is_experimental() -> None:
+    text = "# base the stage\nFROM base AS base\n# some words\nARG A=1 B\n# A is one\nARG A\n"
+    assert "InvalidDefinitionDescription" not in rules(convert(text))
+    d = convert("# check=experimental=InvalidDefinitionDescription\n" + text)
+    (warning,) = [w for w in d.checks if w.rule == "InvalidDefinitionDescription"]
+    assert (
+        warning.message == "Comment for ARG should follow the format: `# <arg_key> <description>`"
+    )
+    assert warning.location is not None and warning.location.start_line == 5
+
+
+def test_copy_ignored_file_is_experimental_and_skipped_with_exceptions() -> None:
+    text = "FROM base\nCOPY ./skip/me keep /\nCOPY --from=base skip /\n"
+    options = {"exclude_patterns": ("skip",), "is_ignored": lambda p: p.split("/")[0] == "skip"}
+    assert "CopyIgnoredFile" not in rules(convert(text, **options))
+    d = convert("# check=experimental=all\n" + text, **options)
+    messages = [w.message for w in d.checks if w.rule == "CopyIgnoredFile"]
+    assert messages == ['Attempting to Copy file "skip/me" that is excluded by .dockerignore']
+    options["exclude_patterns"] = ("skip", "!skip/me")
+    assert "CopyIgnoredFile" not in rules(convert("# check=experimental=all\n" + text, **options))
 
 
 def test_undefined_arg_in_from_suggests_a_declared_one() -> None:
