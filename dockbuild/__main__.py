@@ -4,6 +4,7 @@
 scripts and CI call it often, and it should cost no more than the interpreter.
 """
 
+import gc
 import sys
 
 
@@ -13,7 +14,13 @@ def main() -> None:
 
         print(f"dockbuild {__version__}")
         return
+    # Start-up allocates hundreds of thousands of long-lived objects (modules, classes,
+    # the typed instructions) and hardly any cycles: collecting them is wasted work
+    # (about 15% of a cached build's CPU). Collect rarely, and never the start-up heap.
+    gc.set_threshold(50_000, 20, 100)
     from dockbuild.cli import main as cli_main
+
+    gc.freeze()
 
     cli_main()
 

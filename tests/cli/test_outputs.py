@@ -161,7 +161,7 @@ def test_oci_directory_on_another_filesystem_gets_copies(
         assert len(blobs) == 6  # 4 layers, config, manifest
         assert all(b.stat().st_nlink == 1 for b in blobs)
     finally:
-        subprocess.run(["umount", str(other)], check=False)
+        subprocess.run(["umount", "--lazy", str(other)], check=False)  # even if still busy
 
 
 def test_oci_mediatypes_false_writes_docker_media_types(
@@ -352,4 +352,4 @@ def test_a_failed_export_leaves_the_previous_dest_and_no_temp_files(
         assert dest.read_bytes() == b"previous export"
         assert [p.name for p in small.iterdir()] == ["image.tar"]
     finally:
-        subprocess.run(["umount", str(small)], check=False)
+        subprocess.run(["umount", "--lazy", str(small)], check=False)  # even if still busy
