@@ -138,6 +138,7 @@ def get_executor(name: str | None = None) -> Executor:
 
     info = describe(name)
     chosen = info.get("executor")
+    _reset_reserved_signals()
     if "error" in info:
         if chosen is None:
             raise ExecutorError(f"{info['error']}: {info['reason']}", hint=LOCKED_DOWN_HINT)
@@ -153,3 +154,25 @@ def get_executor(name: str | None = None) -> Executor:
     from dockbuild.engine.executor.runc import RuncExecutor
 
     return RuncExecutor()
+
+
+# rt_sigaction's number, where dockbuild runs; signals 32 and 33 are glibc's own
+# (thread cancellation, setxid), which libc's sigaction() and Python refuse to touch.
+_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+
+
+def _reset_reserved_signals() -> None:
+    """Give signals 32 and 33 back their default action if whoever started dockbuild
+    left them ignored (GNU make does): an ignored signal survives exec, so every RUN
+    (and runc) would inherit it. Only an inherited SIG_IGN is changed."""
+    import ctypes
+
+    number = _RT_SIGACTION.get(os.uname().machine)
+    if number is None:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for sig in (32, 33):
+        old = (ctypes.c_ulong * 4)()  # handler, flags, restorer, mask
+        if libc.syscall(number, sig, None, old, 8) == 0 and old[0] == 1:  # SIG_IGN
+            default = (ctypes.c_ulong * 4)()  # SIG_DFL, no flags, empty mask
+            libc.syscall(number, sig, default, None, 8)
