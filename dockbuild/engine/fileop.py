@@ -49,28 +49,15 @@ class SourceView:
 
     def resolve(self, rel: str) -> str:
         """Follow symlinks in ``rel`` (all components) without leaving the tree."""
-        parts = [p for p in rel.split("/") if p not in ("", ".")]
-        out: list[str] = []
-        hops = 0
-        while parts:
-            part = parts.pop(0)
-            if part == "..":
-                if out:
-                    out.pop()
-                continue
-            cand = "/".join([*out, part])
+
+        def link_target(parts: Sequence[str]) -> str | None:
+            cand = "/".join(parts)
             st = self.lstat(cand)
-            if st is not None and stat.S_ISLNK(st.st_mode):
-                hops += 1
-                if hops > 40:
-                    raise DockbuildError(f"too many levels of symbolic links in {rel!r}")
-                target = os.readlink(self.host(cand))  # type: ignore[arg-type]
-                if target.startswith("/"):
-                    out = []
-                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-                continue
-            out.append(part)
-        return "/".join(out)
+            if st is None or not stat.S_ISLNK(st.st_mode):
+                return None
+            return os.readlink(self.host(cand))  # type: ignore[arg-type]
+
+        return snapshots.resolve_links(rel, link_target)
 
     def glob(self, pattern: str) -> list[str]:
         return glob_paths(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +91,21 @@ def resolve_in_rootfs(layers: Layers, path: str, follow_final: bool = True) -> s
     Returns the resolved path relative to the root ("" for the root itself). A missing
     component is kept as it is, so the result names where the path would be.
     """
+
+    def link_target(parts: Sequence[str]) -> str | None:
+        found = _visible(layers, parts)
+        return os.readlink(found) if found is not None and found.is_symlink() else None
+
+    return resolve_links(path, link_target, follow_final)
+
+
+def resolve_links(
+    path: str, link_target: Callable[[Sequence[str]], str | None], follow_final: bool = True
+) -> str:
+    """Resolve the symlinks of ``path`` in a tree that ``link_target`` describes (the
+    target of the symlink at the given components, None where there is none): ``..``
+    and absolute targets stop at the tree's root, as in a chroot. Returns the resolved
+    path relative to the root, missing components kept as they are."""
     pending = list(reversed(_components(path)))
     resolved: list[str] = []
     followed = 0
@@ -100,19 +115,15 @@ def resolve_in_rootfs(layers: Layers, path: str, follow_final: bool = True) -> s
             if resolved:
                 resolved.pop()
             continue
-        if name in ("", "."):
-            continue
-        final = all(c in ("", ".") for c in pending)
-        if not final or follow_final:
-            found = _visible(layers, [*resolved, name])
-            if found is not None and found.is_symlink():
+        if follow_final or pending:
+            target = link_target([*resolved, name])
+            if target is not None:
                 followed += 1
                 if followed > MAX_SYMLINKS:
                     raise DockbuildError(f"too many levels of symbolic links in {path!r}")
-                target = os.readlink(found)
                 if target.startswith("/"):
                     resolved = []
-                pending.extend(reversed(target.split("/")))
+                pending.extend(reversed(_components(target)))
                 continue
         resolved.append(name)
     return "/".join(resolved)
