@@ -3,6 +3,7 @@ metadata, -q, the blob cache, --squash and writing to a closed pipe."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,20 +150,26 @@ def test_oci_directory_passes_skopeo_and_umoci(
 def test_oci_directory_on_another_filesystem_gets_copies(
     dockbuild: DockbuildCLI, app: Path, tmp_path: Path
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    other = tmp_path / "other"
-    other.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(other)], check=True)
-    try:
+    with _tmpfs(tmp_path / "other", "64m") as other:
         layout = other / "layout"
         dockbuild.build(app, "-t", "copied:v1", "-o", f"type=oci,tar=false,dest={layout}")
         _run("skopeo", "inspect", f"oci:{layout}:v1")
         blobs = list((layout / "blobs" / "sha256").iterdir())
         assert len(blobs) == 6  # 4 layers, config, manifest
         assert all(b.stat().st_nlink == 1 for b in blobs)
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (made), for the test's duration; root only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
     finally:
-        subprocess.run(["umount", "--lazy", str(other)], check=False)  # even if still busy
+        subprocess.run(["umount", "--lazy", str(path)], check=False)  # even if still busy
 
 
 def test_oci_mediatypes_false_writes_docker_media_types(
@@ -338,12 +346,7 @@ def test_a_failed_export_leaves_the_previous_dest_and_no_temp_files(
     dockbuild: DockbuildCLI, app: Path, tmp_path: Path
 ) -> None:
     """A full disk in the middle of writing the archive: the old file stays as it was."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)], check=True)
-    try:
+    with _tmpfs(tmp_path / "small", "200k") as small:
         dest = small / "image.tar"
         dest.write_bytes(b"previous export")
         run = dockbuild.build(app, "-o", f"type=oci,dest={dest}", check=False)
@@ -351,5 +354,3 @@ def test_a_failed_export_leaves_the_previous_dest_and_no_temp_files(
         assert "no space left on device" in run.stderr and "Traceback" not in run.stderr
         assert dest.read_bytes() == b"previous export"
         assert [p.name for p in small.iterdir()] == ["image.tar"]
-    finally:
-        subprocess.run(["umount", "--lazy", str(small)], check=False)  # even if still busy
