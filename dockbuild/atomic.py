@@ -8,15 +8,29 @@ place (synced first, unless the caller asks for ``durable=False``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
+import functools
 import os
 import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, for the calls Python's os module lacks (ctypes loads only then)."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 def fsync_dir(directory: Path) -> None:
@@ -32,9 +46,8 @@ def syncfs(path: Path) -> None:
     """Flush the whole filesystem holding ``path``: one call instead of a fsync per file."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
+        if _libc().syncfs(fd) != 0:
+            err = _errno()
             raise OSError(err, os.strerror(err), str(path))
     finally:
         os.close(fd)
@@ -80,12 +93,12 @@ def _replace_unsynced(tmp: str, dest: Path) -> None:
     try:
         if not stat.S_ISREG(os.lstat(dest).st_mode):
             raise FileNotFoundError  # not a file to swap with: a plain rename decides
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+        renameat2 = _libc().renameat2
     except (OSError, AttributeError):  # no such file, or a libc without renameat2
         os.replace(tmp, dest)
         return
     if renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(dest), _RENAME_EXCHANGE):
-        err = ctypes.get_errno()
+        err = _errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOENT, errno.EOPNOTSUPP):
             raise OSError(err, os.strerror(err), str(dest))
         os.replace(tmp, dest)  # a filesystem that cannot swap, or dest just went away
