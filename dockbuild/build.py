@@ -70,8 +70,9 @@ def _inputs(request: BuildRequest) -> _Inputs:
     from dockbuild.frontend.dockerignore import parse_dockerignore
 
     keep_git = request.build_args.get("BUILDKIT_CONTEXT_KEEP_GIT_DIR") in ("1", "true")
-    epoch_arg = request.build_args.get("SOURCE_DATE_EPOCH")  # git contexts then get commit times
-    epoch = bool(os.environ.get("SOURCE_DATE_EPOCH") if epoch_arg is None else epoch_arg)
+    from dockbuild.outputs.export import source_date_epoch
+
+    epoch = source_date_epoch(request.build_args) is not None  # git contexts: commit times
     remote = remote_context.is_remote(request.context)
     # A tar on stdin (`-`), a git URL or an HTTP tarball becomes a temporary directory.
     ctx = remote_context.load_context(request.context, keep_git, epoch=epoch) if remote else Path(request.context)
