@@ -1,7 +1,7 @@
 """The ``dockbuild`` command's entry point (also ``python -m dockbuild``).
 
-``--version`` is answered here, before the CLI and its typer/click imports are loaded:
-scripts and CI call it often, and it should cost no more than the interpreter.
+``--version`` is answered here, before the CLI (argparse, its parsers) is loaded: scripts
+and CI call it often, and it should cost no more than the interpreter.
 """
 
 import gc
