@@ -70,12 +70,9 @@ def _inputs(request: BuildRequest) -> _Inputs:
     from dockbuild.frontend.dockerignore import parse_dockerignore
 
     keep_git = request.build_args.get("BUILDKIT_CONTEXT_KEEP_GIT_DIR") in ("1", "true")
-    from dockbuild.outputs.export import source_date_epoch
-
-    epoch = source_date_epoch(request.build_args) is not None  # git contexts: commit times
     remote = remote_context.is_remote(request.context)
     # A tar on stdin (`-`), a git URL or an HTTP tarball becomes a temporary directory.
-    ctx = remote_context.load_context(request.context, keep_git, epoch=epoch) if remote else Path(request.context)
+    ctx = remote_context.load_context(request.context, keep_git, epoch=_commit_times(request)) if remote else Path(request.context)
     if not ctx.is_dir():
         raise DockbuildError(f"unable to prepare context: path {request.context!r} not found")
     if request.dockerfile and remote and not Path(request.dockerfile).is_absolute():
@@ -111,7 +108,7 @@ def _inputs(request: BuildRequest) -> _Inputs:
         elif value.startswith("docker-image://"):
             images[name] = value[len("docker-image://") :]
         elif remote_context.is_remote(value) and value != "-":
-            locals_[name] = remote_context.load_context(value, keep_git, epoch=epoch)  # git URL, HTTP tar
+            locals_[name] = remote_context.load_context(value, keep_git, epoch=_commit_times(request))  # git URL, HTTP tar
         elif "://" in value:
             raise DockbuildError(f"build context {name}={value}: this kind of context is not supported yet")
         else:
@@ -120,6 +117,13 @@ def _inputs(request: BuildRequest) -> _Inputs:
             locals_[name] = Path(value)
     name = STDIN_DOCKERFILE_NAME if request.dockerfile == "-" else str(df)
     return _Inputs(name, text, tuple(patterns), locals_, layouts, images)
+
+
+def _commit_times(request: BuildRequest) -> bool:
+    """Whether git contexts get their files' commit times (SOURCE_DATE_EPOCH is set)."""
+    from dockbuild.outputs.export import source_date_epoch
+
+    return source_date_epoch(request.build_args) is not None
 
 
 def _split_layout(text: str) -> tuple[str, str | None, str | None]:
@@ -196,37 +200,19 @@ def definition(request: BuildRequest) -> dict[str, Any]:
 
 
 def build(request: BuildRequest) -> None:
-    from dockbuild.engine.solver import SolveOptions, Solver
-    from dockbuild.engine.sources.image import ImageSources
     from dockbuild.engine.sources.local import FileDigests, LocalDir
     from dockbuild.engine.store import Store
-    from dockbuild.outputs import export
-    from dockbuild.progress import make_progress
 
     platform = request.platform or HOST_PLATFORM
     if platform != HOST_PLATFORM:
         raise DockbuildError(f"platform {platform} is not supported yet", hint=f"use {HOST_PLATFORM}")
-    outputs = export.parse_outputs(
-        request.outputs,
-        tags=request.tags,
-        stdout_is_tty=sys.stdout.isatty(),
-        push=request.push,
-        load=request.load,
-    )
-    epoch = export.source_date_epoch(request.build_args)
-    from dockbuild.engine import cacheio
-
-    cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
-    cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
     store = Store()  # first: a cache it cannot open is an error before any progress shows
-    progress = make_progress(request.progress)
+    progress = None
     solver = None
+    digests = None
     locals_: dict[str, Any] = {}
     try:
-        vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
         inputs = _inputs(request)
-        vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
-        vertex.done()
         # Context file digests persist in the cache db: an unchanged context is a stat walk.
         digests = FileDigests(store.root / "db.sqlite")
         locals_ = {
@@ -234,7 +220,29 @@ def build(request: BuildRequest) -> None:
             for name, path in inputs.local_dirs.items()
         }
         if _WHOLE_CONTEXT.search(inputs.dockerfile_text):
-            locals_["context"].prefetch()  # hashed beside the frontend's work
+            # Hashed in a child process while this one loads the rest of dockbuild and
+            # converts the Dockerfile: forked now, while this process has no other thread.
+            locals_["context"].prefetch()
+        from dockbuild.engine import cacheio
+        from dockbuild.engine.solver import SolveOptions, Solver
+        from dockbuild.engine.sources.image import ImageSources
+        from dockbuild.outputs import export
+        from dockbuild.progress import make_progress
+
+        outputs = export.parse_outputs(
+            request.outputs,
+            tags=request.tags,
+            stdout_is_tty=sys.stdout.isatty(),
+            push=request.push,
+            load=request.load,
+        )
+        epoch = export.source_date_epoch(request.build_args)
+        cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
+        cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
+        progress = make_progress(request.progress)
+        vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
+        vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
+        vertex.done()
         sources = ImageSources(
             store, {k: v[0] for k, v in inputs.layouts.items()}, pull=request.pull
         )
@@ -305,7 +313,10 @@ def build(request: BuildRequest) -> None:
             solver.close()
         for local in locals_.values():
             local.stop()
-        progress.close()
+        if digests is not None:
+            digests.close()
+        if progress is not None:
+            progress.close()
         store.close()
     if request.quiet and ids.image_id:
         print(ids.image_id)

@@ -4,6 +4,7 @@ so an unchanged context is a stat walk and only changed files are read again."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,33 @@ def test_a_prefetch_gives_the_same_checksum_and_stops_when_unused(tmp_path: Path
     local.prefetch()
     assert local.checksum([""]) == expected
     local.stop()
+    # What the child recorded lets the next process skip hashing: only stats.
+    again = LocalDir(ctx, digests=FileDigests(tmp_path / "db.sqlite"))
+    assert again.checksum([""]) == expected
     unused = LocalDir(ctx, digests=FileDigests(tmp_path / "db2.sqlite"))
     unused.prefetch()
-    unused.stop()  # returns once the walk has stopped; what it learned is kept
+    pid = unused._prefetch[0]  # type: ignore[index]
+    unused.stop()  # the child is killed and reaped: no process outlives the build
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
     assert LocalDir(ctx, digests=FileDigests(tmp_path / "db2.sqlite")).checksum([""]) == expected
+
+
+def test_a_prefetch_that_dies_leaves_the_checksum_to_the_build(tmp_path: Path) -> None:
+    ctx = _context(tmp_path / "ctx")
+    expected = LocalDir(ctx).checksum([""])
+    local = LocalDir(ctx, digests=FileDigests(tmp_path / "db.sqlite"))
+    local.prefetch()
+    os.kill(local._prefetch[0], signal.SIGKILL)  # type: ignore[index]
+    assert local.checksum([""]) == expected
+    assert local._prefetch is None
+
+
+def test_a_prefetch_sees_the_ignore_rules(tmp_path: Path) -> None:
+    ctx = _context(tmp_path / "ctx")
+    (ctx / "skip.log").write_text("noise\n")
+    expected = LocalDir(ctx, excludes=("*.log",)).checksum([""])
+    local = LocalDir(ctx, excludes=("*.log",), digests=FileDigests(tmp_path / "db.sqlite"))
+    local.prefetch()
+    assert local.checksum([""]) == expected
+    assert expected != LocalDir(ctx).checksum([""])

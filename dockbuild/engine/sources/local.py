@@ -14,6 +14,7 @@ import hashlib
 import marshal
 import os
 import re
+import signal
 import stat
 import threading
 import time
@@ -176,6 +177,7 @@ class FileDigests:
     def __init__(self, db_path: Path) -> None:
         import sqlite3
 
+        self.path = db_path
         self._conn = sqlite3.connect(
             db_path, timeout=60, check_same_thread=False, isolation_level=None
         )
@@ -219,6 +221,13 @@ class FileDigests:
                         data = loaded
             self._maps[key] = data
             return data
+
+    def forget(self, root: Path) -> None:
+        """Drop what was loaded for ``root`` (another process has written it since)."""
+        with self._lock:
+            for key in [k for k in self._maps if k[1].split("\0")[0] == str(root)]:
+                if key not in self._dirty:
+                    del self._maps[key]
 
     def changed(self, root: Path, rules: str | None = None) -> None:
         """Mark the file map (``rules`` None) or a directory map of ``root`` for writing."""
@@ -270,10 +279,6 @@ _EMPTY_TREE = hashlib.sha256().hexdigest()
 _RACY_NS = 2 * 10**9
 
 
-class _Stopped(Exception):
-    """A background walk was told to stop."""
-
-
 @dataclass
 class LocalDir:
     """A directory on this host offered to the build under a name.
@@ -296,8 +301,7 @@ class LocalDir:
     _written: dict[tuple[int, int, int], str] = field(init=False, repr=False)
     _may_reinclude: bool = field(init=False, repr=False)
     _lock: threading.RLock = field(init=False, repr=False)
-    _stop: threading.Event = field(init=False, repr=False)
-    _prefetch: threading.Thread | None = field(init=False, repr=False)
+    _prefetch: tuple[int, int] | None = field(init=False, repr=False)  # (pid, pipe)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path).absolute()
@@ -312,7 +316,6 @@ class LocalDir:
         self._copies = None  # layer files earlier copies wrote, loaded when first needed
         self._written = {}  # the layer files copies of this process wrote or reused
         self._lock = threading.RLock()
-        self._stop = threading.Event()
         self._prefetch = None
 
     def ignored(self, rel: str) -> bool:
@@ -372,6 +375,8 @@ class LocalDir:
         h = hashlib.sha256()
         try:
             with self._lock:
+                if self._prefetch is not None:
+                    self._collect_prefetch()
                 for rel in rels:
                     h.update(self._entry(rel, rel, below=True))
         finally:
@@ -380,24 +385,68 @@ class LocalDir:
         return "sha256:" + h.hexdigest()
 
     def prefetch(self) -> None:
-        """Start hashing the whole directory in a background thread, for a step that will
-        read it (``COPY . /app``) while the Dockerfile is still being converted: system
-        calls run without the GIL, so the stat walk overlaps the conversion."""
-        self._prefetch = threading.Thread(target=self._prefetch_tree, name="context-prefetch", daemon=True)
-        self._prefetch.start()
+        """Start hashing the whole directory in a child process, for a step that will
+        read it (``COPY . /app``), while this process loads the rest of dockbuild and
+        converts the Dockerfile. A process, not a thread: the walk is a system call per
+        entry plus Python around each, and a thread would wait for the GIL after every
+        one of them. Call it while this process has no other threads (the fork copies
+        only the caller). The child records what it learns in the cache db and sends
+        the directory hashes back; the first checksum waits for them.
+        """
+        if self.digests is None or self._prefetch is not None:
+            return
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child; its result is what tests check)
+            code = 1
+            try:
+                os.close(read_end)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                # The parent's sqlite connection must not be used across a fork.
+                self.digests = FileDigests(self.digests.path)
+                self._trees = self.digests.trees(self.path, self._rules_key)
+                self._known = None
+                self.checksum([""])
+                data = marshal.dumps(self._hashed)
+                with os.fdopen(write_end, "wb") as out:
+                    out.write(data)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        self._prefetch = (pid, read_end)
 
-    def _prefetch_tree(self) -> None:
-        # Only a head start: whatever goes wrong here, the step's own checksum meets
-        # again and reports.
-        with contextlib.suppress(Exception):
-            self.checksum([""])
+    def _collect_prefetch(self) -> None:
+        """Take the directory hashes of a prefetch (whatever went wrong there, the walk
+        done here meets the same problem again and reports it)."""
+        assert self._prefetch is not None
+        pid, read_end = self._prefetch
+        self._prefetch = None
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        hashed = None
+        if status == 0:
+            with contextlib.suppress(ValueError, EOFError, TypeError):
+                hashed = marshal.loads(data)
+        if not isinstance(hashed, dict) or self.digests is None:
+            return
+        self._hashed.update(hashed)
+        # The child wrote the tables: read them again rather than write back older maps.
+        self.digests.forget(self.path)
+        self._trees = self.digests.trees(self.path, self._rules_key)
+        self._known = None
 
     def stop(self) -> None:
-        """Stop a prefetch no step waited for (what it learned so far is still saved)."""
-        self._stop.set()
+        """End a prefetch no step waited for, and save what was learned."""
         if self._prefetch is not None:
-            self._prefetch.join()
+            pid, read_end = self._prefetch
             self._prefetch = None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
         if self.digests is not None:
             self.digests.flush()
 
@@ -418,8 +467,6 @@ class LocalDir:
     def _tree(self, rel: str, host: str, parent_fd: int | None = None) -> str:
         """The tree hash of the directory ``rel``: its entries' stat data first, and only
         when that differs from what the last build recorded, its entries' lines."""
-        if self._stop.is_set():
-            raise _Stopped
         rules = self._rules
         prefix = rel + "/" if rel else ""
         sig: list[tuple] = []
