@@ -11,6 +11,7 @@ cancels everything not yet started, and is the error the build reports.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import threading
@@ -70,6 +71,55 @@ class _WorkSlots:
         self._semaphore.release()
 
 
+class _RunScratch:
+    """RUN scratch directories (an overlay's ``upper`` and ``work``), used again by the
+    next RUN instead of removed and made anew.
+
+    Creating and removing directories is the dearest part of a RUN's bookkeeping on a
+    file system without a journal: ext4 then skips every recently deleted inode when it
+    allocates one, so each removal slows the next minute of creations, the overlay
+    mount's own included. A directory comes back only as it was made: an empty
+    ``upper`` (made again if the step's layer was renamed away) and the overlay's
+    ``work``, whose ``volatile`` marker is removed (the kernel refuses to mount over it,
+    and cleans the rest itself). Anything else there (a chroot copy, a RUN mount's
+    files) and the directory is removed instead.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._free: list[Path] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> Path:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        work = self._store.tempdir("x")
+        (work / "upper").mkdir()
+        (work / "work").mkdir()
+        return work
+
+    def give(self, work: Path) -> None:
+        try:
+            names = set(os.listdir(work))
+            if names - {"upper", "work"} or "work" not in names:
+                raise OSError("not only an overlay's directories")
+            if "upper" not in names:
+                (work / "upper").mkdir()
+            elif os.listdir(work / "upper"):
+                raise OSError("a layer left behind")
+            volatile = work / "work" / "work" / "incompat" / "volatile"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(volatile / "dirty")
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(volatile)
+        except OSError:
+            remove_tree(work)
+            return
+        with self._lock:
+            self._free.append(work)
+
+
 class Solver:
     def __init__(
         self,
@@ -103,6 +153,7 @@ class Solver:
         self._solved_keys: dict[str, str] = {}  # op digest -> the key it was solved under
         self._tainted: set[str] = set()  # ops below a step that runs despite the cache
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64)
+        self._scratch = _RunScratch(store)
 
     # -- public -------------------------------------------------------------------
 
@@ -363,8 +414,6 @@ class Solver:
             return self._executor
 
     def _run_exec(self, op: llb.ExecOp, key: str, name: str) -> State:
-        import contextlib
-
         from dockbuild.engine import mounts
         from dockbuild.engine.executor import OverlayRootfs, RunRequest
 
@@ -378,11 +427,9 @@ class Solver:
             if self._failed.is_set():  # waited for a slot while another step failed
                 raise Cancelled("cancelled after an earlier failure")
             vertex = self.progress.vertex(name)
-            work = self.store.tempdir("x")
+            work = self._scratch.take()
             try:
                 upper, overlay_work = work / "upper", work / "work"
-                upper.mkdir()
-                overlay_work.mkdir()
                 lowers = [str(p) for p in reversed(self.layer_paths(parent))]
                 if not lowers:  # overlayfs needs at least one lower dir: FROM scratch
                     (work / "empty").mkdir()
@@ -424,10 +471,9 @@ class Solver:
             except BaseException:
                 remove_tree(work)
                 raise
-            # Emptied dirs only now; removing them costs a few ms of journal I/O, so it
-            # happens beside the next step (Store.close removes whatever is left).
+            # Made ready for the next RUN beside it (Store.close removes what is left).
             try:
-                self._pool.submit(remove_tree, work)
+                self._pool.submit(self._scratch.give, work)
             except RuntimeError:  # the solver is closing
                 remove_tree(work)
             vertex.done()
