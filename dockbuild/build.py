@@ -119,6 +119,22 @@ def _inputs(request: BuildRequest) -> _Inputs:
     return _Inputs(name, text, tuple(patterns), locals_, layouts, images)
 
 
+def _local_dirs(inputs: _Inputs, digests: Any) -> dict[str, Any]:
+    """The local contexts, keyed by name; a Dockerfile that copies the whole build
+    context (``COPY . /app``) starts hashing it now, in a child process, while this one
+    loads the rest of dockbuild and converts the Dockerfile (forked while this process
+    has no other thread)."""
+    from dockbuild.engine.sources.local import LocalDir
+
+    locals_ = {
+        name: LocalDir(path, inputs.ignore_patterns if name == "context" else _own_ignore(path), digests)
+        for name, path in inputs.local_dirs.items()
+    }
+    if _WHOLE_CONTEXT.search(inputs.dockerfile_text):
+        locals_["context"].prefetch()
+    return locals_
+
+
 def _commit_times(request: BuildRequest) -> bool:
     """Whether git contexts get their files' commit times (SOURCE_DATE_EPOCH is set)."""
     from dockbuild.outputs.export import source_date_epoch
@@ -200,30 +216,31 @@ def definition(request: BuildRequest) -> dict[str, Any]:
 
 
 def build(request: BuildRequest) -> None:
-    from dockbuild.engine.sources.local import FileDigests, LocalDir
-    from dockbuild.engine.store import Store
+    from dockbuild.engine.cacheroot import default_root
+    from dockbuild.engine.sources.local import FileDigests
 
     platform = request.platform or HOST_PLATFORM
     if platform != HOST_PLATFORM:
         raise DockbuildError(f"platform {platform} is not supported yet", hint=f"use {HOST_PLATFORM}")
-    store = Store()  # first: a cache it cannot open is an error before any progress shows
+    store = None
     progress = None
     solver = None
     digests = None
     locals_: dict[str, Any] = {}
     try:
         inputs = _inputs(request)
-        # Context file digests persist in the cache db: an unchanged context is a stat walk.
-        digests = FileDigests(store.root / "db.sqlite")
-        locals_ = {
-            name: LocalDir(path, inputs.ignore_patterns if name == "context" else _own_ignore(path), digests)
-            for name, path in inputs.local_dirs.items()
-        }
-        if _WHOLE_CONTEXT.search(inputs.dockerfile_text):
-            # Hashed in a child process while this one loads the rest of dockbuild and
-            # converts the Dockerfile: forked now, while this process has no other thread.
-            locals_["context"].prefetch()
-        from dockbuild.engine import cacheio
+        # Context file digests persist in the cache db: an unchanged context is a stat
+        # walk. With a db to read already, that walk starts before the store loads.
+        db = default_root().absolute() / "db.sqlite"
+        if db.exists():
+            digests = FileDigests(db)
+            locals_ = _local_dirs(inputs, digests)
+        from dockbuild.engine.store import Store
+
+        store = Store()  # a cache it cannot open is an error before any progress shows
+        if digests is None:
+            digests = FileDigests(store.root / "db.sqlite")
+            locals_ = _local_dirs(inputs, digests)
         from dockbuild.engine.solver import SolveOptions, Solver
         from dockbuild.engine.sources.image import ImageSources
         from dockbuild.outputs import export
@@ -237,8 +254,13 @@ def build(request: BuildRequest) -> None:
             load=request.load,
         )
         epoch = export.source_date_epoch(request.build_args)
-        cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
-        cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
+        cache_from: list[Any] = []
+        cache_to: list[Any] = []
+        if request.cache_from or request.cache_to:  # every use of cacheio is under these
+            from dockbuild.engine import cacheio
+
+            cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
+            cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
         progress = make_progress(request.progress)
         vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
         vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
@@ -317,7 +339,8 @@ def build(request: BuildRequest) -> None:
             digests.close()
         if progress is not None:
             progress.close()
-        store.close()
+        if store is not None:
+            store.close()
     if request.quiet and ids.image_id:
         print(ids.image_id)
 

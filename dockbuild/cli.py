@@ -217,8 +217,8 @@ def debug_info() -> None:
     """Show how RUN steps would be executed here, and where the cache lives."""
     import json
 
+    from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.executor import describe
-    from dockbuild.engine.store import default_root
 
     print(json.dumps({"cache_root": str(default_root()), "executor": describe()}, indent=2))
 

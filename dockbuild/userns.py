@@ -9,15 +9,13 @@ mapped (to 0): the build works, but a RUN cannot chown to other users; a warning
 how to add a range. Overlay mounts then use ``userxattr``.
 
 This module is imported by the CLI before anything else runs (no threads yet), so it
-may exec.
+may exec. It imports what only the rootless path needs (subprocess, shutil, pwd) there:
+as root with CAP_SYS_ADMIN every build passes through here, and pays for nothing else.
 """
 
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
-import subprocess
 import sys
 
 CHILD_ENV = "DOCKBUILD_USERNS"  # set in the re-executed process: "subuid" | "single"
@@ -58,6 +56,9 @@ def _ranges(path: str, uid: int, name: str) -> int:
 
 def plan() -> dict[str, object]:
     """How a non-root user's build would enter its user namespace (for debug info)."""
+    import pwd
+    import shutil
+
     uid = os.geteuid()
     try:
         name = pwd.getpwuid(uid).pw_name
@@ -178,6 +179,8 @@ def reexec(argv: list[str]) -> None:
     if os.geteuid() == 0:
         enter_as_root()  # if refused, the executor probe explains (chroot or an error)
         return
+    import subprocess
+
     info = plan()
     command = info.get("command")
     if not isinstance(command, list):

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dockbuild.engine.cacheroot import default_root
 from dockbuild.errors import DigestMismatchError, DockbuildError
 
 # The database's shape, in PRAGMA user_version; docs/cache.md says what each one added.
@@ -67,15 +68,6 @@ CREATE TABLE IF NOT EXISTS resolutions (
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def default_root() -> Path:
-    env = os.environ.get("DOCKBUILD_ROOT")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "dockbuild"
 
 
 @dataclass(frozen=True)

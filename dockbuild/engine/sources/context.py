@@ -6,20 +6,23 @@ As ``docker build``: a tar (plain, gzip, bzip2 or xz, detected by content) is th
 context; any other content on stdin or at the URL is the Dockerfile, with an empty
 context. Archives are extracted safely: no entry lands outside the directory (absolute
 paths, ``..``, links pointing out are refused).
+
+Every build asks :func:`is_remote` first thing, so tarfile, tempfile and shutil load only
+when a context is remote (they would delay the start of the context walk, build.py).
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
-from typing import BinaryIO
 
 from dockbuild.errors import DockbuildError
+
+TYPE_CHECKING = False  # typing and tarfile load only for the type checker
+if TYPE_CHECKING:
+    import tarfile
+    from typing import BinaryIO
 
 
 def is_remote(spec: str) -> bool:
@@ -27,6 +30,10 @@ def is_remote(spec: str) -> bool:
 
 
 def _tempdir() -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
     path = Path(tempfile.mkdtemp(prefix="dockbuild-context-"))
     atexit.register(shutil.rmtree, path, True)
     return path
@@ -59,6 +66,8 @@ def load_context(
             git.mtime or ("commit" if epoch else "checkout"),
         )
         return dest
+    import shutil
+
     root = _tempdir()
     blob = root / "download"
     if spec == "-":
@@ -80,6 +89,7 @@ def load_context(
 
 
 def _download(url: str, dest: Path) -> None:
+    import shutil
     import urllib.error
     import urllib.request
 
@@ -95,6 +105,8 @@ def _download(url: str, dest: Path) -> None:
 
 
 def _is_tar(path: Path) -> bool:
+    import tarfile
+
     try:
         with tarfile.open(path, "r:*") as tf:
             return tf.next() is not None
@@ -105,6 +117,8 @@ def _is_tar(path: Path) -> bool:
 def _member_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     # tarfile's "tar" filter refuses absolute paths, ".." and links leaving ``dest``;
     # keep the archive's modes (it would clear setuid bits) since COPY keeps modes.
+    import tarfile
+
     mode = member.mode
     safe = tarfile.tar_filter(member, dest)
     if safe is None:
@@ -113,6 +127,8 @@ def _member_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None
 
 
 def extract_tar(archive: Path, dest: Path) -> None:
+    import tarfile
+
     try:
         with tarfile.open(archive, "r:*") as tf:
             tf.extractall(dest, filter=_member_filter)
