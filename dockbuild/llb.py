@@ -30,6 +30,11 @@ def _meta(default: Any = "") -> Any:
 class Op:
     """Base of every op: canonical JSON and digest."""
 
+    def __repr__(self) -> str:
+        # Ops print as their kind and digest (their definition can be long), from this one
+        # method rather than one generated per op class at import, on every build's start.
+        return f"<{type(self).__name__} {self.digest}>"
+
     def inputs(self) -> tuple[Op | None, ...]:
         """The ops this one reads, in a fixed order (``None`` = scratch)."""
         return ()
@@ -70,7 +75,7 @@ def _encode(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__} in an LLB op")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SourceOp(Op):
     """A filesystem that comes from outside the graph.
 
@@ -113,7 +118,7 @@ class Mount:
     env: str = ""  # secret: also expose it as this environment variable
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ExecOp(Op):
     """Run a process on top of ``mounts[0].input``; the result is the changed rootfs."""
 
@@ -203,7 +208,7 @@ class Rm:
 FileAction = Copy | Mkdir | Mkfile | Rm
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class FileOp(Op):
     """Apply file actions, in order, on top of ``base``; the result is the new state."""
 
@@ -218,7 +223,7 @@ class FileOp(Op):
         return (self.base, *sources)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MergeOp(Op):
     """Stack independent states (layers of the later ones on top): COPY --link."""
 

@@ -32,7 +32,7 @@ from dockbuild.frontend.parser import (
 # --- base and shared types -------------------------------------------------------------
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class Instruction:
     """Fields every instruction has: where it is and its text (the joined logical line)."""
 
@@ -42,6 +42,13 @@ class Instruction:
     from_refs: ClassVar[tuple[str, ...]] = ()
     location: Location
     original: str
+
+    def __repr__(self) -> str:
+        # One for every instruction class, rather than one generated per class: each
+        # generated method is compiled at import, which is part of every build's start.
+        # (Instructions compare by identity: nothing compares two of them.)
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclass_fields(self))
+        return f"{type(self).__name__}({fields})"
 
 
 @dataclass
@@ -74,7 +81,7 @@ class HeredocSource:
 # --- the instructions ------------------------------------------------------------------
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class FromCommand(Instruction):
     """FROM [--platform=P] base [AS name]. `base_name` and `platform` are raw words (expanded
     later with global ARGs only); `stage_name` is lower-cased, "" when unnamed."""
@@ -113,7 +120,7 @@ class MountSpec:
     deferred: bool = False
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class RunCommand(Instruction):
     """RUN. `cmd_line` holds one raw string for the shell form (`prepend_shell` True) or
     the JSON array items for the exec form. `files` are the heredocs. `mounts` are parsed
@@ -141,7 +148,7 @@ class RunCommand(Instruction):
         return tuple(m.from_ for m in self.mounts if m.from_) if self.mounts else ()
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class CmdCommand(Instruction):
     """CMD: `cmd_line` is one raw string (shell form, `prepend_shell`) or the JSON items."""
 
@@ -150,7 +157,7 @@ class CmdCommand(Instruction):
     prepend_shell: bool
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class EntrypointCommand(Instruction):
     """ENTRYPOINT: like CMD; an empty `cmd_line` (`ENTRYPOINT []`) clears the entrypoint."""
 
@@ -159,7 +166,7 @@ class EntrypointCommand(Instruction):
     prepend_shell: bool
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class _CopyLike(Instruction):
     sources: tuple[str, ...]
     dest: str
@@ -170,7 +177,7 @@ class _CopyLike(Instruction):
     exclude: tuple[str, ...] = ()
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class CopyCommand(_CopyLike):
     """COPY. `sources` (paths), `dest`, `from_`, `chown`, `chmod`, `exclude` are raw words;
     heredoc sources are in `heredoc_sources` (in their own order, after the paths)."""
@@ -184,7 +191,7 @@ class CopyCommand(_CopyLike):
         return (self.from_,) if self.from_ else ()
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class AddCommand(_CopyLike):
     """ADD. Like COPY plus `checksum` (raw), `keep_git_dir` and `unpack` (None when the flag
     was not given, so the conversion step can apply the source-dependent default)."""
@@ -195,7 +202,7 @@ class AddCommand(_CopyLike):
     unpack: bool | None = None
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class EnvCommand(Instruction):
     """ENV: ordered raw (key, value) pairs; `legacy` when the `ENV k v` form was used."""
 
@@ -204,7 +211,7 @@ class EnvCommand(Instruction):
     legacy: bool = False
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class LabelCommand(Instruction):
     """LABEL: ordered raw (key, value) pairs; `legacy` for the `LABEL k v` form."""
 
@@ -213,7 +220,7 @@ class LabelCommand(Instruction):
     legacy: bool = False
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class ArgCommand(Instruction):
     """ARG: raw (name, default) pairs; default None when the ARG has no `=`. `comments`
     holds the doc comment (`# NAME text`) found for each name, or ""."""
@@ -223,7 +230,7 @@ class ArgCommand(Instruction):
     comments: tuple[str, ...] = ()
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class WorkdirCommand(Instruction):
     """WORKDIR: `path` is a raw word."""
 
@@ -231,7 +238,7 @@ class WorkdirCommand(Instruction):
     path: str
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class UserCommand(Instruction):
     """USER: `user` is a raw word (`name[:group]`)."""
 
@@ -239,7 +246,7 @@ class UserCommand(Instruction):
     user: str
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class ShellCommand(Instruction):
     """SHELL: the JSON array items (never expanded)."""
 
@@ -247,7 +254,7 @@ class ShellCommand(Instruction):
     shell: tuple[str, ...]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class ExposeCommand(Instruction):
     """EXPOSE: raw port words (`80`, `53/udp`, `8000-8010`), expanded later."""
 
@@ -255,7 +262,7 @@ class ExposeCommand(Instruction):
     ports: tuple[str, ...]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class VolumeCommand(Instruction):
     """VOLUME: raw path words (surrounding white space trimmed)."""
 
@@ -263,7 +270,7 @@ class VolumeCommand(Instruction):
     volumes: tuple[str, ...]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class StopSignalCommand(Instruction):
     """STOPSIGNAL: `signal` is a raw word (name or number)."""
 
@@ -271,7 +278,7 @@ class StopSignalCommand(Instruction):
     signal: str
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class HealthcheckCommand(Instruction):
     """HEALTHCHECK. `test` is the image-config form, never expanded: ("NONE",),
     ("CMD", *exec_args) or ("CMD-SHELL", command). Durations are nanoseconds, 0 = inherit."""
@@ -285,7 +292,7 @@ class HealthcheckCommand(Instruction):
     retries: int = 0
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class OnbuildCommand(Instruction):
     """ONBUILD: `expression` is the trigger as stored in the image config (the text after
     ONBUILD, heredoc bodies appended); `trigger` is its upper-cased instruction word."""
@@ -295,7 +302,7 @@ class OnbuildCommand(Instruction):
     trigger: str = ""
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False, eq=False)
 class MaintainerCommand(Instruction):
     """MAINTAINER (deprecated): `maintainer` is the raw text."""
 
