@@ -24,7 +24,9 @@ Messages on the status socket, one JSON object each: ``{"pid": N}`` with a pidfd
 PID 1 (so the main process can kill it), ``{"error": "..."}`` when setup failed, and
 finally ``{"exit": N}`` (128+N for signal N), sent after the mount stubs are cleaned.
 
-Also runnable as ``_forkserver.py --probe``: prints whether namespaces work here.
+Its first message on the control socket says it is ready and, for the namespace
+sandbox, whether namespaces work here (``probe``): the executor choice reads it, and a
+server whose answer is yes is the one the build then uses (probe.py).
 """
 
 from __future__ import annotations
@@ -313,6 +315,7 @@ class Server:
         # makes next to no reference cycles; reference counting frees the rest.
         gc.disable()
         try:
+            _send(self.control, {"probe": probe() if self.sandbox == "namespace" else None})
             self.loop()
         finally:
             with contextlib.suppress(OSError):
@@ -1267,12 +1270,13 @@ def enter_own_pid_namespace() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if argv[1:] == ["--probe"]:
-        print(json.dumps(probe()))
-    else:
-        if _in_user_namespace():
-            enter_own_pid_namespace()
-        Server(int(argv[1]), argv[2]).serve()
+    if _in_user_namespace():
+        enter_own_pid_namespace()
+    Server(int(argv[1]), argv[2]).serve()
+    # The main process waits for this exit at the end of every build: no interpreter
+    # teardown (nothing is left to flush or close that the kernel does not).
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
