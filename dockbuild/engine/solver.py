@@ -136,6 +136,7 @@ class Solver:
         self.images = images
         self._executor_factory = executor
         self._executor: Executor | None = None
+        self._executor_starting = False
         self._executor_lock = threading.Lock()
         self.options = options or SolveOptions()
         self.keys = cachekeys.CacheKeys(locals_, store)
@@ -263,6 +264,8 @@ class Solver:
         if not ignore and (hit := self.store.get_record(key)) is not None:
             self._report_cached(op)
             return tuple(hit)
+        if isinstance(op, llb.ExecOp):
+            self._start_executor()
         with self.store.lock(key):
             # Another process may have solved the same step while we waited for the lock.
             if not ignore and (hit := self.store.get_record(key)) is not None:
@@ -406,6 +409,22 @@ class Solver:
         raise DockbuildError(f"unsupported op {type(op).__name__}")
 
     # -- ops -----------------------------------------------------------------------
+
+    def _start_executor(self) -> None:
+        """A RUN step will run: probe and start the executor beside the rest of the work
+        (its inputs, the steps before it), not when the step gets there."""
+        with self._executor_lock:
+            if self._executor is not None or self._executor_starting:
+                return
+            self._executor_starting = True
+
+        def warm_up() -> None:
+            # Whatever fails here fails again, and is reported, where the step runs.
+            with contextlib.suppress(Exception):
+                self._executor_instance().start()
+
+        with contextlib.suppress(RuntimeError):  # the solver is closing
+            self._pool.submit(warm_up)
 
     def _executor_instance(self) -> Executor:
         with self._executor_lock:

@@ -103,6 +103,11 @@ class Executor(Protocol):
         """
         ...
 
+    def start(self) -> None:
+        """Start helper processes now, so the first run does not wait for them (the
+        solver calls it when it finds a RUN step that will run)."""
+        ...
+
     def close(self) -> None:
         """Stop helper processes; kill anything still running."""
         ...

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import subprocess
-import sys
 
 from dockbuild.engine.executor import Executor
 from dockbuild.errors import ExecutorError
@@ -20,35 +18,38 @@ LOCKED_DOWN_HINT = (
 log = logging.getLogger(__name__)
 
 
+# A namespace executor whose fork server's probe said yes: the build's executor, so its
+# server (started for the probe) is not started a second time.
+_PROBED: list[Executor] = []
+
+
 @functools.cache
 def _probe_namespaces() -> tuple[bool, str]:
-    """Try, in a throwaway process, what a RUN needs: unshare, private mounts, /proc.
-
-    A separate process because the caller may be multi-threaded; cached because the
-    answer does not change while dockbuild runs (about 30 ms, once).
+    """Try what a RUN needs (unshare, private mounts, /proc) where RUNs would run: the
+    namespace executor's fork server probes as it starts, in its own process (the caller
+    may be multi-threaded). Cached: the answer does not change while dockbuild runs.
     """
-    from dockbuild.engine.executor.namespace import FORKSERVER
+    from dockbuild.engine.executor.namespace import NamespaceExecutor
 
     if os.geteuid() != 0:
         return False, "not root and not in a user namespace"
+    executor = NamespaceExecutor()
     try:
-        done = subprocess.run(
-            [sys.executable, "-I", "-S", str(FORKSERVER), "--probe"],
-            capture_output=True,
-            timeout=20,
-            check=False,
+        executor.start()
+    except ExecutorError as e:
+        executor.close()
+        return False, f"the namespace probe failed: {e.message}"
+    answer = executor.probe or {"namespaces": False, "reason": "the fork server gave no answer"}
+    if not answer["namespaces"]:
+        executor.close()
+        return False, f"namespaces are not available: {answer['reason']}"
+    _PROBED.append(executor)
+    if answer.get("proc") == "bind":
+        return True, (
+            "unshare(mount|pid|ipc|uts) works; /proc is masked (a container), so RUN "
+            "steps see a bind of it instead of a fresh one"
         )
-        answer = json.loads(done.stdout)
-    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
-        return False, f"the namespace probe failed: {e}"
-    if answer["namespaces"]:
-        if answer.get("proc") == "bind":
-            return True, (
-                "unshare(mount|pid|ipc|uts) works; /proc is masked (a container), so RUN "
-                "steps see a bind of it instead of a fresh one"
-            )
-        return True, "root, and unshare(mount|pid|ipc|uts) with a fresh /proc works"
-    return False, f"namespaces are not available: {answer['reason']}"
+    return True, "root, and unshare(mount|pid|ipc|uts) with a fresh /proc works"
 
 
 def describe(name: str | None = None) -> dict[str, object]:
@@ -146,7 +147,7 @@ def get_executor(name: str | None = None) -> Executor:
     if "warning" in info:
         log.warning("WARNING: %s", info["warning"])
     if chosen == "namespace":
-        return NamespaceExecutor()
+        return _PROBED.pop() if _PROBED else NamespaceExecutor()
     if chosen == "chroot":
         executor = ChrootExecutor()
         executor.warning = str(info["warning"]) if "warning" in info else None

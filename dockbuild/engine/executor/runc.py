@@ -128,6 +128,9 @@ class RuncExecutor:
                 _clean_stubs(request.rootfs, targets if "targets" in locals() else [])
             shutil.rmtree(bundle.path, ignore_errors=True)
 
+    def start(self) -> None:
+        pass  # runc is started for each run: nothing runs ahead
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
