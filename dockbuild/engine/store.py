@@ -104,9 +104,12 @@ class Store:
         self._gc_fd = os.open(self.root / "locks" / "gc", os.O_RDWR | os.O_CREAT, 0o600)
         if shared:
             fcntl.flock(self._gc_fd, fcntl.LOCK_SH)
+        # This process's temp area, made on first use: a cached build needs none (and on
+        # a file system without a journal, every directory made and removed slows the
+        # next minute of file creation, see docs/run.md).
         self._tmp = self.root / "tmp" / f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._tmp_made = False
         self.grew = False  # whether this process added a blob, layer or record
-        self._tmp.mkdir()
         self._sweep_tmp()
 
     # -- paths -------------------------------------------------------------------
@@ -125,7 +128,7 @@ class Store:
 
     def tempdir(self, prefix: str = "w") -> Path:
         """A fresh directory inside this process's temp area (same filesystem as snapshots)."""
-        path = self._tmp / f"{prefix}{os.urandom(6).hex()}"
+        path = self._tmpdir() / f"{prefix}{os.urandom(6).hex()}"
         path.mkdir()
         return path
 
@@ -156,7 +159,7 @@ class Store:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         dest = self.blob_path(digest)
         if not dest.exists():
-            tmp = self._tmp / f"b{os.urandom(6).hex()}"
+            tmp = self._tmpdir() / f"b{os.urandom(6).hex()}"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -402,7 +405,7 @@ class Store:
 
     def remove_snapshot_dir(self, layer_id: str) -> None:
         path = self.layer_path(layer_id)
-        trash = self._tmp / f"d{os.urandom(6).hex()}"
+        trash = self._tmpdir() / f"d{os.urandom(6).hex()}"
         try:
             os.rename(path, trash)
         except FileNotFoundError:
@@ -510,6 +513,12 @@ class Store:
     def _query_one(self, sql: str, args: tuple) -> tuple | None:
         with self._db_lock:
             return self._db.execute(sql, args).fetchone()
+
+    def _tmpdir(self) -> Path:
+        if not self._tmp_made:  # any thread may be first; mkdir twice is harmless
+            self._tmp.mkdir(exist_ok=True)
+            self._tmp_made = True
+        return self._tmp
 
     def _sweep_tmp(self) -> None:
         """Remove temp folders of processes that no longer run (a killed build's leftovers)."""
