@@ -187,7 +187,8 @@ class CacheIndex:
             if digest not in live:
                 freed += self._drop_blob(digest)
         for lock in (self.store.root / "locks").iterdir():
-            if lock.name != "gc":  # step locks: nobody holds one while we hold the GC lock
+            # Lock files of older dockbuilds, one per step (now byte locks in "steps").
+            if lock.name not in ("gc", "steps"):
                 with contextlib.suppress(FileNotFoundError):
                     lock.unlink()
         for part in self.store.partial_downloads():

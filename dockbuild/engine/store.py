@@ -19,6 +19,8 @@ import os
 import re
 import shutil
 import sqlite3
+import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -483,11 +485,18 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        """Hold an exclusive inter-process lock named by ``key`` (blocks until free)."""
-        name = hashlib.sha256(key.encode()).hexdigest()[:32]
-        fd = os.open(self.root / "locks" / name, os.O_RDWR | os.O_CREAT, 0o600)
+        """Hold an exclusive inter-process lock named by ``key`` (blocks until free).
+
+        One byte of the file ``locks/steps`` per key, locked with an open file
+        description lock (``F_OFD_SETLKW``: held per open, so threads of one process
+        exclude each other as processes do, and released when the descriptor closes):
+        no file is made per key, so a step that misses the cache creates no inode for
+        its lock, and no lock files pile up.
+        """
+        offset = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big")
+        fd = os.open(self.root / "locks" / "steps", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _flock(fcntl.F_WRLCK, offset))
             yield
         finally:
             os.close(fd)
@@ -516,6 +525,7 @@ class Store:
 
     def _tmpdir(self) -> Path:
         if not self._tmp_made:  # any thread may be first; mkdir twice is harmless
+            _spread_subdirectories(self._tmp.parent)
             self._tmp.mkdir(exist_ok=True)
             self._tmp_made = True
         return self._tmp
@@ -645,6 +655,44 @@ def unpack_verified(blob: Path, dest: Path) -> str:
         while reader.read(1 << 20):  # tar padding after the end-of-archive marker
             pass
     return "sha256:" + reader.sha.hexdigest()
+
+
+def _spread_subdirectories(path: Path) -> None:
+    """Have ext4 place each new directory in ``path`` in a block group of its own choosing,
+    as it does for top-level directories (``chattr +T``), rather than beside ``path``.
+
+    Each build's temp area (RUN scratch directories, the overlay mounts' work dirs) then
+    starts in a group of its own. That matters on ext4 without a journal, where every
+    inode allocation checks, one by one, the inodes its group freed in the last minutes:
+    a group that other builds or tools just cleaned up makes every RUN slower. A hint
+    only: other file systems, or a refusal, change nothing.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        flags = bytearray(4)
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        value = int.from_bytes(flags, sys.byteorder)
+        if not value & _FS_TOPDIR_FL:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, (value | _FS_TOPDIR_FL).to_bytes(4, sys.byteorder))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _flock(kind: int, offset: int) -> bytes:
+    """A ``struct flock`` for one byte at ``offset`` (l_type, l_whence, l_start, l_len,
+    l_pid; l_pid must be 0 for open file description locks)."""
+    return struct.pack("@hhqqi4x", kind, os.SEEK_SET, offset, 1, 0)
+
+
+# linux/fs.h: the inode flags ioctls (they read and write an int) and the Orlov hint.
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_TOPDIR_FL = 0x00020000
 
 
 def remove_tree(path: Path) -> None:

@@ -192,3 +192,48 @@ def test_a_packed_layer_is_unpacked_on_first_read_and_checked_against_its_diff_i
         store.unpacked_paths(["a" * 20, "b" * 20])
     assert not store.layer_path("b" * 20).exists()
     assert list((store.root / "tmp").glob("*/u*")) == []  # the half-unpacked work is gone
+
+
+def test_a_step_lock_excludes_threads_and_processes_per_key_and_makes_no_file(store: Store) -> None:
+    import multiprocessing
+    import threading
+    import time
+
+    events: list[str] = []
+
+    def hold(name: str, key: str, seconds: float) -> None:
+        with store.lock(key):
+            events.append(f"{name} in")
+            time.sleep(seconds)
+            events.append(f"{name} out")
+
+    first = threading.Thread(target=hold, args=("a", "key-1", 0.3))
+    first.start()
+    time.sleep(0.05)
+    same = threading.Thread(target=hold, args=("b", "key-1", 0))
+    other = threading.Thread(target=hold, args=("c", "key-2", 0))
+    same.start()
+    other.start()
+    for t in (first, same, other):
+        t.join()
+    assert events.index("b in") > events.index("a out")  # same key: waits
+    assert events.index("c out") < events.index("a out")  # another key: does not
+
+    # Another process waits too. (Forked before the lock is taken: a forked child would
+    # share the locked descriptor, as with flock.)
+    ctx = multiprocessing.get_context("fork")
+    go, done = ctx.Event(), ctx.Event()
+
+    def child() -> None:
+        go.wait(5)
+        with store.lock("key-1"):
+            done.set()
+
+    process = ctx.Process(target=child)
+    process.start()
+    with store.lock("key-1"):
+        go.set()
+        assert not done.wait(0.3)
+    assert done.wait(5)
+    process.join(5)
+    assert sorted(p.name for p in (store.root / "locks").iterdir()) == ["gc", "steps"]
