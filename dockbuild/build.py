@@ -135,6 +135,21 @@ def _local_dirs(inputs: _Inputs, digests: Any) -> dict[str, Any]:
     return locals_
 
 
+def _early_digests(db: Path) -> Any:
+    """The context digests of a cache database that exists and opens, before the store
+    loads; None otherwise (the store then makes the database, or says why it cannot)."""
+    import sqlite3
+
+    from dockbuild.engine.sources.local import FileDigests
+
+    if not db.exists():
+        return None
+    try:
+        return FileDigests(db)
+    except sqlite3.Error:
+        return None
+
+
 def _commit_times(request: BuildRequest) -> bool:
     """Whether git contexts get their files' commit times (SOURCE_DATE_EPOCH is set)."""
     from dockbuild.outputs.export import source_date_epoch
@@ -231,15 +246,15 @@ def build(request: BuildRequest) -> None:
         inputs = _inputs(request)
         # Context file digests persist in the cache db: an unchanged context is a stat
         # walk. With a db to read already, that walk starts before the store loads.
-        db = default_root().absolute() / "db.sqlite"
-        if db.exists():
-            digests = FileDigests(db)
+        root = default_root().absolute()
+        digests = _early_digests(root / "db.sqlite")
+        if digests is not None:
             locals_ = _local_dirs(inputs, digests)
         from dockbuild.engine.store import Store
 
-        store = Store()  # a cache it cannot open is an error before any progress shows
+        store = Store(root)  # a cache it cannot open is an error before any progress shows
         if digests is None:
-            digests = FileDigests(store.root / "db.sqlite")
+            digests = FileDigests(root / "db.sqlite")
             locals_ = _local_dirs(inputs, digests)
         from dockbuild.engine.solver import SolveOptions, Solver
         from dockbuild.engine.sources.image import ImageSources

@@ -284,6 +284,20 @@ def test_an_unreadable_cache_database_is_a_clear_error(dockbuild: DockbuildCLI) 
     assert "Traceback" not in run.stderr
 
 
+def test_a_build_on_an_unreadable_cache_database_is_the_same_clear_error(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    # The build opens the database early (to hash a `COPY .` context beside the rest);
+    # a database it cannot read must still end in the store's message.
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM busybox\nCOPY . /app\n", "a.txt": "a\n"})
+    dockbuild.root.mkdir(parents=True)
+    (dockbuild.root / "db.sqlite").write_bytes(b"not a database, " * 512)
+    run = dockbuild("--progress=plain", *dockbuild.base_context, str(ctx), check=False)
+    assert run.returncode == 1
+    assert "cache database" in run.stderr and "cannot be read" in run.stderr, run.stderr
+    assert "internal error" not in run.stderr and "Traceback" not in run.stderr
+
+
 # -- du and prune ------------------------------------------------------------------------
 
 
