@@ -77,20 +77,21 @@ def _shutdown(resources: _ServerResources) -> None:
     if server is not None:
         # Woken when the server exits: Popen.wait(timeout) polls with growing sleeps
         # and saw a 10 ms exit 20 ms late.
-        if not _exited(server.pid, timeout=5):
+        if not _exited(server, timeout=5):
             server.kill()
         server.wait()
 
 
-def _exited(pid: int, timeout: float) -> bool:
-    """Whether our child ``pid`` ends within ``timeout`` seconds (not reaped here)."""
+def _exited(server: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether ``server`` ends within ``timeout`` seconds."""
     try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:  # an old kernel, or reaped already
+        pidfd = os.pidfd_open(server.pid)
+    except OSError:  # a kernel without pidfds (or reaped already): Popen's polling wait
         try:
-            return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-        except ChildProcessError:
-            return True
+            server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
     try:
         with selectors.DefaultSelector() as selector:
             selector.register(pidfd, selectors.EVENT_READ)
