@@ -27,6 +27,10 @@ demo: setup
 	$(DOCKBUILD) --build-context busybox=oci-layout://$(BUSYBOX) -t hello:1 examples/hello | docker load
 	docker run --rm hello:1
 
+lint: setup
+	$(VENV)/bin/ruff check dockbuild tests bench testdata
+	$(VENV)/bin/mypy
+
 test: setup
 	$(VENV)/bin/ruff check dockbuild tests bench testdata
 	DOCKBUILD_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; \
