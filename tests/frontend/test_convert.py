@@ -14,8 +14,8 @@ from dockbuild.frontend.convert import (
     Definition,
     NamedSource,
     dockerfile_to_llb,
-    go_duration,
 )
+from dockbuild.frontend.goformat import go_duration
 
 BASE_CONFIG: dict[str, Any] = {
     "architecture": "amd64",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dockbuild.errors import DockerfileError
+from dockbuild.frontend.goformat import parse_go_duration, parse_ram_in_bytes
 from dockbuild.frontend.instructions import (
     AddCommand,
     ArgCommand,
@@ -20,7 +21,6 @@ from dockbuild.frontend.instructions import (
     Instruction,
     LabelCommand,
     MaintainerCommand,
-    MountSpec,
     OnbuildCommand,
     RunCommand,
     ShellCommand,
@@ -28,13 +28,11 @@ from dockbuild.frontend.instructions import (
     UserCommand,
     VolumeCommand,
     WorkdirCommand,
-    parse_go_duration,
-    parse_instruction,
-    parse_mount,
-    parse_ram_in_bytes,
-    parse_stages,
 )
+from dockbuild.frontend.mounts import MountFlag, parse_mount
+from dockbuild.frontend.parse_instructions import parse_instruction
 from dockbuild.frontend.parser import parse
+from dockbuild.frontend.stages import parse_stages
 
 
 def instruction(text: str) -> Instruction:
@@ -193,13 +191,13 @@ def test_mount_cache_is_read_write_by_default() -> None:
 
     assert isinstance(run, RunCommand)
     assert run.mounts == (
-        MountSpec(type="cache", target="/root/.cache", id="pip", sharing="locked", read_only=False),
+        MountFlag(type="cache", target="/root/.cache", id="pip", sharing="locked", read_only=False),
     )
     assert run.mount_specs == ("type=cache,target=/root/.cache,id=pip,sharing=locked",)
 
 
 def test_mount_defaults_to_a_read_only_bind() -> None:
-    assert parse_mount("target=/src,from=build,source=/out") == MountSpec(
+    assert parse_mount("target=/src,from=build,source=/out") == MountFlag(
         type="bind", target="/src", from_="build", source="/out", read_only=True
     )
     assert parse_mount("target=/src,rw").read_only is False
@@ -209,7 +207,7 @@ def test_mount_defaults_to_a_read_only_bind() -> None:
 def test_mount_keys_are_case_insensitive_and_aliases_work() -> None:
     mount = parse_mount("TYPE=secret,Src=token,Destination=/t,required,mode=0440,uid=1,gid=2")
 
-    assert mount == MountSpec(
+    assert mount == MountFlag(
         type="secret", source="token", target="/t", required=True, mode=0o440, uid=1, gid=2
     )
 
@@ -262,7 +260,7 @@ def test_mount_values_with_variables_wait_for_expansion() -> None:
     values = {"$T": "cache", "$M": "700"}
     expanded = parse_mount(run.mount_specs[0], lambda word: values.get(word, word))
 
-    assert expanded == MountSpec(type="cache", target="/x", mode=0o700, read_only=False)
+    assert expanded == MountFlag(type="cache", target="/x", mode=0o700, read_only=False)
 
 
 # --- COPY and ADD ----------------------------------------------------------------------

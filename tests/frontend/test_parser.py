@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from dockbuild.errors import DockerfileError
+from dockbuild.frontend.goformat import go_quote
 from dockbuild.frontend.parser import (
     Heredoc,
     chomp_heredoc_content,
     dump,
-    go_quote,
     parse,
     parse_heredoc,
     split_command,
