@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dockbuild import llb
-from dockbuild.errors import DockerfileError, Location, RegistryError, RegistryUnreachableError
+from dockbuild.errors import (
+    DockbuildError,
+    DockerfileError,
+    Location,
+    RegistryError,
+    RegistryUnreachableError,
+)
 from dockbuild.frontend import checks, parser
 from dockbuild.frontend import convert_config as config_
 from dockbuild.frontend import instructions as ins
@@ -213,25 +219,31 @@ class Converter:
 
     # -- sources -----------------------------------------------------------------------
 
-    def resolve_image(self, ref: str, location: Location, what: str) -> NamedSource:
-        """A registry image for a FROM or --from name that is no stage: a failure names
-        the Dockerfile line, a stage name close to `ref` and, when no registry answered,
-        the ways to build without one."""
+    def resolve_image(
+        self, ref: str, location: Location, what: str, before: int | None = None
+    ) -> NamedSource:
+        """A registry image for a FROM or --from name that is no stage. A failure names
+        the Dockerfile line, a stage name close to `ref` (among the stages above `before`)
+        and, when no registry answered, the ways to build without one."""
         try:
             return self._resolve_image(ref)
         except RegistryError as err:
             message = f"{what}: {err.message}"
-            match = similar_stage(self.stages, ref)
+            match = similar_stage(self.stages, ref, before)
             if match:
-                message = f'{what}: "{ref}" is not a stage (did you mean {match}?), {err.message}'
+                message = f'{what}: "{ref}" is not a stage (did you mean {match}?) nor an image: {err.message}'
             hint = err.hint
             if isinstance(err, RegistryUnreachableError):
                 hint = (
-                    f"to build without a registry, pass the image as --build-context {ref}=..."
-                    " (a directory, docker-image:// or oci-layout://), or set a reachable"
-                    " mirror for the registry in config.toml"
+                    f"to build without reaching a registry, pass --build-context {ref}=... (a "
+                    "directory, docker-image://REF or oci-layout://PATH), or set a reachable "
+                    'mirror in config.toml ([registry."HOST"] mirrors = [...])'
                 )
             raise type(err)(message, hint=hint, location=location) from err
+        except DockbuildError as err:  # a reference that does not parse, ...
+            if err.location is None:
+                err.location = location
+            raise
 
     def copy_source(self, stage: StageState, from_: str, location: Location) -> llb.Op | None:
         """What `--from` (COPY, ADD) or `from=` (RUN --mount) names: the build context
@@ -290,7 +302,9 @@ class Converter:
             else:
                 named = self.resolve_named(base_name) if base_name != "context" else None
                 if named is None:
-                    named = self.resolve_image(base_name, spec.location, f"FROM {base_name}")
+                    named = self.resolve_image(
+                        base_name, spec.location, f"FROM {base_name}", before=spec.index
+                    )
                 stage.base = self._image_source(named, spec)
         stage.base_resolved = True
         return stage.base

@@ -159,9 +159,11 @@ def stage_by_ref(stages: Sequence[StageState], ref: str) -> StageState | None:
     return stage_by_name(stages, ref)
 
 
-def similar_stage(stages: Sequence[StageState], name: str) -> str:
-    """The stage name closest to `name` (a typo), or ""."""
-    return suggest(name.lower(), [st.spec.name for st in stages if st.spec.name])
+def similar_stage(stages: Sequence[StageState], name: str, before: int | None = None) -> str:
+    """The stage name closest to `name` (a typo), or ""; with `before`, among the stages
+    above that index only."""
+    names = [st.spec.name for st in stages[:before] if st.spec.name]
+    return suggest(name.lower(), names)
 
 
 def target_stage(stages: Sequence[StageState], target: str | None) -> StageState:
