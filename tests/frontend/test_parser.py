@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from dockbuild.errors import DockerfileError
-from dockbuild.frontend.goformat import go_quote
 from dockbuild.frontend.parser import (
     Heredoc,
     chomp_heredoc_content,
@@ -250,12 +249,6 @@ def test_unterminated_heredoc_is_an_error_at_the_instruction() -> None:
 
 
 # --- dump ------------------------------------------------------------------------------
-
-
-def test_go_quote_escapes_like_strconv_quote() -> None:
-    assert go_quote('a"b\\c') == '"a\\"b\\\\c"'
-    assert go_quote("\t\n\x00\x7f") == '"\\t\\n\\x00\\x7f"'
-    assert go_quote("♥\u200b") == '"♥\\u200b"'
 
 
 def test_invalid_utf8_bytes_dump_as_hex_escapes() -> None:
