@@ -25,12 +25,10 @@ DEFAULT_SHELL = ["/bin/sh", "-c"]
 NON_ENV_ARGS = {"BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"}
 
 
-
 def env(conv: Converter, stage: StageState, cmd: ins.EnvCommand, name: str) -> None:
     env = stage.env  # every pair sees the values from before this ENV
     pairs = [
-        (conv.expand(k, env, cmd.location), conv.expand(v, env, cmd.location))
-        for k, v in cmd.env
+        (conv.expand(k, env, cmd.location), conv.expand(v, env, cmd.location)) for k, v in cmd.env
     ]
     current = stage.config.setdefault("Env", [])
     index = stage.env_index

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from dockbuild.frontend.convert import Converter
 
 
-def git_source(ref: GitRef, keep_git_dir: bool, checksum: str, name: str, epoch: bool = False) -> llb.SourceOp:
+def git_source(
+    ref: GitRef, keep_git_dir: bool, checksum: str, name: str, epoch: bool = False
+) -> llb.SourceOp:
     attrs = [("ref", ref.ref), ("subdir", ref.subdir)]
     # As BuildKit (git.mtime): files get the checkout time, or the commit time with
     # ?mtime=commit or when SOURCE_DATE_EPOCH is set.
@@ -98,16 +100,28 @@ def _copy(
         if git is not None:
             if not is_add:
                 raise DockerfileError("source can't be a git ref for COPY", location=loc)
-            if keep_git_dir is not None and git.keep_git_dir is not None and keep_git_dir != git.keep_git_dir:
+            if (
+                keep_git_dir is not None
+                and git.keep_git_dir is not None
+                and keep_git_dir != git.keep_git_dir
+            ):
                 raise DockerfileError("inconsistent keep-git-dir configuration", location=loc)
             keep = git.keep_git_dir if git.keep_git_dir is not None else bool(keep_git_dir)
             if checksum and git.checksum and checksum != git.checksum:
-                raise DockerfileError(f'checksum mismatch "{checksum}" != "{git.checksum}"', location=loc)
+                raise DockerfileError(
+                    f'checksum mismatch "{checksum}" != "{git.checksum}"', location=loc
+                )
             source = git_source(
-                git, keep, git.checksum or checksum, src, epoch=bool(conv.opts.build_args.get("SOURCE_DATE_EPOCH"))
+                git,
+                keep,
+                git.checksum or checksum,
+                src,
+                epoch=bool(conv.opts.build_args.get("SOURCE_DATE_EPOCH")),
             )
             actions.append(
-                llb.Copy(source=source, src="/", dest=abs_dest, chown=chown, mode=chmod, exclude=exclude)
+                llb.Copy(
+                    source=source, src="/", dest=abs_dest, chown=chown, mode=chmod, exclude=exclude
+                )
             )
             continue
         if src.startswith(("http://", "https://")):
@@ -115,7 +129,8 @@ def _copy(
                 raise DockerfileError("source can't be a URL for COPY", location=loc)
             if checksum and not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
                 raise DockerfileError(
-                    f"unsupported checksum {checksum!r}: expected sha256:<64 hex digits>", location=loc
+                    f"unsupported checksum {checksum!r}: expected sha256:<64 hex digits>",
+                    location=loc,
                 )
             base = posixpath.basename(urlsplit(src).path)
             filename = base if base not in ("", ".", "/") else "__unnamed__"
@@ -245,4 +260,7 @@ def _chown(value: str, loc: Location) -> llb.Chown:
 def _valid_chmod(spec: str) -> bool:
     if spec.isdigit():
         return all(c in "01234567" for c in spec) and int(spec, 8) <= 0o7777
-    return re.fullmatch(r"([ugoa]*[-+=]([rwxXst]*|[ugo]))+(,([ugoa]*[-+=]([rwxXst]*|[ugo]))+)*", spec) is not None
+    return (
+        re.fullmatch(r"([ugoa]*[-+=]([rwxXst]*|[ugo]))+(,([ugoa]*[-+=]([rwxXst]*|[ugo]))+)*", spec)
+        is not None
+    )

@@ -92,7 +92,7 @@ def _run_mounts(conv: Converter, stage: StageState, cmd: ins.RunCommand) -> list
                 f"--mount={raw}: cannot mount over the root filesystem", location=cmd.location
             )
         if spec.type == "bind":
-            source = _mount_source(conv, stage, cmd, spec.from_)
+            source = conv.copy_source(stage, spec.from_, cmd.location)
             mounts.append(
                 llb.Mount(
                     target,
@@ -103,7 +103,7 @@ def _run_mounts(conv: Converter, stage: StageState, cmd: ins.RunCommand) -> list
                 )  # fmt: skip
             )
         elif spec.type == "cache":
-            source = _mount_source(conv, stage, cmd, spec.from_) if spec.from_ else None
+            source = conv.copy_source(stage, spec.from_, cmd.location) if spec.from_ else None
             cache_id = spec.id or target
             if namespace:
                 cache_id = f"{namespace}/{cache_id}"
@@ -122,9 +122,7 @@ def _run_mounts(conv: Converter, stage: StageState, cmd: ins.RunCommand) -> list
                 )  # fmt: skip
             )
         elif spec.type == "tmpfs":
-            mounts.append(
-                llb.Mount(target, type="tmpfs", readonly=spec.read_only, size=spec.size)
-            )
+            mounts.append(llb.Mount(target, type="tmpfs", readonly=spec.read_only, size=spec.size))
         elif spec.type == "secret":
             secret_id = spec.id or spec.source or posixpath.basename(target)
             if not target and spec.env is None:
@@ -174,11 +172,6 @@ def _run_mounts(conv: Converter, stage: StageState, cmd: ins.RunCommand) -> list
         )
         mounts.append(llb.Mount(_PIPES, script, selector="/", type="bind", readonly=True))
     return mounts
-
-
-def _mount_source(conv: Converter, stage: StageState, cmd: ins.RunCommand, from_: str) -> llb.Op | None:
-    """What ``from=`` names: the context (default), a named context, a stage, an image."""
-    return conv.copy_source(stage, from_, cmd.location)
 
 
 def _heredoc_run_args(stage: StageState, cmd: ins.RunCommand) -> list[str]:

@@ -25,7 +25,9 @@ def test_a_from_name_close_to_a_stage_name_is_suggested_at_its_line(
 ) -> None:
     ctx = write_context(
         tmp_path / "ctx",
-        {"Dockerfile": "FROM busybox AS build\nRUN echo hi > /x\nFROM busybox\nCOPY --from=builder /x /x\n"},
+        {
+            "Dockerfile": "FROM busybox AS build\nRUN echo hi > /x\nFROM busybox\nCOPY --from=builder /x /x\n"
+        },
     )
     # `builder` is looked up on docker.io: through a proxy that refuses, so nothing leaves
     # the machine and no registry can be reached.
@@ -48,24 +50,35 @@ def test_an_unreachable_registry_hints_at_build_contexts_and_mirrors(
     dockbuild: DockbuildCLI, tmp_path: Path, closed_port: int
 ) -> None:
     image = f"127.0.0.1:{closed_port}/app:1"
-    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM busybox AS build\n\nFROM {image}\n"})
+    ctx = write_context(
+        tmp_path / "ctx", {"Dockerfile": f"FROM busybox AS build\n\nFROM {image}\n"}
+    )
     run = dockbuild.build(ctx, check=False)
     assert run.returncode != 0
     assert "Dockerfile:3\n" in run.stderr, run.stderr
-    assert f"ERROR: FROM {image}: {image}: cannot reach registry 127.0.0.1:{closed_port}" in run.stderr
+    assert (
+        f"ERROR: FROM {image}: {image}: cannot reach registry 127.0.0.1:{closed_port}" in run.stderr
+    )
     assert "did you mean" not in run.stderr  # no stage name is close
-    assert f"hint: to build without reaching a registry, pass --build-context {image}=" in run.stderr
+    assert (
+        f"hint: to build without reaching a registry, pass --build-context {image}=" in run.stderr
+    )
     assert "mirror in config.toml" in run.stderr
 
 
 def test_manifest_unknown_names_the_reference_and_the_line(
-    dockbuild: DockbuildCLI, tmp_path: Path, registry, busybox_layout: Path  # type: ignore[no-untyped-def]
+    dockbuild: DockbuildCLI,
+    tmp_path: Path,
+    registry,
+    busybox_layout: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     registry.push_layout(busybox_layout, "names/busybox:1")
     missing = f"{registry.host}/names/busybox:nope"
     ctx = write_context(
         tmp_path / "ctx",
-        {"Dockerfile": f"FROM {registry.host}/names/busybox:1\nRUN true\nCOPY --from={missing} /x /x\n"},
+        {
+            "Dockerfile": f"FROM {registry.host}/names/busybox:1\nRUN true\nCOPY --from={missing} /x /x\n"
+        },
     )
     run = dockbuild.build(ctx, check=False)
     assert run.returncode != 0

@@ -62,7 +62,9 @@ def test_the_target_is_the_last_stage_or_the_named_one_with_a_suggestion() -> No
 
     assert target_stage(stages, None) is stages[1]
     assert target_stage(stages, "Build") is stages[0]
-    with pytest.raises(DockerfileError, match=r'"biuld" could not be found \(did you mean build\?\)'):
+    with pytest.raises(
+        DockerfileError, match=r'"biuld" could not be found \(did you mean build\?\)'
+    ):
         target_stage(stages, "biuld")
 
 
