@@ -391,7 +391,7 @@ def _no_cache_ops(request: BuildRequest, result: Any, progress: Any) -> frozense
         return frozenset()
     if request.no_cache:
         raise DockbuildError("--no-cache and --no-cache-filter cannot currently be used together")
-    digests = set()
+    digests: set[str] = set()
     for name in request.no_cache_filter:
         ops = result.stage_ops.get(name.lower())
         if ops is None:
