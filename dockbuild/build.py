@@ -300,7 +300,7 @@ def build(request: BuildRequest) -> None:
             lambda: _executor(request.executor),
             SolveOptions(
                 no_cache=request.no_cache,
-                no_cache_ops=_no_cache_ops(request, inputs, result.root, progress),
+                no_cache_ops=_no_cache_ops(request, result, progress),
                 explain=request.explain_cache,
                 max_parallel=_max_parallelism(),
                 **run_options,
@@ -384,32 +384,20 @@ def _collect_garbage(store: Any, progress: Any) -> None:
         )
 
 
-def _no_cache_ops(request: BuildRequest, inputs: _Inputs, root: Any, progress: Any) -> frozenset[str]:
-    """The ops of the stages --no-cache-filter names (found by their step names)."""
-    import re
-
-    from dockbuild import llb
-    from dockbuild.frontend import instructions, parser
-
+def _no_cache_ops(request: BuildRequest, result: Any, progress: Any) -> frozenset[str]:
+    """The ops of the stages --no-cache-filter names (by name or index), as the frontend
+    reports them per stage."""
     if not request.no_cache_filter:
         return frozenset()
     if request.no_cache:
         raise DockbuildError("--no-cache and --no-cache-filter cannot currently be used together")
-    specs, _ = instructions.parse_stages(parser.parse(inputs.dockerfile_text))
-    wanted: set[str] = set()
+    digests: set[str] = set()
     for name in request.no_cache_filter:
-        match = [s for s in specs if (s.name or "").lower() == name.lower() or str(s.index) == name]
-        if not match:
+        ops = result.stage_ops.get(name.lower())
+        if ops is None:
             progress.message(f"WARNING: --no-cache-filter {name}: no stage of that name")
-        wanted |= {s.name or f"stage-{s.index}" for s in match}
-        if len(specs) == 1 and match:
-            wanted.add("")  # a single stage's steps carry no stage name
-    step = re.compile(r"^\[(?:(\S+) )?\d+/\d+\] (\S+)")
-    digests = set()
-    for op in llb.walk(root):
-        m = step.match(getattr(op, "name", "") or "")
-        if m and (m.group(1) or "") in wanted and m.group(2).upper() != "FROM":
-            digests.add(op.digest)
+            continue
+        digests.update(op.digest for op in ops)
     return frozenset(digests)
 
 

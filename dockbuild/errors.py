@@ -57,6 +57,10 @@ class RegistryError(DockbuildError):
     """A registry refused a request or answered something unusable."""
 
 
+class RegistryUnreachableError(RegistryError):
+    """No registry answered: a connection that failed or timed out (DNS, refused, TLS)."""
+
+
 class DigestMismatchError(RegistryError):
     """Content did not hash to the digest that named it."""
 

@@ -42,7 +42,8 @@ class Op:
     def definition(self) -> dict[str, Any]:
         """This op alone, inputs replaced by their digests, metadata left out."""
         out: dict[str, Any] = {"op": type(self).__name__}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        # Every concrete op is a dataclass; the base class itself is not one.
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # see above
             if f.metadata.get("digest", True):
                 out[f.name] = _encode(getattr(self, f.name))
         return out

@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dockbuild.errors import DockerfileError, Location
 from dockbuild.frontend.directives import CheckConfig, parse_check
+from dockbuild.frontend.instructions import EnvCommand, LabelCommand, MaintainerCommand
+from dockbuild.frontend.shell import Lex, ShellError
+from dockbuild.frontend.suggest import suggest
+
+if TYPE_CHECKING:
+    from dockbuild.frontend.parser import ParseResult
+    from dockbuild.frontend.stages import Stage
 
 _URL = "https://docs.docker.com/go/dockerfile/rule/"
 
@@ -314,8 +322,131 @@ def check_secret_name(instruction: str, name: str, location: Location, linter: L
         )
 
 
-def suggest(name: str, options: list[str]) -> str:
-    """The closest option (at most two edits away), for did-you-mean messages."""
-    from dockbuild.frontend.instructions import _closest
+def check_config_of(result: ParseResult, text: bytes | str, build_arg: str | None) -> CheckConfig:
+    """`check_config` for a parsed Dockerfile: the `# check=` line is found for errors."""
+    line = 0
+    if "check" in result.directives:
+        raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        for number, item in enumerate(raw.splitlines(), start=1):
+            if re.match(r"\ufeff?#\s*check\s*=", item, re.IGNORECASE):
+                line = number
+                break
+    return check_config(result.directives.get("check"), build_arg, result.filename, line)
 
-    return _closest(name, sorted(set(options)), True)
+
+_KEY_VALUE_COMMANDS = (EnvCommand, LabelCommand)
+
+
+def check_instructions(stages: list[Stage], result: ParseResult, linter: Linter) -> None:
+    """The rules that read the instructions alone, over every stage, used or not."""
+    words: list[tuple[str, Location]] = []
+    names: list[tuple[str, Location]] = []
+    for spec in stages:
+        words.append((keyword(spec.original), spec.location))
+        names.append((spec.name, spec.location))
+        check_from(spec.original, spec.location, linter)
+        for cmd in spec.commands:
+            words.append((keyword(cmd.original), cmd.location))
+            if isinstance(cmd, MaintainerCommand):
+                linter.run(
+                    "MaintainerDeprecated",
+                    "Maintainer instruction is deprecated in favor of using label",
+                    cmd.location,
+                )
+            elif isinstance(cmd, _KEY_VALUE_COMMANDS) and cmd.legacy:
+                word = keyword(cmd.original)
+                linter.run(
+                    "LegacyKeyValueFormat",
+                    f'"{word} key=value" should be used instead of legacy "{word} key value" format',
+                    cmd.location,
+                )
+    check_casing(words, linter)
+    check_stage_names(names, linter)
+    if linter.enabled("InvalidDefinitionDescription"):
+        for node in result.children:
+            if node.value == "from" and len(node.args) == 3 and node.args[1].lower() == "as":
+                word, keys = "FROM", [node.args[2].lower()]
+            elif node.value == "arg":
+                word, keys = "ARG", [arg.partition("=")[0] for arg in node.args]
+            else:
+                continue
+            location = Location(result.filename, node.start_line, node.end_line)
+            check_definition_description(word, keys, node.prev_comment, location, linter)
+
+
+def check_from_args(
+    stages: list[Stage],
+    defaults: dict[str, str | None],
+    declared_names: set[str],
+    lex: Lex,
+    linter: Linter,
+) -> None:
+    """UndefinedArgInFrom, InvalidDefaultArgInFrom and the FROM --platform rules, from the
+    meta ARGs' defaults alone."""
+    scope = {k: v for k, v in defaults.items() if v is not None}
+    declared = sorted(set(defaults) | declared_names)
+    for spec in stages:
+        for word in (spec.base_name, spec.platform):
+            if not word:
+                continue
+            try:
+                _, _, unmatched = lex.process_word_with_matches(word, scope)
+            except ShellError:
+                continue
+            for name in sorted(unmatched):
+                if name in declared:
+                    continue
+                match = suggest(name, declared)
+                message = f"FROM argument '{name}' is not declared"
+                if match:
+                    message += f" (did you mean {match}?)"
+                linter.run("UndefinedArgInFrom", message, spec.location)
+        try:
+            base = lex.process_word(spec.base_name, scope)
+        except ShellError:
+            continue
+        if "$" in spec.base_name and not valid_reference(base):
+            linter.run(
+                "InvalidDefaultArgInFrom",
+                f"Default value for ARG {spec.base_name} results in empty or invalid base "
+                "image name",
+                spec.location,
+            )
+        if spec.platform:
+            _check_platform(spec, scope, lex, linter)
+
+
+def _check_platform(spec: Stage, scope: dict[str, str], lex: Lex, linter: Linter) -> None:
+    try:
+        _, matched, _ = lex.process_word_with_matches(spec.platform, scope)
+    except ShellError:
+        return
+    if spec.platform in ("$TARGETPLATFORM", "${TARGETPLATFORM}"):
+        linter.run(
+            "RedundantTargetPlatform",
+            f"Setting platform to predefined {spec.platform} in FROM is redundant as this is "
+            "the default behavior",
+            spec.location,
+        )
+    if not matched and "$" not in spec.platform:
+        # A stage named after its platform (`AS build-arm64`) is allowed a constant.
+        os_, _, rest = spec.platform.partition("/")
+        arch = rest.partition("/")[0]
+        if not (spec.name and ((arch and arch in spec.name) or (os_ and os_ in spec.name))):
+            linter.run(
+                "FromPlatformFlagConstDisallowed",
+                f'FROM --platform flag should not use constant value "{spec.platform}"',
+                spec.location,
+            )
+
+
+_REFERENCE_RE = re.compile(
+    r"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+
+
+def valid_reference(name: str) -> bool:
+    """Whether `name` reads as an image reference (or is scratch)."""
+    return name == "scratch" or _REFERENCE_RE.fullmatch(name) is not None

@@ -1,22 +1,21 @@
 """RUN: the command, its environment, its mounts and history text (BuildKit's dispatchRun
-and convert_runmount.go). A mixin of the converter in convert.py.
-"""
+and convert_runmount.go)."""
 
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dockbuild import llb
-from dockbuild.errors import DockerfileError, Location
+from dockbuild.errors import DockerfileError
 from dockbuild.frontend import instructions as ins
+from dockbuild.frontend.convert_config import DEFAULT_SHELL, command_args
+from dockbuild.frontend.mounts import parse_mount
+from dockbuild.frontend.stages import StageState
 
 if TYPE_CHECKING:
-    from dockbuild.frontend.convert import _Stage
+    from dockbuild.frontend.convert import Converter
 
-
-DEFAULT_SHELL = ["/bin/sh", "-c"]
 _PIPES = "/dev/pipes"  # where a RUN heredoc with a shebang is mounted, as in BuildKit
 PROXY_ARGS = {
     name
@@ -25,180 +24,167 @@ PROXY_ARGS = {
 }
 
 
-class RunInstructions:
-    def _do_run(self, stage: _Stage, cmd: ins.RunCommand, name: str) -> None:
-        mounts = self._run_mounts(stage, cmd)
-        if cmd.files:
-            args = self._heredoc_run_args(stage, cmd)
-        else:
-            args = self._command_args(stage, cmd.cmd_line, cmd.prepend_shell)
-        if stage.run_env is None:
-            stage.run_env = tuple(stage.env_pairs.values())
-        env = stage.run_env
-        proxy_env = tuple(
-            f"{k}={v}"
-            for k, v in self.opts.build_args.items()
-            if k in PROXY_ARGS and k not in stage.args
-        )
-        ssh = [m for m in mounts if m.type == "ssh"]
-        if ssh and "SSH_AUTH_SOCK" not in stage.env:
-            # As BuildKit's llb.AddSSHSocket: the first agent socket is the default one.
-            env = (*env, f"SSH_AUTH_SOCK={ssh[0].target}")
-        network = self.opts.network if cmd.network == "default" else cmd.network
-        op = llb.ExecOp(
-            mounts=(llb.Mount("/", stage.state, output=True), *mounts),
-            args=tuple(args),
-            env=env,
-            cwd=stage.config.get("WorkingDir") or "/",
-            user=stage.config.get("User") or "",
-            network=network,
-            security=cmd.security,
-            proxy_env=proxy_env,
-            hostname=self.opts.build_args.get("BUILDKIT_SANDBOX_HOSTNAME") or "buildkitsandbox",
-            name=name,
-            location=cmd.location,
-        )
-        stage.state = op
-        # BuildKit's runCommandString: `|N K=v ...` before the command when ARGs are in scope.
-        shown = stage.arg_pairs
-        prefix = f"|{len(shown)} " + " ".join(shown.values()) + " " if shown else ""
-        self._commit(stage, "RUN " + prefix + " ".join(args) + " # buildkit", op)
+def run(conv: Converter, stage: StageState, cmd: ins.RunCommand, name: str) -> None:
+    mounts = _run_mounts(conv, stage, cmd)
+    if cmd.files:
+        args = _heredoc_run_args(stage, cmd)
+    else:
+        args = command_args(stage, cmd.cmd_line, cmd.prepend_shell)
+    if stage.run_env is None:
+        stage.run_env = tuple(stage.env_pairs.values())
+    env = stage.run_env
+    proxy_env = tuple(
+        f"{k}={v}"
+        for k, v in conv.opts.build_args.items()
+        if k in PROXY_ARGS and k not in stage.args
+    )
+    ssh = [m for m in mounts if m.type == "ssh"]
+    if ssh and "SSH_AUTH_SOCK" not in stage.env:
+        # As BuildKit's llb.AddSSHSocket: the first agent socket is the default one.
+        env = (*env, f"SSH_AUTH_SOCK={ssh[0].target}")
+    network = conv.opts.network if cmd.network == "default" else cmd.network
+    op = llb.ExecOp(
+        mounts=(llb.Mount("/", stage.state, output=True), *mounts),
+        args=tuple(args),
+        env=env,
+        cwd=stage.config.get("WorkingDir") or "/",
+        user=stage.config.get("User") or "",
+        network=network,
+        security=cmd.security,
+        proxy_env=proxy_env,
+        hostname=conv.opts.build_args.get("BUILDKIT_SANDBOX_HOSTNAME") or "buildkitsandbox",
+        name=name,
+        location=cmd.location,
+    )
+    stage.state = op
+    # BuildKit's runCommandString: `|N K=v ...` before the command when ARGs are in scope.
+    shown = stage.arg_pairs
+    prefix = f"|{len(shown)} " + " ".join(shown.values()) + " " if shown else ""
+    conv.commit(stage, "RUN " + prefix + " ".join(args) + " # buildkit", op)
 
-    def _run_mounts(self, stage: _Stage, cmd: ins.RunCommand) -> list[llb.Mount]:
-        """RUN --mount flags as LLB mounts (BuildKit's dispatchRunMounts)."""
-        env = self._stage_env(stage)
-        workdir = stage.config.get("WorkingDir") or "/"
-        namespace = self.opts.build_args.get("BUILDKIT_CACHE_MOUNT_NS", "")
-        mounts: list[llb.Mount] = []
-        ssh_count = 0
-        for raw, parsed in zip(cmd.mount_specs, cmd.mounts, strict=True):
-            spec = parsed
-            if parsed.deferred:  # it holds variables or quotes: parse it again, expanded
-                try:
-                    spec = ins.parse_mount(raw, lambda word: self._expand(word, env, cmd.location))
-                except DockerfileError as e:
-                    e.location = e.location or cmd.location
-                    raise
-            target = spec.target
-            if target and not target.startswith("/"):
-                target = posixpath.join("/", workdir, target)
-            target = posixpath.normpath(target) if target else ""
-            if spec.type in ("bind", "cache", "tmpfs") and not target:
-                raise DockerfileError(
-                    f"--mount={raw}: mount type {spec.type} requires a target",
-                    location=cmd.location,
-                )
-            if target == "/":
-                raise DockerfileError(
-                    f"--mount={raw}: cannot mount over the root filesystem", location=cmd.location
-                )
-            if spec.type == "bind":
-                source = self._mount_source(stage, cmd, spec.from_)
-                mounts.append(
-                    llb.Mount(
-                        target,
-                        source,
-                        selector=_clean(spec.source),
-                        type="bind",
-                        readonly=spec.read_only,
-                    )  # fmt: skip
-                )
-            elif spec.type == "cache":
-                source = self._mount_source(stage, cmd, spec.from_) if spec.from_ else None
-                cache_id = spec.id or target
-                if namespace:
-                    cache_id = f"{namespace}/{cache_id}"
-                mounts.append(
-                    llb.Mount(
-                        target,
-                        source,
-                        selector=_clean(spec.source) if source else "",
-                        type="cache",
-                        readonly=spec.read_only,
-                        cache_id=cache_id,
-                        sharing=spec.sharing or "shared",
-                        mode=spec.mode,
-                        uid=spec.uid,
-                        gid=spec.gid,
-                    )  # fmt: skip
-                )
-            elif spec.type == "tmpfs":
-                mounts.append(
-                    llb.Mount(target, type="tmpfs", readonly=spec.read_only, size=spec.size)
-                )
-            elif spec.type == "secret":
-                secret_id = spec.id or spec.source or posixpath.basename(target)
-                if not target and spec.env is None:
-                    target = "/run/secrets/" + secret_id
-                mounts.append(
-                    llb.Mount(
-                        target,
-                        type="secret",
-                        readonly=True,
-                        secret_id=secret_id,
-                        required=spec.required,
-                        mode=0o400 if spec.mode is None else spec.mode,
-                        uid=spec.uid or 0,
-                        gid=spec.gid or 0,
-                        env=spec.env or "",
-                    )  # fmt: skip
-                )
-            elif spec.type == "ssh":
-                if not target:
-                    target = f"/run/buildkit/ssh_agent.{ssh_count}"
-                ssh_count += 1
-                mounts.append(
-                    llb.Mount(
-                        target,
-                        type="ssh",
-                        readonly=True,
-                        secret_id=spec.id or "default",
-                        required=spec.required,
-                        mode=0o600 if spec.mode is None else spec.mode,
-                        uid=spec.uid or 0,
-                        gid=spec.gid or 0,
-                    )  # fmt: skip
-                )
-        heredoc = cmd.single_heredoc
-        if heredoc is not None and heredoc.chomped_data.startswith("#!"):
-            # BuildKit writes a shebang heredoc to a file and runs that file.
-            script = llb.FileOp(
-                None,
-                (
-                    llb.Mkfile(
-                        "/" + heredoc.name,
-                        heredoc.chomped_data.encode(errors="surrogateescape"),
-                        0o755,
-                    ),
-                ),
-                name="[internal] preparing inline document",
+
+def _run_mounts(conv: Converter, stage: StageState, cmd: ins.RunCommand) -> list[llb.Mount]:
+    """RUN --mount flags as LLB mounts (BuildKit's dispatchRunMounts)."""
+    env = stage.env
+    workdir = stage.config.get("WorkingDir") or "/"
+    namespace = conv.opts.build_args.get("BUILDKIT_CACHE_MOUNT_NS", "")
+    mounts: list[llb.Mount] = []
+    ssh_count = 0
+    for raw, parsed in zip(cmd.mount_specs, cmd.mounts, strict=True):
+        spec = parsed
+        if parsed.deferred:  # it holds variables or quotes: parse it again, expanded
+            try:
+                spec = parse_mount(raw, lambda word: conv.expand(word, env, cmd.location))
+            except DockerfileError as e:
+                e.location = e.location or cmd.location
+                raise
+        target = spec.target
+        if target and not target.startswith("/"):
+            target = posixpath.join("/", workdir, target)
+        target = posixpath.normpath(target) if target else ""
+        if spec.type in ("bind", "cache", "tmpfs") and not target:
+            raise DockerfileError(
+                f"--mount={raw}: mount type {spec.type} requires a target",
+                location=cmd.location,
             )
-            mounts.append(llb.Mount(_PIPES, script, selector="/", type="bind", readonly=True))
-        return mounts
+        if target == "/":
+            raise DockerfileError(
+                f"--mount={raw}: cannot mount over the root filesystem", location=cmd.location
+            )
+        if spec.type == "bind":
+            source = conv.copy_source(stage, spec.from_, cmd.location)
+            mounts.append(
+                llb.Mount(
+                    target,
+                    source,
+                    selector=_clean(spec.source),
+                    type="bind",
+                    readonly=spec.read_only,
+                )  # fmt: skip
+            )
+        elif spec.type == "cache":
+            source = conv.copy_source(stage, spec.from_, cmd.location) if spec.from_ else None
+            cache_id = spec.id or target
+            if namespace:
+                cache_id = f"{namespace}/{cache_id}"
+            mounts.append(
+                llb.Mount(
+                    target,
+                    source,
+                    selector=_clean(spec.source) if source else "",
+                    type="cache",
+                    readonly=spec.read_only,
+                    cache_id=cache_id,
+                    sharing=spec.sharing or "shared",
+                    mode=spec.mode,
+                    uid=spec.uid,
+                    gid=spec.gid,
+                )  # fmt: skip
+            )
+        elif spec.type == "tmpfs":
+            mounts.append(llb.Mount(target, type="tmpfs", readonly=spec.read_only, size=spec.size))
+        elif spec.type == "secret":
+            secret_id = spec.id or spec.source or posixpath.basename(target)
+            if not target and spec.env is None:
+                target = "/run/secrets/" + secret_id
+            mounts.append(
+                llb.Mount(
+                    target,
+                    type="secret",
+                    readonly=True,
+                    secret_id=secret_id,
+                    required=spec.required,
+                    mode=0o400 if spec.mode is None else spec.mode,
+                    uid=spec.uid or 0,
+                    gid=spec.gid or 0,
+                    env=spec.env or "",
+                )  # fmt: skip
+            )
+        elif spec.type == "ssh":
+            if not target:
+                target = f"/run/buildkit/ssh_agent.{ssh_count}"
+            ssh_count += 1
+            mounts.append(
+                llb.Mount(
+                    target,
+                    type="ssh",
+                    readonly=True,
+                    secret_id=spec.id or "default",
+                    required=spec.required,
+                    mode=0o600 if spec.mode is None else spec.mode,
+                    uid=spec.uid or 0,
+                    gid=spec.gid or 0,
+                )  # fmt: skip
+            )
+    heredoc = cmd.single_heredoc
+    if heredoc is not None and heredoc.chomped_data.startswith("#!"):
+        # BuildKit writes a shebang heredoc to a file and runs that file.
+        script = llb.FileOp(
+            None,
+            (
+                llb.Mkfile(
+                    "/" + heredoc.name,
+                    heredoc.chomped_data.encode(errors="surrogateescape"),
+                    0o755,
+                ),
+            ),
+            name="[internal] preparing inline document",
+        )
+        mounts.append(llb.Mount(_PIPES, script, selector="/", type="bind", readonly=True))
+    return mounts
 
-    def _mount_source(self, stage: _Stage, cmd: ins.RunCommand, from_: str) -> llb.Op | None:
-        """What ``from=`` names: the context (default), a named context, a stage, an image."""
-        return self._copy_source(stage, _FromRef(from_, cmd.location))  # type: ignore[attr-defined]
 
-    def _heredoc_run_args(self, stage: _Stage, cmd: ins.RunCommand) -> list[str]:
-        shell = list(stage.config.get("Shell") or DEFAULT_SHELL)
-        heredoc = cmd.single_heredoc
-        if heredoc is not None:
-            body = heredoc.chomped_data
-            # With a shebang the body is a file mounted at /dev/pipes (see _run_mounts).
-            return [*shell, posixpath.join(_PIPES, heredoc.name) if body.startswith("#!") else body]
-        # The line plus the raw heredocs, as the shell reads them from a script (BuildKit
-        # joins them exactly so: no newline after the last delimiter).
-        line = " ".join(cmd.cmd_line)
-        return [*shell, line + "".join(f"\n{h.data}{h.name}" for h in cmd.files)]
-
-
-@dataclass(frozen=True)
-class _FromRef:
-    """The two fields of a COPY that ``_copy_source`` reads, for a mount's ``from``."""
-
-    from_: str
-    location: Location | None
+def _heredoc_run_args(stage: StageState, cmd: ins.RunCommand) -> list[str]:
+    shell = list(stage.config.get("Shell") or DEFAULT_SHELL)
+    heredoc = cmd.single_heredoc
+    if heredoc is not None:
+        body = heredoc.chomped_data
+        # With a shebang the body is a file mounted at /dev/pipes (see _run_mounts).
+        return [*shell, posixpath.join(_PIPES, heredoc.name) if body.startswith("#!") else body]
+    # The line plus the raw heredocs, as the shell reads them from a script (BuildKit
+    # joins them exactly so: no newline after the last delimiter).
+    line = " ".join(cmd.cmd_line)
+    return [*shell, line + "".join(f"\n{h.data}{h.name}" for h in cmd.files)]
 
 
 def _clean(path: str) -> str:

@@ -129,9 +129,8 @@ def detect_syntax(text: str) -> str | None:
         document = json.loads(text)
     except ValueError:
         return None
-    if isinstance(document, dict) and isinstance(document.get("syntax"), str):
-        return document["syntax"]
-    return None
+    syntax = document.get("syntax") if isinstance(document, dict) else None
+    return syntax if isinstance(syntax, str) else None
 
 
 @dataclass(frozen=True)

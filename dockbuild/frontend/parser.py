@@ -23,6 +23,7 @@ from dockbuild.frontend.directives import (
     strip_bom,
     validate_escape,
 )
+from dockbuild.frontend.goformat import go_quote
 
 NO_EMPTY_CONTINUATION_URL = "https://docs.docker.com/go/dockerfile/rule/no-empty-continuation/"
 
@@ -76,7 +77,7 @@ class Node:
 
 
 @dataclass
-class Warning:  # BuildKit's name; shadows the builtin only inside this module
+class ParseWarning:
     """A parse-time problem that does not stop the build (BuildKit's parser.Warning)."""
 
     short: str
@@ -93,7 +94,7 @@ class ParseResult:
     children: list[Node]
     escape_token: str
     directives: dict[str, str]
-    warnings: list[Warning]
+    warnings: list[ParseWarning]
     filename: str = "Dockerfile"
 
 
@@ -131,7 +132,7 @@ def parse(text: str | bytes, filename: str = "Dockerfile") -> ParseResult:
     lines = _split_lines(strip_bom(text))
     directives = _Directives(filename)
     children: list[Node] = []
-    warnings: list[Warning] = []
+    warnings: list[ParseWarning] = []
     comments: list[str] = []
     current = 0
     index = 0
@@ -190,7 +191,7 @@ def parse(text: str | bytes, filename: str = "Dockerfile") -> ParseResult:
 
         if has_empty_continuation:
             warnings.append(
-                Warning(
+                ParseWarning(
                     short=f"Empty continuation line found in: {line}",
                     detail="Empty continuation lines will become errors in a future release",
                     line=current,
@@ -774,42 +775,3 @@ def _dump_node(node: Node) -> str:
     if node.sub is not None:
         text += " (" + _dump_node(node.sub) + ")"
     return _go_trim_space(text)
-
-
-_GO_ESCAPES = {
-    "\a": "\\a",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-    "\v": "\\v",
-    "\\": "\\\\",
-    '"': '\\"',
-}
-
-
-def go_quote(text: str) -> str:
-    """Go's strconv.Quote: a double-quoted string with Go escapes for the unprintable."""
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-        return f'"{text}"'  # nothing to escape (the common case)
-    out = ['"']
-    for ch in text:
-        code = ord(ch)
-        if ch in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[ch])
-        elif 0xDC80 <= code <= 0xDCFF:
-            # A byte that was not valid UTF-8 (kept by surrogateescape).
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch.isprintable():
-            out.append(ch)
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append("\\ufffd")
-        elif code < 0x10000:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(f"\\U{code:08x}")
-    out.append('"')
-    return "".join(out)

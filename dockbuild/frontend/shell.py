@@ -24,6 +24,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
+from dockbuild.frontend.goformat import go_quote
+
 __all__ = ["Env", "EnvGetter", "Lex", "ShellError", "env_from_list"]
 
 
@@ -36,7 +38,7 @@ class ShellError(ValueError):
     """
 
     def __init__(self, word: str, reason: str) -> None:
-        super().__init__(f"failed to process {_go_quote(word)}: {reason}")
+        super().__init__(f"failed to process {go_quote(word)}: {reason}")
         self.word = word
         self.reason = reason
 
@@ -624,34 +626,3 @@ def _expand_template(template: str, matched: str) -> str:
         i = stop + 1 if brace else stop
         if name == "0":
             out.append(matched)
-
-
-def _go_quote(text: str) -> str:
-    """``text`` as Go's ``%q`` writes it, so error messages read like BuildKit's."""
-    out = ['"']
-    for ch in text:
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ch in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[ch])
-        elif ch.isprintable():
-            out.append(ch)
-        elif ord(ch) < 0x80:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) <= 0xFFFF:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    out.append('"')
-    return "".join(out)
-
-
-_GO_ESCAPES = {
-    "\a": "\\a",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-    "\v": "\\v",
-}

@@ -443,6 +443,44 @@ def test_no_cache_filter_runs_the_named_stage_again_and_what_depends_on_it(
     assert both.returncode == 1 and "cannot currently be used together" in both.stderr
 
 
+def test_no_cache_filter_runs_a_step_the_named_stage_shares_with_another_stage(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    # `a` and `b` make the same step (one op): naming either stage runs it again; the
+    # steps of `c`, built on `a`, are `c`'s own and are named by `c` only.
+    step = "RUN cat /proc/sys/kernel/random/uuid > /id\n"
+    ctx = write_context(
+        tmp_path / "ctx",
+        {
+            "Dockerfile": f"FROM busybox AS a\n{step}FROM busybox AS b\n{step}"
+            "FROM a AS c\nRUN cat /proc/sys/kernel/random/uuid > /c\n"
+            "FROM busybox\nCOPY --from=b /id /id\nCOPY --from=c /c /c\n",
+        },
+    )
+
+    def build(name: str, *flags: str) -> tuple[str, str]:
+        dockbuild.build(ctx, *flags, "-o", f"type=local,dest={tmp_path / name}")
+        return (tmp_path / name / "id").read_text(), (tmp_path / name / "c").read_text()
+
+    first = build("one")
+    again = build("two", "--no-cache-filter", "a")
+    assert again[0] != first[0]
+    by_index = build("three", "--no-cache-filter", "2")  # stage c
+    assert by_index[0] == again[0] and by_index[1] != again[1]
+
+
+def test_no_cache_filter_in_a_one_stage_file_and_an_unknown_name(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    ctx = write_context(
+        tmp_path / "ctx", {"Dockerfile": "FROM busybox\nRUN cat /proc/sys/kernel/random/uuid > /id\n"}
+    )
+    dockbuild.build(ctx, "-o", f"type=local,dest={tmp_path / 'a'}")
+    run = dockbuild.build(ctx, "--no-cache-filter", "0,nosuch", "-o", f"type=local,dest={tmp_path / 'b'}")
+    assert "WARNING: --no-cache-filter nosuch: no stage of that name" in run.stderr
+    assert (tmp_path / "a" / "id").read_text() != (tmp_path / "b" / "id").read_text()
+
+
 def test_explain_cache_names_the_changed_file_build_arg_and_parent(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
     ctx = write_context(
         tmp_path / "ctx",

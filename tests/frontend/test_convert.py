@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 
 from dockbuild import llb
-from dockbuild.errors import DockerfileError
+from dockbuild.errors import DockerfileError, RegistryError, RegistryUnreachableError
 from dockbuild.frontend.convert import (
     ConvertOptions,
     Definition,
     NamedSource,
     dockerfile_to_llb,
-    go_duration,
 )
 
 BASE_CONFIG: dict[str, Any] = {
@@ -200,12 +199,6 @@ def test_expose_ranges_protocols_and_errors() -> None:
         convert("FROM base\nEXPOSE 80/xyz\n")
     with pytest.raises(DockerfileError, match="invalid containerPort"):
         convert("FROM base\nEXPOSE 70000\n")
-
-
-def test_go_duration_matches_go_formatting() -> None:
-    assert [go_duration(n) for n in (0, 1, 1500, 2_500_000, 1_500_000_000, 90 * 10**9, 3600 * 10**9)] == [
-        "0s", "1ns", "1.5\u00b5s", "2.5ms", "1.5s", "1m30s", "1h0m0s",
-    ]  # fmt: skip
 
 
 # -- ARG scoping and build args ------------------------------------------------------------
@@ -544,3 +537,50 @@ def test_heredoc_run_steps_are_named_after_their_first_line() -> None:
     d = convert("FROM base\nRUN <<EOF\napt-get update\napt-get install x\nEOF\n")
     assert d.root is not None
     assert d.root.name == "[2/2] RUN <<EOF (apt-get update...)"  # type: ignore[attr-defined]
+
+
+# -- what each stage owns, and image names that do not resolve ------------------------------
+
+
+def test_stage_ops_are_each_stage_own_steps_by_name_and_index() -> None:
+    d = convert(
+        "FROM base AS a\nRUN one\nWORKDIR /w\n"
+        "FROM a AS b\nCOPY --link x /x\nRUN two\n"
+        "FROM base AS unused\nRUN three\n"
+        "FROM b\nCOPY --from=a /w /w\n"
+    )
+    names = {key: [op.name for op in value] for key, value in d.stage_ops.items()}  # type: ignore[attr-defined]  # every step op has a name
+
+    assert names["a"] == names["0"] == ["[a 2/3] RUN one", "[a 3/3] WORKDIR /w"]
+    # --link makes a layer and the merge onto the stage: both are the step's
+    assert names["b"] == ["[b 1/2] COPY --link x /x", "[b 1/2] COPY --link x /x", "[b 2/2] RUN two"]
+    assert names["unused"] == [] and names["3"] == ["[stage-3 1/1] COPY --from=a /w /w"]
+
+
+class Unreachable(Images):
+    """Resolves `base` only: no registry answers for any other name."""
+
+    def __call__(self, ref: str) -> NamedSource:
+        if ref == "base":
+            return super().__call__(ref)
+        raise RegistryUnreachableError(f"docker.io/library/{ref}:latest: cannot reach registry")
+
+
+def test_an_image_that_does_not_resolve_names_the_line_and_a_close_stage() -> None:
+    with pytest.raises(RegistryUnreachableError) as caught:
+        convert("FROM base AS build\nRUN x\nFROM base\nCOPY --from=builder /x /x\n", Unreachable())
+
+    assert caught.value.location is not None and caught.value.location.start_line == 4
+    assert caught.value.message == (
+        '--from=builder: "builder" is not a stage (did you mean build?) nor an image: '
+        "docker.io/library/builder:latest: cannot reach registry"
+    )
+    assert caught.value.hint is not None and "--build-context builder=" in caught.value.hint
+
+
+def test_from_suggests_only_the_stages_above_it() -> None:
+    with pytest.raises(RegistryError) as caught:
+        convert("FROM biuld AS app\nFROM base AS build\n", Unreachable(), target="app")
+
+    assert caught.value.location is not None and caught.value.location.start_line == 1
+    assert "did you mean" not in caught.value.message

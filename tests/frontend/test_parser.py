@@ -9,7 +9,6 @@ from dockbuild.frontend.parser import (
     Heredoc,
     chomp_heredoc_content,
     dump,
-    go_quote,
     parse,
     parse_heredoc,
     split_command,
@@ -250,12 +249,6 @@ def test_unterminated_heredoc_is_an_error_at_the_instruction() -> None:
 
 
 # --- dump ------------------------------------------------------------------------------
-
-
-def test_go_quote_escapes_like_strconv_quote() -> None:
-    assert go_quote('a"b\\c') == '"a\\"b\\\\c"'
-    assert go_quote("\t\n\x00\x7f") == '"\\t\\n\\x00\\x7f"'
-    assert go_quote("♥\u200b") == '"♥\\u200b"'
 
 
 def test_invalid_utf8_bytes_dump_as_hex_escapes() -> None:

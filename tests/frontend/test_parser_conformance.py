@@ -8,8 +8,8 @@ import pytest
 from conformance_data import BUILDKIT_DATA
 
 from dockbuild.errors import DockerfileError
-from dockbuild.frontend.instructions import parse_stages
 from dockbuild.frontend.parser import dump, parse
+from dockbuild.frontend.stages import parse_stages
 
 DATA = BUILDKIT_DATA
 

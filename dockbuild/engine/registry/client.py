@@ -64,7 +64,7 @@ from dockbuild.engine.registry.manifest import (  # noqa: F401 (re-exported)
     verify_digest,
 )
 from dockbuild.engine.registry.reference import DOCKER_HUB, Reference
-from dockbuild.errors import DigestMismatchError, RegistryError
+from dockbuild.errors import DigestMismatchError, RegistryError, RegistryUnreachableError
 
 if TYPE_CHECKING:
     import requests
@@ -452,7 +452,7 @@ class RegistryClient:
                     self._sleep(attempt, None)
                     attempt += 1
                     continue
-                raise RegistryError(
+                raise RegistryUnreachableError(
                     f"{what}: cannot reach registry {ref.domain}: {_connection_reason(e)}"
                 ) from e
             if response.status_code == 401 and not authenticated:

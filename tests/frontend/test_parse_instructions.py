@@ -1,4 +1,4 @@
-"""Typed instructions: flags, arguments and the checks BuildKit applies before building."""
+"""Parsing typed instructions: flags, arguments and the checks BuildKit applies before building."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from dockbuild.frontend.instructions import (
     Instruction,
     LabelCommand,
     MaintainerCommand,
-    MountSpec,
     OnbuildCommand,
     RunCommand,
     ShellCommand,
@@ -28,13 +27,11 @@ from dockbuild.frontend.instructions import (
     UserCommand,
     VolumeCommand,
     WorkdirCommand,
-    parse_go_duration,
-    parse_instruction,
-    parse_mount,
-    parse_ram_in_bytes,
-    parse_stages,
 )
+from dockbuild.frontend.mounts import MountFlag, parse_mount
+from dockbuild.frontend.parse_instructions import parse_instruction
 from dockbuild.frontend.parser import parse
+from dockbuild.frontend.stages import parse_stages
 
 
 def instruction(text: str) -> Instruction:
@@ -121,21 +118,6 @@ def test_from_rejects_invalid_stage_names_and_argument_counts() -> None:
     rejects("FROM a TO b\n", "FROM requires either one or three arguments")
 
 
-def test_parse_stages_collects_meta_args_and_stages() -> None:
-    stages, meta = parse_stages(
-        parse("ARG V=1\nARG B\nFROM alpine:$V AS base\nRUN x\nFROM base\nENV a=b\n")
-    )
-
-    assert [arg.args for arg in meta] == [(("V", "1"),), (("B", None),)]
-    assert [(s.name, s.base_name, s.index) for s in stages] == [
-        ("base", "alpine:$V", 0),
-        ("", "base", 1),
-    ]
-    assert [type(c) for c in stages[0].commands] == [RunCommand]
-    assert [type(c) for c in stages[1].commands] == [EnvCommand]
-    assert stages[1].location.start_line == 5
-
-
 def test_instruction_other_than_arg_before_first_from_is_rejected() -> None:
     rejects("ARG a\nENV b=c\nFROM x\n", "no build stage in current context", line=2)
 
@@ -193,60 +175,9 @@ def test_mount_cache_is_read_write_by_default() -> None:
 
     assert isinstance(run, RunCommand)
     assert run.mounts == (
-        MountSpec(type="cache", target="/root/.cache", id="pip", sharing="locked", read_only=False),
+        MountFlag(type="cache", target="/root/.cache", id="pip", sharing="locked", read_only=False),
     )
     assert run.mount_specs == ("type=cache,target=/root/.cache,id=pip,sharing=locked",)
-
-
-def test_mount_defaults_to_a_read_only_bind() -> None:
-    assert parse_mount("target=/src,from=build,source=/out") == MountSpec(
-        type="bind", target="/src", from_="build", source="/out", read_only=True
-    )
-    assert parse_mount("target=/src,rw").read_only is False
-    assert parse_mount("dst=/src,readwrite=true").read_only is False
-
-
-def test_mount_keys_are_case_insensitive_and_aliases_work() -> None:
-    mount = parse_mount("TYPE=secret,Src=token,Destination=/t,required,mode=0440,uid=1,gid=2")
-
-    assert mount == MountSpec(
-        type="secret", source="token", target="/t", required=True, mode=0o440, uid=1, gid=2
-    )
-
-
-def test_mount_tmpfs_size_is_parsed_in_bytes() -> None:
-    assert parse_mount("type=tmpfs,target=/t,size=64m").size == 64 * 1024 * 1024
-
-
-def test_mount_csv_quoting_allows_commas_in_values() -> None:
-    assert parse_mount('type=bind,"source=a,b",target=/x').source == "a,b"
-
-
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        ("type=volume,target=/x", "unsupported mount type 'volume'"),
-        ("type=cahce,target=/x", r"did you mean cache\?"),
-        ("type=cache,taget=/x", r"unexpected key 'taget' .*did you mean target\?"),
-        ("type=bind,target=/x,mode=0755", "mode not allowed for 'bind' type mounts"),
-        ("type=tmpfs,target=/x,uid=0", "uid not allowed for 'tmpfs' type mounts"),
-        ("type=bind,target=/x,sharing=shared", "invalid cache sharing set for bind mount"),
-        ("type=cache,target=/x,sharing=global", "unsupported sharing value 'global'"),
-        ("type=bind,target=/x,required", "unexpected key 'required' for mount type 'bind'"),
-        ("type=cache,target=/x,size=1m", "unexpected key 'size' for mount type 'cache'"),
-        ("type=secret,id=a,from=b", "secret mount should not have a from"),
-        ("type=secret,id=a,source=b", "both source and id can't be set"),
-        ("type=secret", "one of source, target required"),
-        ("type=cache,target", "invalid field 'target' must be a key=value pair"),
-        ("type=cache,target=/x,mode=9", "invalid value 9 for mode"),
-        ("type=cache,target=/x,ro=maybe", "invalid value for ro: maybe"),
-        ("type=cache,from=$STAGE,target=/x", "doesn't support variable expansion"),
-        ('type=cache,tar"get=/x', 'bare " in non-quoted-field'),
-    ],
-)
-def test_mount_errors(spec: str, message: str) -> None:
-    with pytest.raises(DockerfileError, match=message):
-        parse_mount(spec)
 
 
 def test_mount_error_in_run_names_the_line() -> None:
@@ -262,7 +193,7 @@ def test_mount_values_with_variables_wait_for_expansion() -> None:
     values = {"$T": "cache", "$M": "700"}
     expanded = parse_mount(run.mount_specs[0], lambda word: values.get(word, word))
 
-    assert expanded == MountSpec(type="cache", target="/x", mode=0o700, read_only=False)
+    assert expanded == MountFlag(type="cache", target="/x", mode=0o700, read_only=False)
 
 
 # --- COPY and ADD ----------------------------------------------------------------------
@@ -431,36 +362,6 @@ def test_healthcheck_zero_duration_means_inherit() -> None:
 )
 def test_healthcheck_errors(text: str, message: str) -> None:
     rejects(f"FROM a\n{text}\n", message, line=2)
-
-
-@pytest.mark.parametrize(
-    ("text", "nanoseconds"),
-    [
-        ("0", 0),
-        ("1h30m", 5_400_000_000_000),
-        ("1.5s", 1_500_000_000),
-        (".5ms", 500_000),
-        ("2us", 2_000),
-        ("2µs", 2_000),
-        ("-1m", -60_000_000_000),
-        ("+3ns", 3),
-    ],
-)
-def test_go_durations(text: str, nanoseconds: int) -> None:
-    assert parse_go_duration(text) == nanoseconds
-
-
-@pytest.mark.parametrize("text", ["", "1", "s", ".s", "1x", "1.2.3s", "-"])
-def test_invalid_go_durations(text: str) -> None:
-    with pytest.raises(ValueError, match="time: "):
-        parse_go_duration(text)
-
-
-def test_ram_sizes() -> None:
-    assert parse_ram_in_bytes("512") == 512
-    assert parse_ram_in_bytes("1k") == 1024
-    assert parse_ram_in_bytes("1.5GiB") == 1536 * 1024 * 1024
-    assert parse_ram_in_bytes("lots") is None
 
 
 # --- ONBUILD ---------------------------------------------------------------------------
