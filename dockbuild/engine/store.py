@@ -1,6 +1,6 @@
 """The cache root: content-addressed blobs, layer directories and the SQLite records.
 
-Layout (DESIGN.md): ``blobs/sha256/<hex>``, ``snapshots/<id>`` (one layer directory in
+Layout (docs/how-it-works.md, "The cache root"): ``blobs/sha256/<hex>``, ``snapshots/<id>`` (one layer directory in
 overlay format each), ``tmp/`` (work in progress, one folder per process), ``locks/``
 and ``db.sqlite`` (WAL). Everything reaches its final name by rename, so a reader never
 sees half a file and a killed build leaves only ``tmp/`` entries, swept by the next run.
