@@ -47,5 +47,6 @@ test: setup
 bench: setup
 	$(VENV)/bin/python bench/startup_and_rebuild.py
 
+# build/ too: setuptools packages whatever build/lib holds, stale modules included.
 clean:
-	rm -rf $(VENV) testdata/images
+	rm -rf $(VENV) testdata/images build dockbuild.egg-info
