@@ -1,8 +1,10 @@
 # Two commands on a fresh machine: `make demo` and `make test` (both set everything up).
-PYTHON ?= /root/.pyenv/versions/3.11.7/bin/python3
+# The interpreter the virtualenv is made from (3.11 or newer): `make PYTHON=python3.12 test`.
+PYTHON ?= python3
 VENV := .venv
 BUSYBOX := testdata/images/busybox
 DOCKBUILD := $(VENV)/bin/dockbuild
+PY311 := import sys; sys.exit(sys.version_info < (3, 11))
 
 .PHONY: demo test setup deps lint bench clean
 
@@ -15,7 +17,13 @@ deps:
 	bash .ci/start-dockerd
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(VENV)/bin/python || $(shell command -v $(PYTHON) || echo python3) -m venv $(VENV)
+	@test -x $(VENV)/bin/python || $(PYTHON) -c '$(PY311)' 2>/dev/null || { \
+	  echo "dockbuild needs Python 3.11 or newer; $(PYTHON) is: $$($(PYTHON) -V 2>&1)" >&2; \
+	  echo "run make with PYTHON=<a python3.11 or newer>" >&2; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/python -c '$(PY311)' || { \
+	  echo "$(VENV) has $$($(VENV)/bin/python -V 2>&1); dockbuild needs 3.11 or newer:" >&2; \
+	  echo "remove $(VENV) and run make with PYTHON=<a python3.11 or newer>" >&2; exit 1; }
 	@# compat mode: a plain .pth path; the import-hook finder costs 24 ms per start
 	$(VENV)/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
@@ -39,5 +47,6 @@ test: setup
 bench: setup
 	$(VENV)/bin/python bench/startup_and_rebuild.py
 
+# build/ too: setuptools packages whatever build/lib holds, stale modules included.
 clean:
-	rm -rf $(VENV) testdata/images
+	rm -rf $(VENV) testdata/images build dockbuild.egg-info

@@ -1,8 +1,8 @@
 """Rootless operation: a non-root dockbuild re-runs itself in a user namespace.
 
 The whole build (unpacking layers, chown, overlay mounts, every RUN) happens inside
-one user namespace where the user is root, as ``rootlesskit`` / ``buildah unshare`` do
-(DESIGN.md, "Executors"). With subuid/subgid ranges (``/etc/subuid``, ``/etc/subgid``)
+one user namespace where the user is root, as ``rootlesskit`` / ``buildah unshare``
+do. With subuid/subgid ranges (``/etc/subuid``, ``/etc/subgid``)
 ``newuidmap``/``newgidmap`` map 0 to the user and 1..N to the range, so files owned by
 1000 or 65534 inside the image keep those ids. Without ranges only the user's own id is
 mapped (to 0): the build works, but a RUN cannot chown to other users; a warning says

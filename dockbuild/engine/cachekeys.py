@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from dockbuild import llb
 from dockbuild.engine.sources.local import LocalDir, has_glob
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 REMOTE_PREFIXES = ("http://", "https://", "git://")
 
 
-def is_remote(op: llb.Op | None) -> bool:
+def is_remote(op: llb.Op | None) -> TypeGuard[llb.SourceOp]:
     """An HTTP(S) or git source (``ADD URL``), fetched by the engine."""
     return isinstance(op, llb.SourceOp) and op.identifier.startswith(REMOTE_PREFIXES)
 
@@ -64,7 +64,7 @@ class CacheKeys:
             local = self._local(op)
             key = _h(op.digest, local.checksum([""]))
         elif is_remote(op):
-            key = _h(op.digest, self._remote_key(op))  # type: ignore[arg-type]
+            key = _h(op.digest, self._remote_key(op))
         elif isinstance(op, llb.FileOp):
             parts = [op.digest, self.key(op.base)]
             for action in op.actions:

@@ -25,7 +25,7 @@ MAX_FILES = 20000  # past this many files a COPY's fingerprint keeps only their 
 _SHOWN = 8  # names listed before "and N more"
 
 
-def fingerprint(op: llb.Op, keys: CacheKeys, key_of: Callable[[llb.Op | None], str]) -> dict:
+def fingerprint(op: llb.Op, keys: CacheKeys, key_of: Callable[[llb.Op | None], str]) -> dict[str, Any]:
     """What ``op``'s key is made of, small enough to keep with its record."""
     definition = _strip_inputs(op.definition())
     if isinstance(op, llb.ExecOp):
@@ -55,7 +55,7 @@ def previous(store: Store, name: str) -> Record | None:
     return None
 
 
-def reasons(now: dict, before: Record | None) -> list[str]:
+def reasons(now: dict[str, Any], before: Record | None) -> list[str]:
     """Today's fingerprint against an earlier record's, in words."""
     if before is None or before.inputs is None:
         return ["no earlier build of this step is in the cache (new or changed instruction, or pruned)"]
@@ -116,7 +116,7 @@ def _hide_value(entry: str) -> str:
     return f"{name}={hashlib.sha256(value.encode()).hexdigest()[:16]}" if sep else name
 
 
-def _strip_inputs(definition: dict) -> dict:
+def _strip_inputs(definition: dict[str, Any]) -> dict[str, Any]:
     """An op's definition without its inputs' digests (parents are compared by key)."""
     out = {}
     for k, v in definition.items():

@@ -1,6 +1,6 @@
 """The cache root: content-addressed blobs, layer directories and the SQLite records.
 
-Layout (DESIGN.md): ``blobs/sha256/<hex>``, ``snapshots/<id>`` (one layer directory in
+Layout (docs/how-it-works.md, "The cache root"): ``blobs/sha256/<hex>``, ``snapshots/<id>`` (one layer directory in
 overlay format each), ``tmp/`` (work in progress, one folder per process), ``locks/``
 and ``db.sqlite`` (WAL). Everything reaches its final name by rename, so a reader never
 sees half a file and a killed build leaves only ``tmp/`` entries, swept by the next run.
@@ -23,9 +23,10 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 from dockbuild.engine.cacheroot import default_root
 from dockbuild.errors import DigestMismatchError, DockbuildError
@@ -302,7 +303,7 @@ class Store:
         row = self._query_one("SELECT layers FROM records WHERE key=?", (key,))
         if row is None:
             return None
-        layers = json.loads(row[0])
+        layers: list[str] = json.loads(row[0])
         if not all(self.has_layer(lid) for lid in layers):
             return None
         self.touch_record(key)
@@ -321,7 +322,7 @@ class Store:
         type: str = "regular",  # noqa: A002 - BuildKit's name for it
         owns: list[str] | None = None,
         refs: list[str] | None = None,
-        inputs: dict | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> None:
         """Record (or replace) what ``key`` solved to; one transaction, so a killed
         process leaves either the old record or the new one."""
@@ -519,9 +520,10 @@ class Store:
         finally:
             fcntl.flock(self._gc_fd, fcntl.LOCK_UN)
 
-    def _query_one(self, sql: str, args: tuple) -> tuple | None:
+    def _query_one(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
         with self._db_lock:
-            return self._db.execute(sql, args).fetchone()
+            row: tuple[Any, ...] | None = self._db.execute(sql, args).fetchone()
+            return row
 
     def _tmpdir(self) -> Path:
         if not self._tmp_made:  # any thread may be first; mkdir twice is harmless
@@ -560,10 +562,10 @@ class Record:
     type: str
     owns: list[str]
     refs: list[str]
-    inputs: dict | None
+    inputs: dict[str, Any] | None
 
 
-def _record(row: tuple) -> Record:
+def _record(row: tuple[Any, ...]) -> Record:
     key, layers, description, created, last_used, type_, owns, refs, inputs = row
     return Record(
         key,
@@ -632,12 +634,12 @@ def _alive(pid: int) -> bool:
 class _HashingReader:
     """Wraps a stream and hashes what passes through (the layer's diff_id)."""
 
-    def __init__(self, raw) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, raw: BinaryIO) -> None:
         self.raw = raw
         self.sha = hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
+        data: bytes = self.raw.read(n)
         self.sha.update(data)
         return data
 
@@ -651,7 +653,8 @@ def unpack_verified(blob: Path, dest: Path) -> str:
     with archive.open_blob(blob) as stream:
         reader = _HashingReader(stream)
         # In a user namespace (rootless), ownership and opaque dirs take the rootless path.
-        archive.unpack_layer(reader, dest, rootless=in_user_namespace())
+        # A reader that only reads is all unpack_layer uses of a BinaryIO.
+        archive.unpack_layer(cast(BinaryIO, reader), dest, rootless=in_user_namespace())
         while reader.read(1 << 20):  # tar padding after the end-of-archive marker
             pass
     return "sha256:" + reader.sha.hexdigest()
@@ -698,7 +701,7 @@ _FS_TOPDIR_FL = 0x00020000
 def remove_tree(path: Path) -> None:
     """Remove a directory tree, including dirs that an overlay left unreadable (mode 000)."""
 
-    def fix_and_retry(func, p, _exc):  # type: ignore[no-untyped-def]
+    def fix_and_retry(func: Callable[[str], object], p: str, _exc: object) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(p), 0o700)
             os.chmod(p, 0o700)

@@ -99,7 +99,26 @@ def test_concurrent_builds_share_the_cache_and_run_an_identical_step_once(
 def test_prune_waits_for_a_running_build_and_never_pulls_its_layers_away(
     dockbuild: DockbuildCLI, tmp_path: Path
 ) -> None:
-    ctx = write_context(tmp_path / "ctx", {"Dockerfile": SLOW_RUN, "app.txt": "v1\n"})
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    # The RUN step goes on only once a server on loopback answers, which the test starts
+    # after prune has said it waits: the build is surely running while prune looks.
+    gate = http.server.HTTPServer(("127.0.0.1", 0), Answer, bind_and_activate=False)
+    gate.server_bind()
+    port = gate.server_address[1]
+    wait = f"i=0; until wget -q -O /dev/null http://127.0.0.1:{port}/ || [ $i -ge 1200 ]; do sleep 0.1; i=$((i+1)); done"
+    dockerfile = f"FROM busybox\nRUN {wait} && echo built > /built.txt\nCOPY app.txt /app.txt\n"
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": dockerfile, "app.txt": "v1\n"})
     build = subprocess.Popen(
         [DOCKBUILD, "--progress=plain", *dockbuild.base_context, "-o", f"type=local,dest={tmp_path / 'out'}", str(ctx)],
         env=dockbuild.env(),
@@ -107,13 +126,31 @@ def test_prune_waits_for_a_running_build_and_never_pulls_its_layers_away(
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert build.stderr is not None
-    for line in build.stderr:
-        if "RUN sleep 1" in line:
-            break
-    pruned = dockbuild("prune", "-f", "--all")
-    assert build.wait(timeout=60) == 0, build.stderr.read()
-    assert "waiting for running builds to finish" in pruned.stderr
+    prune = serving = None
+    try:
+        assert build.stderr is not None
+        for line in build.stderr:
+            if "RUN i=0" in line:
+                break
+        prune = subprocess.Popen(
+            [DOCKBUILD, "prune", "-f", "--all"], env=dockbuild.env(), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        assert prune.stderr is not None
+        said = prune.stderr.readline()
+        assert "waiting for running builds to finish" in said, said
+        gate.server_activate()
+        serving = threading.Thread(target=gate.serve_forever, daemon=True)
+        serving.start()
+        assert build.wait(timeout=120) == 0, build.stderr.read()
+        assert prune.wait(timeout=60) == 0, prune.stderr.read()
+    finally:
+        if serving is not None:
+            gate.shutdown()
+        gate.server_close()
+        for proc in (build, prune):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     assert (tmp_path / "out" / "built.txt").read_text() == "built\n"
     assert (tmp_path / "out" / "app.txt").read_text() == "v1\n"
     assert dockbuild("debug", "check-cache").out.strip() == "cache OK"

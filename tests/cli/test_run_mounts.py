@@ -100,20 +100,31 @@ def test_cache_mount_from_a_stage_with_owner_mode_and_readonly(
 def test_cache_mount_sharing_between_concurrent_builds(
     dockbuild: DockbuildCLI, tmp_path: Path, sharing: str, expected: str
 ) -> None:
-    # Two builds at once (one cache root), each step holds the cache for a second.
+    # Two builds at once (one cache root), each step holds the cache a while: a second
+    # (locked), or until the other step holds its own (private; they meet in a shared cache).
+    hold = "sleep 1"
+    if sharing == "private":
+        hold = (
+            "touch /m/$N; i=0; until [ -e /m/$OTHER ] || [ $i -ge 1200 ]; do sleep 0.1; i=$((i+1)); done"
+        )
     ctx = write_context(
         tmp_path / "ctx",
         {
-            "Dockerfile": "FROM busybox\nARG N\n"
+            "Dockerfile": "FROM busybox\nARG N OTHER\n"
             f"RUN --mount=type=cache,target=/c,sharing={sharing} "
-            "ls /c > /before; touch /c/busy-$N; sleep 1; rm /c/busy-$N; date +%s%N > /c/end-$N\n",
+            "--mount=type=cache,target=/m,id=meet,sharing=shared "
+            f"ls /c > /before; touch /c/busy-$N; {hold}; rm /c/busy-$N; date +%s%N > /c/end-$N\n",
         },
     )
-    dockbuild.build(ctx, "--build-arg", "N=0")  # materialise the base image once
+    warm = write_context(tmp_path / "warm", {"Dockerfile": "FROM busybox\nRUN true\n"})
+    dockbuild.build(warm)  # materialise the base image once
     results: dict[str, object] = {}
 
     def run(n: str) -> None:
-        results[n] = build_oci(dockbuild, ctx, tmp_path / f"{n}.tar", "--build-arg", f"N={n}")
+        other = "2" if n == "1" else "1"
+        results[n] = build_oci(
+            dockbuild, ctx, tmp_path / f"{n}.tar", "--build-arg", f"N={n}", "--build-arg", f"OTHER={other}"
+        )
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ("1", "2")]
     for t in threads:

@@ -197,27 +197,34 @@ def test_a_packed_layer_is_unpacked_on_first_read_and_checked_against_its_diff_i
 def test_a_step_lock_excludes_threads_and_processes_per_key_and_makes_no_file(store: Store) -> None:
     import multiprocessing
     import threading
-    import time
 
     events: list[str] = []
+    a_holds, release_a, b_tries = threading.Event(), threading.Event(), threading.Event()
 
-    def hold(name: str, key: str, seconds: float) -> None:
+    def hold(name: str, key: str, holding: threading.Event | None = None) -> None:
+        if name == "b":
+            b_tries.set()
         with store.lock(key):
             events.append(f"{name} in")
-            time.sleep(seconds)
+            if holding is not None:
+                holding.set()
+                assert release_a.wait(60)
             events.append(f"{name} out")
 
-    first = threading.Thread(target=hold, args=("a", "key-1", 0.3))
+    first = threading.Thread(target=hold, args=("a", "key-1", a_holds))
     first.start()
-    time.sleep(0.05)
-    same = threading.Thread(target=hold, args=("b", "key-1", 0))
-    other = threading.Thread(target=hold, args=("c", "key-2", 0))
+    assert a_holds.wait(60)
+    same = threading.Thread(target=hold, args=("b", "key-1"))
+    other = threading.Thread(target=hold, args=("c", "key-2"))
     same.start()
     other.start()
-    for t in (first, same, other):
-        t.join()
-    assert events.index("b in") > events.index("a out")  # same key: waits
-    assert events.index("c out") < events.index("a out")  # another key: does not
+    other.join(60)
+    assert events == ["a in", "c in", "c out"]  # another key does not wait for a
+    assert b_tries.wait(60)
+    release_a.set()
+    for t in (first, same):
+        t.join(60)
+    assert events.index("b in") > events.index("a out")  # the same key waits for a
 
     # Another process waits too. (Forked before the lock is taken: a forked child would
     # share the locked descriptor, as with flock.)
@@ -225,7 +232,7 @@ def test_a_step_lock_excludes_threads_and_processes_per_key_and_makes_no_file(st
     go, done = ctx.Event(), ctx.Event()
 
     def child() -> None:
-        go.wait(5)
+        go.wait(60)
         with store.lock("key-1"):
             done.set()
 
@@ -233,7 +240,7 @@ def test_a_step_lock_excludes_threads_and_processes_per_key_and_makes_no_file(st
     process.start()
     with store.lock("key-1"):
         go.set()
-        assert not done.wait(0.3)
-    assert done.wait(5)
-    process.join(5)
+        assert not done.wait(0.3)  # (a slow child makes this pass too, never fail)
+    assert done.wait(60)
+    process.join(60)
     assert sorted(p.name for p in (store.root / "locks").iterdir()) == ["gc", "steps"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conformance_data import BUILDKIT_DATA
+from conformance_data import BUILDKIT_DATA, conformance
 
 from dockbuild.errors import DockerfileError
 from dockbuild.frontend.parser import dump, parse
 from dockbuild.frontend.stages import parse_stages
 
 DATA = BUILDKIT_DATA
+pytestmark = conformance
 
 
 def _cases(folder: str) -> list[Path]:

@@ -1,6 +1,6 @@
 """Executors: run one process on a rootfs with mounts, and report its exit status.
 
-One interface, several back ends (DESIGN.md, "Executors"): ``namespace`` (built in,
+One interface, several back ends: ``namespace`` (built in,
 the default), ``runc`` and ``chroot``. The engine builds a :class:`RunRequest` and calls
 :meth:`Executor.run`; nothing outside this package knows how a container is made.
 """

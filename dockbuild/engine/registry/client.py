@@ -15,7 +15,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
@@ -49,7 +49,6 @@ from dockbuild.engine.registry.manifest import (  # noqa: F401 (re-exported)
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
     MEDIA_SCHEMA1,
-    Descriptor,
     Platform,
     ResolvedImage,
     _display_platform,
@@ -62,6 +61,9 @@ from dockbuild.engine.registry.manifest import (  # noqa: F401 (re-exported)
     select_manifest,
     sniff_media_type,
     verify_digest,
+)
+from dockbuild.engine.registry.manifest import (
+    Descriptor as Descriptor,  # the public name importers use
 )
 from dockbuild.engine.registry.reference import DOCKER_HUB, Reference
 from dockbuild.errors import DigestMismatchError, RegistryError, RegistryUnreachableError
@@ -370,7 +372,9 @@ class RegistryClient:
 
     # -- streams ---------------------------------------------------------------------
 
-    def _blob_chunks(self, ref: Reference, desc: Descriptor, offset: int = 0) -> Iterator[bytes]:
+    def _blob_chunks(
+        self, ref: Reference, desc: Descriptor, offset: int = 0
+    ) -> Generator[bytes, None, None]:
         """The blob's bytes from ``offset`` (a ranged request); when the registry answers
         a range with the whole blob, ``_RESTART`` comes first."""
         where = f"{ref.repository}@{desc.digest}"

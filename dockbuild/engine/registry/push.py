@@ -25,11 +25,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
 from dockbuild.engine.registry.client import RegistryClient
 from dockbuild.engine.registry.reference import Reference
 from dockbuild.errors import RegistryError
+
+if TYPE_CHECKING:
+    import requests
 
 # Blobs up to this size go in one PUT; bigger ones in PATCH chunks of this size.
 DEFAULT_CHUNK_SIZE = 32 << 20
@@ -259,12 +263,12 @@ class Pusher:
                 )
 
     @staticmethod
-    def _location(ref: Reference, response: object) -> str:
-        location = response.headers.get("Location")  # type: ignore[attr-defined]
+    def _location(ref: Reference, response: requests.Response) -> str:
+        location: str | None = response.headers.get("Location")
         if not location:
             raise RegistryError(f"{ref.repository}: the registry gave no upload Location")
         if location.startswith("/"):
-            parts = urlsplit(response.url)  # type: ignore[attr-defined]
+            parts = urlsplit(response.url)
             location = f"{parts.scheme}://{parts.netloc}{location}"
         return location
 
@@ -281,7 +285,7 @@ class Pusher:
         return data
 
     @staticmethod
-    def _open(blob: PushBlob):  # type: ignore[no-untyped-def]
+    def _open(blob: PushBlob) -> BinaryIO:
         import io
 
         if blob.data is not None:

@@ -50,9 +50,10 @@ def _lookup(store: Store, url: str) -> tuple[str, str, str, int] | None:
     with _db_lock:
         conn = _db(store)
         try:
-            return conn.execute(
+            row: tuple[str, str, str, int] | None = conn.execute(
                 "SELECT etag, last_modified, digest, mtime FROM http_sources WHERE url=?", (url,)
             ).fetchone()
+            return row
         finally:
             conn.close()
 

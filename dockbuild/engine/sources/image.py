@@ -12,15 +12,22 @@ import concurrent.futures
 import hashlib
 import json
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dockbuild import llb
 from dockbuild.engine.store import BlobInfo, Store
 from dockbuild.errors import DigestMismatchError, DockbuildError
-from dockbuild.progress import Progress
+from dockbuild.progress import Progress, Vertex
+
+if TYPE_CHECKING:  # the registry client loads only when a registry is asked
+    from dockbuild.engine.registry.client import RegistryClient
+    from dockbuild.engine.registry.reference import Reference
+
+T = TypeVar("T")
 
 _LAYER_COMPRESSION = {"gzip": "gzip", "zstd": "zstd"}
 
@@ -30,7 +37,7 @@ class ImageInfo:
     """What the frontend learns about a base image: a pinned identifier and its config."""
 
     identifier: str  # docker-image://REF@sha256:... or oci-layout://NAME@sha256:...
-    config: dict
+    config: dict[str, Any]
     name: str  # how progress shows it
 
 
@@ -55,7 +62,7 @@ class ImageSources:
         self.layouts = layouts or {}  # named oci-layout contexts
         self.pull = pull
         self.platform = platform
-        self._client = None
+        self._client: RegistryClient | None = None
         self._hosts: Any = None  # registry mirrors and insecure hosts, read with the client
         self._mirror_client: Any = None
         self._client_lock = threading.Lock()
@@ -100,7 +107,7 @@ class ImageSources:
             name=f"{name}@{resolved.manifest_digest}",
         )
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> RegistryClient:
         with self._client_lock:
             if self._client is None:
                 from dockbuild.engine.registry.client import RegistryClient
@@ -110,7 +117,7 @@ class ImageSources:
                 self._client = RegistryClient(insecure=self._hosts.insecure)
             return self._client
 
-    def _from_mirrors(self, ref, call):  # type: ignore[no-untyped-def]
+    def _from_mirrors(self, ref: Reference, call: Callable[[RegistryClient, Reference], T]) -> T:
         """``call(candidate)`` for each mirror of ``ref``'s registry, then the registry
         itself: the first that succeeds wins; the registry's own error is the one raised."""
         client = self.client()
@@ -136,12 +143,14 @@ class ImageSources:
             return False
         return self.store.has_blob(manifest["config"]["digest"])
 
-    def _manifest(self, manifest_digest: str) -> dict:
-        return json.loads(self.store.blob_path(manifest_digest).read_bytes())
+    def _manifest(self, manifest_digest: str) -> dict[str, Any]:
+        manifest: dict[str, Any] = json.loads(self.store.blob_path(manifest_digest).read_bytes())
+        return manifest
 
-    def _config_of(self, manifest_digest: str) -> dict:
+    def _config_of(self, manifest_digest: str) -> dict[str, Any]:
         manifest = self._manifest(manifest_digest)
-        return json.loads(self.store.blob_path(manifest["config"]["digest"]).read_bytes())
+        config: dict[str, Any] = json.loads(self.store.blob_path(manifest["config"]["digest"]).read_bytes())
+        return config
 
     # -- materialisation (for the solver) --------------------------------------------
 
@@ -195,8 +204,8 @@ class ImageSources:
         return ids
 
     def _ensure_layer(
-        self, scheme: str, location: str, desc: dict, diff_id: str, layer_id: str, vertex
-    ) -> None:  # type: ignore[no-untyped-def]
+        self, scheme: str, location: str, desc: dict[str, Any], diff_id: str, layer_id: str, vertex: Vertex
+    ) -> None:
         """Bring the layer's blob in, verified; it is unpacked when a step reads it."""
         with self.store.lock("layer:" + layer_id):
             if self.store.has_layer(layer_id):
@@ -209,7 +218,7 @@ class ImageSources:
                 diff_id,
             )
 
-    def _fetch(self, scheme: str, location: str, desc: dict) -> None:
+    def _fetch(self, scheme: str, location: str, desc: dict[str, Any]) -> None:
         """Download (or copy) a blob into the store, hashing it once on the way in. It
         lands in this process's temp area first: a killed pull leaves nothing behind
         that the next build does not sweep."""

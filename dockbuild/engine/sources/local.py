@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dockbuild.errors import DockbuildError
 
@@ -184,10 +185,10 @@ class FileDigests:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(self._SCHEMA)
         self._lock = threading.Lock()
-        self._maps: dict[tuple[str, str], dict] = {}  # (table, row key) -> its map
+        self._maps: dict[tuple[str, str], dict[Any, Any]] = {}  # (table, row key) -> its map
         self._dirty: set[tuple[str, str]] = set()
 
-    def load(self, root: Path) -> dict[str, tuple]:
+    def load(self, root: Path) -> dict[str, tuple[Any, ...]]:
         """The file map of ``root`` (read once per process)."""
         return self._load("context_digests", "root=?", (str(root),))
 
@@ -206,13 +207,13 @@ class FileDigests:
             self._maps[("context_copies", str(root))] = written
             self._dirty.add(("context_copies", str(root)))
 
-    def _load(self, table: str, where: str, args: tuple[str, ...]) -> dict:
+    def _load(self, table: str, where: str, args: tuple[str, ...]) -> dict[Any, Any]:
         key = (table, "\0".join(args))
         with self._lock:
             found = self._maps.get(key)
             if found is not None:
                 return found
-            data: dict = {}
+            data: dict[Any, Any] = {}
             with contextlib.suppress(Exception):  # a busy or damaged table: start afresh
                 row = self._conn.execute(f"SELECT data FROM {table} WHERE {where}", args).fetchone()
                 if row is not None:
@@ -294,7 +295,7 @@ class LocalDir:
     digests: FileDigests | None = None  # the persistent tables, when there is a cache
     _rules: tuple[IgnoreRule, ...] = field(init=False, repr=False)
     _rules_key: str = field(init=False, repr=False)
-    _known: dict[str, tuple] | None = field(init=False, repr=False)
+    _known: dict[str, tuple[Any, ...]] | None = field(init=False, repr=False)
     _trees: dict[str, tuple[bytes, str]] = field(init=False, repr=False)
     _hashed: dict[str, str] = field(init=False, repr=False)
     _copies: dict[tuple[int, int, int], str] | None = field(init=False, repr=False)
@@ -469,7 +470,7 @@ class LocalDir:
         when that differs from what the last build recorded, its entries' lines."""
         rules = self._rules
         prefix = rel + "/" if rel else ""
-        sig: list[tuple] = []
+        sig: list[tuple[Any, ...]] = []
         append = sig.append
         stats: list[os.stat_result] = []  # beside sig, in the same order
         keep = stats.append
