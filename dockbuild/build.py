@@ -50,6 +50,14 @@ class BuildRequest:
     squash: bool = False
 
 
+@dataclass(frozen=True)
+class BuildResult:
+    """What a finished build reports back to the CLI."""
+
+    image_id: str | None  # the config digest; None when no output made an image
+    wrote_stdout: bool  # an output (`-o -`, the default on a pipe) wrote to stdout
+
+
 @dataclass
 class _Inputs:
     """What a request names on this host: the Dockerfile, the contexts."""
@@ -230,7 +238,7 @@ def definition(request: BuildRequest) -> dict[str, Any]:
         store.close()
 
 
-def build(request: BuildRequest) -> None:
+def build(request: BuildRequest) -> BuildResult:
     from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.sources.local import FileDigests
 
@@ -356,8 +364,7 @@ def build(request: BuildRequest) -> None:
             progress.close()
         if store is not None:
             store.close()
-    if request.quiet and ids.image_id:
-        print(ids.image_id)
+    return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
 
 
 # A COPY or ADD of the whole context (``COPY . /app``, flags allowed, not --from).

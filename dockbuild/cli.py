@@ -154,7 +154,10 @@ def build_cmd(
     if check:
         _run_checks(request)
         return
-    build(request)
+    result = build(request)
+    if quiet and result.image_id:
+        # `dockbuild -q . > image.tar`: the archive owns stdout, the ID goes to stderr.
+        print(result.image_id, file=sys.stderr if result.wrote_stdout else sys.stdout)
 
 
 def _run_checks(request: object) -> None:

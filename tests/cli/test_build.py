@@ -321,6 +321,19 @@ def test_quiet_progress_prints_nothing_on_success(dockbuild: DockbuildCLI, hello
     assert run.stderr == ""
 
 
+def test_quiet_with_the_archive_on_stdout_prints_the_id_on_stderr(
+    dockbuild: DockbuildCLI, hello: Path, tmp_path: Path
+) -> None:
+    """`dockbuild -q . > img.tar`: stdout is the docker tarball and nothing else."""
+    iid = tmp_path / "iid"
+    for args in ([], ["-o", "type=oci,dest=-"]):  # a docker tarball on a pipe by default
+        run = dockbuild("-q", "--iidfile", str(iid), *dockbuild.base_context, *args, str(hello))
+        assert _tar(run.stdout).getnames()
+        assert len(run.stdout) % 512 == 0  # a tar, block by block, with nothing after it
+        assert not run.stdout.rstrip(b"\0").endswith(iid.read_bytes() + b"\n")
+        assert run.stderr.strip() == iid.read_text()
+
+
 def test_a_missing_context_is_a_clear_error(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
     run = dockbuild("--progress=plain", str(tmp_path / "nope"), check=False)
     assert run.returncode == 1
