@@ -39,6 +39,8 @@ class BuildRequest:
     platform: str | None = None
     executor: str | None = None
     network: str = "default"
+    add_hosts: tuple[str, ...] = ()  # --add-host, each "HOST:IP"
+    shm_size: int | None = None  # --shm-size in bytes; None: the executor's default
     secrets: list[str] = field(default_factory=list)  # --secret values
     ssh: list[str] = field(default_factory=list)  # --ssh values
     allow: list[str] = field(default_factory=list)  # --allow entitlements
@@ -258,6 +260,7 @@ def build(request: BuildRequest) -> BuildResult:
         digests = _early_digests(root / "db.sqlite")
         if digests is not None:
             locals_ = _local_dirs(inputs, digests)
+        outputs, cache_from, cache_to = _parse_specs(request)  # usage errors first
         from dockbuild.engine.store import Store
 
         store = Store(root)  # a cache it cannot open is an error before any progress shows
@@ -269,21 +272,9 @@ def build(request: BuildRequest) -> BuildResult:
         from dockbuild.outputs import export
         from dockbuild.progress import make_progress
 
-        outputs = export.parse_outputs(
-            request.outputs,
-            tags=request.tags,
-            stdout_is_tty=sys.stdout.isatty(),
-            push=request.push,
-            load=request.load,
-        )
-        epoch = export.source_date_epoch(request.build_args)
-        cache_from: list[Any] = []
-        cache_to: list[Any] = []
-        if request.cache_from or request.cache_to:  # every use of cacheio is under these
+        if cache_from or cache_to:  # every use of cacheio is under these
             from dockbuild.engine import cacheio
-
-            cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
-            cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
+        epoch = export.source_date_epoch(request.build_args)
         progress = make_progress(request.progress)
         vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
         vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
@@ -365,6 +356,30 @@ def build(request: BuildRequest) -> BuildResult:
         if store is not None:
             store.close()
     return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+
+
+def _parse_specs(request: BuildRequest) -> tuple[list[Any], list[Any], list[Any]]:
+    """The -o, --cache-from and --cache-to specs; a malformed one is a usage error."""
+    from dockbuild.errors import UsageError
+    from dockbuild.outputs import export
+
+    try:
+        outputs = export.parse_outputs(
+            request.outputs,
+            tags=request.tags,
+            stdout_is_tty=sys.stdout.isatty(),
+            push=request.push,
+            load=request.load,
+        )
+        if not (request.cache_from or request.cache_to):
+            return outputs, [], []
+        from dockbuild.engine import cacheio
+
+        cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
+        cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
+    except DockbuildError as e:
+        raise UsageError(e.message, hint=e.hint) from e
+    return outputs, cache_from, cache_to
 
 
 # A COPY or ADD of the whole context (``COPY . /app``, flags allowed, not --from).
