@@ -629,6 +629,10 @@ def main(argv: list[str] | None = None) -> None:
 
         if _DEBUG:
             raise
+        if not isinstance(e, DockbuildError):
+            from dockbuild.engine.cacheroot import environment_error
+
+            e = environment_error(e) or e  # a read-only HOME, a full disk: not our bug
         if isinstance(e, DockbuildError):
             _print_error(e)
             sys.exit(e.exit_status)
