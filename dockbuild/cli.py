@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
     from typing import Any, NoReturn
 
+    from dockbuild.build import BuildRequest
+    from dockbuild.errors import Location
+
 SUBCOMMANDS = {"build", "debug", "version", "du", "prune", "--help", "-h"}
 
 # The names --executor and --network take (the executor probe and the frontend check them
@@ -245,6 +248,7 @@ def build_cmd(
     request = BuildRequest(
         context=context,
         dockerfile=file,
+        dockerfile_text=_stdin_dockerfile(context) if file == "-" else None,
         tags=list(tag),
         target=target,
         build_args=dict(build_arg),
@@ -283,18 +287,18 @@ def build_cmd(
         print(result.image_id, file=sys.stderr if result.wrote_stdout else sys.stdout)
 
 
-def _run_checks(request: object) -> None:
+def _run_checks(request: BuildRequest) -> None:
     """`--check`: print each warning with its rule, URL and Dockerfile lines; exit 1 if any."""
-    from dockbuild.build import check, snippet
+    from dockbuild.build import check
 
-    warnings = check(request)  # type: ignore[arg-type]
+    warnings = check(request)
     out: list[str] = []
     for w in warnings:
         out.append(f"WARNING: {w.rule} - {w.url}" if w.url else f"WARNING: {w.rule}")
         out.append(w.message)
         if w.location is not None:
             out.append(f"{w.location.filename}:{w.location.start_line}")
-            lines = snippet(w.location)
+            lines = _snippet(w.location)
             if lines:
                 out += ["--------------------", *lines, "--------------------"]
         out.append("")
@@ -331,6 +335,7 @@ def debug_llb(
     request = BuildRequest(
         context=context,
         dockerfile=file,
+        dockerfile_text=_stdin_dockerfile(context) if file == "-" else None,
         target=target,
         build_args=dict(build_arg),
         build_contexts=dict(build_context),
@@ -551,6 +556,46 @@ def _read(path: str) -> bytes:
         raise DockbuildError(f"cannot read {path}: {e.strerror}") from e
 
 
+# The Dockerfile read from stdin (`-f -`), for the snippets of its errors.
+_STDIN_DOCKERFILE: bytes | None = None
+
+
+def _stdin_dockerfile(context: str) -> bytes:
+    """`-f -`: the Dockerfile from stdin (kept for error snippets)."""
+    global _STDIN_DOCKERFILE
+    from dockbuild.errors import DockbuildError
+
+    if context == "-":
+        raise DockbuildError(
+            "the Dockerfile and the build context cannot both be read from stdin",
+            hint="pass the context as a directory, or the Dockerfile with -f FILE",
+        )
+    _STDIN_DOCKERFILE = sys.stdin.buffer.read()
+    return _STDIN_DOCKERFILE
+
+
+def _snippet(location: Location) -> list[str]:
+    """The Dockerfile lines around a location, BuildKit style (`>>>` marks its lines)."""
+    from dockbuild.contexts import STDIN_DOCKERFILE_NAME
+
+    if location.filename == STDIN_DOCKERFILE_NAME and _STDIN_DOCKERFILE is not None:
+        text = _STDIN_DOCKERFILE.decode(errors="replace")
+    else:
+        try:
+            with open(location.filename, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return []
+    lines = text.splitlines()
+    end = location.end_line or location.start_line
+    first = max(1, location.start_line - 2)
+    last = min(len(lines), end + 2)
+    return [
+        f" {n:>3} | {'>>>' if location.start_line <= n <= end else '   '} {lines[n - 1]}"
+        for n in range(first, last + 1)
+    ]
+
+
 def _print_error(err: Exception) -> None:
     from dockbuild.errors import DockbuildError, ExecError
 
@@ -563,7 +608,7 @@ def _print_error(err: Exception) -> None:
     loc = err.location
     if loc is not None:
         lines.append(f"{loc.filename}:{loc.start_line}")
-        snippet = getattr(err, "snippet", None)
+        snippet = _snippet(loc)
         if snippet:
             lines.append("--------------------")
             lines += snippet

@@ -395,3 +395,15 @@ def test_tty_progress_draws_the_steps_on_a_terminal(
     assert proc.returncode == 0
     text = screen.decode(errors="replace")
     assert "Building" in text and "COPY greet.sh /usr/local/bin/greet" in text
+
+
+def test_a_broken_config_file_is_a_warning_not_a_failed_build(dockbuild: DockbuildCLI, hello: Path, tmp_path: Path) -> None:
+    for text, message in [
+        ("[worker.oci\nmax-parallelism = ", "invalid config"),
+        ("[worker.oci]\nmax-parallelism = -3\n", "max-parallelism must be a positive integer"),
+    ]:
+        config = tmp_path / "config.toml"
+        config.write_text(text)
+        run = dockbuild.build(hello, "-o", f"type=oci,dest={tmp_path / 'x.tar'}", env={"DOCKBUILD_CONFIG": str(config)})
+        assert "WARNING: " in run.stderr and message in run.stderr
+        assert read_oci(tmp_path / "x.tar").manifest["layers"]
