@@ -217,6 +217,7 @@ def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpe
     from dockbuild.outputs import export
 
     try:
+        _check_tags(request.tags)
         outputs = export.parse_outputs(
             request.outputs,
             tags=request.tags,
@@ -233,6 +234,19 @@ def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpe
     except DockbuildError as e:
         raise UsageError(e.message, hint=e.hint) from e
     return outputs, cache_from, cache_to
+
+
+def _check_tags(tags: list[str]) -> None:
+    """-t names, each a valid image reference (every output that names the image uses it)."""
+    from dockbuild.outputs.image import normalize_name
+
+    for tag in tags:
+        try:
+            if not tag.strip():
+                raise ValueError(f"invalid tag {tag!r}: an empty name")
+            normalize_name(tag)
+        except ValueError as e:
+            raise DockbuildError(f"-t: {e}") from None
 
 
 def _convert(request: BuildRequest, inputs: contexts.Inputs, sources: ImageSources) -> Definition:

@@ -563,10 +563,10 @@ _STDIN_DOCKERFILE: bytes | None = None
 def _stdin_dockerfile(context: str) -> bytes:
     """`-f -`: the Dockerfile from stdin (kept for error snippets)."""
     global _STDIN_DOCKERFILE
-    from dockbuild.errors import DockbuildError
+    from dockbuild.errors import UsageError
 
     if context == "-":
-        raise DockbuildError(
+        raise UsageError(
             "the Dockerfile and the build context cannot both be read from stdin",
             hint="pass the context as a directory, or the Dockerfile with -f FILE",
         )

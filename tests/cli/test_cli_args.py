@@ -157,6 +157,8 @@ def test_malformed_output_and_cache_specs_exit_2_before_any_step(dockbuild: Dock
         (["--cache-to", "type=gha"], "cache type 'gha' is not supported"),
         (["--cache-from", "type=local"], "needs src=DIRECTORY"),
         (["--cache-to", "type=local,dest=d,mode=most"], "mode must be min or max"),
+        (["-t", "Bad:Name"], "repository names must be lowercase"),  # also for the default tarball
+        (["-t", ""], "an empty name"),
     ]:
         run = dockbuild.build(ctx, *args, check=False)
         assert run.returncode == 2, (args, run.stderr)
