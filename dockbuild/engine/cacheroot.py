@@ -31,6 +31,23 @@ def default_root() -> Path:
     return base / "dockbuild"
 
 
+def prepare(root: Path, subdirs: tuple[str, ...] = ()) -> None:
+    """Make the cache root and its ``subdirs``, and check that it can be written: a root
+    that cannot is a clear error naming it and the fix (not a database "that cannot be
+    read", later)."""
+    from dockbuild.errors import DockbuildError
+
+    try:
+        for sub in subdirs or (".",):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (environment_error(e, root) or e) from e
+    if not os.access(root, os.W_OK | os.X_OK):
+        read_only = os.statvfs(root).f_flag & os.ST_RDONLY
+        reason = "Read-only file system" if read_only else "Permission denied"
+        raise DockbuildError(f"cannot write the cache at {root.absolute()}: {reason}", hint=_FIX_ROOT)
+
+
 def environment_error(error: BaseException, root: Path | None = None) -> DockbuildError | None:
     """The clear error for a cache root that cannot be made or written (read-only HOME, a
     file in the way, a full disk), naming the path and the fix; None for other errors."""

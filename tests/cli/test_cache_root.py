@@ -84,3 +84,16 @@ def test_a_full_cache_disk_says_so_and_how_to_make_room(
         assert "no space left on device" in run.stderr
         assert "free space" in run.stderr and str(small) in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cache_root_that_became_read_only_is_named_not_called_unreadable(
+    dockbuild: DockbuildCLI, ctx: Path, tmp_path: Path
+) -> None:
+    dockbuild.build(ctx, "-o", f"type=local,dest={tmp_path / 'first'}")  # the cache exists
+    with _mounted(dockbuild.root, "--bind", str(dockbuild.root)):
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(dockbuild.root)], check=True)
+        for args in (["--progress=plain", *dockbuild.base_context, str(ctx)], ["du"]):
+            run = dockbuild(*args, check=False)
+            _clear_error(run)
+            assert f"cannot write the cache at {dockbuild.root}: Read-only file system" in run.stderr
+            assert "cannot be read" not in run.stderr and "DOCKBUILD_ROOT" in run.stderr
