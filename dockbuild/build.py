@@ -1,27 +1,49 @@
-"""One build, start to end: request -> frontend -> engine.solve -> outputs.export.
+"""One build, start to end: request -> contexts -> frontend -> engine.solve -> outputs.
 
-This module wires the rooms together and owns nothing else: reading the Dockerfile and
-.dockerignore, naming the contexts, choosing the outputs. It is the only place that
-knows both the frontend and the engine.
+This module wires the rooms together and owns nothing else. It is the only place that
+knows both the frontend and the engine. It prints nothing: steps and warnings go to
+progress, results and errors back to the CLI.
+
+Start-up matters: a cached build takes a quarter of a second. The contexts are resolved
+first, and the context walk forked (contexts.local_dirs), before the store, the solver,
+the frontend and the outputs load.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
+from dockbuild import contexts
 from dockbuild.errors import DockbuildError
+
+TYPE_CHECKING = False  # typing and the heavy modules load only for the type checker
+if TYPE_CHECKING:
+    from contextlib import ExitStack
+
+    from dockbuild import llb
+    from dockbuild.engine.cacheio import CacheSpec
+    from dockbuild.engine.executor import Executor
+    from dockbuild.engine.solver import Solver
+    from dockbuild.engine.sources.image import ImageSources
+    from dockbuild.engine.sources.local import FileDigests, LocalDir
+    from dockbuild.engine.store import Store
+    from dockbuild.frontend.checks import CheckWarning
+    from dockbuild.frontend.convert import Definition
+    from dockbuild.outputs.export import ExportIds, OutputSpec
+    from dockbuild.progress import Progress
+    from dockbuild.secrets import SecretSource, SSHSource
+
+HOST_PLATFORM = "linux/amd64"
 
 
 @dataclass
 class BuildRequest:
     context: str
     dockerfile: str | None = None
+    dockerfile_text: bytes | None = None  # `-f -`: the Dockerfile the CLI read from stdin
     tags: list[str] = field(default_factory=list)
     target: str | None = None
     build_args: dict[str, str | None] = field(default_factory=dict)
@@ -39,6 +61,8 @@ class BuildRequest:
     platform: str | None = None
     executor: str | None = None
     network: str = "default"
+    add_hosts: tuple[str, ...] = ()  # --add-host, each "HOST:IP"
+    shm_size: int | None = None  # --shm-size in bytes; None: the executor's default
     secrets: list[str] = field(default_factory=list)  # --secret values
     ssh: list[str] = field(default_factory=list)  # --ssh values
     allow: list[str] = field(default_factory=list)  # --allow entitlements
@@ -50,104 +74,125 @@ class BuildRequest:
     squash: bool = False
 
 
-@dataclass
-class _Inputs:
-    """What a request names on this host: the Dockerfile, the contexts."""
+@dataclass(frozen=True)
+class BuildResult:
+    """What a finished build reports back to the CLI."""
 
-    dockerfile_name: str
-    dockerfile_text: bytes
-    ignore_patterns: tuple[str, ...]
-    local_dirs: dict[str, Path]  # context name -> directory
-    layouts: dict[str, tuple[Path, str | None, str | None]]  # name -> (path, tag, digest)
-    images: dict[str, str]  # name -> registry reference
+    image_id: str | None  # the config digest; None when no output made an image
+    wrote_stdout: bool  # an output (`-o -`, the default on a pipe) wrote to stdout
 
 
-HOST_PLATFORM = "linux/amd64"
+@dataclass(frozen=True)
+class RunOptions:
+    """--secret, --ssh and --allow, checked (engine/mounts.py uses them)."""
+
+    secrets: dict[str, SecretSource]
+    ssh: dict[str, SSHSource]
+    allow: frozenset[str]
 
 
-def _inputs(request: BuildRequest) -> _Inputs:
-    from dockbuild.engine.sources import context as remote_context
-    from dockbuild.frontend.dockerignore import parse_dockerignore
+def build(request: BuildRequest) -> BuildResult:
+    """Build what ``request`` asks for; a DockbuildError says why not."""
+    from contextlib import ExitStack
 
-    keep_git = request.build_args.get("BUILDKIT_CONTEXT_KEEP_GIT_DIR") in ("1", "true")
-    remote = remote_context.is_remote(request.context)
-    # A tar on stdin (`-`), a git URL or an HTTP tarball becomes a temporary directory.
-    ctx = remote_context.load_context(request.context, keep_git, epoch=_commit_times(request)) if remote else Path(request.context)
-    if not ctx.is_dir():
-        raise DockbuildError(f"unable to prepare context: path {request.context!r} not found")
-    if request.dockerfile and remote and not Path(request.dockerfile).is_absolute():
-        df = ctx / request.dockerfile  # -f names a file inside a remote context
-    elif request.dockerfile:
-        df = Path(request.dockerfile)
-    else:
-        df = ctx / "Dockerfile"
-        if not df.exists() and (ctx / "dockerfile").exists():
-            df = ctx / "dockerfile"
-    try:
-        text = _read_dockerfile(request, df)
-        if request.dockerfile == "-":
-            df = Path("-")  # no Dockerfile.dockerignore for stdin: the context's applies
-    except OSError as e:
-        raise DockbuildError(
-            f"failed to read dockerfile: open {df}: {e.strerror.lower()}"
-        ) from e
-    # <Dockerfile>.dockerignore beside the Dockerfile wins over the context's .dockerignore.
-    ignore_file = Path(str(df) + ".dockerignore")
-    if not ignore_file.exists():
-        ignore_file = ctx / ".dockerignore"
-    patterns = (
-        parse_dockerignore(ignore_file.read_bytes()) if ignore_file.exists() else ()
-    )
-    locals_: dict[str, Path] = {"context": ctx}
-    layouts: dict[str, tuple[Path, str | None, str | None]] = {}
-    images: dict[str, str] = {}
-    for name, value in request.build_contexts.items():
-        if value.startswith("oci-layout://"):
-            path, tag, digest = _split_layout(value[len("oci-layout://") :])
-            layouts[name] = (Path(path), tag, digest)
-        elif value.startswith("docker-image://"):
-            images[name] = value[len("docker-image://") :]
-        elif remote_context.is_remote(value) and value != "-":
-            locals_[name] = remote_context.load_context(value, keep_git, epoch=_commit_times(request))  # git URL, HTTP tar
-        elif "://" in value:
-            raise DockbuildError(f"build context {name}={value}: this kind of context is not supported yet")
-        else:
-            if not Path(value).is_dir():
-                raise DockbuildError(f"build context {name}={value}: not a directory")
-            locals_[name] = Path(value)
-    name = STDIN_DOCKERFILE_NAME if request.dockerfile == "-" else str(df)
-    return _Inputs(name, text, tuple(patterns), locals_, layouts, images)
-
-
-def _local_dirs(inputs: _Inputs, digests: Any) -> dict[str, Any]:
-    """The local contexts, keyed by name; a Dockerfile that copies the whole build
-    context (``COPY . /app``) starts hashing it now, in a child process, while this one
-    loads the rest of dockbuild and converts the Dockerfile (forked while this process
-    has no other thread)."""
-    from dockbuild.engine.sources.local import LocalDir
-
-    locals_ = {
-        name: LocalDir(path, inputs.ignore_patterns if name == "context" else _own_ignore(path), digests)
-        for name, path in inputs.local_dirs.items()
-    }
-    if _WHOLE_CONTEXT.search(inputs.dockerfile_text):
-        locals_["context"].prefetch()
-    return locals_
-
-
-def _early_digests(db: Path) -> Any:
-    """The context digests of a cache database that exists and opens, before the store
-    loads; None otherwise (the store then makes the database, or says why it cannot)."""
-    import sqlite3
-
+    from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.sources.local import FileDigests
 
-    if not db.exists():
-        return None
+    platform = request.platform or HOST_PLATFORM
+    if platform != HOST_PLATFORM:
+        raise DockbuildError(f"platform {platform} is not supported yet", hint=f"use {HOST_PLATFORM}")
+    with ExitStack() as cleanup:
+        inputs = _resolve(request)
+        # Context file digests persist in the cache db: an unchanged context is a stat
+        # walk. With a db to read already, that walk starts before the store loads.
+        root = default_root().absolute()
+        digests = contexts.early_digests(root / "db.sqlite")
+        locals_ = _open_locals(cleanup, inputs, digests) if digests is not None else {}
+        outputs, cache_from, cache_to = _parse_specs(request)  # usage errors first
+        from dockbuild.engine.store import Store
+
+        store = Store(root)  # a cache it cannot open is an error before any progress shows
+        cleanup.callback(store.close)
+        if digests is None:
+            locals_ = _open_locals(cleanup, inputs, FileDigests(root / "db.sqlite"))
+        from dockbuild.engine import cacheio
+        from dockbuild.engine.mounts import check_entitlements
+        from dockbuild.engine.solver import SolveOptions, Solver
+        from dockbuild.engine.sources.image import ImageSources
+        from dockbuild.progress import make_progress
+
+        progress = make_progress(request.progress)
+        cleanup.callback(progress.close)
+        vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
+        vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
+        vertex.done()
+        sources = ImageSources(store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull)
+        run_options = _run_options(request)
+        # The cache manifests arrive while the frontend resolves base images.
+        cache_sources = cacheio.open_sources(cache_from, sources.client, progress) if cache_from else None
+        result = _convert(request, inputs, sources)
+        check_entitlements(result.root, run_options.allow)
+        for warning in result.warnings:
+            progress.message(warning)
+        options = SolveOptions(
+            no_cache=request.no_cache,
+            no_cache_ops=_no_cache_ops(request, result, progress),
+            explain=request.explain_cache,
+            max_parallel=_max_parallelism(progress),
+            secrets=run_options.secrets,
+            ssh=run_options.ssh,
+            allow=run_options.allow,
+        )
+        solver = Solver(store, progress, locals_, sources, lambda: _executor(request.executor), options)
+        cleanup.callback(solver.close)
+        if cache_sources is not None:
+            cacheio.import_cache(store, solver, result.root, cache_sources(), progress)
+        state = solver.solve(result.root)
+        ids = _export(request, store, solver, result, state, outputs, cache_to, progress)
+    return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+
+
+def check(request: BuildRequest) -> list[CheckWarning]:
+    """``--check``: convert the Dockerfile (every stage unless --target) and return the
+    build-check warnings, without building anything."""
+    from dockbuild.engine.sources.image import ImageSources
+    from dockbuild.engine.store import Store
+
+    store = Store()
     try:
-        return FileDigests(db)
-    except sqlite3.Error:
-        return None
+        inputs = _resolve(request)
+        sources = ImageSources(store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull)
+        return list(_convert(request, inputs, sources).checks)
+    finally:
+        store.close()
+
+
+def definition(request: BuildRequest) -> dict[str, object]:
+    """The LLB graph and image config a request means (``dockbuild debug llb``)."""
+    from dockbuild import llb
+    from dockbuild.engine.sources.image import ImageSources
+    from dockbuild.engine.store import Store
+
+    inputs = _resolve(request)
+    store = Store()
+    try:
+        sources = ImageSources(store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull)
+        result = _convert(request, inputs, sources)
+        return {"llb": llb.to_json(result.root), "config": result.image_config}
+    finally:
+        store.close()
+
+
+def _resolve(request: BuildRequest) -> contexts.Inputs:
+    keep_git = request.build_args.get("BUILDKIT_CONTEXT_KEEP_GIT_DIR") in ("1", "true")
+    return contexts.resolve(
+        request.context,
+        request.dockerfile,
+        request.build_contexts,
+        stdin_dockerfile=request.dockerfile_text,
+        keep_git=keep_git,
+        commit_times=functools.partial(_commit_times, request),  # asked only for a remote context
+    )
 
 
 def _commit_times(request: BuildRequest) -> bool:
@@ -157,18 +202,55 @@ def _commit_times(request: BuildRequest) -> bool:
     return source_date_epoch(request.build_args) is not None
 
 
-def _split_layout(text: str) -> tuple[str, str | None, str | None]:
-    """``PATH[:TAG]`` or ``PATH@sha256:...`` as buildx spells an oci-layout context."""
-    if "@" in text:
-        path, _, digest = text.rpartition("@")
-        return path, None, digest
-    head, sep, tail = text.rpartition(":")
-    if sep and "/" not in tail and head:
-        return head, tail, None
-    return text, None, None
+def _open_locals(cleanup: ExitStack, inputs: contexts.Inputs, digests: FileDigests) -> dict[str, LocalDir]:
+    """The local contexts (their walk maybe started), closed when the build ends."""
+    cleanup.callback(digests.close)
+    dirs = contexts.local_dirs(inputs, digests)
+    for local in dirs.values():
+        cleanup.callback(local.stop)
+    return dirs
 
 
-def _frontend_definition(request: BuildRequest, inputs: _Inputs, sources: Any) -> Any:
+def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpec], list[CacheSpec]]:
+    """The -o, --cache-from and --cache-to specs; a malformed one is a usage error."""
+    from dockbuild.errors import UsageError
+    from dockbuild.outputs import export
+
+    try:
+        _check_tags(request.tags)
+        outputs = export.parse_outputs(
+            request.outputs,
+            tags=request.tags,
+            stdout_is_tty=sys.stdout.isatty(),
+            push=request.push,
+            load=request.load,
+        )
+        if not (request.cache_from or request.cache_to):
+            return outputs, [], []
+        from dockbuild.engine import cacheio
+
+        cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
+        cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
+    except DockbuildError as e:
+        raise UsageError(e.message, hint=e.hint) from e
+    return outputs, cache_from, cache_to
+
+
+def _check_tags(tags: list[str]) -> None:
+    """-t names, each a valid image reference (every output that names the image uses it)."""
+    from dockbuild.outputs.image import normalize_name
+
+    for tag in tags:
+        try:
+            if not tag.strip():
+                raise ValueError(f"invalid tag {tag!r}: an empty name")
+            normalize_name(tag)
+        except ValueError as e:
+            raise DockbuildError(f"-t: {e}") from None
+
+
+def _convert(request: BuildRequest, inputs: contexts.Inputs, sources: ImageSources) -> Definition:
+    """The frontend's graph for the Dockerfile, named contexts resolved to sources."""
     from dockbuild.engine.sources.local import ignore_rules, is_ignored
     from dockbuild.frontend import convert
 
@@ -177,8 +259,8 @@ def _frontend_definition(request: BuildRequest, inputs: _Inputs, sources: Any) -
         if name in inputs.local_dirs and name != "context":
             return convert.NamedSource("local", f"local://{name}", None, name)
         if name in inputs.layouts:
-            _, tag, digest = inputs.layouts[name]
-            info = sources.resolve_layout(name, tag, digest)
+            layout = inputs.layouts[name]
+            info = sources.resolve_layout(name, layout.tag, layout.digest)
             return convert.NamedSource("image", info.identifier, info.config, info.name)
         if name in inputs.images:
             info = sources.resolve_registry(inputs.images[name])
@@ -212,159 +294,79 @@ def _frontend_definition(request: BuildRequest, inputs: _Inputs, sources: Any) -
     )
 
 
-def definition(request: BuildRequest) -> dict[str, Any]:
-    """The LLB graph and image config a request means (``dockbuild debug llb``)."""
-    from dockbuild import llb
-    from dockbuild.engine.sources.image import ImageSources
-    from dockbuild.engine.store import Store
+def _run_options(request: BuildRequest) -> RunOptions:
+    """--secret, --ssh and --allow, checked before anything runs."""
+    from dockbuild.engine.mounts import ENTITLEMENTS
+    from dockbuild.secrets import parse_secret, parse_ssh
 
-    inputs = _inputs(request)
-    store = Store()
-    try:
-        sources = ImageSources(
-            store, {k: v[0] for k, v in inputs.layouts.items()}, pull=request.pull
-        )
-        result = _frontend_definition(request, inputs, sources)
-        return {"llb": llb.to_json(result.root), "config": result.image_config}
-    finally:
-        store.close()
-
-
-def build(request: BuildRequest) -> None:
-    from dockbuild.engine.cacheroot import default_root
-    from dockbuild.engine.sources.local import FileDigests
-
-    platform = request.platform or HOST_PLATFORM
-    if platform != HOST_PLATFORM:
-        raise DockbuildError(f"platform {platform} is not supported yet", hint=f"use {HOST_PLATFORM}")
-    store = None
-    progress = None
-    solver = None
-    digests = None
-    locals_: dict[str, Any] = {}
-    try:
-        inputs = _inputs(request)
-        # Context file digests persist in the cache db: an unchanged context is a stat
-        # walk. With a db to read already, that walk starts before the store loads.
-        root = default_root().absolute()
-        digests = _early_digests(root / "db.sqlite")
-        if digests is not None:
-            locals_ = _local_dirs(inputs, digests)
-        from dockbuild.engine.store import Store
-
-        store = Store(root)  # a cache it cannot open is an error before any progress shows
-        if digests is None:
-            digests = FileDigests(root / "db.sqlite")
-            locals_ = _local_dirs(inputs, digests)
-        from dockbuild.engine.solver import SolveOptions, Solver
-        from dockbuild.engine.sources.image import ImageSources
-        from dockbuild.outputs import export
-        from dockbuild.progress import make_progress
-
-        outputs = export.parse_outputs(
-            request.outputs,
-            tags=request.tags,
-            stdout_is_tty=sys.stdout.isatty(),
-            push=request.push,
-            load=request.load,
-        )
-        epoch = export.source_date_epoch(request.build_args)
-        cache_from: list[Any] = []
-        cache_to: list[Any] = []
-        if request.cache_from or request.cache_to:  # every use of cacheio is under these
-            from dockbuild.engine import cacheio
-
-            cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
-            cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
-        progress = make_progress(request.progress)
-        vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
-        vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
-        vertex.done()
-        sources = ImageSources(
-            store, {k: v[0] for k, v in inputs.layouts.items()}, pull=request.pull
-        )
-        run_options = _run_options(request)
-        # The cache manifests arrive while the frontend resolves base images.
-        cache_sources = cacheio.open_sources(cache_from, sources.client, progress) if cache_from else None
-        result = _frontend_definition(request, inputs, sources)
-        from dockbuild.engine.mounts import check_entitlements
-
-        check_entitlements(result.root, run_options["allow"])
-        for warning in result.warnings:
-            progress.message(warning)
-        solver = Solver(
-            store,
-            progress,
-            locals_,
-            sources,
-            lambda: _executor(request.executor),
-            SolveOptions(
-                no_cache=request.no_cache,
-                no_cache_ops=_no_cache_ops(request, result, progress),
-                explain=request.explain_cache,
-                max_parallel=_max_parallelism(),
-                **run_options,
-            ),
-        )
-        if cache_sources is not None:
-            cacheio.import_cache(store, solver, result.root, cache_sources(), progress)
-        state = solver.solve(result.root)
-        config = export.finish_config(result.image_config, result.history_ops, solver)
-        if any(spec.type == "inline" for spec in cache_to):
-            if request.squash:
-                progress.message("WARNING: --cache-to type=inline is ignored with --squash")
-            else:
-                config = cacheio.with_inline_cache(
-                    config, cacheio.inline_metadata(store, solver, result.root, state)
-                )
-        image = export.Image(
-            state=state,
-            config=config,
-            layer_paths=tuple(store.layer_path(lid) for lid in state),  # may be packed: see export
-            base_layers=export.base_layer_count(config, result.history_ops, len(state)),
-            epoch=epoch,
-            squash=request.squash,
-            sources=export.registry_sources(result.root),
-        )
-        ids = export.export_all(store, image, outputs, progress)
-        if request.iidfile and ids.image_id:
-            export.write_atomic(Path(request.iidfile), ids.image_id.encode())
-        if request.metadata_file:
-            export.write_metadata(Path(request.metadata_file), ids)
-        if cache_to:
-            cacheio.export_cache(store, solver, result.root, cache_to, progress)
-        if store.grew:  # a build that added nothing cannot push the cache over a limit
-            _collect_garbage(store, progress)
-        if not outputs:
-            progress.message(
-                "Build result kept in the cache (no output requested). "
-                "Export it with -o type=docker|oci|local|tar[,dest=PATH], "
-                "or pipe stdout: dockbuild ... | docker load"
+    for entitlement in request.allow:
+        if entitlement not in ENTITLEMENTS:
+            raise DockbuildError(
+                f"invalid --allow {entitlement!r}", hint=f"one of {', '.join(ENTITLEMENTS)}"
             )
-    except BaseException as e:
-        if isinstance(e, DockbuildError):
-            _attach_snippet(e)
-        raise
-    finally:
-        if solver is not None:
-            solver.close()
-        for local in locals_.values():
-            local.stop()
-        if digests is not None:
-            digests.close()
-        if progress is not None:
-            progress.close()
-        if store is not None:
-            store.close()
-    if request.quiet and ids.image_id:
-        print(ids.image_id)
+    allow = set(request.allow)
+    if request.network == "host":
+        allow.add("network.host")  # as buildx: the build-wide flag is the user's grant
+    return RunOptions(
+        secrets={s.id: s for s in map(parse_secret, request.secrets)},
+        ssh={s.id: s for s in map(parse_ssh, request.ssh)},
+        allow=frozenset(allow),
+    )
 
 
-# A COPY or ADD of the whole context (``COPY . /app``, flags allowed, not --from).
-_WHOLE_CONTEXT = re.compile(rb"(?im)^[ \t]*(?:copy|add)[ \t]+(?:--(?!from)\S+[ \t]+)*\./?[ \t]")
+def _export(
+    request: BuildRequest,
+    store: Store,
+    solver: Solver,
+    result: Definition,
+    state: tuple[str, ...],
+    outputs: list[OutputSpec],
+    cache_to: list[CacheSpec],
+    progress: Progress,
+) -> ExportIds:
+    """Write the solved image to every output, --iidfile, --metadata-file and --cache-to;
+    then keep the cache in bounds."""
+    from pathlib import Path
+
+    from dockbuild.engine import cacheio
+    from dockbuild.outputs import export
+
+    epoch = export.source_date_epoch(request.build_args)
+    config = export.finish_config(result.image_config, result.history_ops, solver)
+    if any(spec.type == "inline" for spec in cache_to):
+        if request.squash:
+            progress.message("WARNING: --cache-to type=inline is ignored with --squash")
+        else:
+            inline = cacheio.inline_metadata(store, solver, result.root, state)
+            config = cacheio.with_inline_cache(config, inline)
+    image = export.Image(
+        state=state,
+        config=config,
+        layer_paths=tuple(store.layer_path(lid) for lid in state),  # may be packed: see export
+        base_layers=export.base_layer_count(config, result.history_ops, len(state)),
+        epoch=epoch,
+        squash=request.squash,
+        sources=export.registry_sources(result.root),
+    )
+    ids = export.export_all(store, image, outputs, progress)
+    if request.iidfile and ids.image_id:
+        export.write_atomic(Path(request.iidfile), ids.image_id.encode())
+    if request.metadata_file:
+        export.write_metadata(Path(request.metadata_file), ids)
+    if cache_to:
+        cacheio.export_cache(store, solver, result.root, cache_to, progress)
+    if store.grew:  # a build that added nothing cannot push the cache over a limit
+        _collect_garbage(store, progress)
+    if not outputs:
+        progress.message(
+            "Build result kept in the cache (no output requested). "
+            "Export it with -o type=docker|oci|local|tar[,dest=PATH], "
+            "or pipe stdout: dockbuild ... | docker load"
+        )
+    return ids
 
 
-def _collect_garbage(store: Any, progress: Any) -> None:
+def _collect_garbage(store: Store, progress: Progress) -> None:
     """Keep the cache in bounds after a build (the policy of config.toml); skipped while
     another build uses the cache, and never a reason for the build to fail."""
     from dockbuild import config
@@ -384,7 +386,27 @@ def _collect_garbage(store: Any, progress: Any) -> None:
         )
 
 
-def _no_cache_ops(request: BuildRequest, result: Any, progress: Any) -> frozenset[str]:
+def _max_parallelism(progress: Progress) -> int:
+    """How many steps run at once: as config.toml says, else the number of CPUs. A broken
+    config file is a warning, never a failed build (docs/cache.md)."""
+    from dockbuild import config
+
+    cpus = os.cpu_count() or 2
+    try:
+        return config.max_parallelism() or cpus
+    except DockbuildError as e:
+        progress.message(f"WARNING: {e.message}; running up to {cpus} steps at once")
+        return cpus
+
+
+def _executor(name: str | None) -> Executor:
+    from dockbuild.engine.executor import get_executor
+
+    executor: Executor = get_executor(name)  # found through the package's __getattr__
+    return executor
+
+
+def _no_cache_ops(request: BuildRequest, result: Definition, progress: Progress) -> frozenset[str]:
     """The ops of the stages --no-cache-filter names (by name or index), as the frontend
     reports them per stage."""
     if not request.no_cache_filter:
@@ -399,120 +421,3 @@ def _no_cache_ops(request: BuildRequest, result: Any, progress: Any) -> frozense
             continue
         digests.update(op.digest for op in ops)
     return frozenset(digests)
-
-
-def _run_options(request: BuildRequest) -> dict[str, Any]:
-    """--secret, --ssh and --allow, checked before anything runs (engine/mounts.py uses them)."""
-    from dockbuild.engine.mounts import ENTITLEMENTS
-    from dockbuild.secrets import parse_secret, parse_ssh
-
-    for entitlement in request.allow:
-        if entitlement not in ENTITLEMENTS:
-            raise DockbuildError(
-                f"invalid --allow {entitlement!r}", hint=f"one of {', '.join(ENTITLEMENTS)}"
-            )
-    secrets = {s.id: s for s in map(parse_secret, request.secrets)}
-    ssh = {s.id: s for s in map(parse_ssh, request.ssh)}
-    allow = set(request.allow)
-    if request.network == "host":
-        allow.add("network.host")  # as buildx: the build-wide flag is the user's grant
-    return {"secrets": secrets, "ssh": ssh, "allow": frozenset(allow)}
-
-
-def _own_ignore(path: Path) -> tuple[str, ...]:
-    """A named local context's own .dockerignore (BuildKit's namedcontext.go)."""
-    from dockbuild.frontend.dockerignore import parse_dockerignore
-
-    ignore_file = path / ".dockerignore"
-    return tuple(parse_dockerignore(ignore_file.read_bytes())) if ignore_file.is_file() else ()
-
-
-def _max_parallelism() -> int:
-    """How many steps run at once: ``[worker.oci] max-parallelism`` in the config file
-    (buildkitd.toml's name), else the number of CPUs."""
-    from dockbuild import config
-
-    worker = config.load().get("worker") or {}
-    value = (worker.get("oci") or {}).get("max-parallelism") if isinstance(worker, dict) else None
-    if value is None:
-        return os.cpu_count() or 2
-    if not isinstance(value, int) or value < 1:
-        raise DockbuildError(f"config: [worker.oci] max-parallelism must be a positive integer, not {value!r}")
-    return value
-
-
-def _executor(name: str | None) -> Any:
-    from dockbuild.engine.executor import get_executor
-
-    return get_executor(name)
-
-
-# Dockerfiles read from stdin (`-f -`), by the name their errors carry, for snippets.
-_STDIN_DOCKERFILES: dict[str, bytes] = {}
-STDIN_DOCKERFILE_NAME = "Dockerfile (stdin)"
-
-
-def _read_dockerfile(request: BuildRequest, df: Path) -> bytes:
-    """The Dockerfile's bytes: the file, or stdin for ``-f -``."""
-    if request.dockerfile != "-":
-        return df.read_bytes()
-    if request.context == "-":
-        raise DockbuildError(
-            "the Dockerfile and the build context cannot both be read from stdin",
-            hint="pass the context as a directory, or the Dockerfile with -f FILE",
-        )
-    text = sys.stdin.buffer.read()
-    _STDIN_DOCKERFILES[STDIN_DOCKERFILE_NAME] = text
-    return text
-
-
-def check(request: BuildRequest) -> list[Any]:
-    """``--check``: convert the Dockerfile (every stage unless --target) and return the
-    build-check warnings, without building anything."""
-    from dockbuild.engine.sources.image import ImageSources
-    from dockbuild.engine.store import Store
-
-    store = Store()
-    try:
-        inputs = _inputs(request)
-        sources = ImageSources(
-            store, {k: v[0] for k, v in inputs.layouts.items()}, pull=request.pull
-        )
-        return list(_frontend_definition(request, inputs, sources).checks)
-    except DockbuildError as e:
-        _attach_snippet(e)
-        raise
-    finally:
-        store.close()
-
-
-def snippet(location: Any) -> list[str]:
-    """The Dockerfile lines around a location, BuildKit style (`>>>` marks the lines)."""
-    err = DockbuildError("", location=location)
-    _attach_snippet(err)
-    return list(getattr(err, "snippet", []))
-
-
-def _attach_snippet(err: DockbuildError) -> None:
-    """Give an error with a Dockerfile location the lines around it, as BuildKit shows."""
-    loc = err.location
-    if loc is None:
-        return
-    if loc.filename in _STDIN_DOCKERFILES:
-        text = _STDIN_DOCKERFILES[loc.filename].decode(errors="replace")
-    elif os.path.exists(loc.filename):
-        try:
-            text = Path(loc.filename).read_text(errors="replace")
-        except OSError:
-            return
-    else:
-        return
-    lines = text.splitlines()
-    end = loc.end_line or loc.start_line
-    first = max(1, loc.start_line - 2)
-    last = min(len(lines), end + 2)
-    snippet = []
-    for n in range(first, last + 1):
-        mark = ">>>" if loc.start_line <= n <= end else "   "
-        snippet.append(f" {n:>3} | {mark} {lines[n - 1]}")
-    err.snippet = snippet  # type: ignore[attr-defined]

@@ -18,10 +18,18 @@ from dockbuild import __version__
 
 TYPE_CHECKING = False  # typing costs 5 ms to import, a tenth of `dockbuild version`
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from typing import Any, NoReturn
 
+    from dockbuild.build import BuildRequest
+    from dockbuild.errors import Location
+
 SUBCOMMANDS = {"build", "debug", "version", "du", "prune", "--help", "-h"}
+
+# The names --executor and --network take (the executor probe and the frontend check them
+# again; tests/cli/test_cli_args.py keeps these lists equal to theirs).
+EXECUTORS = ("auto", "namespace", "runc", "chroot")
+NETWORK_MODES = ("default", "none", "host")
 
 # What the parsers add to the parsed flags besides the command's own parameters.
 _PARSER_KEYS = {"run", "parser", "command", "debug_command"}
@@ -29,17 +37,49 @@ _PARSER_KEYS = {"run", "parser", "command", "debug_command"}
 _DEBUG = False
 
 
+# docker build / buildx build flags that dockbuild does not have: each is refused by name
+# (exit status 2), not taken for a misspelling.
+_UNSUPPORTED = frozenset({
+    "--annotation", "--attest", "--builder", "--cgroup-parent", "--cpu-period", "--cpu-quota",
+    "--cpu-shares", "--cpuset-cpus", "--cpuset-mems", "--detach", "--isolation", "--memory",
+    "--memory-swap", "--provenance", "--sbom", "--security-opt", "--ulimit",
+})  # fmt: skip
+
+# Flags that mean nothing here, accepted (with any value) so that docker build command
+# lines work unchanged; --debug says why each is ignored.
+_IGNORED = {
+    "--rm": "there is no intermediate container",
+    "--force-rm": "there is no intermediate container",
+    "--compress": "the context is read in place, never sent to a daemon",
+    "--disable-content-trust": "dockbuild verifies no image signatures",
+}
+
+# Go's boolean flag values (strconv.ParseBool): docker users write `--pull=false`.
+_GO_BOOLS = {
+    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
+}
+
+# `--call` (buildx): the default and `check` are dockbuild's build and --check.
+_CALLS = {"build": None, "check": "--check"}
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with the habits users and scripts know from our earlier command line.
+    """argparse with the habits users and scripts know from docker's command line.
 
     An option that takes a value takes the next word, whatever it looks like (`-o -`,
     `--tag -x`; argparse alone would take `-x` for an option); no prefix of an option
-    stands for it (`allow_abbrev=False`); a usage error is a usage line, `ERROR: ...` and
-    exit status 2.
+    stands for it (`allow_abbrev=False`); a switch takes Go's `--pull=false` form; a
+    usage error is a usage line, `ERROR: ...` and exit status 2. With ``docker_flags``
+    (the build command), docker's flags that dockbuild lacks are refused by name and the
+    harmless ones are ignored, with a note kept in ``notes`` for --debug.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, docker_flags: bool = False, **kwargs: Any) -> None:
         self._value_options: dict[str, str] = {}  # option string -> its long name
+        self._switches: set[str] = set()  # options that take no value (store_true)
+        self._docker_flags = docker_flags
+        self.notes: list[str] = []
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(**kwargs)
 
@@ -49,6 +89,8 @@ class _Parser(argparse.ArgumentParser):
             names = action.option_strings
             long = next((s for s in names if s.startswith("--")), names[0])
             self._value_options.update(dict.fromkeys(action.option_strings, long))
+        elif isinstance(action, argparse._StoreTrueAction):
+            self._switches.update(action.option_strings)
         return action
 
     def parse_known_args(  # type: ignore[override]
@@ -57,7 +99,10 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(None if args is None else self._join_values(args), namespace)
 
     def _join_values(self, args: Sequence[str]) -> list[str]:
-        """`-o VALUE` -> `--output=VALUE`: the value can no longer pass for an option."""
+        """`-o VALUE` -> `--output=VALUE`: the value can no longer pass for an option.
+
+        `--switch=BOOL` becomes `--switch` or nothing, and docker's flags are dealt with.
+        """
         out: list[str] = []
         words = iter(args)
         for word in words:
@@ -65,9 +110,39 @@ class _Parser(argparse.ArgumentParser):
                 out += [word, *words]
                 break
             long = self._value_options.get(word)
-            value = next(words, None) if long else None
-            out.append(word if value is None else f"{long}={value}")
+            if long:
+                value = next(words, None)
+                out.append(word if value is None else f"{long}={value}")
+                continue
+            name, sep, value = word.partition("=")
+            if sep and name in self._switches:
+                if value not in _GO_BOOLS:
+                    self.error(f"invalid boolean value {value!r} for {name}")
+                out += [name] if _GO_BOOLS[value] else []
+            elif self._docker_flags and name.startswith("--"):
+                out += self._docker_flag(word, name, value if sep else None, words)
+            else:
+                out.append(word)
         return out
+
+    def _docker_flag(self, word: str, name: str, value: str | None, words: Iterator[str]) -> list[str]:
+        """What a docker build flag dockbuild lacks becomes: nothing, --check, or an error."""
+        if name in _UNSUPPORTED:
+            self.error(f"dockbuild does not support `{name}` yet")
+        if name in _IGNORED:
+            if value is not None and value not in _GO_BOOLS:
+                self.error(f"invalid boolean value {value!r} for {name}")
+            self.notes.append(f"note: dockbuild ignores `{name}`: {_IGNORED[name]}")
+            return []
+        if name == "--call":
+            value = next(words, None) if value is None else value
+            if value is None:
+                self.error("argument --call: expected one argument")
+            if value not in _CALLS:
+                self.error(f"dockbuild does not support `--call={value}` yet")
+            check = _CALLS[value]
+            return [check] if check else []
+        return [word]
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.format_usage()}ERROR: {message}\nhint: see '{self.prog} --help'\n")
@@ -85,13 +160,60 @@ def _key_value(what: str) -> Callable[[str], tuple[str, str | None]]:
     return parse
 
 
+def _named_value(item: str) -> tuple[str, str]:
+    """The type of --build-context: NAME=VALUE, both given."""
+    name, sep, value = item.partition("=")
+    if not name or not sep or not value:
+        raise argparse.ArgumentTypeError(f"invalid build-context {item!r}: expected NAME=VALUE")
+    return name, value
+
+
+def _host_entry(item: str) -> str:
+    """The type of --add-host: ``HOST:IP`` or ``HOST=IP``, as ``HOST:IP``."""
+    import ipaddress
+
+    host, sep, address = item.partition("=")
+    if not sep:
+        host, sep, address = item.partition(":")
+    address = address.strip()
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]  # [::1]
+    if not host or not sep or any(c.isspace() for c in host):
+        raise argparse.ArgumentTypeError(f"invalid add-host {item!r}: expected HOST:IP")
+    if address == "host-gateway":
+        raise argparse.ArgumentTypeError("--add-host HOST:host-gateway is not supported yet")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid add-host {item!r}: {address!r} is not an IP address"
+        ) from None
+    return f"{host}:{address}"
+
+
+_RAM_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def _ram_bytes(item: str) -> int:
+    """The type of --shm-size: bytes from docker's units (``64m``, ``1g``, ``1.5GiB``)."""
+    import re
+
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?) ?([kmgtp]?)(?:i?b)?", item.strip().lower())
+    size = int(float(match.group(1)) * _RAM_UNITS[match.group(2)]) if match else 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid shm-size {item!r}: expected a size above 0, such as 64m or 1g"
+        )
+    return size
+
+
 def build_cmd(
     context: str,
     file: str | None,
     tag: list[str],
     target: str | None,
     build_arg: list[tuple[str, str | None]],
-    build_context: list[tuple[str, str | None]],
+    build_context: list[tuple[str, str]],
     output: list[str],
     label: list[tuple[str, str | None]],
     progress: str,
@@ -105,6 +227,8 @@ def build_cmd(
     platform: str | None,
     executor: str | None,
     network: str,
+    add_host: list[str],
+    shm_size: int | None,
     secret: list[str],
     ssh: list[str],
     allow: list[str],
@@ -124,10 +248,11 @@ def build_cmd(
     request = BuildRequest(
         context=context,
         dockerfile=file,
+        dockerfile_text=_stdin_dockerfile(context) if file == "-" else None,
         tags=list(tag),
         target=target,
         build_args=dict(build_arg),
-        build_contexts={k: v or "" for k, v in build_context},
+        build_contexts=dict(build_context),
         outputs=list(output),
         labels={k: v or "" for k, v in label},
         progress="quiet" if quiet else progress,
@@ -141,6 +266,8 @@ def build_cmd(
         platform=platform,
         executor=executor,
         network=network,
+        add_hosts=tuple(add_host),
+        shm_size=shm_size,
         secrets=list(secret),
         ssh=list(ssh),
         allow=[a for value in allow for a in value.split(",") if a],
@@ -154,21 +281,24 @@ def build_cmd(
     if check:
         _run_checks(request)
         return
-    build(request)
+    result = build(request)
+    if quiet and result.image_id:
+        # `dockbuild -q . > image.tar`: the archive owns stdout, the ID goes to stderr.
+        print(result.image_id, file=sys.stderr if result.wrote_stdout else sys.stdout)
 
 
-def _run_checks(request: object) -> None:
+def _run_checks(request: BuildRequest) -> None:
     """`--check`: print each warning with its rule, URL and Dockerfile lines; exit 1 if any."""
-    from dockbuild.build import check, snippet
+    from dockbuild.build import check
 
-    warnings = check(request)  # type: ignore[arg-type]
+    warnings = check(request)
     out: list[str] = []
     for w in warnings:
         out.append(f"WARNING: {w.rule} - {w.url}" if w.url else f"WARNING: {w.rule}")
         out.append(w.message)
         if w.location is not None:
             out.append(f"{w.location.filename}:{w.location.start_line}")
-            lines = snippet(w.location)
+            lines = _snippet(w.location)
             if lines:
                 out += ["--------------------", *lines, "--------------------"]
         out.append("")
@@ -195,7 +325,7 @@ def debug_llb(
     file: str | None,
     target: str | None,
     build_arg: list[tuple[str, str | None]],
-    build_context: list[tuple[str, str | None]],
+    build_context: list[tuple[str, str]],
 ) -> None:
     """Print the LLB graph of a build as JSON (op digests are stable)."""
     import json
@@ -205,9 +335,10 @@ def debug_llb(
     request = BuildRequest(
         context=context,
         dockerfile=file,
+        dockerfile_text=_stdin_dockerfile(context) if file == "-" else None,
         target=target,
         build_args=dict(build_arg),
-        build_contexts={k: v or "" for k, v in build_context},
+        build_contexts=dict(build_context),
         progress="quiet",
     )
     print(json.dumps(definition(request), indent=2))
@@ -316,11 +447,16 @@ def version_cmd() -> None:
 
 
 def _command(
-    commands: argparse._SubParsersAction, name: str, run: Callable[..., None], arguments: str = ""
+    commands: argparse._SubParsersAction[_Parser],
+    name: str,
+    run: Callable[..., None],
+    arguments: str = "",
+    **kwargs: Any,
 ) -> _Parser:
     """A subcommand: its help is ``run``'s docstring, its usage a short line."""
     parser: _Parser = commands.add_parser(
         name,
+        **kwargs,
         help=run.__doc__,
         description=run.__doc__,
         usage=f"%(prog)s [OPTIONS]{' ' + arguments if arguments else ''}",
@@ -334,7 +470,7 @@ def _definition_flags(parser: _Parser) -> None:
     parser.add_argument("-f", "--file", metavar="FILE", help="Name of the Dockerfile (default: PATH/Dockerfile).")
     parser.add_argument("--target", metavar="STAGE", help="Target build stage.")
     parser.add_argument("--build-arg", metavar="KEY=VALUE", action="append", default=[], type=_key_value("build-arg"), help="Set build-time variables (KEY=VALUE, or KEY to take it from the environment).")
-    parser.add_argument("--build-context", metavar="NAME=VALUE", action="append", default=[], type=_key_value("build-context"), help="Additional build contexts (NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG]|GIT-URL|HTTP-TAR-URL).")
+    parser.add_argument("--build-context", metavar="NAME=VALUE", action="append", default=[], type=_named_value, help="Additional build contexts (NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG]|GIT-URL|HTTP-TAR-URL).")
 
 
 def _parser() -> _Parser:
@@ -348,7 +484,7 @@ def _parser() -> _Parser:
     parser.add_argument("-v", "--version", action="version", version=f"dockbuild {__version__}", help="Print the version and exit.")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True, prog="dockbuild")
 
-    build = _command(commands, "build", build_cmd, "PATH")
+    build = _command(commands, "build", build_cmd, "PATH", docker_flags=True)
     build.add_argument("context", metavar="PATH", help="Build context: a directory, a git URL, an HTTP(S) tarball, or - for a tar (or a Dockerfile) on stdin.")
     _definition_flags(build)
     build.add_argument("-t", "--tag", metavar="NAME", action="append", default=[], help="Name and optionally a tag (name:tag).")
@@ -363,8 +499,10 @@ def _parser() -> _Parser:
     build.add_argument("--cache-from", metavar="SPEC", action="append", default=[], help="Import build cache (type=local,src=DIR | type=registry,ref=REF | REF).")
     build.add_argument("--cache-to", metavar="SPEC", action="append", default=[], help="Export build cache (type=local,dest=DIR | type=registry,ref=REF[,mode=min|max]).")
     build.add_argument("--platform", metavar="PLATFORM", help="Target platform (only the host's, linux/amd64, for now).")
-    build.add_argument("--executor", metavar="NAME", help="How RUN steps run: namespace (default), runc, chroot.")
-    build.add_argument("--network", metavar="MODE", default="default", help="Default network mode for RUN: default, none or host (default: default).")
+    build.add_argument("--executor", metavar="NAME", choices=EXECUTORS, help="How RUN steps run: namespace (default), runc, chroot; auto probes.")
+    build.add_argument("--network", metavar="MODE", default="default", choices=NETWORK_MODES, help="Default network mode for RUN: default, none or host (default: default).")
+    build.add_argument("--add-host", metavar="HOST:IP", action="append", default=[], type=_host_entry, help="Add a line to /etc/hosts of RUN steps (HOST:IP or HOST=IP).")
+    build.add_argument("--shm-size", metavar="SIZE", type=_ram_bytes, help="Size of /dev/shm in RUN steps (e.g. 64m, 1g).")
     build.add_argument("--secret", metavar="SPEC", action="append", default=[], help="Secret for RUN --mount=type=secret (id=ID[,src=FILE|,env=VAR]).")
     build.add_argument("--ssh", metavar="SPEC", action="append", default=[], help="SSH agent or keys for RUN --mount=type=ssh (default|ID[=SOCKET|KEY,...]).")
     build.add_argument("--allow", metavar="ENTITLEMENT", action="append", default=[], help="Allow an entitlement: network.host, security.insecure.")
@@ -418,6 +556,46 @@ def _read(path: str) -> bytes:
         raise DockbuildError(f"cannot read {path}: {e.strerror}") from e
 
 
+# The Dockerfile read from stdin (`-f -`), for the snippets of its errors.
+_STDIN_DOCKERFILE: bytes | None = None
+
+
+def _stdin_dockerfile(context: str) -> bytes:
+    """`-f -`: the Dockerfile from stdin (kept for error snippets)."""
+    global _STDIN_DOCKERFILE
+    from dockbuild.errors import UsageError
+
+    if context == "-":
+        raise UsageError(
+            "the Dockerfile and the build context cannot both be read from stdin",
+            hint="pass the context as a directory, or the Dockerfile with -f FILE",
+        )
+    _STDIN_DOCKERFILE = sys.stdin.buffer.read()
+    return _STDIN_DOCKERFILE
+
+
+def _snippet(location: Location) -> list[str]:
+    """The Dockerfile lines around a location, BuildKit style (`>>>` marks its lines)."""
+    from dockbuild.contexts import STDIN_DOCKERFILE_NAME
+
+    if location.filename == STDIN_DOCKERFILE_NAME and _STDIN_DOCKERFILE is not None:
+        text = _STDIN_DOCKERFILE.decode(errors="replace")
+    else:
+        try:
+            with open(location.filename, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return []
+    lines = text.splitlines()
+    end = location.end_line or location.start_line
+    first = max(1, location.start_line - 2)
+    last = min(len(lines), end + 2)
+    return [
+        f" {n:>3} | {'>>>' if location.start_line <= n <= end else '   '} {lines[n - 1]}"
+        for n in range(first, last + 1)
+    ]
+
+
 def _print_error(err: Exception) -> None:
     from dockbuild.errors import DockbuildError, ExecError
 
@@ -430,7 +608,7 @@ def _print_error(err: Exception) -> None:
     loc = err.location
     if loc is not None:
         lines.append(f"{loc.filename}:{loc.start_line}")
-        snippet = getattr(err, "snippet", None)
+        snippet = _snippet(loc)
         if snippet:
             lines.append("--------------------")
             lines += snippet
@@ -441,7 +619,13 @@ def _print_error(err: Exception) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
+# The signal that stopped the build: exit status 128 + its number, as a shell reports it.
+_stopped_by = signal.SIGINT
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    global _stopped_by
+    _stopped_by = signal.Signals(signum)
     raise KeyboardInterrupt
 
 
@@ -469,7 +653,11 @@ def main(argv: list[str] | None = None) -> None:
         ns, extra = parser.parse_known_args(args)
         if extra:
             option = next((w for w in extra if w.startswith("-") and w != "-"), None)
-            ns.parser.error(f"no such option: {option}" if option else f"unexpected argument: {extra[0]}")
+            if option:  # `--bogus=1` names the option, not its value
+                ns.parser.error(f"no such option: {option.partition('=')[0]}")
+            ns.parser.error(f"unexpected argument: {extra[0]}")
+        if _DEBUG and ns.parser.notes:
+            print("\n".join(ns.parser.notes), file=sys.stderr)
         ns.run(**{k: v for k, v in vars(ns).items() if k not in _PARSER_KEYS})
     except BrokenPipeError:
         # The reader of stdout went away (`dockbuild . | head -c 10`): stop quietly.
@@ -478,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         print("ERROR: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + _stopped_by)
     except Exception as e:
         # Imported here, not at start-up: dockbuild.errors loads dataclasses (15 ms), which
         # `version`, `--help` and usage errors do not need.
@@ -486,9 +674,13 @@ def main(argv: list[str] | None = None) -> None:
 
         if _DEBUG:
             raise
+        if not isinstance(e, DockbuildError):
+            from dockbuild.engine.cacheroot import environment_error
+
+            e = environment_error(e) or e  # a read-only HOME, a full disk: not our bug
         if isinstance(e, DockbuildError):
             _print_error(e)
-            sys.exit(1)
+            sys.exit(e.exit_status)
         # A bug of ours, not the user's input: one line, and how to get the details.
         print(
             f"ERROR: internal error: {type(e).__name__}: {e}\n"

@@ -70,6 +70,16 @@ def _parse(path: Path, _mtime_ns: int, _size: int) -> dict[str, Any]:
         raise DockbuildError(f"invalid config {path}: {e}") from e
 
 
+def max_parallelism() -> int | None:
+    """How many steps may run at once: ``[worker.oci] max-parallelism`` (buildkitd.toml's
+    name), or None when the file does not say."""
+    worker = load().get("worker") or {}
+    value = (worker.get("oci") or {}).get("max-parallelism") if isinstance(worker, dict) else None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DockbuildError(f"config: [worker.oci] max-parallelism must be a positive integer, not {value!r}")
+    return value
+
+
 # -- sizes and durations, as buildkitd.toml spells them ----------------------------------
 
 _UNITS = {
@@ -189,7 +199,7 @@ def gc_config(data: dict[str, Any] | None = None) -> GCConfig:
     if not isinstance(section, dict):
         raise DockbuildError("invalid config: [cache] must be a table")
 
-    def size(table: dict, key: str, old: str | None = None) -> Size | None:
+    def size(table: dict[str, Any], key: str, old: str | None = None) -> Size | None:
         value = table.get(key, table.get(old) if old else None)
         return None if value is None else parse_size(value, key)
 

@@ -18,7 +18,9 @@ class Location:
 
 
 class DockbuildError(Exception):
-    """An error the CLI prints without a traceback (exit status 1)."""
+    """An error the CLI prints without a traceback; it exits with ``exit_status``."""
+
+    exit_status = 1  # a build failure: a step failed, a Dockerfile error, bad input
 
     def __init__(
         self, message: str, *, hint: str | None = None, location: Location | None = None
@@ -27,6 +29,12 @@ class DockbuildError(Exception):
         self.message = message
         self.hint = hint
         self.location = location
+
+
+class UsageError(DockbuildError):
+    """The command line asks for something impossible (a malformed -o or --cache-to spec)."""
+
+    exit_status = 2
 
 
 class DockerfileError(DockbuildError):
@@ -54,7 +62,10 @@ class ExecError(DockbuildError):
 
 
 class RegistryError(DockbuildError):
-    """A registry refused a request or answered something unusable."""
+    """A registry could not be reached, refused a request or the credentials, or answered
+    something unusable: exit status 3, so that a script can tell it from a failed build."""
+
+    exit_status = 3
 
 
 class RegistryUnreachableError(RegistryError):

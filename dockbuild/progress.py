@@ -15,6 +15,10 @@ import threading
 import time
 from typing import TextIO
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from rich.table import Table
+
 
 class Vertex:
     """One step of the build as the user sees it."""
@@ -179,7 +183,7 @@ class TtyRenderer(Renderer):
         self._started = time.monotonic()
         self._live.start()
 
-    def _render(self):  # type: ignore[no-untyped-def]
+    def _render(self) -> Table:
         from rich.table import Table
         from rich.text import Text
 

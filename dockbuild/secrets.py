@@ -49,7 +49,8 @@ class SecretSource:
 def parse_secret(value: str) -> SecretSource:
     """``[type=file|env,]id=ID[,src|source=PATH][,env=VAR]`` (buildx's --secret).
 
-    Without a source, as buildx does: an environment variable named ID if one is set,
+    Without an id, the id is the base name of ``src`` (or the name of ``env``). Without a
+    source, as buildx does: an environment variable named ID if one is set,
     else a file named ID.
     """
     kind = ""
@@ -75,6 +76,8 @@ def parse_secret(value: str) -> SecretSource:
             env = val
         else:
             raise DockbuildError(f"invalid --secret {value!r}: unexpected key {key!r}")
+    if not sid:  # buildx: the id is the file's base name, or the variable's name
+        sid = os.path.basename(path.rstrip("/")) if path else env or ""
     if not sid:
         raise DockbuildError(
             f"invalid --secret {value!r}: id is required", hint="--secret id=NAME,src=FILE"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from dockbuild.engine.cacheroot import default_root
+from dockbuild.engine.cacheroot import prepare as prepare_root
 from dockbuild.errors import DigestMismatchError, DockbuildError
 
 # The database's shape, in PRAGMA user_version; docs/cache.md says what each one added.
@@ -86,8 +87,7 @@ class Store:
 
     def __init__(self, root: Path | None = None, *, shared: bool = True) -> None:
         self.root = (root or default_root()).absolute()
-        for sub in ("blobs/sha256", "snapshots", "tmp", "locks"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        prepare_root(self.root, ("blobs/sha256", "snapshots", "tmp", "locks"))
         self._db_lock = threading.Lock()
         self._db = sqlite3.connect(
             self.root / "db.sqlite", timeout=60, check_same_thread=False, isolation_level=None

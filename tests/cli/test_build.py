@@ -267,7 +267,7 @@ def test_a_corrupt_base_layer_in_the_registry_is_rejected(
         run = dockbuild("--progress=plain", str(ctx), "-o", "type=oci", check=False)
     finally:
         stored.write_bytes(original)
-    assert run.returncode == 1
+    assert run.returncode == 3  # a registry failure
     assert layer in run.stderr and "Traceback" not in run.stderr
 
 
@@ -319,6 +319,19 @@ def test_progress_goes_to_stderr_and_stdout_carries_only_the_archive(
 def test_quiet_progress_prints_nothing_on_success(dockbuild: DockbuildCLI, hello: Path, tmp_path: Path) -> None:
     run = dockbuild("--progress=quiet", *dockbuild.base_context, str(hello), "-o", f"type=oci,dest={tmp_path / 'x.tar'}")
     assert run.stderr == ""
+
+
+def test_quiet_with_the_archive_on_stdout_prints_the_id_on_stderr(
+    dockbuild: DockbuildCLI, hello: Path, tmp_path: Path
+) -> None:
+    """`dockbuild -q . > img.tar`: stdout is the docker tarball and nothing else."""
+    iid = tmp_path / "iid"
+    for args in ([], ["-o", "type=oci,dest=-"]):  # a docker tarball on a pipe by default
+        run = dockbuild("-q", "--iidfile", str(iid), *dockbuild.base_context, *args, str(hello))
+        assert _tar(run.stdout).getnames()
+        assert len(run.stdout) % 512 == 0  # a tar, block by block, with nothing after it
+        assert not run.stdout.rstrip(b"\0").endswith(iid.read_bytes() + b"\n")
+        assert run.stderr.strip() == iid.read_text()
 
 
 def test_a_missing_context_is_a_clear_error(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
@@ -382,3 +395,15 @@ def test_tty_progress_draws_the_steps_on_a_terminal(
     assert proc.returncode == 0
     text = screen.decode(errors="replace")
     assert "Building" in text and "COPY greet.sh /usr/local/bin/greet" in text
+
+
+def test_a_broken_config_file_is_a_warning_not_a_failed_build(dockbuild: DockbuildCLI, hello: Path, tmp_path: Path) -> None:
+    for text, message in [
+        ("[worker.oci\nmax-parallelism = ", "invalid config"),
+        ("[worker.oci]\nmax-parallelism = -3\n", "max-parallelism must be a positive integer"),
+    ]:
+        config = tmp_path / "config.toml"
+        config.write_text(text)
+        run = dockbuild.build(hello, "-o", f"type=oci,dest={tmp_path / 'x.tar'}", env={"DOCKBUILD_CONFIG": str(config)})
+        assert "WARNING: " in run.stderr and message in run.stderr
+        assert read_oci(tmp_path / "x.tar").manifest["layers"]

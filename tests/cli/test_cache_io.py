@@ -87,9 +87,9 @@ def test_local_cache_export_min_mode_and_tags_and_a_missing_cache_is_not_an_erro
     assert manifest_digest(tmp_path / "a.tar") == manifest_digest(tmp_path / "b.tar")
     assert all(s == "CACHED" for n, s in step_lines(again.stderr).items() if re.match(r"\[\S* ?\d", n)), again.stderr
     bad = dockbuild.build(ctx, "--cache-to", "type=gha", check=False)
-    assert bad.returncode == 1 and "cache type 'gha' is not supported" in bad.stderr
+    assert bad.returncode == 2 and "cache type 'gha' is not supported" in bad.stderr
     nodest = dockbuild.build(ctx, "--cache-to", "type=local", check=False)
-    assert nodest.returncode == 1 and "needs dest=DIRECTORY" in nodest.stderr
+    assert nodest.returncode == 2 and "needs dest=DIRECTORY" in nodest.stderr
     ignored = dockbuild.build(
         ctx, "--cache-to", "type=local,dest=/proc/no-such-place,ignore-error=true",
         "-o", f"type=local,dest={tmp_path / 'o2'}",
@@ -183,4 +183,4 @@ def test_inline_cache_in_a_pushed_image_is_enough_for_a_fresh_runner(
     assert steps and all(st == "CACHED" for st in steps.values()), again.stderr
     assert json.loads(meta2.read_text())["containerimage.digest"] == pushed
     bad = dockbuild("--cache-from", "type=inline", str(ctx), check=False)
-    assert bad.returncode == 1 and "type=registry,ref=IMAGE" in bad.stderr
+    assert bad.returncode == 2 and "type=registry,ref=IMAGE" in bad.stderr

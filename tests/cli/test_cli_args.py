@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 import tarfile
@@ -121,3 +122,118 @@ def test_importing_the_cli_loads_no_heavy_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_bad_flag_values_are_usage_errors_before_anything_runs(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": GREETING})
+    for args, named in [
+        (["--network", "hots"], "'hots'"),
+        (["--executor", "runcc"], "'runcc'"),
+        (["--build-context", "extra"], "'extra'"),
+        (["--add-host", "db:not-an-ip"], "'not-an-ip'"),
+        (["--add-host", "justahost"], "'justahost'"),
+        (["--shm-size", "lots"], "'lots'"),
+        (["--pull=maybe"], "'maybe'"),
+    ]:
+        run = dockbuild.build(ctx, *args, check=False)
+        _usage_error(run.stderr, run.returncode)
+        assert named in run.stderr
+        assert "#1 " not in run.stderr  # refused before the build started
+
+
+def test_an_unknown_executor_is_refused_when_every_step_is_cached(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": GREETING})
+    dockbuild.build(ctx, "-o", f"type=local,dest={tmp_path / 'out'}")
+    run = dockbuild.build(ctx, "--executor", "runcc", "-o", f"type=local,dest={tmp_path / 'out'}", check=False)
+    _usage_error(run.stderr, run.returncode)
+
+
+def test_malformed_output_and_cache_specs_exit_2_before_any_step(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": GREETING})
+    for args, message in [
+        (["-o", "type=oci,dest=x,colour=blue"], "has no option 'colour'"),
+        (["-o", "type=floppy"], "unknown type 'floppy'"),
+        (["-o", "type=oci,dest"], "is not KEY=VALUE"),
+        (["--cache-to", "type=gha"], "cache type 'gha' is not supported"),
+        (["--cache-from", "type=local"], "needs src=DIRECTORY"),
+        (["--cache-to", "type=local,dest=d,mode=most"], "mode must be min or max"),
+        (["-t", "Bad:Name"], "repository names must be lowercase"),  # also for the default tarball
+        (["-t", ""], "an empty name"),
+    ]:
+        run = dockbuild.build(ctx, *args, check=False)
+        assert run.returncode == 2, (args, run.stderr)
+        assert message in run.stderr and "Traceback" not in run.stderr
+        assert "#1 " not in run.stderr
+
+
+def test_docker_flags_dockbuild_lacks_are_refused_by_name(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    for args, name in [
+        (["--provenance=false"], "--provenance"),
+        (["--provenance", "mode=max"], "--provenance"),
+        (["--sbom=true"], "--sbom"),
+        (["--annotation", "a=b"], "--annotation"),
+        (["--attest", "type=sbom"], "--attest"),
+        (["--builder=remote"], "--builder"),
+        (["--ulimit", "nofile=1024"], "--ulimit"),
+        (["--call=outline"], "--call=outline"),
+    ]:
+        run = dockbuild(*args, str(tmp_path), check=False)
+        _usage_error(run.stderr, run.returncode)
+        assert f"dockbuild does not support `{name}` yet" in run.stderr
+        assert "no such option" not in run.stderr
+
+
+def test_harmless_docker_flags_are_accepted_and_explained_only_with_debug(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": GREETING})
+    drop_in = ["--rm", "--force-rm=true", "--compress", "--pull=false", "--quiet=false", "--no-cache=false",
+               "--disable-content-trust=true", "--call=build"]  # fmt: skip
+    run = dockbuild.build(ctx, *drop_in, "-o", f"type=local,dest={tmp_path / 'a'}")
+    assert "ignores" not in run.stderr
+    assert (tmp_path / "a" / "greeting").exists()
+    run = dockbuild.build(ctx, *drop_in, "--debug", "-o", f"type=local,dest={tmp_path / 'b'}")
+    assert "dockbuild ignores `--rm`: there is no intermediate container" in run.stderr
+    assert "dockbuild ignores `--compress`" in run.stderr
+    assert re.search(r"\] RUN [^\n]*\n#\d+ CACHED", run.stderr), run.stderr  # --no-cache=false
+
+
+def test_a_switch_set_to_true_is_the_switch(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": GREETING})
+    dockbuild.build(ctx, "-o", f"type=local,dest={tmp_path / 'a'}")
+    run = dockbuild.build(ctx, "--no-cache=true", "-o", f"type=local,dest={tmp_path / 'b'}")
+    assert re.search(r"\] RUN [^\n]*\n#\d+ DONE", run.stderr), run.stderr  # ran again
+    quiet = dockbuild.build(ctx, "--quiet=1", "-o", f"type=oci,dest={tmp_path / 'c.tar'}")
+    assert quiet.out.startswith("sha256:") and "#1 " not in quiet.stderr
+
+
+def test_call_check_is_the_check_flag(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "from busybox as Build\n"})
+    for flag in ("--check", "--call=check"):
+        run = dockbuild.build(ctx, flag, check=False)
+        assert run.returncode == 1 and "StageNameCasing" in run.out, run.out
+
+
+def test_the_flag_name_lists_match_what_the_engine_and_frontend_accept() -> None:
+    from dockbuild.cli import EXECUTORS, NETWORK_MODES
+    from dockbuild.engine.executor.probe import NAMES
+    from dockbuild.frontend.instructions import _NETWORK_MODES
+
+    assert set(EXECUTORS) == {"auto", *NAMES}
+    assert NETWORK_MODES == _NETWORK_MODES
+
+
+def test_secret_without_id_takes_the_file_name(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": "FROM busybox\nRUN --mount=type=secret,id=token.txt cp /run/secrets/token.txt /seen\n",
+    })  # fmt: skip
+    (tmp_path / "token.txt").write_text("s3cret")
+    dockbuild.build(ctx, "--secret", f"src={tmp_path / 'token.txt'}", "-o", f"type=local,dest={tmp_path / 'out'}")
+    assert (tmp_path / "out" / "seen").read_text() == "s3cret"
+
+
+def test_add_host_and_shm_size_are_accepted(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": GREETING})
+    dockbuild.build(ctx, "--add-host", "db:10.0.0.2", "--add-host=cache=::1", "--add-host", "v6:[fe80::1]",
+                    "--shm-size", "64m", "--shm-size=1GiB", "-o", f"type=local,dest={tmp_path / 'out'}")  # fmt: skip
+    assert (tmp_path / "out" / "greeting").exists()

@@ -248,7 +248,7 @@ def test_index_annotations_are_refused_for_a_single_platform_image(
     for key in ("annotation-index.org.example.e", "annotation-index-descriptor.org.example.f"):
         out = tmp_path / "o.tar"
         run = dockbuild.build(app, "-o", f"type=oci,dest={out},{key}=5", check=False)
-        assert run.returncode == 1, key
+        assert run.returncode == 2, key  # a usage error
         assert "index annotations not supported for single platform export" in run.stderr
         assert "Traceback" not in run.stderr and "#2" not in run.stderr  # before any step
         assert not out.exists()
@@ -276,7 +276,7 @@ def test_bad_output_options_are_clear_errors_before_building(
         ("type=image,name=Bad:Name,push=true", "must be lowercase"),
     ]:
         run = dockbuild.build(app, "-o", option, check=False)
-        assert run.returncode == 1, option
+        assert run.returncode == 2, option  # a usage error
         assert message in run.stderr and "Traceback" not in run.stderr, run.stderr
         assert "#2" not in run.stderr  # refused before any step ran
 

@@ -159,7 +159,7 @@ def test_push_with_basic_auth_from_docker_config(
     name = f"{registry_with_auth.host}/auth/app:1"
     denied = dockbuild.build(app, "-t", name, "--push", check=False,
                              env={"DOCKER_CONFIG": str(tmp_path / "empty")})  # fmt: skip
-    assert denied.returncode == 1
+    assert denied.returncode == 3
     assert "unauthorized" in denied.stderr and "Traceback" not in denied.stderr
 
     config = write_docker_config(tmp_path / "docker", registry_with_auth)
@@ -173,7 +173,7 @@ def test_push_over_tls_trusts_a_ca_from_certs_d(
 ) -> None:
     name = f"{registry_tls.host}/tls/app:1"
     untrusted = dockbuild.build(app, "-t", name, "--push", check=False)
-    assert untrusted.returncode == 1
+    assert untrusted.returncode == 3
     assert "TLS certificate verification failed" in untrusted.stderr
 
     assert registry_tls.certs_d is not None
@@ -192,5 +192,5 @@ def test_push_over_tls_trusts_a_ca_from_certs_d(
 
 def test_push_needs_a_name(dockbuild: DockbuildCLI, app: Path) -> None:
     run = dockbuild.build(app, "--push", check=False)
-    assert run.returncode == 1
+    assert run.returncode == 2
     assert "--push needs an image name" in run.stderr and "Traceback" not in run.stderr
