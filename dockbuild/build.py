@@ -23,7 +23,6 @@ TYPE_CHECKING = False  # typing and the heavy modules load only for the type che
 if TYPE_CHECKING:
     from contextlib import ExitStack
 
-    from dockbuild import llb
     from dockbuild.engine.cacheio import CacheSpec
     from dockbuild.engine.executor import Executor
     from dockbuild.engine.solver import Solver

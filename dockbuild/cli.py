@@ -29,6 +29,7 @@ SUBCOMMANDS = {"build", "debug", "version", "du", "prune", "--help", "-h"}
 # The names --executor and --network take (the executor probe and the frontend check them
 # again; tests/cli/test_cli_args.py keeps these lists equal to theirs).
 EXECUTORS = ("auto", "namespace", "runc", "chroot")
+# llb.NETWORK_MODES, spelled out: the command line is parsed before llb loads.
 NETWORK_MODES = ("default", "none", "host")
 
 # What the parsers add to the parsed flags besides the command's own parameters.

@@ -119,6 +119,10 @@ class Mount:
     env: str = ""  # secret: also expose it as this environment variable
 
 
+# The network modes a RUN step can have (--network, RUN --network).
+NETWORK_MODES = ("default", "none", "host")
+
+
 @dataclass(frozen=True, repr=False)
 class ExecOp(Op):
     """Run a process on top of ``mounts[0].input``; the result is the changed rootfs."""
@@ -128,7 +132,7 @@ class ExecOp(Op):
     env: tuple[str, ...] = ()
     cwd: str = "/"
     user: str = ""  # "name[:group]" or "uid[:gid]", resolved in the rootfs; "" = root
-    network: str = "default"  # default | none | host
+    network: str = "default"  # one of NETWORK_MODES
     security: str = "sandbox"  # sandbox | insecure
     hostname: str = "buildkitsandbox"
     # Proxy variables: in the process env but never in the digest or cache key.

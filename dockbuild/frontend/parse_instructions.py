@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from dockbuild import llb
 from dockbuild.errors import DockerfileError, Location
 from dockbuild.frontend.goformat import parse_go_duration
 from dockbuild.frontend.instructions import (
@@ -213,7 +214,7 @@ def _parse_run(req: _Request) -> RunCommand:
         )
     flags.parse()
     network = flags.string("network")
-    if network not in _NETWORK_MODES:
+    if network not in llb.NETWORK_MODES:
         raise _InstructionError(
             f"unsupported network mode {network!r} (expected default, none or host)"
         )
@@ -255,7 +256,6 @@ def _parse_run(req: _Request) -> RunCommand:
     )
 
 
-_NETWORK_MODES = ("default", "none", "host")
 _SECURITY_MODES = ("sandbox", "insecure")
 
 

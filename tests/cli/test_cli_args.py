@@ -217,10 +217,10 @@ def test_call_check_is_the_check_flag(dockbuild: DockbuildCLI, tmp_path: Path) -
 def test_the_flag_name_lists_match_what_the_engine_and_frontend_accept() -> None:
     from dockbuild.cli import EXECUTORS, NETWORK_MODES
     from dockbuild.engine.executor.probe import NAMES
-    from dockbuild.frontend.instructions import _NETWORK_MODES
+    from dockbuild.llb import NETWORK_MODES as GRAPH_NETWORK_MODES
 
     assert set(EXECUTORS) == {"auto", *NAMES}
-    assert NETWORK_MODES == _NETWORK_MODES
+    assert NETWORK_MODES == GRAPH_NETWORK_MODES
 
 
 def test_secret_without_id_takes_the_file_name(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
