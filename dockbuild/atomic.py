@@ -3,6 +3,9 @@
 An interrupted export (Ctrl-C, a full disk, a broken pipe) leaves the destination as it
 was: the temp is removed on any exception, and only a complete result is renamed into
 place (synced first, unless the caller asks for ``durable=False``).
+
+A user's destination goes through :func:`output_file` / :func:`output_dir`: a device, a
+FIFO or a socket is written through, never renamed over, and a symlink is followed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import errno
 import functools
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -80,6 +84,113 @@ def atomic_file(dest: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
         raise
     if durable:
         fsync_dir(dest.parent)
+
+
+def resolve_destination(dest: Path) -> Path:
+    """The path a write to ``dest`` lands on: ``dest`` itself, or for a symlink (also a
+    dangling one) its final target, so the link stays and its target gets the output."""
+    dest = Path(dest)
+    if not os.path.islink(dest):
+        return dest
+    target = Path(os.path.realpath(dest))
+    if os.path.islink(target):  # realpath stops at a loop
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(dest))
+    return target
+
+
+def _name_user_path(e: OSError, dest: Path, target: Path) -> None:
+    """Make ``e`` name ``dest`` (the user's path) where it names nothing, the resolved
+    target or a temp file beside it."""
+    name = "" if e.filename is None else os.fsdecode(e.filename)
+    temp = os.path.dirname(name) == str(target.parent) and os.path.basename(name).startswith(
+        f".{target.name}."
+    )
+    if not name or name == str(target) or temp:
+        e.filename, e.filename2 = str(dest), None
+
+
+@contextlib.contextmanager
+def output_file(dest: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """Yield a file to write an output to ``dest``, the path the user gave.
+
+    - missing or a regular file: :func:`atomic_file` (missing parent directories made);
+    - a symlink: followed (a dangling one too); its target gets these same rules;
+    - a character or block device, a FIFO or a socket: opened and written through, never
+      replaced (``/dev/null``, ``>(gzip > x)``, a FIFO a reader waits on);
+    - a directory: IsADirectoryError.
+
+    OSErrors name ``dest``, never a temp file.
+    """
+    dest = Path(dest)
+    target = resolve_destination(dest)
+    try:
+        mode: int | None = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        _name_user_path(e, dest, target)
+        raise
+    if mode is not None and stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(dest))
+    if mode is None or stat.S_ISREG(mode):
+        _make_parents(dest, target)
+        try:
+            with atomic_file(target, durable=durable) as f:
+                yield f
+        except OSError as e:
+            _name_user_path(e, dest, target)
+            raise
+        return
+    try:
+        with _open_through(target, mode) as f:
+            yield f
+            f.flush()
+            if durable and stat.S_ISBLK(mode):
+                os.fsync(f.fileno())
+    except OSError as e:
+        _name_user_path(e, dest, target)
+        raise
+
+
+def _make_parents(dest: Path, target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        e.filename, e.filename2 = str(dest), None  # a missing dir's ancestor: say which output
+        raise
+
+
+def _open_through(target: Path, mode: int) -> BinaryIO:
+    """The device, FIFO or socket ``target`` opened for writing (a FIFO waits for its reader)."""
+    if stat.S_ISSOCK(mode):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(target))
+            fd = sock.detach()
+        except BaseException:
+            sock.close()
+            raise
+        return os.fdopen(fd, "wb")
+    return os.fdopen(os.open(target, os.O_WRONLY | os.O_CLOEXEC), "wb")
+
+
+def output_dir(dest: Path) -> Path:
+    """The directory an output named ``dest`` is written to: a symlink is followed, and a
+    missing directory's parents are made. Anything but a directory there is refused
+    (NotADirectoryError naming ``dest``): a directory output never replaces a file."""
+    dest = Path(dest)
+    target = resolve_destination(dest)
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        _make_parents(dest, target)
+        return target
+    except OSError as e:
+        _name_user_path(e, dest, target)
+        raise
+    if not stat.S_ISDIR(mode):
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(dest))
+    return target
 
 
 _RENAME_EXCHANGE = 2  # renameat2(2) flag

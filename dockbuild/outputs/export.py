@@ -783,9 +783,9 @@ def _destination(spec: OutputSpec) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    from dockbuild.atomic import atomic_file
+    from dockbuild.atomic import output_file
 
-    with atomic_file(path) as f:
+    with output_file(path) as f:
         f.write(data)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from dockbuild.atomic import atomic_dir, atomic_file
+from dockbuild.atomic import atomic_dir, output_dir, output_file
 from dockbuild.engine.archive import CountingWriter
 from dockbuild.errors import DockbuildError
 from dockbuild.outputs.image import OCI_LAYOUT, ImageBlobs, layout_index
@@ -164,12 +164,13 @@ class _BytesReader:
 
 
 def write_layout_dir(files: Mapping[str, bytes | Path], dest: Path) -> None:
-    """Write layout files as a directory, replacing ``dest`` atomically.
+    """Write layout files as a directory, replacing ``dest`` atomically (a symlink to a
+    directory is followed; see :func:`output_dir`).
 
     Blob files (the cache's, immutable) are hard-linked where ``dest`` is on the cache's
     filesystem, so no byte is copied; elsewhere they are copied.
     """
-    with atomic_dir(dest, durable=False) as tmp:
+    with atomic_dir(output_dir(dest), durable=False) as tmp:
         for name in sorted(files):
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +200,7 @@ def _link(src: Path, target: Path) -> bool:
 def deliver_tar(
     files: Mapping[str, bytes | Path], *, out: BinaryIO | None, dest: Path | None
 ) -> None:
-    """Write a layout tar to ``out`` (e.g. stdout) or atomically to the file ``dest``."""
+    """Write a layout tar to ``out`` (e.g. stdout) or to ``dest`` (:func:`output_file`)."""
     if (out is None) == (dest is None):
         raise ValueError("give exactly one of out and dest")
     if out is not None:
@@ -207,7 +208,7 @@ def deliver_tar(
         return
     # Atomic, not synced (docs/outputs.md): the copy is in the page cache, and waiting
     # for the disk would cost more than all the rest of the export.
-    with atomic_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]
+    with output_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]
         write_layout_tar(files, f)
 
 

@@ -1,0 +1,238 @@
+"""Where outputs land, through the real CLI: a FIFO, a device, a socket or a symlink at
+``dest=``, ``--iidfile`` or ``--metadata-file`` is written through (never replaced), a
+regular file is replaced atomically, missing parent directories are made, and
+``type=local`` writes into an existing directory as BuildKit does."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import stat
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clitools import DockbuildCLI, read_oci, write_context
+
+DOCKERFILE = "FROM busybox\nCOPY hello.txt /hello.txt\n"
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Path:
+    return write_context(tmp_path / "app", {"Dockerfile": DOCKERFILE, "hello.txt": "hello\n"})
+
+
+@contextlib.contextmanager
+def _reading(fifo: Path) -> Iterator[bytearray]:
+    """Read everything written to ``fifo`` in a thread; the bytes are there after the block."""
+    data = bytearray()
+
+    def read() -> None:
+        with open(fifo, "rb") as f:
+            while chunk := f.read(1 << 16):
+                data.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield data
+    finally:
+        if reader.is_alive():  # no writer came (a failed build): let the reader go
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=60)
+
+
+def _entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_an_oci_archive_streams_into_a_fifo_that_stays_a_fifo(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "out" / "image.fifo"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with _reading(fifo) as data:
+        dockbuild.build(app, "-o", f"type=oci,dest={fifo}")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert _entries(fifo.parent) == ["image.fifo"]  # no temp file, no regular file
+    image = read_oci(bytes(data))
+    assert any("hello.txt" in layer.getnames() for layer in image.layers)
+
+
+def test_iidfile_and_metadata_file_are_written_through_fifos(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    iid, meta = tmp_path / "iid.fifo", tmp_path / "meta.fifo"
+    os.mkfifo(iid)
+    os.mkfifo(meta)
+    with _reading(iid) as iid_data, _reading(meta) as meta_data:
+        dockbuild.build(
+            app, "-o", f"type=oci,dest={tmp_path / 'image.tar'}",
+            "--iidfile", str(iid), "--metadata-file", str(meta),
+        )  # fmt: skip
+    assert stat.S_ISFIFO(os.lstat(iid).st_mode) and stat.S_ISFIFO(os.lstat(meta).st_mode)
+    image_id = bytes(iid_data).decode()
+    assert image_id.startswith("sha256:")
+    assert json.loads(bytes(meta_data))["containerimage.config.digest"] == image_id
+
+
+def test_a_character_device_destination_is_written_to_and_stays_a_device(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    """A null device of our own (1,3, as /dev/null), never the system's."""
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    null = devices / "null"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    dockbuild.build(
+        app, "-o", f"type=oci,dest={null}", "-o", f"type=tar,dest={null}",
+        "--iidfile", str(null), "--metadata-file", str(null),
+    )  # fmt: skip
+    st = os.lstat(null)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert _entries(devices) == ["null"]
+
+
+def test_a_unix_socket_destination_gets_the_archive(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "rootfs.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    data = bytearray()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while chunk := conn.recv(1 << 16):
+                data.extend(chunk)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        dockbuild.build(app, "-o", f"type=tar,dest={path}")
+        thread.join(timeout=60)
+    finally:
+        server.close()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        assert tar.extractfile("hello.txt").read() == b"hello\n"  # type: ignore[union-attr]
+
+
+def test_a_symlink_to_a_regular_file_keeps_the_link_and_replaces_the_target(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    target = store / "image.tar"
+    target.write_bytes(b"an older export")
+    kept = store / "older.tar"
+    os.link(target, kept)  # another name of the old file: the target was replaced, not rewritten
+    link = tmp_path / "latest.tar"
+    link.symlink_to("store/image.tar")
+    iid = tmp_path / "iid"
+    iid.symlink_to("store/iid.txt")
+    dockbuild.build(app, "-o", f"type=oci,dest={link}", "--iidfile", str(iid))
+    assert os.readlink(link) == "store/image.tar" and os.readlink(iid) == "store/iid.txt"
+    assert read_oci(target).layers
+    assert kept.read_bytes() == b"an older export"
+    assert (store / "iid.txt").read_text().startswith("sha256:")
+    assert _entries(store) == ["iid.txt", "image.tar", "older.tar"]
+
+
+def test_a_symlink_to_a_fifo_writes_through_both(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "out.tar"
+    link.symlink_to(fifo)
+    with _reading(fifo) as data:
+        dockbuild.build(app, "-o", f"type=tar,dest={link}")
+    assert os.readlink(link) == str(fifo) and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        assert "hello.txt" in tar.getnames()
+
+
+def test_a_dangling_symlink_gets_its_target_created(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    link = tmp_path / "image.tar"
+    link.symlink_to("archive/new/image.tar")  # the target's parents do not exist either
+    dockbuild.build(app, "-o", f"type=docker,dest={link}")
+    assert link.is_symlink() and os.readlink(link) == "archive/new/image.tar"
+    with tarfile.open(tmp_path / "archive" / "new" / "image.tar") as tar:
+        assert "manifest.json" in tar.getnames()
+
+
+def test_missing_parent_directories_are_made_for_every_file_output(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "new"
+    dockbuild.build(
+        app,
+        "-o", f"type=oci,dest={out / 'oci' / 'image.tar'}",
+        "-o", f"type=tar,dest={out / 'tar' / 'rootfs.tar'}",
+        "-o", f"type=local,dest={out / 'local' / 'rootfs'}",
+        "--iidfile", str(out / "ids" / "iid"),
+        "--metadata-file", str(out / "meta" / "metadata.json"),
+    )  # fmt: skip
+    assert read_oci(out / "oci" / "image.tar").layers
+    with tarfile.open(out / "tar" / "rootfs.tar") as tar:
+        assert "hello.txt" in tar.getnames()
+    assert (out / "local" / "rootfs" / "hello.txt").read_text() == "hello\n"
+    assert (out / "ids" / "iid").read_text().startswith("sha256:")
+    assert "containerimage.digest" in json.loads((out / "meta" / "metadata.json").read_text())
+
+
+def test_local_output_writes_into_an_existing_directory_and_keeps_other_files(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    """BuildKit's local exporter writes into dest: same names are replaced, the rest stays."""
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    (dest / "hello.txt").write_text("an old hello")
+    (dest / "mine.txt").write_text("not from the build")
+    dockbuild.build(app, "-o", f"type=local,dest={dest}")
+    assert (dest / "hello.txt").read_text() == "hello\n"
+    assert (dest / "mine.txt").read_text() == "not from the build"
+    assert (dest / "bin" / "sh").exists()
+
+
+def test_local_output_follows_a_symlink_to_a_directory(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "mine.txt").write_text("kept")
+    link = tmp_path / "rootfs"
+    link.symlink_to("real")
+    dockbuild.build(app, "-o", str(link))
+    assert link.is_symlink()
+    assert (real / "hello.txt").read_text() == "hello\n"
+    assert (real / "mine.txt").read_text() == "kept"
+
+
+def test_a_directory_output_never_replaces_a_file(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    plain = tmp_path / "plain"
+    plain.write_text("a file")
+    for dest in (fifo, plain):
+        run = dockbuild.build(app, "-o", f"type=local,dest={dest}", check=False)
+        assert run.returncode != 0 and str(dest) in run.stderr
+        assert "not a directory" in run.stderr and "internal error" not in run.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and plain.read_text() == "a file"
+    assert _entries(tmp_path) == sorted(["app", "cache", "fifo", "plain"])
