@@ -276,6 +276,15 @@ def build(request: BuildRequest) -> None:
 
             cache_from = [cacheio.parse_cache_spec(t, export=False) for t in request.cache_from]
             cache_to = [cacheio.parse_cache_spec(t, export=True) for t in request.cache_to]
+        from dockbuild.outputs.destinations import check_destinations
+
+        check_destinations(
+            outputs,
+            iidfile=request.iidfile,
+            metadata_file=request.metadata_file,
+            cache_to=cache_to,
+            secrets=request.secrets,
+        )
         progress = make_progress(request.progress)
         vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
         vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())

@@ -783,10 +783,17 @@ def _destination(spec: OutputSpec) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``--iidfile`` / ``--metadata-file`` (see :func:`dockbuild.atomic.output_file`)."""
     from dockbuild.atomic import output_file
 
-    with output_file(path) as f:
-        f.write(data)
+    try:
+        with output_file(path) as f:
+            f.write(data)
+    except OSError as e:
+        raise DockbuildError(
+            f"writing {e.filename or path}: {(e.strerror or str(e)).lower()}",
+            hint="the file was left as it was",
+        ) from e
 
 
 def write_metadata(path: Path, ids: ExportIds) -> None:

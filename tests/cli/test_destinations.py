@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -236,3 +237,105 @@ def test_a_directory_output_never_replaces_a_file(
         assert "not a directory" in run.stderr and "internal error" not in run.stderr
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and plain.read_text() == "a file"
     assert _entries(tmp_path) == sorted(["app", "cache", "fifo", "plain"])
+
+
+# --- every path is checked before any step runs ---------------------------------------------
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Path]:
+    """A directory nobody may write to: a read-only tmpfs as root, else mode 0555."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    (path / "existing").mkdir()
+    if os.geteuid() != 0:
+        for p in (path / "existing", path):
+            p.chmod(0o555)
+        yield path
+        for p in (path, path / "existing"):
+            p.chmod(0o755)
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
+    (path / "existing").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def _refused(dockbuild: DockbuildCLI, app: Path, *args: str, cwd: Path | None = None) -> str:
+    """The one error line of a build refused before its first step."""
+    run = dockbuild.build(app, *args, check=False, cwd=cwd)
+    assert run.returncode != 0
+    assert "internal error" not in run.stderr and "Traceback" not in run.stderr
+    assert "COPY hello.txt" not in run.stderr  # no step ran
+    (line,) = [x for x in run.stderr.splitlines() if x.startswith("ERROR:")]
+    return line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("-o", "type=oci,dest={ro}/image.tar"),
+        ("-o", "type=docker,dest={ro}/new/dir/image.tar"),
+        ("-o", "type=tar,dest={ro}/existing/rootfs.tar"),
+        ("-o", "type=local,dest={ro}/rootfs"),
+        ("-o", "type=oci,tar=false,dest={ro}/existing"),
+        ("--iidfile", "{ro}/iid"),
+        ("--metadata-file", "{ro}/meta/data.json"),
+        ("--cache-to", "type=local,dest={ro}/existing"),
+    ],
+    ids=["oci", "docker-missing-parents", "tar", "local", "oci-dir", "iidfile", "metadata",
+         "cache-to"],
+)  # fmt: skip
+def test_an_unwritable_destination_is_refused_before_the_build(
+    dockbuild: DockbuildCLI, app: Path, read_only: Path, args: tuple[str, str]
+) -> None:
+    flag, value = args[0], args[1].format(ro=read_only)
+    line = _refused(
+        dockbuild, app, flag, value, "-o", f"type=tar,dest={read_only.parent / 'ok.tar'}"
+    )
+    assert "is not writable" in line and str(read_only) in line
+    assert flag in line or value.split(",")[0] in line
+    assert not (read_only.parent / "ok.tar").exists()  # no output was written either
+
+
+def test_a_file_in_the_way_of_a_missing_directory_is_named(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    line = _refused(dockbuild, app, "--iidfile", "afile/sub/iid", cwd=tmp_path)
+    assert line == "ERROR: --iidfile afile/sub/iid: afile is not a directory"
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_directory_where_a_file_output_goes_is_refused(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "image.tar"
+    folder.mkdir()
+    line = _refused(dockbuild, app, "-o", f"type=oci,dest={folder}")
+    assert line == f"ERROR: -o type=oci,dest={folder}: {folder} is a directory"
+    line = _refused(dockbuild, app, "--metadata-file", str(folder))
+    assert line == f"ERROR: --metadata-file {folder}: {folder} is a directory"
+
+
+def test_a_missing_secret_file_is_refused_before_the_build(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-token"
+    line = _refused(dockbuild, app, "--secret", f"id=token,src={missing}")
+    assert str(missing) in line and "no file" in line
+
+
+def test_an_unreadable_secret_file_is_refused_before_the_build(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file: a secret cannot be unreadable")
+    token = tmp_path / "token"
+    token.write_text("s3cr3t")
+    token.chmod(0)
+    line = _refused(dockbuild, app, "--secret", f"id=token,src={token}")
+    assert line == f"ERROR: --secret id=token,src={token}: the file is not readable"
