@@ -27,10 +27,15 @@ import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dockbuild.atomic import output_dir, replace_dir
 from dockbuild.engine.archive import content_xattrs
 from dockbuild.engine.snapshots import Snapshot, walk_merged
+
+if TYPE_CHECKING:
+    from dockbuild.outputs.exporter import ExportRun
+    from dockbuild.outputs.spec import OutputSpec
 
 
 def _layers(snapshot: Snapshot | Sequence[Path]) -> Sequence[Path]:
@@ -113,3 +118,15 @@ def export_local(snapshot: Snapshot | Sequence[Path], dest: Path) -> None:
         _merge_into(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class LocalExporter:
+    """``type=local``: the final root filesystem into ``dest``."""
+
+    def export(self, run: ExportRun, spec: OutputSpec) -> None:
+        vertex = run.progress.vertex(f"exporting to client directory {spec.dest}")
+        export_local(run.store.unpacked_paths(run.image.state), Path(spec.dest or "."))
+        vertex.done()
+
+    def close(self) -> None:
+        pass

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from dockbuild.atomic import output_file
 from dockbuild.engine.archive import TreeTarWriter
 from dockbuild.engine.snapshots import Snapshot, walk_merged
+from dockbuild.outputs.exporter import destination
+
+if TYPE_CHECKING:
+    from dockbuild.outputs.exporter import ExportRun
+    from dockbuild.outputs.spec import OutputSpec
 
 
 def write_rootfs_tar(
@@ -43,3 +48,15 @@ def export_tar(
         return
     with output_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]  # as oci.py
         write_rootfs_tar(snapshot, f, clamp_mtime=clamp_mtime)
+
+
+class TarExporter:
+    """``type=tar``: the final root filesystem as one tar, to ``dest`` or stdout."""
+
+    def export(self, run: ExportRun, spec: OutputSpec) -> None:
+        vertex = run.progress.vertex("exporting to client tarball")
+        export_tar(run.store.unpacked_paths(run.image.state), **destination(spec))
+        vertex.done()
+
+    def close(self) -> None:
+        pass
