@@ -19,6 +19,7 @@ import socket
 import stat
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -86,16 +87,54 @@ def atomic_file(dest: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
         fsync_dir(dest.parent)
 
 
-def resolve_destination(dest: Path) -> Path:
-    """The path a write to ``dest`` lands on: ``dest`` itself, or for a symlink (also a
-    dangling one) its final target, so the link stays and its target gets the output."""
+@dataclass(frozen=True)
+class Destination:
+    """What a user's output path names: where a write lands and what is there."""
+
+    path: Path  # symlinks followed, except into /proc (the kernel follows those at open)
+    mode: int | None  # st_mode of what is there; None when nothing is
+    process_file: bool = False  # /dev/stdout, /dev/fd/N: another process's open file
+
+    @property
+    def written_through(self) -> bool:
+        """Opened and written (never replaced): a device, FIFO, socket or process file."""
+        if self.mode is None or stat.S_ISDIR(self.mode):
+            return False
+        return self.process_file or not stat.S_ISREG(self.mode)
+
+
+def destination(dest: Path) -> Destination:
+    """Look at ``dest``: a symlink is followed to its final target (a dangling one too),
+    which gets the output while the link stays. OSErrors name ``dest``."""
     dest = Path(dest)
-    if not os.path.islink(dest):
-        return dest
-    target = Path(os.path.realpath(dest))
-    if os.path.islink(target):  # realpath stops at a loop
-        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(dest))
-    return target
+    process_file = _via_proc(dest)
+    target = dest
+    if os.path.islink(dest) and not process_file:
+        target = Path(os.path.realpath(dest))
+        if os.path.islink(target):  # realpath stops at a loop
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(dest))
+    try:
+        mode: int | None = os.stat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a file where a dir goes
+        mode = None
+    except OSError as e:
+        e.filename, e.filename2 = str(dest), None
+        raise
+    return Destination(target, mode, process_file)
+
+
+def _via_proc(dest: Path) -> bool:
+    """Whether ``dest`` reaches into /proc (``/dev/stdout`` -> ``/proc/self/fd/1``): its
+    magic links name an open file of a process, which only the kernel can follow."""
+    path = os.path.abspath(dest)
+    for _ in range(40):  # the kernel's own limit on symlinks in one lookup
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        if path == "/proc" or path.startswith("/proc/"):
+            return True
+        if not os.path.islink(path):
+            return False
+        path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    return False
 
 
 def _name_user_path(e: OSError, dest: Path, target: Path) -> None:
@@ -122,17 +161,11 @@ def output_file(dest: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
     OSErrors name ``dest``, never a temp file.
     """
     dest = Path(dest)
-    target = resolve_destination(dest)
-    try:
-        mode: int | None = os.stat(target).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as e:
-        _name_user_path(e, dest, target)
-        raise
+    where = destination(dest)
+    target, mode = where.path, where.mode
     if mode is not None and stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(dest))
-    if mode is None or stat.S_ISREG(mode):
+    if not where.written_through:
         _make_parents(dest, target)
         try:
             with atomic_file(target, durable=durable) as f:
@@ -141,6 +174,7 @@ def output_file(dest: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
             _name_user_path(e, dest, target)
             raise
         return
+    assert mode is not None
     try:
         with _open_through(target, mode) as f:
             yield f
@@ -171,7 +205,9 @@ def _open_through(target: Path, mode: int) -> BinaryIO:
             sock.close()
             raise
         return os.fdopen(fd, "wb")
-    return os.fdopen(os.open(target, os.O_WRONLY | os.O_CLOEXEC), "wb")
+    # O_TRUNC: a process's file that is a regular file (stdout redirected to one) starts
+    # empty, as the shell's `>` left it; devices and FIFOs ignore it.
+    return os.fdopen(os.open(target, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC), "wb")
 
 
 def output_dir(dest: Path) -> Path:
@@ -179,18 +215,12 @@ def output_dir(dest: Path) -> Path:
     missing directory's parents are made. Anything but a directory there is refused
     (NotADirectoryError naming ``dest``): a directory output never replaces a file."""
     dest = Path(dest)
-    target = resolve_destination(dest)
-    try:
-        mode = os.stat(target).st_mode
-    except FileNotFoundError:
-        _make_parents(dest, target)
-        return target
-    except OSError as e:
-        _name_user_path(e, dest, target)
-        raise
-    if not stat.S_ISDIR(mode):
+    where = destination(dest)
+    if where.mode is None:
+        _make_parents(dest, where.path)
+    elif not stat.S_ISDIR(where.mode):
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(dest))
-    return target
+    return where.path
 
 
 _RENAME_EXCHANGE = 2  # renameat2(2) flag

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dockbuild.atomic import resolve_destination
+from dockbuild.atomic import Destination, destination
 from dockbuild.errors import DockbuildError
 
 
@@ -54,33 +54,32 @@ def _refuse(flag: str, reason: str) -> DockbuildError:
     return DockbuildError(f"{flag}: {reason}")
 
 
-def _target(flag: str, dest: Path) -> tuple[Path, int | None]:
-    """The path a write lands on (symlinks followed) and its mode, None when missing."""
+def _target(flag: str, dest: Path) -> Destination:
     try:
-        target = resolve_destination(dest)
-        return target, os.stat(target).st_mode
-    except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a file where a directory goes
-        return target, None
+        return destination(dest)
     except OSError as e:
         raise _refuse(flag, (e.strerror or str(e)).lower()) from None
 
 
 def _check_file(flag: str, dest: Path) -> None:
-    target, mode = _target(flag, dest)
+    where = _target(flag, dest)
+    target, mode = where.path, where.mode
     if mode is None:
         _check_creatable(flag, target)
     elif stat.S_ISDIR(mode):
         raise _refuse(flag, f"{dest} is a directory")
-    elif stat.S_ISREG(mode):
+    elif where.written_through:
+        if not os.access(target, os.W_OK):
+            raise _refuse(flag, f"{dest} is not writable")
+    else:
         _check_writable_dir(flag, target.parent)  # the new file is renamed into it
-    elif not os.access(target, os.W_OK):
-        raise _refuse(flag, f"{target} is not writable")
 
 
 def _check_dir(flag: str, dest: Path, *, beside: bool, inside: bool) -> None:
     """A directory output, written ``beside`` ``dest`` (a temp dir renamed into place)
     and/or ``inside`` an existing ``dest``."""
-    target, mode = _target(flag, dest)
+    where = _target(flag, dest)
+    target, mode = where.path, where.mode
     if mode is None:
         _check_creatable(flag, target)
         return

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clitools import DockbuildCLI, read_oci, write_context
+from clitools import DOCKBUILD, DockbuildCLI, read_oci, write_context
 
 DOCKERFILE = "FROM busybox\nCOPY hello.txt /hello.txt\n"
 
@@ -128,6 +128,27 @@ def test_a_unix_socket_destination_gets_the_archive(
     assert stat.S_ISSOCK(os.lstat(path).st_mode)
     with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
         assert tar.extractfile("hello.txt").read() == b"hello\n"  # type: ignore[union-attr]
+
+
+def test_dev_stdout_is_written_through_to_a_pipe_or_a_file(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    """/dev/stdout names dockbuild's own stdout (a magic link into /proc): written, and
+    nothing is made or replaced in /dev."""
+    piped = dockbuild.build(app, "-o", "type=tar,dest=/dev/stdout")
+    with tarfile.open(fileobj=io.BytesIO(piped.stdout)) as tar:
+        assert tar.extractfile("hello.txt").read() == b"hello\n"  # type: ignore[union-attr]
+    redirected = tmp_path / "rootfs.tar"
+    redirected.write_bytes(b"stale bytes that the shell's > would have truncated" * 1000)
+    with open(redirected, "r+b") as stdout:
+        done = subprocess.run(
+            [DOCKBUILD, "--progress=plain", *dockbuild.base_context,
+             "-o", "type=tar,dest=/dev/stdout", str(app)],
+            stdout=stdout, stderr=subprocess.PIPE, env=dockbuild.env(), timeout=300, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert redirected.read_bytes() == piped.stdout  # truncated first, as `>` does
+    assert not [p for p in os.listdir("/dev") if p.startswith(".stdout.") or p.startswith(".1.")]
 
 
 def test_a_symlink_to_a_regular_file_keeps_the_link_and_replaces_the_target(
