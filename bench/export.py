@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from dockbuild.engine.store import Store
-from dockbuild.outputs import export
+from dockbuild.outputs import blobs, export
+from dockbuild.outputs.spec import OutputSpec
 from dockbuild.progress import make_progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,15 +111,14 @@ def main() -> None:
         image = export.Image(
             state=("bench-layer",),
             config={"architecture": "amd64", "os": "linux", "config": {}, "history": [{}]},
-            layer_paths=(store.layer_path("bench-layer"),),
         )
         progress = make_progress("quiet")
         out = work / "out"
         out.mkdir()
         rows = []
         for kind in ("gzip", "zstd"):
-            seconds = timed(lambda k=kind: export.layer_blobs(store, image, k, progress))
-            blob = export.layer_blobs(store, image, kind, progress)[0]
+            seconds = timed(lambda k=kind: blobs.layer_blobs(store, image, k, progress))
+            blob = blobs.layer_blobs(store, image, kind, progress)[0]
             rows.append((f"dockbuild {kind}", seconds, blob.size))
         src = store.layer_path("bench-layer")
         for name, command in [
@@ -133,12 +133,12 @@ def main() -> None:
         for name, seconds, blob_size in rows:
             blob_size = blob_size or sizes[name]
             print(f"{name:<22}{seconds:>9.2f}{mb / seconds:>9.0f}{size / blob_size:>8.2f}")
-        cached = timed(lambda: export.layer_blobs(store, image, "gzip", progress))
+        cached = timed(lambda: blobs.layer_blobs(store, image, "gzip", progress))
         print(f"second export, blobs from the cache (no compression): {cached:.3f} s")
         runs = []
         for n in range(3):
             dest = out / f"image{n}.tar"
-            spec = export.OutputSpec("oci", str(dest))
+            spec = OutputSpec("oci", str(dest))
             runs.append(timed(lambda s=spec: export.export_all(store, image, [s], progress)))
         print(
             f"second export, type=oci,dest=FILE in-process ({dest.stat().st_size >> 20} MiB): "
@@ -147,7 +147,7 @@ def main() -> None:
         )
         layouts = []
         for n in range(3):
-            spec = export.OutputSpec("oci", str(out / f"layout{n}"), {"tar": "false"})
+            spec = OutputSpec("oci", str(out / f"layout{n}"), {"tar": "false"})
             layouts.append(timed(lambda s=spec: export.export_all(store, image, [s], progress)))
         print(
             "second export, type=oci,tar=false,dest=DIR in-process (blobs hard-linked): "

@@ -108,6 +108,15 @@ def build(request: BuildRequest) -> BuildResult:
         digests = contexts.early_digests(root / "db.sqlite")
         locals_ = _open_locals(cleanup, inputs, digests) if digests is not None else {}
         outputs, cache_from, cache_to = _parse_specs(request)  # usage errors first
+        from dockbuild.outputs.destinations import check_destinations
+
+        check_destinations(  # every path the user gave, before any step runs
+            outputs,
+            iidfile=request.iidfile,
+            metadata_file=request.metadata_file,
+            cache_to=cache_to,
+            secrets=request.secrets,
+        )
         from dockbuild.engine.store import Store
 
         store = Store(root)  # a cache it cannot open is an error before any progress shows
@@ -341,7 +350,6 @@ def _export(
     image = export.Image(
         state=state,
         config=config,
-        layer_paths=tuple(store.layer_path(lid) for lid in state),  # may be packed: see export
         base_layers=export.base_layer_count(config, result.history_ops, len(state)),
         epoch=epoch,
         squash=request.squash,

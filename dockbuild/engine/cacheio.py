@@ -234,38 +234,12 @@ def with_inline_cache(config: dict[str, Any], metadata: dict[str, Any]) -> dict[
 
 def _layer_blob(store: Store, lid: str, compression: str) -> dict[str, Any]:
     """A layer's blob: the one it came with (a base image's), else made once and kept."""
-    from dockbuild.engine import archive
-    from dockbuild.outputs.compression import compress_stream, layer_media_type
+    from dockbuild.engine import layers
 
-    for kind in (compression, "gzip", "zstd", "uncompressed"):
-        info = store.layer_blob(lid, kind)
-        diff_id = store.layer_diff_id(lid)
-        if info is not None and diff_id:
-            return {"digest": info.digest, "size": info.size, "diff_id": diff_id,
-                    "mediaType": layer_media_type(kind, True), "compression": kind}
-    work = store.tempdir("k")
-    try:
-        tar_path, blob_path = work / "layer.tar", work / "blob"
-        with open(tar_path, "wb") as f:
-            archive.write_layer_tar(store.unpacked_paths([lid])[0], f)
-        h = hashlib.sha256()
-        with open(tar_path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        diff_id = "sha256:" + h.hexdigest()
-        with open(tar_path, "rb") as src, open(blob_path, "wb") as dst:
-            compress_stream(src, dst, compression)
-            dst.flush()
-            os.fsync(dst.fileno())
-        known = store.layer_diff_id(lid)
-        if known is None:
-            store.set_layer_diff_id(lid, diff_id)
-        digest, size = store.put_blob_file(blob_path)
-        store.set_layer_blob(BlobInfo(lid, compression, digest, size))
-    finally:
-        remove_tree(work)
-    return {"digest": digest, "size": size, "diff_id": diff_id,
-            "mediaType": layer_media_type(compression, True), "compression": compression}
+    found = layers.lookup_any(store, lid, (compression, *layers.KINDS))
+    blob = found or layers.make_layer_blob(store, lid, compression)
+    return {"digest": blob.digest, "size": blob.size, "diff_id": blob.diff_id,
+            "mediaType": blob.media_type(), "compression": blob.kind}  # fmt: skip
 
 
 def _mount_blobs(store: Store, compression: str, vertex: Any) -> list[dict[str, Any]]:
@@ -274,8 +248,7 @@ def _mount_blobs(store: Store, compression: str, vertex: Any) -> list[dict[str, 
     import fcntl
     import time
 
-    from dockbuild.engine import archive
-    from dockbuild.outputs.compression import compress_stream, layer_media_type
+    from dockbuild.engine.layers import tree_blob
 
     out: list[dict[str, Any]] = []
     base = store.root / "mounts"
@@ -299,24 +272,10 @@ def _mount_blobs(store: Store, compression: str, vertex: Any) -> list[dict[str, 
             if time.monotonic() > deadline:
                 vertex.log("stderr", f"cache mount {label}: in use, not exported\n".encode())
                 continue
-            work = store.tempdir("q")
-            try:
-                tar_path, blob_path = work / "mount.tar", work / "blob"
-                with open(tar_path, "wb") as f:
-                    archive.write_layer_tar(content, f)
-                h = hashlib.sha256()
-                with open(tar_path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                with open(tar_path, "rb") as src, open(blob_path, "wb") as dst:
-                    compress_stream(src, dst, compression)
-                digest, size = store.put_blob_file(blob_path)
-            finally:
-                remove_tree(work)
+            blob = tree_blob(store, content, compression)
         out.append({
-            "name": home.name, "id": label, "digest": digest, "size": size,
-            "diff_id": "sha256:" + h.hexdigest(), "mediaType": layer_media_type(compression, True),
-            "compression": compression,
+            "name": home.name, "id": label, "digest": blob.digest, "size": blob.size,
+            "diff_id": blob.diff_id, "mediaType": blob.media_type(), "compression": blob.kind,
         })  # fmt: skip
     return out
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dockbuild.config import GCConfig, GCPolicy, parse_duration
+from dockbuild.engine.layers import blobs_in_use
 from dockbuild.engine.store import Record, Store, remove_tree, tree_size
 from dockbuild.errors import DockbuildError
 
@@ -86,11 +86,7 @@ class CacheIndex:
             if lid in on_disk:
                 idx.layer_size[lid] = size
         for info in store.layer_blob_rows():
-            idx.blobs_of_layer.setdefault(info.layer_id, set()).add(info.digest)
-            if ";" in info.compression:  # a variant: a small JSON blob naming the real one
-                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                    meta = json.loads(store.blob_path(info.digest).read_bytes())
-                    idx.blobs_of_layer[info.layer_id].add(str(meta["digest"]))
+            idx.blobs_of_layer.setdefault(info.layer_id, set()).update(blobs_in_use(store, info))
         idx.pinned = store.other_blob_refs()
         for digest in store.blob_digests():
             idx.blob_size[digest] = _blocks(store.blob_path(digest))

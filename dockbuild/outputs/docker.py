@@ -17,10 +17,15 @@ import contextlib
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
+from dockbuild.outputs.exporter import destination
 from dockbuild.outputs.image import ImageBlobs, familiar_name, go_json
-from dockbuild.outputs.oci import deliver_tar, layout_files
+from dockbuild.outputs.oci import deliver_tar, exporting, layout_files
+
+if TYPE_CHECKING:
+    from dockbuild.outputs.exporter import ExportRun
+    from dockbuild.outputs.spec import OutputSpec
 
 
 def docker_manifest_json(image: ImageBlobs, names: Sequence[str] = ()) -> bytes:
@@ -84,3 +89,35 @@ def load_into_docker(image: ImageBlobs, *, names: Sequence[str] = (), **layout: 
         raise DockbuildError(
             f"docker load failed (exit code {proc.returncode}): " + " / ".join(tail)
         )
+
+
+class DockerExporter:
+    """``type=docker``: a ``docker load`` tarball to ``dest`` or stdout, or, for
+    ``--load``, into ``docker load`` itself."""
+
+    def export(self, run: ExportRun, spec: OutputSpec) -> None:
+        from dockbuild.outputs.blobs import export_image
+
+        image = export_image(run, spec)
+        blobs = image.blobs
+        what = "docker image (docker load)" if spec.load else "docker image format"
+        vertex = exporting(run, what, blobs)
+        names = [n for n in image.names if "@" not in n]
+        created = blobs.config_doc.get("created")
+        notes = image.notes["manifest-descriptor"]
+        if spec.load:
+            load_into_docker(blobs, names=names, created=created, descriptor_annotations=notes)
+            vertex.log("stdout", b"loading image to docker done\n")
+        else:
+            export_docker(
+                blobs,
+                names=names,
+                created=created,
+                descriptor_annotations=notes,
+                **destination(spec),
+            )
+            vertex.log("stdout", b"sending tarball done\n")
+        vertex.done()
+
+    def close(self) -> None:
+        pass

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dockbuild.outputs.compression import (
+from dockbuild.engine.compression import (
     OCI_INDEX,
     config_media_type,
     convert_layer_media_type,

@@ -7,7 +7,8 @@ never leaves a half-written tree behind. Then:
 - ``dest`` holding files: the result is merged into it, entry by entry, each by rename.
   Same-named entries are replaced, directories merge, other files are kept. That is what
   BuildKit's local exporter does (it writes into ``dest``), and it keeps
-  ``-o type=local,dest=.`` from deleting a user's files.
+  ``-o type=local,dest=.`` from deleting a user's files;
+- ``dest`` a symlink: followed; ``dest`` (or its target) anything but a directory: refused.
 
 Modes, symlinks, hardlinks (within the export) and mtimes are kept; ownership, device
 nodes and xattrs (other than overlay's) only when running as root.
@@ -26,10 +27,15 @@ import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dockbuild.atomic import replace_dir
+from dockbuild.atomic import output_dir, replace_dir
 from dockbuild.engine.archive import content_xattrs
 from dockbuild.engine.snapshots import Snapshot, walk_merged
+
+if TYPE_CHECKING:
+    from dockbuild.outputs.exporter import ExportRun
+    from dockbuild.outputs.spec import OutputSpec
 
 
 def _layers(snapshot: Snapshot | Sequence[Path]) -> Sequence[Path]:
@@ -97,21 +103,30 @@ def _merge_into(src: Path, dest: Path) -> None:
 
 
 def export_local(snapshot: Snapshot | Sequence[Path], dest: Path) -> None:
-    """Write the merged rootfs of ``snapshot`` to the directory ``dest``."""
-    dest = Path(dest).absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Write the merged rootfs of ``snapshot`` to the directory ``dest`` (a symlink to a
+    directory is followed; anything else but a directory there is refused)."""
+    dest = output_dir(Path(dest)).absolute()
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o755)
         write_rootfs(snapshot, tmp)
-        if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+        if not dest.exists() or not any(dest.iterdir()):
             if dest.exists():
                 dest.rmdir()
             os.rename(tmp, dest)
             return
-        if not dest.is_dir() or dest.is_symlink():
-            replace_dir(tmp, dest)
-            return
         _merge_into(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class LocalExporter:
+    """``type=local``: the final root filesystem into ``dest``."""
+
+    def export(self, run: ExportRun, spec: OutputSpec) -> None:
+        vertex = run.progress.vertex(f"exporting to client directory {spec.dest}")
+        export_local(run.store.unpacked_paths(run.image.state), Path(spec.dest or "."))
+        vertex.done()
+
+    def close(self) -> None:
+        pass

@@ -14,12 +14,18 @@ import shutil
 import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from dockbuild.atomic import atomic_dir, atomic_file
+from dockbuild.atomic import atomic_dir, output_dir, output_file
 from dockbuild.engine.archive import CountingWriter
 from dockbuild.errors import DockbuildError
+from dockbuild.outputs.exporter import destination
 from dockbuild.outputs.image import OCI_LAYOUT, ImageBlobs, layout_index
+
+if TYPE_CHECKING:
+    from dockbuild.outputs.exporter import ExportRun
+    from dockbuild.outputs.spec import OutputSpec
+    from dockbuild.progress import Vertex
 
 _CHUNK = 1 << 20
 
@@ -164,12 +170,13 @@ class _BytesReader:
 
 
 def write_layout_dir(files: Mapping[str, bytes | Path], dest: Path) -> None:
-    """Write layout files as a directory, replacing ``dest`` atomically.
+    """Write layout files as a directory, replacing ``dest`` atomically (a symlink to a
+    directory is followed; see :func:`output_dir`).
 
     Blob files (the cache's, immutable) are hard-linked where ``dest`` is on the cache's
     filesystem, so no byte is copied; elsewhere they are copied.
     """
-    with atomic_dir(dest, durable=False) as tmp:
+    with atomic_dir(output_dir(dest), durable=False) as tmp:
         for name in sorted(files):
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +206,7 @@ def _link(src: Path, target: Path) -> bool:
 def deliver_tar(
     files: Mapping[str, bytes | Path], *, out: BinaryIO | None, dest: Path | None
 ) -> None:
-    """Write a layout tar to ``out`` (e.g. stdout) or atomically to the file ``dest``."""
+    """Write a layout tar to ``out`` (e.g. stdout) or to ``dest`` (:func:`output_file`)."""
     if (out is None) == (dest is None):
         raise ValueError("give exactly one of out and dest")
     if out is not None:
@@ -207,7 +214,7 @@ def deliver_tar(
         return
     # Atomic, not synced (docs/outputs.md): the copy is in the page cache, and waiting
     # for the disk would cost more than all the rest of the export.
-    with atomic_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]
+    with output_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]
         write_layout_tar(files, f)
 
 
@@ -240,3 +247,48 @@ def export_oci(
     if dest is None or out is not None:
         raise ValueError("an OCI layout directory (tar=false) needs dest and no out")
     write_layout_dir(files, Path(dest))
+
+
+def exporting(run: ExportRun, what: str, image: ImageBlobs) -> Vertex:
+    """The progress vertex of an image archive export, with BuildKit's first lines."""
+    vertex = run.progress.vertex(f"exporting to {what}")
+    vertex.log("stdout", f"exporting manifest {image.manifest_digest} done\n".encode())
+    vertex.log("stdout", f"exporting config {image.config_digest} done\n".encode())
+    return vertex
+
+
+class OciExporter:
+    """``type=oci``: an OCI image layout, as a tar (``dest`` or stdout) or a directory."""
+
+    def export(self, run: ExportRun, spec: OutputSpec) -> None:
+        from dockbuild.outputs.blobs import export_image
+
+        image = export_image(run, spec)
+        blobs = image.blobs
+        vertex = exporting(run, "oci image format", blobs)
+        created = blobs.config_doc.get("created")
+        notes = image.notes["manifest-descriptor"]
+        if not spec.flag("tar", True):
+            if spec.dest is None or spec.dest == "-":
+                raise DockbuildError("type=oci,tar=false needs dest=DIRECTORY")
+            export_oci(
+                blobs,
+                names=image.names,
+                created=created,
+                descriptor_annotations=notes,
+                dest=Path(spec.dest),
+                tar=False,
+            )
+        else:
+            export_oci(
+                blobs,
+                names=image.names,
+                created=created,
+                descriptor_annotations=notes,
+                **destination(spec),
+            )
+        vertex.log("stdout", b"sending tarball done\n")
+        vertex.done()
+
+    def close(self) -> None:
+        pass

@@ -2,18 +2,24 @@
 
 Entries are those of the merged view (whiteouts applied, no overlay xattrs), sorted with
 parents first, relative names, numeric ids, PAX; see :class:`TreeTarWriter`. The stream
-goes to a file object (stdout) or atomically to a file.
+goes to a file object (stdout) or to a destination file (atomically where it is a regular
+file; see :func:`dockbuild.atomic.output_file`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from dockbuild.atomic import atomic_file
+from dockbuild.atomic import output_file
 from dockbuild.engine.archive import TreeTarWriter
 from dockbuild.engine.snapshots import Snapshot, walk_merged
+from dockbuild.outputs.exporter import destination
+
+if TYPE_CHECKING:
+    from dockbuild.outputs.exporter import ExportRun
+    from dockbuild.outputs.spec import OutputSpec
 
 
 def write_rootfs_tar(
@@ -34,11 +40,23 @@ def export_tar(
     dest: Path | None = None,
     clamp_mtime: int | None = None,
 ) -> None:
-    """Export the rootfs tar to ``out`` or, atomically, to the file ``dest``."""
+    """Export the rootfs tar to ``out`` or to ``dest`` (:func:`output_file`)."""
     if (out is None) == (dest is None):
         raise ValueError("give exactly one of out and dest")
     if out is not None:
         write_rootfs_tar(snapshot, out, clamp_mtime=clamp_mtime)
         return
-    with atomic_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]  # as oci.py
+    with output_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]  # as oci.py
         write_rootfs_tar(snapshot, f, clamp_mtime=clamp_mtime)
+
+
+class TarExporter:
+    """``type=tar``: the final root filesystem as one tar, to ``dest`` or stdout."""
+
+    def export(self, run: ExportRun, spec: OutputSpec) -> None:
+        vertex = run.progress.vertex("exporting to client tarball")
+        export_tar(run.store.unpacked_paths(run.image.state), **destination(spec))
+        vertex.done()
+
+    def close(self) -> None:
+        pass

@@ -329,19 +329,6 @@ def _run_with(world: World, kind: str, carrier: str, extra: list[str]) -> None:
         _not_worse(dest, shape, run)
 
 
-# The destination checks need the outputs branch (issue 13 items 1-2: write through
-# devices, FIFOs and symlinks; --iidfile/--metadata-file into a directory, a missing or a
-# read-only one as a clear error; a local output never replaces a regular file). Without
-# it these fail at once; with it they pass, and strict=True then fails them until the
-# marks are removed.
-_NEEDS_OUTPUTS_FIX = pytest.mark.xfail(
-    reason="destinations are written through by the outputs branch (issue 13 items 1-2); "
-    "remove this mark when it is merged",
-    strict=True,
-)
-
-
-@_NEEDS_OUTPUTS_FIX
 @settings(FUZZ, max_examples=40)
 @given(
     kind=st.sampled_from(_PLAIN_KINDS),
@@ -352,7 +339,6 @@ def test_random_destinations_are_never_left_worse(world: World, kind: str, carri
     _run_with(world, kind, carrier, extra)
 
 
-@_NEEDS_OUTPUTS_FIX
 @settings(FUZZ, max_examples=40)
 @given(
     kind=st.sampled_from(_SPECIAL_KINDS),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dockbuild.engine.archive import write_layer_tar
-from dockbuild.outputs.compression import compress, layer_media_type
+from dockbuild.engine.compression import compress, layer_media_type
 from dockbuild.outputs.docker import docker_manifest_json, export_docker
 from dockbuild.outputs.image import Descriptor, ImageBlobs, LayerBlob, build_image
 from dockbuild.outputs.oci import export_oci

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dockbuild.errors import DockbuildError
-from dockbuild.outputs.export import OutputSpec, _names, parse_outputs, source_date_epoch
+from dockbuild.outputs.export import source_date_epoch
+from dockbuild.outputs.spec import OutputSpec, image_names, parse_outputs
 
 
 def parse(*raw: str, tags: tuple[str, ...] = (), **kw: bool) -> list[OutputSpec]:
@@ -66,12 +67,12 @@ def test_two_outputs_on_stdout_are_refused() -> None:
         parse("type=oci", "type=docker")
 
 
-def test_canonical_and_dangling_names() -> None:
+def test_canonical_and_danglingimage_names() -> None:
     digest = "sha256:" + "ab" * 32
     (spec,) = parse("type=image,name=reg.io:5000/team/app:1,name-canonical=true")
-    assert _names(spec, digest) == ["reg.io:5000/team/app:1", f"reg.io:5000/team/app@{digest}"]
+    assert image_names(spec, digest) == ["reg.io:5000/team/app:1", f"reg.io:5000/team/app@{digest}"]
     (dangling,) = parse("type=oci,dest=x,dangling-name-prefix=reg.io/tmp")
-    assert _names(dangling, digest) == [f"reg.io/tmp@{digest}"]
+    assert image_names(dangling, digest) == [f"reg.io/tmp@{digest}"]
 
 
 def test_source_date_epoch_comes_from_the_build_arg_then_the_environment(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dockbuild.outputs.compression import (
+from dockbuild.engine.compression import (
     DOCKER_LAYER_GZIP,
     OCI_LAYER_ZSTD,
     Compression,
@@ -110,7 +110,7 @@ def test_parallel_gzip_is_one_ordinary_gzip_member_that_tools_read(tmp_path: Pat
 def test_parallel_gzip_bytes_do_not_depend_on_the_number_of_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dockbuild.outputs import compression
+    from dockbuild.engine import compression
 
     src = tmp_path / "layer.tar"
     src.write_bytes(_mixed(2) + b"x")
@@ -138,7 +138,7 @@ def test_empty_input_compresses_to_valid_streams(tmp_path: Path) -> None:
 
 
 def test_compression_levels_are_checked() -> None:
-    from dockbuild.outputs.compression import check_level
+    from dockbuild.engine.compression import check_level
 
     check_level("gzip", 9)
     check_level("zstd", 22)

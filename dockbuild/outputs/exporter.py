@@ -1,0 +1,69 @@
+"""The Exporter interface: take the solved result of a build, write it where one output says.
+
+One module per output type implements it (``local``, ``tar``, ``docker``, ``oci``, and
+``push`` for ``image``/``registry``); :mod:`dockbuild.outputs.export` picks one by type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from dockbuild.engine.store import Store
+    from dockbuild.outputs.spec import OutputSpec
+    from dockbuild.progress import Progress
+
+
+@dataclass
+class Image:
+    """The solved result: the final state's layers and the image config."""
+
+    state: tuple[str, ...]
+    config: dict[str, Any]
+    base_layers: int = 0  # how many of the layers come from the base image, unchanged
+    epoch: int | None = None  # SOURCE_DATE_EPOCH
+    squash: bool = False
+    # The registry images the build read (docker-image://REF@DIGEST, see registry_sources):
+    # a push to their registry mounts their layers from their repository.
+    sources: tuple[str, ...] = ()
+
+
+@dataclass
+class ExportIds:
+    """What the image outputs made: for ``--iidfile``, ``--metadata-file`` and ``-q``."""
+
+    image_id: str | None = None  # config digest
+    manifest_digest: str | None = None
+    descriptor: dict[str, Any] | None = None
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportRun:
+    """One build's exports: what every exporter gets, and the ids they found."""
+
+    store: Store
+    image: Image
+    progress: Progress
+    now: str  # one `created` time for every output of the build: the same image
+    ids: ExportIds = field(default_factory=ExportIds)
+
+
+class Exporter(Protocol):
+    """Writes the solved result where one output spec says."""
+
+    def export(self, run: ExportRun, spec: OutputSpec) -> None: ...
+
+    def close(self) -> None:
+        """Release what the exports of this build shared (a registry connection)."""
+
+
+def destination(spec: OutputSpec) -> dict[str, Any]:
+    """``out=`` stdout, or ``dest=`` the file :func:`dockbuild.atomic.output_file` writes."""
+    import sys
+
+    if spec.dest is None or spec.dest == "-":
+        return {"out": sys.stdout.buffer}
+    return {"dest": Path(spec.dest)}

@@ -1,0 +1,111 @@
+"""``type=image`` and ``type=registry``: the image pushed to every repository it names.
+
+Without ``push=true`` nothing keeps it (there is no image store); its ids are still
+reported.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dockbuild.engine.store import Store
+    from dockbuild.outputs.exporter import ExportRun
+    from dockbuild.outputs.image import ImageBlobs
+    from dockbuild.outputs.spec import OutputSpec
+    from dockbuild.progress import Progress
+
+# BuildKit's daemon keeps a type=image result in its image store; dockbuild has none.
+_NOT_STORED = (
+    "WARNING: -o type=image without push=true keeps the image nowhere: dockbuild has no "
+    "image store (its digests are still reported). Use --push, --load, or "
+    "-o type=oci,dest=FILE (or type=docker)"
+)
+
+
+def _layer_origins(store: Store, sources: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """(layer digest, the repository it was pulled from) for each registry image read:
+    BuildKit's distribution-source labels, taken from the pinned manifests in the cache."""
+    from dockbuild.engine.registry.reference import parse_reference
+
+    origins = []
+    for identifier in sources:
+        location, _, manifest_digest = identifier.removeprefix("docker-image://").rpartition("@")
+        try:
+            ref = parse_reference(location)
+            manifest = json.loads(store.blob_path(manifest_digest).read_bytes())
+        except (OSError, ValueError):
+            continue  # not in the cache (nothing of it was pulled): nothing to mount
+        origins += [(layer["digest"], ref) for layer in manifest.get("layers", [])]
+    return origins
+
+
+def _push(
+    spec: OutputSpec,
+    blobs: ImageBlobs,
+    names: list[str],
+    progress: Progress,
+    pusher: Any,
+    origins: list[tuple[str, Any]],
+) -> Any:
+    """Push to every repository named (tags, or by digest), sharing one pusher per build
+    so a second repository mounts the blobs the first one received; a layer of an image
+    the build pulled from the same registry is mounted from the repository it came from."""
+    from dockbuild.engine.registry.client import RegistryClient
+    from dockbuild.engine.registry.push import PushBlob, Pusher
+    from dockbuild.engine.registry.reference import Reference, parse_reference
+
+    refs = [parse_reference(n) for n in names if "@" not in n]
+    insecure = spec.flag("registry.insecure") or spec.flag("insecure")
+    if pusher is None or insecure:
+        known = pusher.known if pusher is not None else {}
+        if pusher is not None:
+            pusher.client.close()
+        client = RegistryClient(insecure={r.domain for r in refs} if insecure else set())
+        pusher = Pusher(client)
+        pusher.known.update(known)
+    for digest, origin in origins:
+        pusher.remember(digest, origin)
+    by_digest = spec.flag("push-by-digest")
+    items = [PushBlob(d.digest, d.size, path=blobs.blobs[d.digest]) for d in blobs.layers]
+    items.append(PushBlob(blobs.config_digest, len(blobs.config), data=blobs.config))
+    repos: dict[tuple[str, str], list[str]] = {}
+    for ref in refs:
+        tags = repos.setdefault((ref.domain, ref.path), [])
+        if ref.tag and not by_digest:
+            tags.append(ref.tag)
+    for (domain, path), tags in repos.items():
+        ref = Reference(domain, path)
+        vertex = progress.vertex(f"pushing {ref.repository}")
+        pusher.log = lambda text, v=vertex: v.log("stdout", text.encode())
+        try:
+            pusher.push(ref, items, blobs.manifest, blobs.manifest_doc["mediaType"], tags=tags)
+        except BaseException as e:
+            vertex.error(str(e))
+            raise
+        vertex.done()
+    return pusher
+
+
+class RegistryExporter:
+    """Pushes image outputs, sharing one pusher per build: a second repository mounts
+    the blobs the first one received."""
+
+    def __init__(self) -> None:
+        self.pusher: Any = None
+
+    def export(self, run: ExportRun, spec: OutputSpec) -> None:
+        from dockbuild.outputs.blobs import export_image
+
+        image = export_image(run, spec)
+        if not spec.push:
+            run.progress.message(_NOT_STORED)
+            return
+        origins = _layer_origins(run.store, run.image.sources)
+        self.pusher = _push(spec, image.blobs, image.names, run.progress, self.pusher, origins)
+
+    def close(self) -> None:
+        if self.pusher is not None:
+            self.pusher.client.close()
+            self.pusher = None
