@@ -39,6 +39,8 @@ class BuildRequest:
     platform: str | None = None
     executor: str | None = None
     network: str = "default"
+    add_hosts: tuple[str, ...] = ()  # --add-host values (HOST:IP or HOST=IP)
+    shm_size: int | None = None  # --shm-size in bytes
     secrets: list[str] = field(default_factory=list)  # --secret values
     ssh: list[str] = field(default_factory=list)  # --ssh values
     allow: list[str] = field(default_factory=list)  # --allow entitlements
@@ -202,6 +204,8 @@ def _frontend_definition(request: BuildRequest, inputs: _Inputs, sources: Any) -
         labels=request.labels,
         platform=request.platform or HOST_PLATFORM,
         network=request.network,
+        extra_hosts=_extra_hosts(request.add_hosts),
+        shm_size=request.shm_size or 0,
         exclude_patterns=inputs.ignore_patterns,
         dockerfile_name=inputs.dockerfile_name,
         all_stages=request.check and request.target is None,
@@ -210,6 +214,15 @@ def _frontend_definition(request: BuildRequest, inputs: _Inputs, sources: Any) -
     return convert.dockerfile_to_llb(
         inputs.dockerfile_text, options, resolve_named=resolve, resolve_image=resolve_image
     )
+
+
+def _extra_hosts(values: tuple[str, ...]) -> tuple[str, ...]:
+    from dockbuild.engine.executor import parse_extra_host
+
+    try:
+        return tuple(parse_extra_host(value) for value in values)
+    except ValueError as e:
+        raise DockbuildError(str(e)) from None
 
 
 def definition(request: BuildRequest) -> dict[str, Any]:

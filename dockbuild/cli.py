@@ -73,6 +73,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.format_usage()}ERROR: {message}\nhint: see '{self.prog} --help'\n")
 
 
+def _add_host(value: str) -> str:
+    from dockbuild.engine.executor import parse_extra_host
+
+    try:
+        return parse_extra_host(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size(value: str) -> int:
+    """docker's sizes: bytes, or a number with k, m, g, t (binary units; b, ib optional)."""
+    import re
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?) ?([kmgtp]?)(?:i?b)?", value.strip().lower())
+    if match is None or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size: {value!r} (e.g. 64m, 1g)")
+    return int(float(match[1]) * 1024 ** " kmgtp".index(match[2] or " "))
+
+
 def _key_value(what: str) -> Callable[[str], tuple[str, str | None]]:
     """The type of a KEY=VALUE option (KEY alone gives None)."""
 
@@ -105,6 +124,8 @@ def build_cmd(
     platform: str | None,
     executor: str | None,
     network: str,
+    add_host: list[str],
+    shm_size: int | None,
     secret: list[str],
     ssh: list[str],
     allow: list[str],
@@ -141,6 +162,8 @@ def build_cmd(
         platform=platform,
         executor=executor,
         network=network,
+        add_hosts=tuple(add_host),
+        shm_size=shm_size,
         secrets=list(secret),
         ssh=list(ssh),
         allow=[a for value in allow for a in value.split(",") if a],
@@ -365,6 +388,8 @@ def _parser() -> _Parser:
     build.add_argument("--platform", metavar="PLATFORM", help="Target platform (only the host's, linux/amd64, for now).")
     build.add_argument("--executor", metavar="NAME", help="How RUN steps run: namespace (default), runc, chroot.")
     build.add_argument("--network", metavar="MODE", default="default", help="Default network mode for RUN: default, none or host (default: default).")
+    build.add_argument("--add-host", metavar="HOST:IP", action="append", default=[], type=_add_host, help="Add a line to /etc/hosts in RUN steps (HOST:IP or HOST=IP; IP may be host-gateway).")
+    build.add_argument("--shm-size", metavar="SIZE", type=_size, help="Size of /dev/shm in RUN steps (bytes, or with a unit: 64m, 1g; default 64m).")
     build.add_argument("--secret", metavar="SPEC", action="append", default=[], help="Secret for RUN --mount=type=secret (id=ID[,src=FILE|,env=VAR]).")
     build.add_argument("--ssh", metavar="SPEC", action="append", default=[], help="SSH agent or keys for RUN --mount=type=ssh (default|ID[=SOCKET|KEY,...]).")
     build.add_argument("--allow", metavar="ENTITLEMENT", action="append", default=[], help="Allow an entitlement: network.host, security.insecure.")

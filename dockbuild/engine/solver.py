@@ -474,6 +474,8 @@ class Solver:
                             mounts=tuple(specs),
                             network=op.network,
                             hostname=op.hostname,
+                            extra_hosts=op.extra_hosts,
+                            shm_size=op.shm_size,
                             security=op.security,
                         )
                         status = executor.run(request, vertex.log)

@@ -55,6 +55,8 @@ class RunInstructions:
             security=cmd.security,
             proxy_env=proxy_env,
             hostname=self.opts.build_args.get("BUILDKIT_SANDBOX_HOSTNAME") or "buildkitsandbox",
+            extra_hosts=self.opts.extra_hosts,
+            shm_size=self.opts.shm_size,
             name=name,
             location=cmd.location,
         )

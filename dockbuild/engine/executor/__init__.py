@@ -81,10 +81,37 @@ class RunRequest:
     mounts: tuple[MountSpec, ...] = ()
     network: str = "default"  # "default" (host network, own hosts/resolv.conf) | "none" | "host"
     hostname: str = "buildkitsandbox"
-    extra_hosts: tuple[str, ...] = field(default=())
+    extra_hosts: tuple[str, ...] = ()  # "name:ip" lines for /etc/hosts (--add-host)
+    shm_size: int = 0  # bytes of /dev/shm; 0 = 64 MiB, as docker's default
     # "sandbox": docker's default capabilities, masked /proc paths, read-only /sys;
     # "insecure": every capability and nothing masked (RUN --security=insecure).
     security: str = "sandbox"
+
+
+# What ``--add-host NAME:host-gateway`` names: RUN steps share the host's network (or
+# have none of their own), so the host is reached at its loopback address.
+HOST_GATEWAY_IP = "127.0.0.1"
+
+
+def parse_extra_host(value: str) -> str:
+    """docker's ``--add-host`` value as ``name:ip``: ``name:ip`` or ``name=ip``, an IPv6
+    address maybe in brackets, ``host-gateway`` for the host. ValueError if malformed."""
+    import ipaddress
+
+    name, sep, address = value.partition("=")
+    if not sep:
+        name, sep, address = value.partition(":")
+    if not sep or not name or any(c.isspace() for c in name):
+        raise ValueError(f"bad format for add-host: {value!r} (expected HOST:IP or HOST=IP)")
+    if address == "host-gateway":
+        return f"{name}:{HOST_GATEWAY_IP}"
+    if len(address) > 2 and address[0] == "[" and address[-1] == "]":
+        address = address[1:-1]
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"invalid IP address in add-host: {address!r}") from None
+    return f"{name}:{address}"
 
 
 # Receives ("stdout" | "stderr", bytes) chunks as the process writes them.
@@ -131,4 +158,5 @@ __all__ = [
     "RunRequest",
     "describe",
     "get_executor",
+    "parse_extra_host",
 ]

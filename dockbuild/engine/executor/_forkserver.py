@@ -738,7 +738,11 @@ def enter_container_root(spec: dict, stubs: list[dict]) -> None:
         _mount_proc(proc, masked=False)
     else:
         mount(os.path.join(prepared, "proc"), proc, None, MS_MOVE)
-    mount(os.path.join(prepared, "dev"), place.directory("/dev"), None, MS_MOVE)
+    dev = place.directory("/dev")
+    mount(os.path.join(prepared, "dev"), dev, None, MS_MOVE)
+    if spec.get("shm_size"):  # --shm-size: the prepared /dev/shm, resized
+        shm_flags = MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC
+        mount("tmpfs", os.path.join(dev, "shm"), None, shm_flags, f"mode=1777,size={spec['shm_size']}")
     sys_dir = place.directory("/sys")
     if insecure or network == "none":
         _mount_sys(sys_dir, insecure)

@@ -33,6 +33,13 @@ class ChrootExecutor(ForkServerExecutor):
                 "the chroot executor needs a plain directory rootfs (no overlay mounts)",
                 hint="use the copy snapshotter with --executor chroot",
             )
+        if request.extra_hosts or request.shm_size:
+            flag = "--add-host" if request.extra_hosts else "--shm-size"
+            raise ExecutorError(
+                f"{flag} cannot work with the chroot executor: RUN steps there see the "
+                "host's own /etc/hosts and /dev/shm (it makes no mounts)",
+                hint="use the namespace or runc executor",
+            )
         if request.mounts:
             from dockbuild.engine.executor.probe import LOCKED_DOWN_HINT
 

@@ -248,6 +248,7 @@ class ForkServerExecutor:
             "security": request.security,
             "hostname": request.hostname,
             "extra_hosts": list(request.extra_hosts),
+            "shm_size": request.shm_size,
         }
 
     def _server_command(self) -> list[str]:
