@@ -345,41 +345,6 @@ def _locks_size(store: Store) -> int:
     )
 
 
-def render_du(usage: DiskUsage, verbose: bool = False) -> str:
-    lines = []
-    now = time.time()
-    if verbose:
-        for r, size, shared in usage.rows:
-            lines += [
-                f"ID:\t\t{short_id(r.key)}",
-                f"Type:\t\t{r.type}",
-                f"Description:\t{r.description}",
-                f"Size:\t\t{human_size(size)}",
-                f"Shared:\t\t{str(shared).lower()}",
-                f"Layers:\t\t{len(r.layers)} ({len(r.owns)} own)",
-                f"Created at:\t{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.created))}",
-                f"Last used:\t{ago(r.last_used, now)}",
-                "",
-            ]
-    else:
-        lines.append(f"{'ID':<27}{'TYPE':<17}{'SIZE':>10}  {'LAST USED':<18}DESCRIPTION")
-        for r, size, _ in usage.rows:
-            desc = r.description if len(r.description) <= 60 else r.description[:57] + "..."
-            lines.append(
-                f"{short_id(r.key):<27}{r.type:<17}{human_size(size):>10}  {ago(r.last_used, now):<18}{desc}"
-            )
-        lines.append("")
-    lines += [
-        f"Records:\t{len(usage.rows)}",
-        f"Database:\t{human_size(usage.database)}",
-        f"Temporary:\t{human_size(usage.temporary)}",
-        f"Unreferenced:\t{human_size(usage.unreferenced)}",
-        f"Reclaimable:\t{human_size(usage.reclaimable)}",
-        f"Total:\t\t{human_size(usage.total)}",
-    ]
-    return "\n".join(lines)
-
-
 # -- prune ------------------------------------------------------------------------------------
 
 
