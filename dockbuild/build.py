@@ -467,7 +467,7 @@ def _max_parallelism() -> int:
 
 
 def _executor(name: str | None) -> Any:
-    from dockbuild.engine.executor import get_executor
+    from dockbuild.engine.executor.choice import get_executor
 
     return get_executor(name)
 

@@ -243,9 +243,9 @@ def debug_info() -> None:
     import json
 
     from dockbuild.engine.cacheroot import default_root
-    from dockbuild.engine.executor import describe
+    from dockbuild.engine.executor.choice import choose
 
-    print(json.dumps({"cache_root": str(default_root()), "executor": describe()}, indent=2))
+    print(json.dumps({"cache_root": str(default_root()), "executor": choose().info()}, indent=2))
 
 
 def du_cmd(verbose: bool, filter_: list[str]) -> None:

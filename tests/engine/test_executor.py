@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 
 from dockbuild.engine.executor import (
-    MountSpec,
+    ExecMount,
     OverlayRootfs,
     PlainRootfs,
     RunRequest,
-    describe,
-    get_executor,
 )
 from dockbuild.engine.executor._forkserver import SetupError, resolve_in_root, resolve_user
+from dockbuild.engine.executor.choice import choose, get_executor
 from dockbuild.engine.executor.chroot import ChrootExecutor
 from dockbuild.engine.executor.namespace import NamespaceExecutor
 from dockbuild.errors import ExecutorError
@@ -299,7 +298,7 @@ def test_mount_stubs_do_not_stay_in_the_upper_dir(
         executor,
         rootfs.overlay(),
         "ls /proc/self /dev/null /sys/class /etc/hosts /etc/resolv.conf /mnt/data >/dev/null",
-        mounts=(MountSpec("/mnt/data", "bind", str(data)), MountSpec("/scratch", "tmpfs")),
+        mounts=(ExecMount("/mnt/data", "bind", str(data)), ExecMount("/scratch", "tmpfs")),
     )
     assert code == 0, out.stderr
     assert rootfs.upper_entries() == []
@@ -356,7 +355,7 @@ def test_readonly_bind_mount_refuses_writes(
         executor,
         rootfs.overlay(),
         "cat /ro/file; touch /ro/other && echo wrote",
-        mounts=(MountSpec("/ro", "bind", str(src), readonly=True),),
+        mounts=(ExecMount("/ro", "bind", str(src), readonly=True),),
     )
     assert code != 0
     assert out.stdout == "content\n"
@@ -373,7 +372,7 @@ def test_readwrite_bind_mount_writes_reach_the_host(
         executor,
         rootfs.overlay(),
         "echo cached > /cache/file",
-        mounts=(MountSpec("/cache", "bind", str(src)),),
+        mounts=(ExecMount("/cache", "bind", str(src)),),
     )
     assert code == 0
     assert (src / "file").read_text() == "cached\n"
@@ -386,7 +385,7 @@ def test_tmpfs_mount_is_writable_and_leaves_nothing(
         executor,
         rootfs.overlay(),
         "echo x > /tmp/x && mount | grep ' /tmp '",
-        mounts=(MountSpec("/tmp", "tmpfs", options=("size=1m", "mode=1777")),),
+        mounts=(ExecMount("/tmp", "tmpfs", options=("size=1m", "mode=1777")),),
     )
     assert code == 0, out.stderr
     assert "tmpfs on /tmp type tmpfs" in out.stdout
@@ -472,7 +471,9 @@ def test_chroot_executor_runs_a_command_as_a_user(tmp_path: Path) -> None:
 
 
 def test_executor_choice_by_name_and_probe() -> None:
-    assert describe()["executor"] == "namespace"
+    choice = choose()
+    assert (choice.name, choice.mounts, choice.namespaces) == ("namespace", True, True)
+    assert choose("chroot").mounts is False and choose("runc").mounts is True
     assert get_executor("chroot").name == "chroot"
     if shutil.which("runc"):
         runc = get_executor("runc")
@@ -540,5 +541,5 @@ def test_setup_failures_are_executor_errors_with_the_reason(
 ) -> None:
     missing = tmp_path / "missing"
     with pytest.raises(ExecutorError, match=f"bind mount source {missing} does not exist"):
-        sh(executor, rootfs.overlay(), "true", mounts=(MountSpec("/m", "bind", str(missing)),))
+        sh(executor, rootfs.overlay(), "true", mounts=(ExecMount("/m", "bind", str(missing)),))
     assert rootfs.upper_entries() == []

@@ -26,7 +26,7 @@ finally ``{"exit": N}`` (128+N for signal N), sent after the mount stubs are cle
 
 Its first message on the control socket says it is ready and, for the namespace
 sandbox, whether namespaces work here (``probe``): the executor choice reads it, and a
-server whose answer is yes is the one the build then uses (probe.py).
+server whose answer is yes is the one the build then uses (choice.py).
 """
 
 from __future__ import annotations
@@ -788,7 +788,7 @@ def _stub_layer(scratch: str) -> None:
 
 
 def _run_mount(m: dict, index: int, scratch: str, place: Mountpoints) -> None:
-    """One RUN mount (see executor.MountSpec), made before pivot_root."""
+    """One RUN mount (see executor.ExecMount), made before pivot_root."""
     flags, data = mount_options(m.get("options", []))
     if m["readonly"]:
         flags |= MS_RDONLY

@@ -117,10 +117,11 @@ class ForkServerExecutor:
 
     name = "forkserver"
     sandbox = ""
+    mounts = False
     userxattr = False
     # Set when this executor was chosen as a fallback the user should hear about.
     warning: str | None = None
-    # What the fork server found when it started (namespace sandbox): see probe.py.
+    # What the fork server found when it started (namespace sandbox): see choice.py.
     probe: dict | None = None
 
     def __init__(self) -> None:
@@ -359,6 +360,7 @@ class NamespaceExecutor(ForkServerExecutor):
 
     name = "namespace"
     sandbox = "namespace"
+    mounts = True
 
     def __init__(self) -> None:
         from dockbuild.userns import in_user_namespace

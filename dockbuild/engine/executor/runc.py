@@ -30,7 +30,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dockbuild.engine.executor import MountSpec, OutputSink, OverlayRootfs, RunRequest
+from dockbuild.engine.executor import ExecMount, OutputSink, OverlayRootfs, RunRequest
 from dockbuild.engine.executor import _forkserver as fs
 from dockbuild.errors import ExecutorError
 
@@ -70,6 +70,7 @@ class RuncExecutor:
     """Runs each RUN with ``runc run`` (needs root and the runc binary)."""
 
     name = "runc"
+    mounts = True
     warning: str | None = None
 
     def __init__(self, binary: str | None = None) -> None:
@@ -283,7 +284,7 @@ class RuncExecutor:
         except fs.SetupError as e:
             raise ExecutorError(str(e)) from None
 
-    def _mount(self, m: MountSpec, index: int, bundle: _Bundle) -> dict:
+    def _mount(self, m: ExecMount, index: int, bundle: _Bundle) -> dict:
         b = bundle.path
         ro = ["ro"] if m.readonly else []
         if m.type == "tmpfs":

@@ -3,19 +3,48 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-from dockbuild.engine.executor import Executor
+from dockbuild.engine.executor import LOCKED_DOWN_HINT, Executor
 from dockbuild.errors import ExecutorError
 
 NAMES = ("namespace", "chroot", "runc")
-LOCKED_DOWN_HINT = (
-    "in a docker container, run with --security-opt seccomp=unconfined "
-    "--security-opt apparmor=unconfined (or --privileged) for sandboxed RUN steps"
-)
-log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExecutorChoice:
+    """Which executor runs RUN steps here, why, and what it can do (``dockbuild debug info``)."""
+
+    requested: str  # "auto" or the name asked for (--executor, $DOCKBUILD_EXECUTOR)
+    euid: int
+    name: str | None  # None: nothing can run RUN steps here (``error`` says so)
+    reason: str
+    # Whether the executor can mount (an overlay rootfs, RUN --mount): if not, steps
+    # get the copy snapshotter.
+    mounts: bool = False
+    warning: str | None = None  # a fallback the user should hear about
+    error: str | None = None
+    namespaces: bool | None = None  # what the namespace probe found, when it ran
+    rootless: Mapping[str, object] | None = None  # the user namespace plan (userns.plan)
+    runc: str | None = None  # the runc binary, when runc was asked for
+
+    def info(self) -> dict[str, object]:
+        """As JSON for ``dockbuild debug info``."""
+        out: dict[str, object] = {"requested": self.requested, "euid": self.euid}
+        if self.rootless is not None:
+            out["rootless"] = dict(self.rootless)
+        if self.namespaces is not None:
+            out["namespaces"] = self.namespaces
+        out.update(executor=self.name, reason=self.reason, mounts=self.mounts)
+        if self.requested == "runc":
+            out["runc"] = self.runc
+        for key, value in (("warning", self.warning), ("error", self.error)):
+            if value is not None:
+                out[key] = value
+        return out
 
 
 # A namespace executor whose fork server's probe said yes: the build's executor, so its
@@ -52,27 +81,28 @@ def _probe_namespaces() -> tuple[bool, str]:
     return True, "root, and unshare(mount|pid|ipc|uts) with a fresh /proc works"
 
 
-def describe(name: str | None = None) -> dict[str, object]:
-    """What :func:`get_executor` chooses for ``name`` and why (for ``dockbuild debug info``)."""
+def choose(name: str | None = None) -> ExecutorChoice:
+    """What :func:`get_executor` chooses for ``name`` and why."""
     requested = name or os.environ.get("DOCKBUILD_EXECUTOR") or "auto"
-    info: dict[str, object] = {"requested": requested, "euid": os.geteuid()}
+    euid = os.geteuid()
     if requested != "auto":
-        info["executor"] = requested
-        info["reason"] = "chosen explicitly"
-        if requested not in NAMES:
-            info["error"] = f"unknown executor {requested!r}"
-        elif requested == "runc":
+        runc = None
+        if requested == "runc":
             import shutil
 
-            info["runc"] = shutil.which("runc")
-        return info
+            runc = shutil.which("runc")
+        return ExecutorChoice(
+            requested, euid, requested, "chosen explicitly",
+            mounts=requested in ("namespace", "runc"),
+            error=None if requested in NAMES else f"unknown executor {requested!r}",
+            runc=runc,
+        )  # fmt: skip
     from dockbuild import userns as rootless
 
     mode = rootless.mode()
-    if os.geteuid() != 0:
+    if euid != 0:
         # The dockbuild command re-runs a build in a user namespace (rootless.reexec).
         plan = rootless.plan()
-        info["rootless"] = plan
         command = plan.get("command")
         refused = ""
         if isinstance(command, list):
@@ -81,80 +111,81 @@ def describe(name: str | None = None) -> dict[str, object]:
                 refused = done.stderr.decode(errors="replace").strip() or "unshare failed"
         if "error" in plan or refused:
             reason = str(plan.get("error") or f"user namespaces are refused here ({refused})")
-            info.update(executor=None, reason=reason, error="no way to run RUN steps here")
-        else:
-            info.update(
-                executor="namespace",
-                reason=f"not root: builds run in a user namespace ({plan['map']} id mapping, "
-                "overlay with userxattr)",
+            return ExecutorChoice(
+                requested, euid, None, reason, error="no way to run RUN steps here", rootless=plan
             )
-            if "warning" in plan:
-                info["warning"] = plan["warning"]
-        return info
-    if os.geteuid() == 0 and rootless.lacks_sys_admin() and not rootless.in_user_namespace():
+        warning = plan.get("warning")
+        return ExecutorChoice(
+            requested, euid, "namespace",
+            f"not root: builds run in a user namespace ({plan['map']} id mapping, "
+            "overlay with userxattr)",
+            mounts=True,
+            warning=None if warning is None else str(warning),
+            rootless=plan,
+        )  # fmt: skip
+    if rootless.lacks_sys_admin() and not rootless.in_user_namespace():
         # Container root without CAP_SYS_ADMIN: `dockbuild build` enters a user namespace
         # of its own first (rootless.enter_as_root) when seccomp lets it.
         import shutil
 
         unshare = shutil.which("unshare")
         if unshare and subprocess.run([unshare, "--user", "true"], capture_output=True).returncode == 0:
-            info["rootless"] = {"map": "root"}
-            info.update(
-                executor="namespace",
-                reason="root without CAP_SYS_ADMIN (a container): builds run in a user "
+            return ExecutorChoice(
+                requested, euid, "namespace",
+                "root without CAP_SYS_ADMIN (a container): builds run in a user "
                 "namespace of their own, ids 0-65535 mapped to themselves",
-            )
-            return info
+                mounts=True,
+                rootless={"map": "root"},
+            )  # fmt: skip
     works, reason = _probe_namespaces()
-    info["namespaces"] = works
+    plan_map: Mapping[str, object] | None = None
     if mode in ("subuid", "single", "root"):
-        info["rootless"] = {"map": mode}
+        plan_map = {"map": mode}
         reason = f"in dockbuild's user namespace ({mode} id mapping, overlay with userxattr): {reason}"
-    elif os.geteuid() == 0 and rootless.lacks_sys_admin() and not rootless.in_user_namespace():
+    elif rootless.lacks_sys_admin() and not rootless.in_user_namespace():
         reason += (
             "; root without CAP_SYS_ADMIN: `dockbuild build` enters a user namespace of its "
             "own when seccomp allows it (docker: --security-opt seccomp=unconfined)"
         )
     if works:
-        info.update(executor="namespace", reason=reason)
-    elif os.geteuid() == 0:
-        info.update(
-            executor="chroot",
-            reason=reason,
-            warning="RUN steps run in a bare chroot without any sandbox: " + LOCKED_DOWN_HINT,
+        return ExecutorChoice(
+            requested, euid, "namespace", reason, mounts=True, namespaces=True, rootless=plan_map
         )
-    else:
-        info.update(executor=None, reason=reason, error="no way to run RUN steps here")
-    return info
+    return ExecutorChoice(
+        requested, euid, "chroot", reason,
+        warning="RUN steps run in a bare chroot without any sandbox: " + LOCKED_DOWN_HINT,
+        namespaces=False,
+        rootless=plan_map,
+    )  # fmt: skip
 
 
 def get_executor(name: str | None = None) -> Executor:
     """The executor called ``name`` ("namespace", "chroot", "runc"), or the best one here.
 
     ``None`` or "auto" (also from $DOCKBUILD_EXECUTOR) probes: namespaces when they work,
-    else chroot with a warning, else an error naming the container flags that fix it.
+    else chroot with a warning (the executor's ``warning``, which the solver reports),
+    else an error naming the container flags that fix it.
     """
     from dockbuild.engine.executor.chroot import ChrootExecutor
     from dockbuild.engine.executor.namespace import NamespaceExecutor
 
-    info = describe(name)
-    chosen = info.get("executor")
+    choice = choose(name)
     _reset_reserved_signals()
-    if "error" in info:
-        if chosen is None:
-            raise ExecutorError(f"{info['error']}: {info['reason']}", hint=LOCKED_DOWN_HINT)
-        raise ExecutorError(str(info["error"]), hint=f"choose one of {', '.join(NAMES)}")
-    if "warning" in info:
-        log.warning("WARNING: %s", info["warning"])
-    if chosen == "namespace":
-        return _PROBED.pop() if _PROBED else NamespaceExecutor()
-    if chosen == "chroot":
+    if choice.error is not None:
+        if choice.name is None:
+            raise ExecutorError(f"{choice.error}: {choice.reason}", hint=LOCKED_DOWN_HINT)
+        raise ExecutorError(choice.error, hint=f"choose one of {', '.join(NAMES)}")
+    executor: Executor
+    if choice.name == "namespace":
+        executor = _PROBED.pop() if _PROBED else NamespaceExecutor()
+    elif choice.name == "chroot":
         executor = ChrootExecutor()
-        executor.warning = str(info["warning"]) if "warning" in info else None
-        return executor
-    from dockbuild.engine.executor.runc import RuncExecutor
+    else:
+        from dockbuild.engine.executor.runc import RuncExecutor
 
-    return RuncExecutor()
+        executor = RuncExecutor()
+    executor.warning = choice.warning
+    return executor
 
 
 # rt_sigaction's number, where dockbuild runs; signals 32 and 33 are glibc's own
