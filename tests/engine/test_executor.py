@@ -19,9 +19,11 @@ from dockbuild.engine.executor import (
     PlainRootfs,
     RunRequest,
 )
-from dockbuild.engine.executor._forkserver import SetupError, resolve_in_root, resolve_user
 from dockbuild.engine.executor.choice import choose, get_executor
 from dockbuild.engine.executor.chroot import ChrootExecutor
+from dockbuild.engine.executor.forkserver.mounts import resolve_in_root
+from dockbuild.engine.executor.forkserver.syscalls import SetupError
+from dockbuild.engine.executor.forkserver.users import resolve_user
 from dockbuild.engine.executor.namespace import NamespaceExecutor
 from dockbuild.errors import ExecutorError
 

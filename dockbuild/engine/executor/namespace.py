@@ -2,8 +2,8 @@
 
 The main process is multi-threaded (solver threads), so it never forks Python code
 itself: on the first run it starts one small single-threaded process, the fork server
-(``_forkserver.py``), and from then on each run is one message to it. The server forks
-the container's PID 1; see ``_forkserver.py`` for how, and for the order in which
+(the ``forkserver`` package), and from then on each run is one message to it. The server
+forks the container's PID 1; see ``forkserver`` for how, and for the order in which
 namespaces and mounts are made. The RUN's stdout and stderr are pipes
 created here and handed over with SCM_RIGHTS, so output streams straight from the
 container to the :data:`OutputSink` without passing through the server.
@@ -30,7 +30,7 @@ from pathlib import Path
 from dockbuild.engine.executor import OutputSink, OverlayRootfs, PlainRootfs, RunRequest
 from dockbuild.errors import ExecutorError
 
-FORKSERVER = Path(__file__).with_name("_forkserver.py")
+FORKSERVER = Path(__file__).with_name("forkserver") / "__main__.py"
 # SOCK_SEQPACKET messages are limited by the socket buffer (about 200 KiB by default).
 MAX_SPEC_BYTES = 150_000
 MAX_SECRETS = 64  # as the fork server accepts (descriptors per request)

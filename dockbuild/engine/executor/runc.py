@@ -31,7 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dockbuild.engine.executor import ExecMount, OutputSink, OverlayRootfs, RunRequest
-from dockbuild.engine.executor import _forkserver as fs
+from dockbuild.engine.executor.forkserver.container import (
+    DEFAULT_CAPABILITIES,
+    DEFAULT_PATH,
+    environ,
+    hosts_file,
+    resolv_conf,
+)
+from dockbuild.engine.executor.forkserver.mounts import MASKED_PATHS, READONLY_PATHS, is_opaque
+from dockbuild.engine.executor.forkserver.syscalls import SetupError
+from dockbuild.engine.executor.forkserver.users import User, resolve_user
 from dockbuild.errors import ExecutorError
 
 CAPABILITY_NAMES = {
@@ -211,16 +220,16 @@ class RuncExecutor:
         bundle.script.append(_upper_overlay_mount(options, rootfs.workdir, b / "rootfs"))
         layers = [Path(p) for p in reversed(rootfs.lowerdirs)]
         user = self._user(request.user, layers, b)
-        env = fs._environ(list(request.env))
+        env = environ(list(request.env))
         env.setdefault("HOME", user.home)
-        env.setdefault("PATH", fs.DEFAULT_PATH)
-        (b / "hosts").write_text(fs.hosts_file(request.hostname, list(request.extra_hosts)))
-        (b / "resolv.conf").write_text(fs.resolv_conf(request.network))
+        env.setdefault("PATH", DEFAULT_PATH)
+        (b / "hosts").write_text(hosts_file(request.hostname, list(request.extra_hosts)))
+        (b / "resolv.conf").write_text(resolv_conf(request.network))
         insecure = request.security == "insecure"
         caps = [
             CAPABILITY_NAMES[c]
             for c in sorted(CAPABILITY_NAMES)
-            if insecure or c in fs.DEFAULT_CAPABILITIES
+            if insecure or c in DEFAULT_CAPABILITIES
         ]
         if insecure:
             caps = [c for c in caps if _capability_in_bounding_set(c)]
@@ -268,20 +277,20 @@ class RuncExecutor:
             "mounts": mounts,
             "linux": {
                 "namespaces": namespaces,
-                "maskedPaths": [] if insecure else ["/" + p for p in fs.MASKED_PATHS],
-                "readonlyPaths": [] if insecure else ["/" + p for p in fs.READONLY_PATHS],
+                "maskedPaths": [] if insecure else ["/" + p for p in MASKED_PATHS],
+                "readonlyPaths": [] if insecure else ["/" + p for p in READONLY_PATHS],
             },
         }
         return spec, targets
 
-    def _user(self, spec: str, layers: list[Path], bundle: Path) -> fs.User:
+    def _user(self, spec: str, layers: list[Path], bundle: Path) -> User:
         from dockbuild.engine.snapshots import read_file
 
         for name in ("passwd", "group"):
             (bundle / name).write_bytes(read_file(layers, f"/etc/{name}") or b"")
         try:
-            return fs.resolve_user(spec, str(bundle / "passwd"), str(bundle / "group"))
-        except fs.SetupError as e:
+            return resolve_user(spec, str(bundle / "passwd"), str(bundle / "group"))
+        except SetupError as e:
             raise ExecutorError(str(e)) from None
 
     def _mount(self, m: ExecMount, index: int, bundle: _Bundle) -> dict:
@@ -417,7 +426,7 @@ def _clean_stubs(rootfs: OverlayRootfs, targets: list[str]) -> None:
                 break
             in_lower = lookup(layers, rel) is not None
             if stat.S_ISDIR(st.st_mode):
-                if os.listdir(path) or fs._is_opaque(path):
+                if os.listdir(path) or is_opaque(path):
                     break
             elif not (stat.S_ISREG(st.st_mode) and st.st_size == 0 and not in_lower):
                 break
