@@ -204,7 +204,7 @@ _MOUNT_PREFIX = "cachemount:"
 def _cache_mounts(store: Store) -> list[tuple[Record, int]]:
     """RUN --mount=type=cache directories (engine/mounts.py), as exec.cachemount records."""
     base = store.root / "mounts"
-    out = []
+    out: list[tuple[Record, int]] = []
     if not base.is_dir():
         return out
     for home in sorted(base.iterdir()):
@@ -498,7 +498,7 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
                 problems.append(
                     Problem(
                         f"blob {digest}: content has digest {got}",
-                        lambda d=digest: _drop_blob_and_layers(store, d, users.get(d, [])),  # type: ignore[misc]
+                        lambda d=digest: _drop_blob_and_layers(store, d, users.get(d, [])),  # type: ignore[misc]  # a lambda with a default (the loop value)
                     )
                 )
         present = set(store.blob_digests()) - bad_blobs
@@ -507,7 +507,7 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
                 problems.append(
                     Problem(
                         f"layer {info.layer_id}: its {info.compression} blob {info.digest} is missing",
-                        lambda d=info.digest: store.delete_blob(d),  # type: ignore[misc]
+                        lambda d=info.digest: store.delete_blob(d),  # type: ignore[misc]  # a lambda with a default (the loop value)
                     )
                 )
         # A layer without its directory is fine while its blob is here (a packed layer,
@@ -516,7 +516,7 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
         for lid in layer_rows:
             if lid not in on_disk and lid not in packed:
                 problems.append(
-                    Problem(f"layer {lid}: directory missing", lambda lid=lid: store.delete_layer(lid))  # type: ignore[misc]
+                    Problem(f"layer {lid}: directory missing", lambda lid=lid: store.delete_layer(lid))  # type: ignore[misc]  # a lambda with a default (the loop value)
                 )
         referenced = set()
         for r in store.records():
@@ -526,7 +526,7 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
                 problems.append(
                     Problem(
                         f"record {short_id(r.key)} ({r.description}): layers missing: {', '.join(missing)}",
-                        lambda k=r.key: store.delete_records([k]),  # type: ignore[misc]
+                        lambda k=r.key: store.delete_records([k]),  # type: ignore[misc]  # a lambda with a default (the loop value)
                     )
                 )
         for name in sorted(on_disk):
@@ -534,20 +534,20 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
                 problems.append(
                     Problem(
                         f"snapshot {name}: a layer directory no record knows (a killed build's)",
-                        lambda n=name: store.remove_snapshot_dir(n),  # type: ignore[misc]
+                        lambda n=name: store.remove_snapshot_dir(n),  # type: ignore[misc]  # a lambda with a default (the loop value)
                     )
                 )
         for part in store.partial_downloads():
             problems.append(
                 Problem(
                     f"partial download {part.name}",
-                    lambda p=part: p.unlink(missing_ok=True),  # type: ignore[misc]
+                    lambda p=part: p.unlink(missing_ok=True),  # type: ignore[misc]  # a lambda with a default (the loop value)
                 )
             )
         for entry in (store.root / "tmp").iterdir():
             if entry != store._tmp:  # under the exclusive lock no other build runs
                 problems.append(
-                    Problem(f"temp {entry.name}: left by a killed build", lambda e=entry: remove_tree(e))  # type: ignore[misc]
+                    Problem(f"temp {entry.name}: left by a killed build", lambda e=entry: remove_tree(e))  # type: ignore[misc]  # a lambda with a default (the loop value)
                 )
         if repair:
             for p in problems:

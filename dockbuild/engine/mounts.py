@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from dockbuild import llb
 from dockbuild.errors import DockbuildError
@@ -100,7 +100,7 @@ class CacheMounts:
 
     def _acquire(
         self, home: Path, sharing: str, cancelled: Callable[[], bool]
-    ) -> tuple[object, int]:
+    ) -> tuple[TextIO, int]:
         if sharing == "private":
             instance = 0
             while True:
@@ -438,6 +438,7 @@ class RunMounts:
 
         source = m.input
         subpath = m.selector.strip("/")
+        lowers: tuple[str, ...]
         if isinstance(source, llb.SourceOp) and source.identifier.startswith("local://"):
             local = self.locals[source.identifier[len("local://") :]]
             if local.excludes:

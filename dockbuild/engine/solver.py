@@ -337,7 +337,7 @@ class Solver:
             inputs={"op": {"identifier": op.identifier}, "parents": [], "files": []},
         )
 
-    def _explain(self, name: str, inputs: dict, ignore: bool) -> str:
+    def _explain(self, name: str, inputs: dict[str, Any], ignore: bool) -> str:
         if ignore:
             reasons = ["the cache is ignored for this step (--no-cache or --no-cache-filter)"]
         else:

@@ -26,6 +26,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dockbuild.engine.executor import OutputSink, OverlayRootfs, PlainRootfs, RunRequest
 from dockbuild.errors import ExecutorError
@@ -43,7 +44,7 @@ class _Run:
     pid: int | None = None
     pidfd: int | None = None
     killed: bool = False
-    stubs: list[dict] = field(default_factory=list)
+    stubs: list[dict[str, Any]] = field(default_factory=list)
 
     def kill(self) -> None:
         self.killed = True
@@ -122,7 +123,7 @@ class ForkServerExecutor:
     # Set when this executor was chosen as a fallback the user should hear about.
     warning: str | None = None
     # What the fork server found when it started (namespace sandbox): see choice.py.
-    probe: dict | None = None
+    probe: dict[str, Any] | None = None
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -197,12 +198,12 @@ class ForkServerExecutor:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _spec(self, request: RunRequest, secret_index: dict[int, int]) -> dict:
+    def _spec(self, request: RunRequest, secret_index: dict[int, int]) -> dict[str, Any]:
         rootfs = request.rootfs
         if isinstance(rootfs, OverlayRootfs):
             if not rootfs.lowerdirs:
                 raise ExecutorError("an overlay rootfs needs at least one lower dir")
-            rootfs_spec: dict = {
+            rootfs_spec: dict[str, Any] = {
                 "kind": "overlay",
                 "lowerdirs": list(rootfs.lowerdirs),
                 "upperdir": rootfs.upperdir,

@@ -29,6 +29,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dockbuild.engine.executor import ExecMount, OutputSink, OverlayRootfs, RunRequest
 from dockbuild.engine.executor.forkserver.container import (
@@ -206,7 +207,7 @@ class RuncExecutor:
             raise ExecutorError("the RUN step was cancelled")
         return code if code >= 0 else 128 - code
 
-    def _spec(self, request: RunRequest, bundle: _Bundle) -> tuple[dict, list[str]]:
+    def _spec(self, request: RunRequest, bundle: _Bundle) -> tuple[dict[str, Any], list[str]]:
         rootfs = request.rootfs
         assert isinstance(rootfs, OverlayRootfs)
         b = bundle.path
@@ -233,7 +234,7 @@ class RuncExecutor:
         ]
         if insecure:
             caps = [c for c in caps if _capability_in_bounding_set(c)]
-        mounts: list[dict] = [
+        mounts: list[dict[str, Any]] = [
             {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
@@ -293,7 +294,7 @@ class RuncExecutor:
         except SetupError as e:
             raise ExecutorError(str(e)) from None
 
-    def _mount(self, m: ExecMount, index: int, bundle: _Bundle) -> dict:
+    def _mount(self, m: ExecMount, index: int, bundle: _Bundle) -> dict[str, Any]:
         b = bundle.path
         ro = ["ro"] if m.readonly else []
         if m.type == "tmpfs":

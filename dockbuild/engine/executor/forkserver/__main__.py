@@ -7,6 +7,7 @@ import sys
 # the package imports as ``forkserver`` without importing dockbuild (or anything else).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from forkserver.server import main  # noqa: E402 (needs the path above)
+# (mypy knows the package by its dockbuild name only.)
+from forkserver.server import main  # type: ignore[import-not-found]  # noqa: E402 (needs the path above)
 
 main(sys.argv)

@@ -34,6 +34,11 @@ from .syscalls import (
 )
 from .users import resolve_user
 
+# typing is never imported at run time (each module it loads makes every fork dearer).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -57,10 +62,10 @@ DEFAULT_CAPABILITIES = (
 )
 
 
-def init(spec: dict, out_fd: int, err_fd: int, status: socket.socket, stubs_w: int) -> None:
+def init(spec: dict[str, Any], out_fd: int, err_fd: int, status: socket.socket, stubs_w: int) -> None:
     """Become the container: mounts, root, user, then execve."""
     if spec["sandbox"] == "namespace":
-        stubs: list[dict] = []
+        stubs: list[dict[str, Any]] = []
         try:
             enter_container_root(spec, stubs)
         finally:
@@ -121,10 +126,10 @@ def init(spec: dict, out_fd: int, err_fd: int, status: socket.socket, stubs_w: i
     try:
         os.execve(program, args, env)
     except OSError as e:
-        _exec_failed(f'exec: "{program}": {e.strerror.lower()}', 127 if e.errno == 2 else 126)
+        _exec_failed(f'exec: "{program}": {(e.strerror or str(e)).lower()}', 127 if e.errno == 2 else 126)
 
 
-def _exec_failed(message: str, code: int) -> None:
+def _exec_failed(message: str, code: int) -> NoReturn:
     """Report like a shell does: a message on the RUN's stderr, and 127 or 126."""
     with contextlib.suppress(OSError):
         os.write(2, f"dockbuild: {message}\n".encode())
@@ -184,7 +189,7 @@ def prepare_namespaces(scratch: str, user_namespace: bool) -> None:
     mount_sys(os.path.join(prepared, "sys"), insecure=False)
 
 
-def enter_container_root(spec: dict, stubs: list[dict]) -> None:
+def enter_container_root(spec: dict[str, Any], stubs: list[dict[str, Any]]) -> None:
     """Build the container's mount tree in the prepared namespaces, pivot_root into it.
 
     Order matters: /proc can only be mounted by a process inside the new PID namespace

@@ -23,6 +23,11 @@ from .syscalls import (
     remount_readonly,
 )
 
+# typing is never imported at run time (each module it loads makes every fork dearer).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 # What runc (and so BuildKit) hides from a container's /proc and /sys: the process runs
 # with root's capabilities, and these would let it poke at the host kernel.
 MASKED_PATHS = (
@@ -61,7 +66,7 @@ def stub_layer(scratch: str) -> None:
         os.close(os.open(os.path.join(layer, name), os.O_CREAT | os.O_WRONLY, 0o644))
 
 
-def run_mount(m: dict, index: int, scratch: str, place: Mountpoints) -> None:
+def run_mount(m: dict[str, Any], index: int, scratch: str, place: Mountpoints) -> None:
     """One RUN mount (see executor.ExecMount), made before pivot_root."""
     flags, data = mount_options(m.get("options", []))
     if m["readonly"]:
@@ -104,13 +109,13 @@ def run_mount(m: dict, index: int, scratch: str, place: Mountpoints) -> None:
         # with the container's mount namespace.
         holder = os.path.join(scratch, f"m{index}")
         os.mkdir(holder)
-        data = _read_memfd(m["data_fd"])
-        size = max(4096, len(data) + 4096)
+        secret = _read_memfd(m["data_fd"])
+        size = max(4096, len(secret) + 4096)
         mount("tmpfs", holder, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"mode=755,size={size}")
         path = os.path.join(holder, "secret")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
-            view = memoryview(data)
+            view = memoryview(secret)
             while view:
                 view = view[os.write(fd, view) :]
         finally:
@@ -218,7 +223,7 @@ class Mountpoints:
     process left it untouched (BuildKit's MountStubsCleaner).
     """
 
-    def __init__(self, root: str, upper: str | None, stubs: list[dict]) -> None:
+    def __init__(self, root: str, upper: str | None, stubs: list[dict[str, Any]]) -> None:
         self.root = root
         self.upper = upper
         self.stubs = stubs
@@ -290,7 +295,7 @@ def resolve_in_root(root: str, path: str) -> str:
     return os.path.join(root, *resolved)
 
 
-def remove_stubs(spec: dict, stubs: list[dict]) -> None:
+def remove_stubs(spec: dict[str, Any], stubs: list[dict[str, Any]]) -> None:
     """Remove the mountpoints we created that the run left untouched (empty).
 
     Runs in the server after the container's mount namespace is gone, directly on

@@ -31,6 +31,11 @@ from .syscalls import (
     unshare,
 )
 
+# typing is never imported at run time (each module it loads makes every fork dearer).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 MAX_MESSAGE = 1 << 20
 MAX_SECRETS = 64  # secret mounts per RUN (each one a descriptor in the request)
 
@@ -42,7 +47,7 @@ MAX_SECRETS = 64  # secret mounts per RUN (each one a descriptor in the request)
 class Container:
     """A running PID 1, as the server tracks it until it has reported the exit."""
 
-    def __init__(self, spec: dict, status: socket.socket, stubs_r: int) -> None:
+    def __init__(self, spec: dict[str, Any], status: socket.socket, stubs_r: int) -> None:
         self.spec = spec
         self.status = status
         self.stubs_r = stubs_r
