@@ -476,6 +476,7 @@ def test_executor_choice_by_name_and_probe() -> None:
     choice = choose()
     assert (choice.name, choice.mounts, choice.namespaces) == ("namespace", True, True)
     assert choose("chroot").mounts is False and choose("runc").mounts is True
+    assert (choice.info()["snapshotter"], choose("chroot").info()["snapshotter"]) == ("overlay", "copy")
     assert get_executor("chroot").name == "chroot"
     if shutil.which("runc"):
         runc = get_executor("runc")

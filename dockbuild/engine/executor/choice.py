@@ -39,6 +39,10 @@ class ExecutorChoice:
         if self.namespaces is not None:
             out["namespaces"] = self.namespaces
         out.update(executor=self.name, reason=self.reason, mounts=self.mounts)
+        if self.name is not None:
+            from dockbuild.engine import snapshotter
+
+            out["snapshotter"] = snapshotter.choose(self.mounts).name
         if self.requested == "runc":
             out["runc"] = self.runc
         for key, value in (("warning", self.warning), ("error", self.error)):

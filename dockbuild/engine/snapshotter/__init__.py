@@ -42,7 +42,12 @@ class Snapshotter(Protocol):
 
 def for_executor(executor: Executor) -> Snapshotter:
     """overlay when the executor can mount, else copy (a locked-down container's chroot)."""
-    if executor.mounts:
+    return choose(executor.mounts)
+
+
+def choose(mounts: bool) -> Snapshotter:
+    """overlay for an executor that can mount, else copy."""
+    if mounts:
         from dockbuild.engine.snapshotter.overlay import OverlaySnapshotter
 
         return OverlaySnapshotter()
