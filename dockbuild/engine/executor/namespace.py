@@ -8,8 +8,9 @@ namespaces and mounts are made. The RUN's stdout and stderr are pipes
 created here and handed over with SCM_RIGHTS, so output streams straight from the
 container to the :data:`OutputSink` without passing through the server.
 
-Rootless operation (a later step) plugs in where the server starts: the server enters
-one user namespace per build before its first fork, and overlay mounts get ``userxattr``.
+Rootless, the whole dockbuild process already runs in the build's user namespace
+(``dockbuild.userns``): the server inherits it, serves from a PID namespace of its own
+(see ``forkserver.server.enter_own_pid_namespace``), and overlay mounts get ``userxattr``.
 """
 
 from __future__ import annotations

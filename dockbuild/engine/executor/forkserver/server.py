@@ -120,8 +120,6 @@ class Server:
             if sig not in (signal.SIGKILL, signal.SIGSTOP)
             and signal.getsignal(sig) == signal.SIG_IGN
         ]
-        # Step reserved for rootless operation: enter the build's user namespace here,
-        # once, before the first fork (the main process writes the id maps).
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
