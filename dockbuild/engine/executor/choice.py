@@ -15,6 +15,52 @@ NAMES = ("namespace", "chroot", "runc")
 
 
 @dataclass(frozen=True)
+class RootlessPlan:
+    """How builds enter their user namespace (``dockbuild.userns``)."""
+
+    map: str | None  # "subuid" | "single" | "root" (ids 0-65535 as themselves); None: cannot
+    user: str | None = None  # the user and their subordinate id counts, when not root
+    subuids: int | None = None
+    subgids: int | None = None
+    command: tuple[str, ...] = ()  # the unshare command line that enters it
+    warning: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_userns(cls, plan: Mapping[str, object]) -> RootlessPlan:
+        """From :func:`dockbuild.userns.plan`'s answer."""
+        command = plan.get("command")
+
+        def text(key: str) -> str | None:
+            value = plan.get(key)
+            return None if value is None else str(value)
+
+        def count(key: str) -> int | None:
+            value = plan.get(key)
+            return value if isinstance(value, int) else None
+
+        return cls(
+            map=text("map"), user=text("user"), subuids=count("subuids"), subgids=count("subgids"),
+            command=tuple(str(c) for c in command) if isinstance(command, list) else (),
+            warning=text("warning"), error=text("error"),
+        )  # fmt: skip
+
+    def info(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        if self.user is not None:
+            out.update(user=self.user, subuids=self.subuids, subgids=self.subgids)
+        if self.error is not None:
+            out["error"] = self.error
+            return out
+        out["map"] = self.map
+        if self.warning is not None:
+            out["warning"] = self.warning
+        if self.command:
+            out["command"] = list(self.command)
+        return out
+
+
+@dataclass(frozen=True)
 class ExecutorChoice:
     """Which executor runs RUN steps here, why, and what it can do (``dockbuild debug info``)."""
 
@@ -28,14 +74,14 @@ class ExecutorChoice:
     warning: str | None = None  # a fallback the user should hear about
     error: str | None = None
     namespaces: bool | None = None  # what the namespace probe found, when it ran
-    rootless: Mapping[str, object] | None = None  # the user namespace plan (userns.plan)
+    rootless: RootlessPlan | None = None  # how builds enter their user namespace
     runc: str | None = None  # the runc binary, when runc was asked for
 
     def info(self) -> dict[str, object]:
         """As JSON for ``dockbuild debug info``."""
         out: dict[str, object] = {"requested": self.requested, "euid": self.euid}
         if self.rootless is not None:
-            out["rootless"] = dict(self.rootless)
+            out["rootless"] = self.rootless.info()
         if self.namespaces is not None:
             out["namespaces"] = self.namespaces
         out.update(executor=self.name, reason=self.reason, mounts=self.mounts)
@@ -106,25 +152,23 @@ def choose(name: str | None = None) -> ExecutorChoice:
     mode = rootless.mode()
     if euid != 0:
         # The dockbuild command re-runs a build in a user namespace (rootless.reexec).
-        plan = rootless.plan()
-        command = plan.get("command")
+        plan = RootlessPlan.from_userns(rootless.plan())
         refused = ""
-        if isinstance(command, list):
-            done = subprocess.run([*command[:3], "true"], capture_output=True, check=False)
+        if plan.command:
+            done = subprocess.run([*plan.command[:3], "true"], capture_output=True, check=False)
             if done.returncode != 0:
                 refused = done.stderr.decode(errors="replace").strip() or "unshare failed"
-        if "error" in plan or refused:
-            reason = str(plan.get("error") or f"user namespaces are refused here ({refused})")
+        if plan.error is not None or refused:
+            reason = plan.error or f"user namespaces are refused here ({refused})"
             return ExecutorChoice(
                 requested, euid, None, reason, error="no way to run RUN steps here", rootless=plan
             )
-        warning = plan.get("warning")
         return ExecutorChoice(
             requested, euid, "namespace",
-            f"not root: builds run in a user namespace ({plan['map']} id mapping, "
+            f"not root: builds run in a user namespace ({plan.map} id mapping, "
             "overlay with userxattr)",
             mounts=True,
-            warning=None if warning is None else str(warning),
+            warning=plan.warning,
             rootless=plan,
         )  # fmt: skip
     if rootless.lacks_sys_admin() and not rootless.in_user_namespace():
@@ -139,12 +183,12 @@ def choose(name: str | None = None) -> ExecutorChoice:
                 "root without CAP_SYS_ADMIN (a container): builds run in a user "
                 "namespace of their own, ids 0-65535 mapped to themselves",
                 mounts=True,
-                rootless={"map": "root"},
+                rootless=RootlessPlan("root"),
             )  # fmt: skip
     works, reason = _probe_namespaces()
-    plan_map: Mapping[str, object] | None = None
+    plan_map: RootlessPlan | None = None
     if mode in ("subuid", "single", "root"):
-        plan_map = {"map": mode}
+        plan_map = RootlessPlan(mode)
         reason = f"in dockbuild's user namespace ({mode} id mapping, overlay with userxattr): {reason}"
     elif rootless.lacks_sys_admin() and not rootless.in_user_namespace():
         reason += (
