@@ -18,6 +18,7 @@ from dockbuild.engine.executor import (
     OverlayRootfs,
     PlainRootfs,
     RunRequest,
+    parse_extra_host,
 )
 from dockbuild.engine.executor.choice import choose, get_executor
 from dockbuild.engine.executor.chroot import ChrootExecutor
@@ -492,6 +493,31 @@ def test_executor_choice_by_name_and_probe() -> None:
 
 
 # -- pure functions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("db:10.0.0.5", "db:10.0.0.5"),
+        ("db=10.0.0.5", "db:10.0.0.5"),
+        ("v6:fd00::1", "v6:fd00::1"),
+        ("v6=fd00::1", "v6:fd00::1"),
+        ("v6=[fd00::1]", "v6:fd00::1"),
+        ("gw:host-gateway", "gw:127.0.0.1"),
+    ],
+)
+def test_parse_extra_host_accepts_dockers_forms(value: str, expected: str) -> None:
+    assert parse_extra_host(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("db", "bad format"), (":10.0.0.5", "bad format"), ("db:nohost", "invalid IP address"),
+     ("db=10.0.0", "invalid IP address")],
+)  # fmt: skip
+def test_parse_extra_host_refuses_what_docker_refuses(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_extra_host(value)
 
 
 @pytest.fixture
