@@ -292,6 +292,8 @@ def _convert(request: BuildRequest, inputs: contexts.Inputs, sources: ImageSourc
         labels=request.labels,
         platform=request.platform or HOST_PLATFORM,
         network=request.network,
+        extra_hosts=request.add_hosts,
+        shm_size=request.shm_size or 0,
         exclude_patterns=inputs.ignore_patterns,
         dockerfile_name=inputs.dockerfile_name,
         all_stages=request.check and request.target is None,
@@ -407,10 +409,9 @@ def _max_parallelism(progress: Progress) -> int:
 
 
 def _executor(name: str | None) -> Executor:
-    from dockbuild.engine.executor import get_executor
+    from dockbuild.engine.executor.choice import get_executor
 
-    executor: Executor = get_executor(name)  # found through the package's __getattr__
-    return executor
+    return get_executor(name)
 
 
 def _no_cache_ops(request: BuildRequest, result: Definition, progress: Progress) -> frozenset[str]:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
     from dockbuild.build import BuildRequest
+    from dockbuild.engine.gc import DiskUsage
     from dockbuild.errors import Location
 
 SUBCOMMANDS = {"build", "debug", "version", "du", "prune", "--help", "-h"}
@@ -149,6 +150,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.format_usage()}ERROR: {message}\nhint: see '{self.prog} --help'\n")
 
 
+def _add_host(value: str) -> str:
+    """The type of --add-host: ``HOST:IP`` or ``HOST=IP``, as ``HOST:IP``."""
+    from dockbuild.engine.executor import parse_extra_host
+
+    try:
+        return parse_extra_host(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _key_value(what: str) -> Callable[[str], tuple[str, str | None]]:
     """The type of a KEY=VALUE option (KEY alone gives None)."""
 
@@ -167,29 +178,6 @@ def _named_value(item: str) -> tuple[str, str]:
     if not name or not sep or not value:
         raise argparse.ArgumentTypeError(f"invalid build-context {item!r}: expected NAME=VALUE")
     return name, value
-
-
-def _host_entry(item: str) -> str:
-    """The type of --add-host: ``HOST:IP`` or ``HOST=IP``, as ``HOST:IP``."""
-    import ipaddress
-
-    host, sep, address = item.partition("=")
-    if not sep:
-        host, sep, address = item.partition(":")
-    address = address.strip()
-    if address.startswith("[") and address.endswith("]"):
-        address = address[1:-1]  # [::1]
-    if not host or not sep or any(c.isspace() for c in host):
-        raise argparse.ArgumentTypeError(f"invalid add-host {item!r}: expected HOST:IP")
-    if address == "host-gateway":
-        raise argparse.ArgumentTypeError("--add-host HOST:host-gateway is not supported yet")
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid add-host {item!r}: {address!r} is not an IP address"
-        ) from None
-    return f"{host}:{address}"
 
 
 _RAM_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -350,9 +338,9 @@ def debug_info() -> None:
     import json
 
     from dockbuild.engine.cacheroot import default_root
-    from dockbuild.engine.executor import describe
+    from dockbuild.engine.executor.choice import choose
 
-    print(json.dumps({"cache_root": str(default_root()), "executor": describe()}, indent=2))
+    print(json.dumps({"cache_root": str(default_root()), "executor": choose().info()}, indent=2))
 
 
 def du_cmd(verbose: bool, filter_: list[str]) -> None:
@@ -362,9 +350,49 @@ def du_cmd(verbose: bool, filter_: list[str]) -> None:
 
     store = Store()
     try:
-        print(gc.render_du(gc.disk_usage(store, filter_), verbose))
+        print(_render_du(gc.disk_usage(store, filter_), verbose))
     finally:
         store.close()
+
+
+def _render_du(usage: DiskUsage, verbose: bool = False) -> str:
+    """The disk-usage table (buildctl du's columns), or one block per record with -v."""
+    import time
+
+    from dockbuild.engine.gc import ago, human_size, short_id
+
+    lines = []
+    now = time.time()
+    if verbose:
+        for r, size, shared in usage.rows:
+            lines += [
+                f"ID:\t\t{short_id(r.key)}",
+                f"Type:\t\t{r.type}",
+                f"Description:\t{r.description}",
+                f"Size:\t\t{human_size(size)}",
+                f"Shared:\t\t{str(shared).lower()}",
+                f"Layers:\t\t{len(r.layers)} ({len(r.owns)} own)",
+                f"Created at:\t{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.created))}",
+                f"Last used:\t{ago(r.last_used, now)}",
+                "",
+            ]
+    else:
+        lines.append(f"{'ID':<27}{'TYPE':<17}{'SIZE':>10}  {'LAST USED':<18}DESCRIPTION")
+        for r, size, _ in usage.rows:
+            desc = r.description if len(r.description) <= 60 else r.description[:57] + "..."
+            lines.append(
+                f"{short_id(r.key):<27}{r.type:<17}{human_size(size):>10}  {ago(r.last_used, now):<18}{desc}"
+            )
+        lines.append("")
+    lines += [
+        f"Records:\t{len(usage.rows)}",
+        f"Database:\t{human_size(usage.database)}",
+        f"Temporary:\t{human_size(usage.temporary)}",
+        f"Unreferenced:\t{human_size(usage.unreferenced)}",
+        f"Reclaimable:\t{human_size(usage.reclaimable)}",
+        f"Total:\t\t{human_size(usage.total)}",
+    ]
+    return "\n".join(lines)
 
 
 def prune_cmd(
@@ -502,7 +530,7 @@ def _parser() -> _Parser:
     build.add_argument("--platform", metavar="PLATFORM", help="Target platform (only the host's, linux/amd64, for now).")
     build.add_argument("--executor", metavar="NAME", choices=EXECUTORS, help="How RUN steps run: namespace (default), runc, chroot; auto probes.")
     build.add_argument("--network", metavar="MODE", default="default", choices=NETWORK_MODES, help="Default network mode for RUN: default, none or host (default: default).")
-    build.add_argument("--add-host", metavar="HOST:IP", action="append", default=[], type=_host_entry, help="Add a line to /etc/hosts of RUN steps (HOST:IP or HOST=IP).")
+    build.add_argument("--add-host", metavar="HOST:IP", action="append", default=[], type=_add_host, help="Add a line to /etc/hosts in RUN steps (HOST:IP or HOST=IP; IP may be host-gateway).")
     build.add_argument("--shm-size", metavar="SIZE", type=_ram_bytes, help="Size of /dev/shm in RUN steps (e.g. 64m, 1g).")
     build.add_argument("--secret", metavar="SPEC", action="append", default=[], help="Secret for RUN --mount=type=secret (id=ID[,src=FILE|,env=VAR]).")
     build.add_argument("--ssh", metavar="SPEC", action="append", default=[], help="SSH agent or keys for RUN --mount=type=ssh (default|ID[=SOCKET|KEY,...]).")

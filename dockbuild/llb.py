@@ -27,6 +27,11 @@ def _meta(default: Any = "") -> Any:
     return field(default=default, compare=False, hash=False, metadata=_META)
 
 
+# A field that enters the digest only when set: ops that leave it at its default keep
+# the digest they had before it existed (as protobuf leaves empty fields out).
+_WHEN_SET = {"digest": "when set"}
+
+
 class Op:
     """Base of every op: canonical JSON and digest."""
 
@@ -45,7 +50,10 @@ class Op:
         # Every concrete op is a dataclass; the base class itself is not one.
         for f in dataclasses.fields(self):  # type: ignore[arg-type]  # see above
             if f.metadata.get("digest", True):
-                out[f.name] = _encode(getattr(self, f.name))
+                value = getattr(self, f.name)
+                if f.metadata.get("digest") == "when set" and value == f.default:
+                    continue
+                out[f.name] = _encode(value)
         return out
 
     @property
@@ -135,6 +143,10 @@ class ExecOp(Op):
     network: str = "default"  # one of NETWORK_MODES
     security: str = "sandbox"  # sandbox | insecure
     hostname: str = "buildkitsandbox"
+    # --add-host entries ("name:ip") for /etc/hosts, and /dev/shm's size in bytes (0 =
+    # 64 MiB): both part of the digest, as in BuildKit's ExecOp Meta.
+    extra_hosts: tuple[str, ...] = field(default=(), metadata=_WHEN_SET)
+    shm_size: int = field(default=0, metadata=_WHEN_SET)
     # Proxy variables: in the process env but never in the digest or cache key.
     proxy_env: tuple[str, ...] = _meta(())
     name: str = _meta()

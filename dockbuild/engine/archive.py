@@ -37,7 +37,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from dockbuild.errors import DockbuildError, SecurityError
 
@@ -123,20 +123,24 @@ def decompressed(raw: BinaryIO) -> BinaryIO:
     The format is sniffed from the content, never trusted from a media type: registries
     and old engines mislabel layers.
     """
-    buffered = raw if hasattr(raw, "peek") else io.BufferedReader(raw, _COPY_BUFSIZE)  # type: ignore[arg-type]
-    kind = detect_compression(buffered.peek(6)[:6])  # type: ignore[attr-defined]
+    buffered = (
+        cast(io.BufferedReader, raw)
+        if hasattr(raw, "peek")
+        else io.BufferedReader(cast(io.RawIOBase, raw), _COPY_BUFSIZE)
+    )
+    kind = detect_compression(buffered.peek(6)[:6])
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+        return cast(BinaryIO, gzip.GzipFile(fileobj=buffered, mode="rb"))
     if kind == "zstd":
         import zstandard  # imported lazily: only zstd layers need it
 
         reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
-        return io.BufferedReader(reader, _COPY_BUFSIZE)  # type: ignore[arg-type]
+        return io.BufferedReader(reader, _COPY_BUFSIZE)
     if kind == "bzip2":
-        return bz2.BZ2File(buffered, mode="rb")  # type: ignore[return-value]
+        return cast(BinaryIO, bz2.BZ2File(buffered, mode="rb"))
     if kind == "xz":
-        return lzma.LZMAFile(buffered, mode="rb")  # type: ignore[return-value]
-    return buffered  # type: ignore[return-value]
+        return cast(BinaryIO, lzma.LZMAFile(buffered, mode="rb"))
+    return cast(BinaryIO, buffered)
 
 
 class _BlobStream(io.RawIOBase):
@@ -153,7 +157,7 @@ class _BlobStream(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         return self._stream.read(size)
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]  # io passes memoryviews only
         data = self._stream.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
@@ -171,7 +175,7 @@ def open_blob(path: str | os.PathLike[str]) -> BinaryIO:
     """Open a layer blob on disk as an uncompressed stream (close it when done)."""
     raw = open(path, "rb", buffering=_COPY_BUFSIZE)  # noqa: SIM115 - returned to the caller
     try:
-        return _BlobStream(decompressed(raw), raw)  # type: ignore[return-value]
+        return _BlobStream(decompressed(raw), raw)  # type: ignore[return-value]  # a readable io stream, as callers use BinaryIO
     except BaseException:
         raw.close()
         raise
@@ -454,7 +458,7 @@ def unpack_layer(fileobj: BinaryIO, dest: Path, *, rootless: bool = False) -> No
         ) as tf:
             while (ti := tf.next()) is not None:
                 unpacker.apply(tf, ti)
-                tf.members.clear()  # streaming: keep memory flat on huge layers
+                tf.members.clear()  # type: ignore[attr-defined]  # undocumented, not in typeshed; streaming: keep memory flat on huge layers
             unpacker.finish()
     except tarfile.TarError as exc:
         raise DockbuildError(f"invalid layer tar: {exc}") from exc
@@ -499,8 +503,9 @@ class TreeTarWriter:
         self.links: dict[tuple[int, int], str] = {}
         # Mode "w" on a position-counting wrapper rather than the "w|" stream mode: the
         # stream mode re-buffers every write, and pipes (stdout) cannot tell().
-        self.tar = tarfile.open(  # noqa: SIM115 - closed by close()
-            fileobj=CountingWriter(out),  # type: ignore[arg-type]
+        # CountingWriter has all a tar writer calls (write, tell), not the whole IO protocol.
+        self.tar = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 - closed by close()
+            fileobj=CountingWriter(out),
             mode="w",
             format=tarfile.PAX_FORMAT,
             encoding="utf-8",

@@ -15,7 +15,7 @@ import os
 import posixpath
 import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dockbuild import llb
@@ -55,7 +55,8 @@ class SourceView:
             st = self.lstat(cand)
             if st is None or not stat.S_ISLNK(st.st_mode):
                 return None
-            return os.readlink(self.host(cand))  # type: ignore[arg-type]
+            host = self.host(cand)
+            return None if host is None else os.readlink(host)
 
         return snapshots.resolve_links(rel, link_target)
 
@@ -230,7 +231,7 @@ class _Target:
         return host is not None and os.path.isdir(host)
 
 
-def _lstat(p: Path) -> os.stat_result | None:
+def _lstat(p: str | Path) -> os.stat_result | None:
     try:
         return os.lstat(p)
     except FileNotFoundError:
@@ -555,10 +556,10 @@ class _Copier:
         self.links: dict[tuple[int, int], str] = {}
         self.reuse: tuple[Path, ...] = ()  # see apply(); only for a LocalView
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: list[concurrent.futures.Future[None]] = []
+        self._pending: list[concurrent.futures.Future[object]] = []
         self._pending_outs: set[str] = set()
 
-    def _submit(self, out: str, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _submit(self, out: str, fn: Callable[..., object], *args: object) -> None:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
         self._pending.append(self._pool.submit(fn, *args))
@@ -688,7 +689,8 @@ class _Copier:
     ) -> None:
         """One regular file from a local context: linked from a reusable layer when one
         holds it already, else copied; either way remembered for the next copy."""
-        local = self.view.local  # type: ignore[attr-defined]
+        assert isinstance(self.view, LocalView)  # only a local context's files come here
+        local = self.view.local
         digest = local.known_digest(host, st)
         if digest is not None:
             for layer in self.reuse:

@@ -200,7 +200,7 @@ _MOUNT_PREFIX = "cachemount:"
 def _cache_mounts(store: Store) -> list[tuple[Record, int]]:
     """RUN --mount=type=cache directories (engine/mounts.py), as exec.cachemount records."""
     base = store.root / "mounts"
-    out = []
+    out: list[tuple[Record, int]] = []
     if not base.is_dir():
         return out
     for home in sorted(base.iterdir()):
@@ -339,41 +339,6 @@ def _locks_size(store: Store) -> int:
     return tree_size(store.root / "locks") + sum(
         _blocks(store.root / d) for d in ("blobs", "blobs/sha256", "snapshots", "tmp", "locks")
     )
-
-
-def render_du(usage: DiskUsage, verbose: bool = False) -> str:
-    lines = []
-    now = time.time()
-    if verbose:
-        for r, size, shared in usage.rows:
-            lines += [
-                f"ID:\t\t{short_id(r.key)}",
-                f"Type:\t\t{r.type}",
-                f"Description:\t{r.description}",
-                f"Size:\t\t{human_size(size)}",
-                f"Shared:\t\t{str(shared).lower()}",
-                f"Layers:\t\t{len(r.layers)} ({len(r.owns)} own)",
-                f"Created at:\t{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.created))}",
-                f"Last used:\t{ago(r.last_used, now)}",
-                "",
-            ]
-    else:
-        lines.append(f"{'ID':<27}{'TYPE':<17}{'SIZE':>10}  {'LAST USED':<18}DESCRIPTION")
-        for r, size, _ in usage.rows:
-            desc = r.description if len(r.description) <= 60 else r.description[:57] + "..."
-            lines.append(
-                f"{short_id(r.key):<27}{r.type:<17}{human_size(size):>10}  {ago(r.last_used, now):<18}{desc}"
-            )
-        lines.append("")
-    lines += [
-        f"Records:\t{len(usage.rows)}",
-        f"Database:\t{human_size(usage.database)}",
-        f"Temporary:\t{human_size(usage.temporary)}",
-        f"Unreferenced:\t{human_size(usage.unreferenced)}",
-        f"Reclaimable:\t{human_size(usage.reclaimable)}",
-        f"Total:\t\t{human_size(usage.total)}",
-    ]
-    return "\n".join(lines)
 
 
 # -- prune ------------------------------------------------------------------------------------
@@ -529,7 +494,7 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
                 problems.append(
                     Problem(
                         f"blob {digest}: content has digest {got}",
-                        lambda d=digest: _drop_blob_and_layers(store, d, users.get(d, [])),  # type: ignore[misc]
+                        lambda d=digest: _drop_blob_and_layers(store, d, users.get(d, [])),  # type: ignore[misc]  # a lambda with a default (the loop value)
                     )
                 )
         present = set(store.blob_digests()) - bad_blobs
@@ -538,7 +503,7 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
                 problems.append(
                     Problem(
                         f"layer {info.layer_id}: its {info.compression} blob {info.digest} is missing",
-                        lambda d=info.digest: store.delete_blob(d),  # type: ignore[misc]
+                        lambda d=info.digest: store.delete_blob(d),  # type: ignore[misc]  # a lambda with a default (the loop value)
                     )
                 )
         # A layer without its directory is fine while its blob is here (a packed layer,
@@ -547,7 +512,7 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
         for lid in layer_rows:
             if lid not in on_disk and lid not in packed:
                 problems.append(
-                    Problem(f"layer {lid}: directory missing", lambda lid=lid: store.delete_layer(lid))  # type: ignore[misc]
+                    Problem(f"layer {lid}: directory missing", lambda lid=lid: store.delete_layer(lid))  # type: ignore[misc]  # a lambda with a default (the loop value)
                 )
         referenced = set()
         for r in store.records():
@@ -557,7 +522,7 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
                 problems.append(
                     Problem(
                         f"record {short_id(r.key)} ({r.description}): layers missing: {', '.join(missing)}",
-                        lambda k=r.key: store.delete_records([k]),  # type: ignore[misc]
+                        lambda k=r.key: store.delete_records([k]),  # type: ignore[misc]  # a lambda with a default (the loop value)
                     )
                 )
         for name in sorted(on_disk):
@@ -565,20 +530,20 @@ def check(store: Store, *, repair: bool = False) -> list[str]:
                 problems.append(
                     Problem(
                         f"snapshot {name}: a layer directory no record knows (a killed build's)",
-                        lambda n=name: store.remove_snapshot_dir(n),  # type: ignore[misc]
+                        lambda n=name: store.remove_snapshot_dir(n),  # type: ignore[misc]  # a lambda with a default (the loop value)
                     )
                 )
         for part in store.partial_downloads():
             problems.append(
                 Problem(
                     f"partial download {part.name}",
-                    lambda p=part: p.unlink(missing_ok=True),  # type: ignore[misc]
+                    lambda p=part: p.unlink(missing_ok=True),  # type: ignore[misc]  # a lambda with a default (the loop value)
                 )
             )
         for entry in (store.root / "tmp").iterdir():
             if entry != store._tmp:  # under the exclusive lock no other build runs
                 problems.append(
-                    Problem(f"temp {entry.name}: left by a killed build", lambda e=entry: remove_tree(e))  # type: ignore[misc]
+                    Problem(f"temp {entry.name}: left by a killed build", lambda e=entry: remove_tree(e))  # type: ignore[misc]  # a lambda with a default (the loop value)
                 )
         if repair:
             for p in problems:

@@ -1,6 +1,6 @@
 """RUN mounts on the host side: cache dirs, bind sources, secrets, ssh agent sockets.
 
-The solver turns each ``llb.Mount`` of an ExecOp into an executor ``MountSpec`` here:
+The solver turns each ``llb.Mount`` of an ExecOp into an executor ``ExecMount`` here:
 
 - ``cache``: a directory under ``<root>/mounts/`` that outlives the build, shared by
   every build using the same id (and ``from`` base). ``sharing=shared`` lets concurrent
@@ -28,13 +28,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from dockbuild import llb
 from dockbuild.errors import DockbuildError
 
 if TYPE_CHECKING:
-    from dockbuild.engine.executor import MountSpec
+    from dockbuild.engine.executor import ExecMount
     from dockbuild.engine.sources.local import LocalDir
     from dockbuild.secrets import SecretSource, SSHSource
 
@@ -100,7 +100,7 @@ class CacheMounts:
 
     def _acquire(
         self, home: Path, sharing: str, cancelled: Callable[[], bool]
-    ) -> tuple[object, int]:
+    ) -> tuple[TextIO, int]:
         if sharing == "private":
             instance = 0
             while True:
@@ -378,11 +378,11 @@ class RunMounts:
         states: dict[int, tuple[str, ...]],
         work: Path,
         stack: contextlib.ExitStack,
-    ) -> tuple[list[MountSpec], list[str]]:
+    ) -> tuple[list[ExecMount], list[str]]:
         """Executor mounts for ``op.mounts[1:]`` and extra environment (secret env=)."""
-        from dockbuild.engine.executor import MountSpec
+        from dockbuild.engine.executor import ExecMount
 
-        specs: list[MountSpec] = []
+        specs: list[ExecMount] = []
         env: list[str] = []
         for index, m in enumerate(op.mounts):
             if index == 0:
@@ -394,7 +394,7 @@ class RunMounts:
                 specs.append(self._cache(m, states.get(index, ()), stack))
             elif m.type == "tmpfs":
                 options = (f"size={m.size}",) if m.size else ()
-                specs.append(MountSpec(m.target, "tmpfs", options=options, readonly=m.readonly))
+                specs.append(ExecMount(m.target, "tmpfs", options=options, readonly=m.readonly))
             elif m.type == "secret":
                 source = self.secrets.get(m.secret_id)
                 if source is None:
@@ -409,7 +409,7 @@ class RunMounts:
                     env.append(f"{m.env}={data.decode(errors='replace')}")
                 if m.target:
                     specs.append(
-                        MountSpec(
+                        ExecMount(
                             m.target,
                             "secret",
                             readonly=True,
@@ -428,16 +428,17 @@ class RunMounts:
                     m.required,
                 )
                 if path is not None:
-                    specs.append(MountSpec(m.target, "bind", source=path))
+                    specs.append(ExecMount(m.target, "bind", source=path))
             else:
                 raise DockbuildError(f"unsupported mount type {m.type!r}")
         return specs, env
 
-    def _bind(self, m: llb.Mount, state: tuple[str, ...], scratch: Path) -> MountSpec:
-        from dockbuild.engine.executor import MountSpec
+    def _bind(self, m: llb.Mount, state: tuple[str, ...], scratch: Path) -> ExecMount:
+        from dockbuild.engine.executor import ExecMount
 
         source = m.input
         subpath = m.selector.strip("/")
+        lowers: tuple[str, ...]
         if isinstance(source, llb.SourceOp) and source.identifier.startswith("local://"):
             local = self.locals[source.identifier[len("local://") :]]
             if local.excludes:
@@ -467,19 +468,19 @@ class RunMounts:
                 empty.mkdir(parents=True)
                 lowers = (str(empty),)
         if m.readonly:
-            return MountSpec(m.target, "overlay", lowerdirs=lowers, subpath=subpath, readonly=True)
+            return ExecMount(m.target, "overlay", lowerdirs=lowers, subpath=subpath, readonly=True)
         upper, overlay_work = scratch / "upper", scratch / "work"
         upper.mkdir(parents=True)
         overlay_work.mkdir()
-        return MountSpec(
+        return ExecMount(
             m.target, "overlay", lowerdirs=lowers, upperdir=str(upper),
             workdir=str(overlay_work), subpath=subpath,
         )  # fmt: skip
 
     def _cache(
         self, m: llb.Mount, state: tuple[str, ...], stack: contextlib.ExitStack
-    ) -> MountSpec:
-        from dockbuild.engine.executor import MountSpec
+    ) -> ExecMount:
+        from dockbuild.engine.executor import ExecMount
 
         seed = None
         scope = ""
@@ -510,4 +511,4 @@ class RunMounts:
                 self.cancelled,
             )  # fmt: skip
         )
-        return MountSpec(m.target, "bind", source=str(path), readonly=m.readonly)
+        return ExecMount(m.target, "bind", source=str(path), readonly=m.readonly)

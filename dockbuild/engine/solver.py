@@ -337,7 +337,7 @@ class Solver:
             inputs={"op": {"identifier": op.identifier}, "parents": [], "files": []},
         )
 
-    def _explain(self, name: str, inputs: dict, ignore: bool) -> str:
+    def _explain(self, name: str, inputs: dict[str, Any], ignore: bool) -> str:
         if ignore:
             reasons = ["the cache is ignored for this step (--no-cache or --no-cache-filter)"]
         else:
@@ -430,11 +430,13 @@ class Solver:
         with self._executor_lock:
             if self._executor is None:
                 self._executor = self._executor_factory()
+                if self._executor.warning:
+                    self.progress.message(f"WARNING: {self._executor.warning}")
             return self._executor
 
     def _run_exec(self, op: llb.ExecOp, key: str, name: str) -> State:
-        from dockbuild.engine import mounts
-        from dockbuild.engine.executor import OverlayRootfs, RunRequest
+        from dockbuild.engine import mounts, snapshotter
+        from dockbuild.engine.executor import RunRequest
 
         mounts.check_op(op, self.options.allow)
         # The rootfs and every mount that reads a state (bind, cache from=), in parallel.
@@ -448,37 +450,30 @@ class Solver:
             vertex = self.progress.vertex(name)
             work = self._scratch.take()
             try:
-                upper, overlay_work = work / "upper", work / "work"
-                lowers = [str(p) for p in reversed(self.layer_paths(parent))]
-                if not lowers:  # overlayfs needs at least one lower dir: FROM scratch
-                    (work / "empty").mkdir()
-                    lowers = [str(work / "empty")]
+                upper = work / "upper"
                 with contextlib.ExitStack() as stack:
                     try:
                         specs, extra_env = self._run_mounts().prepare(op, states, work, stack)
                         executor = self._executor_instance()
-                        rootfs: Any = OverlayRootfs(tuple(lowers), str(upper), str(overlay_work))
-                        copied = None
-                        if getattr(executor, "sandbox", "") == "chroot":
-                            # No mounts possible: a copy of the rootfs, diffed afterwards.
-                            from dockbuild.engine.executor import PlainRootfs, copysnap
-
-                            copied = copysnap.materialize(self.layer_paths(parent), work / "root")
-                            rootfs = PlainRootfs(str(work / "root"))
+                        step_root = snapshotter.for_executor(executor).prepare(
+                            self.layer_paths(parent), work
+                        )
                         request = RunRequest(
                             args=op.args,
                             env=op.env + op.proxy_env + tuple(extra_env),
                             cwd=op.cwd,
-                            rootfs=rootfs,
+                            rootfs=step_root.rootfs,
                             user=op.user,
                             mounts=tuple(specs),
                             network=op.network,
                             hostname=op.hostname,
+                            extra_hosts=op.extra_hosts,
+                            shm_size=op.shm_size,
                             security=op.security,
                         )
                         status = executor.run(request, vertex.log)
-                        if copied is not None and status == 0:
-                            copysnap.diff(work / "root", copied, upper)
+                        if status == 0:
+                            step_root.commit()
                     except DockbuildError as e:
                         vertex.error(e.message)
                         raise

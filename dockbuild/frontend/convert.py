@@ -72,6 +72,8 @@ class ConvertOptions:
     labels: dict[str, str] = field(default_factory=dict)
     platform: str = "linux/amd64"
     network: str = "default"
+    extra_hosts: tuple[str, ...] = ()  # --add-host, as "name:ip"
+    shm_size: int = 0  # --shm-size in bytes; 0 = the default 64 MiB
     exclude_patterns: tuple[str, ...] = ()
     dockerfile_name: str = "Dockerfile"
     # Convert every stage, not only those the target needs (`--check` without --target).

@@ -53,6 +53,8 @@ def run(conv: Converter, stage: StageState, cmd: ins.RunCommand, name: str) -> N
         security=cmd.security,
         proxy_env=proxy_env,
         hostname=conv.opts.build_args.get("BUILDKIT_SANDBOX_HOSTNAME") or "buildkitsandbox",
+        extra_hosts=conv.opts.extra_hosts,
+        shm_size=conv.opts.shm_size,
         name=name,
         location=cmd.location,
     )

@@ -115,7 +115,8 @@ def _check_image(vol: Path) -> None:
 
 def test_root_in_an_unconfined_container_builds_in_a_sandbox(image: str, vol: Path) -> None:
     info = docker_dockbuild(image, vol, "debug", "info", options=UNCONFINED)
-    assert json.loads(info.stdout)["executor"]["executor"] == "namespace", info.stdout
+    chosen = json.loads(info.stdout)["executor"]
+    assert (chosen["executor"], chosen["snapshotter"]) == ("namespace", "overlay"), info.stdout
     run = docker_dockbuild(image, vol, *BUILD, options=UNCONFINED)
     assert run.returncode == 0, run.stderr
     assert "bare chroot" not in run.stderr
@@ -125,6 +126,9 @@ def test_root_in_an_unconfined_container_builds_in_a_sandbox(image: str, vol: Pa
 def test_root_in_a_default_container_falls_back_to_chroot_with_a_warning(
     image: str, vol: Path
 ) -> None:
+    info = docker_dockbuild(image, vol, "debug", "info")
+    chosen = json.loads(info.stdout)["executor"]
+    assert (chosen["executor"], chosen["mounts"], chosen["snapshotter"]) == ("chroot", False, "copy")
     run = docker_dockbuild(image, vol, *BUILD)
     assert run.returncode == 0, run.stderr
     assert "bare chroot without any sandbox" in run.stderr

@@ -204,6 +204,29 @@ def test_a_user_with_subuids_builds_like_root_with_ids_kept(
     assert files["cache-log"].endswith(b"hit\nhit\n")  # shared with the other executor's run
 
 
+@pytest.mark.parametrize("executor", ["namespace", "runc"])
+def test_add_host_and_shm_size_work_rootless(
+    ranged_user: BuildUser, busybox_layout: Path, executor: str
+) -> None:
+    if executor == "runc" and shutil.which("runc") is None:
+        pytest.skip("runc is not installed")
+    layout = ranged_user.home / "busybox"
+    if not layout.exists():
+        _give(ranged_user, busybox_layout, "busybox")
+    ctx = _context(
+        ranged_user, f"ctx-hosts-{executor}",
+        "FROM busybox\nRUN grep myhost /etc/hosts > /found && df -k /dev/shm | tail -1 > /shm\n",
+    )  # fmt: skip
+    out = ranged_user.home / f"out-hosts-{executor}.tar"
+    ranged_user.dockbuild(
+        "--progress=plain", "--executor", executor, "--build-context", f"busybox=oci-layout://{layout}",
+        "--add-host", "myhost=10.9.8.7", "--shm-size", "96m", "-o", f"type=oci,dest={out}", str(ctx),
+    )  # fmt: skip
+    files = layer_files(read_oci(out).layers)
+    assert files["found"] == b"10.9.8.7\tmyhost\n"
+    assert files["shm"].split()[1] == str(96 * 1024).encode()
+
+
 def test_a_user_without_subuids_gets_one_id_and_a_warning(single_user: BuildUser) -> None:
     # FROM scratch with a static busybox bound in: no base image to unpack.
     tools = single_user.home / "tools"

@@ -14,15 +14,17 @@ from pathlib import Path
 import pytest
 
 from dockbuild.engine.executor import (
-    MountSpec,
+    ExecMount,
     OverlayRootfs,
     PlainRootfs,
     RunRequest,
-    describe,
-    get_executor,
+    parse_extra_host,
 )
-from dockbuild.engine.executor._forkserver import SetupError, resolve_in_root, resolve_user
+from dockbuild.engine.executor.choice import choose, get_executor
 from dockbuild.engine.executor.chroot import ChrootExecutor
+from dockbuild.engine.executor.forkserver.mounts import resolve_in_root
+from dockbuild.engine.executor.forkserver.syscalls import SetupError
+from dockbuild.engine.executor.forkserver.users import resolve_user
 from dockbuild.engine.executor.namespace import NamespaceExecutor
 from dockbuild.errors import ExecutorError
 
@@ -299,7 +301,7 @@ def test_mount_stubs_do_not_stay_in_the_upper_dir(
         executor,
         rootfs.overlay(),
         "ls /proc/self /dev/null /sys/class /etc/hosts /etc/resolv.conf /mnt/data >/dev/null",
-        mounts=(MountSpec("/mnt/data", "bind", str(data)), MountSpec("/scratch", "tmpfs")),
+        mounts=(ExecMount("/mnt/data", "bind", str(data)), ExecMount("/scratch", "tmpfs")),
     )
     assert code == 0, out.stderr
     assert rootfs.upper_entries() == []
@@ -356,7 +358,7 @@ def test_readonly_bind_mount_refuses_writes(
         executor,
         rootfs.overlay(),
         "cat /ro/file; touch /ro/other && echo wrote",
-        mounts=(MountSpec("/ro", "bind", str(src), readonly=True),),
+        mounts=(ExecMount("/ro", "bind", str(src), readonly=True),),
     )
     assert code != 0
     assert out.stdout == "content\n"
@@ -373,7 +375,7 @@ def test_readwrite_bind_mount_writes_reach_the_host(
         executor,
         rootfs.overlay(),
         "echo cached > /cache/file",
-        mounts=(MountSpec("/cache", "bind", str(src)),),
+        mounts=(ExecMount("/cache", "bind", str(src)),),
     )
     assert code == 0
     assert (src / "file").read_text() == "cached\n"
@@ -386,7 +388,7 @@ def test_tmpfs_mount_is_writable_and_leaves_nothing(
         executor,
         rootfs.overlay(),
         "echo x > /tmp/x && mount | grep ' /tmp '",
-        mounts=(MountSpec("/tmp", "tmpfs", options=("size=1m", "mode=1777")),),
+        mounts=(ExecMount("/tmp", "tmpfs", options=("size=1m", "mode=1777")),),
     )
     assert code == 0, out.stderr
     assert "tmpfs on /tmp type tmpfs" in out.stdout
@@ -470,7 +472,10 @@ def test_chroot_executor_runs_a_command_as_a_user(tmp_path: Path) -> None:
 
 
 def test_executor_choice_by_name_and_probe() -> None:
-    assert describe()["executor"] == "namespace"
+    choice = choose()
+    assert (choice.name, choice.mounts, choice.namespaces) == ("namespace", True, True)
+    assert choose("chroot").mounts is False and choose("runc").mounts is True
+    assert (choice.info()["snapshotter"], choose("chroot").info()["snapshotter"]) == ("overlay", "copy")
     assert get_executor("chroot").name == "chroot"
     if shutil.which("runc"):
         runc = get_executor("runc")
@@ -486,6 +491,31 @@ def test_executor_choice_by_name_and_probe() -> None:
 
 
 # -- pure functions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("db:10.0.0.5", "db:10.0.0.5"),
+        ("db=10.0.0.5", "db:10.0.0.5"),
+        ("v6:fd00::1", "v6:fd00::1"),
+        ("v6=fd00::1", "v6:fd00::1"),
+        ("v6=[fd00::1]", "v6:fd00::1"),
+        ("gw:host-gateway", "gw:127.0.0.1"),
+    ],
+)
+def test_parse_extra_host_accepts_dockers_forms(value: str, expected: str) -> None:
+    assert parse_extra_host(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("db", "bad format"), (":10.0.0.5", "bad format"), ("db:nohost", "invalid IP address"),
+     ("db=10.0.0", "invalid IP address")],
+)  # fmt: skip
+def test_parse_extra_host_refuses_what_docker_refuses(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_extra_host(value)
 
 
 @pytest.fixture
@@ -538,5 +568,5 @@ def test_setup_failures_are_executor_errors_with_the_reason(
 ) -> None:
     missing = tmp_path / "missing"
     with pytest.raises(ExecutorError, match=f"bind mount source {missing} does not exist"):
-        sh(executor, rootfs.overlay(), "true", mounts=(MountSpec("/m", "bind", str(missing)),))
+        sh(executor, rootfs.overlay(), "true", mounts=(ExecMount("/m", "bind", str(missing)),))
     assert rootfs.upper_entries() == []

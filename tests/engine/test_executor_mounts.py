@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_executor import Output, Rootfs, make_busybox_root
 
-from dockbuild.engine.executor import MountSpec, OverlayRootfs, RunRequest
+from dockbuild.engine.executor import ExecMount, OverlayRootfs, RunRequest
 from dockbuild.engine.executor.namespace import NamespaceExecutor
 from dockbuild.engine.executor.runc import RuncExecutor
 from dockbuild.errors import ExecutorError
@@ -56,8 +56,8 @@ def test_an_overlay_mount_subpath_cannot_escape_its_source(
     code, out = run(
         executor, rootfs.overlay(), "cat /m/f; ls /n",
         mounts=(
-            MountSpec("/m", "overlay", lowerdirs=(str(source),), subpath="link", readonly=True),
-            MountSpec("/n", "overlay", lowerdirs=(str(source),), subpath="up", readonly=True),
+            ExecMount("/m", "overlay", lowerdirs=(str(source),), subpath="link", readonly=True),
+            ExecMount("/n", "overlay", lowerdirs=(str(source),), subpath="up", readonly=True),
         ),
     )  # fmt: skip
     assert code == 0, out.stderr
@@ -77,7 +77,7 @@ def test_a_rw_overlay_mount_keeps_its_writes_out_of_source_and_rootfs(
     rootfs = Rootfs(tmp_path, lower)
     code, out = run(
         executor, rootfs.overlay(), "echo changed > /m/f && touch /m/new && cat /m/f",
-        mounts=(MountSpec("/m", "overlay", lowerdirs=(str(source),), upperdir=str(scratch / "u"),
+        mounts=(ExecMount("/m", "overlay", lowerdirs=(str(source),), upperdir=str(scratch / "u"),
                           workdir=str(scratch / "w")),),
     )  # fmt: skip
     assert code == 0, out.stderr
@@ -94,7 +94,7 @@ def test_a_large_secret_arrives_whole_with_its_owner_and_mode(
     code, out = run(
         executor, rootfs.overlay(),
         "wc -c < /run/secrets/big; stat -c '%a %u %g' /run/secrets/big; echo x > /run/secrets/big",
-        mounts=(MountSpec("/run/secrets/big", "secret", readonly=True, data=data, mode=0o440,
+        mounts=(ExecMount("/run/secrets/big", "secret", readonly=True, data=data, mode=0o440,
                           uid=1000, gid=50),),
     )  # fmt: skip
     lines = out.stdout.split("\n")
@@ -123,7 +123,7 @@ def test_a_missing_subpath_is_a_setup_error(
     with pytest.raises(ExecutorError, match="no such file or directory in the mount source"):
         run(
             executor, rootfs.overlay(), "true",
-            mounts=(MountSpec("/m", "overlay", lowerdirs=(str(lower),), subpath="nope", readonly=True),),
+            mounts=(ExecMount("/m", "overlay", lowerdirs=(str(lower),), subpath="nope", readonly=True),),
         )  # fmt: skip
 
 

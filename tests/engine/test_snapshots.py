@@ -185,3 +185,64 @@ def test_list_dir_shows_the_merged_children(chain: tuple[Path, Path, Path]) -> N
     assert list_dir(chain, "data") == []
     assert list_dir(chain, "etc/passwd") == []
     assert list_dir(chain, "") == [rel for rel, _ in walk_merged(chain) if "/" not in rel]
+
+
+# -- snapshotters: a step's rootfs from a chain, and its changes in overlay format -----------
+
+
+def _work(tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    (work / "upper").mkdir(parents=True)
+    (work / "work").mkdir()
+    return work
+
+
+def test_overlay_snapshotter_gives_the_chain_top_first_and_an_empty_lower_for_scratch(
+    tmp_path: Path,
+) -> None:
+    from dockbuild.engine.executor import OverlayRootfs
+    from dockbuild.engine.snapshotter import choose
+
+    snapshotter = choose(mounts=True)
+    assert snapshotter.name == "overlay"
+    work = _work(tmp_path)
+    bottom, top = put(tmp_path, "l1"), put(tmp_path, "l2")
+    step = snapshotter.prepare((bottom, top), work)
+    assert step.rootfs == OverlayRootfs((str(top), str(bottom)), str(work / "upper"), str(work / "work"))
+    step.commit()
+    assert not any((work / "upper").iterdir())  # the kernel writes the upper dir, not commit
+    scratch = snapshotter.prepare((), _work(tmp_path / "s"))
+    assert isinstance(scratch.rootfs, OverlayRootfs)
+    (lower,) = scratch.rootfs.lowerdirs
+    assert os.listdir(lower) == []
+
+
+def test_copy_snapshotter_copies_the_merged_view_and_commits_changes_as_overlay_upper(
+    tmp_path: Path,
+) -> None:
+    from dockbuild.engine.executor import PlainRootfs
+    from dockbuild.engine.snapshotter import choose
+
+    snapshotter = choose(mounts=False)
+    assert snapshotter.name == "copy"
+    base, over = tmp_path / "base", tmp_path / "over"
+    put(base, "etc/keep", "k")
+    put(base, "etc/gone", "g")
+    put(base, "etc/hidden", "h")
+    whiteout(over, "etc/hidden")
+    put(over, "etc/keep", "k2")
+    work = _work(tmp_path)
+    step = snapshotter.prepare((base, over), work)
+    assert isinstance(step.rootfs, PlainRootfs)
+    root = Path(step.rootfs.path)
+    assert sorted(os.listdir(root / "etc")) == ["gone", "keep"]
+    assert (root / "etc" / "keep").read_text() == "k2"
+    # The step: one file removed, one added.
+    (root / "etc" / "gone").unlink()
+    (root / "etc" / "new").write_text("n")
+    step.commit()
+    upper = work / "upper"
+    assert (upper / "etc" / "new").read_text() == "n"
+    gone = os.lstat(upper / "etc" / "gone")
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == os.makedev(0, 0)  # a whiteout
+    assert not (upper / "etc" / "keep").exists()  # unchanged: not in the layer

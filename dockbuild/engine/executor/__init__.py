@@ -1,15 +1,16 @@
 """Executors: run one process on a rootfs with mounts, and report its exit status.
 
 One interface, several back ends: ``namespace`` (built in,
-the default), ``runc`` and ``chroot``. The engine builds a :class:`RunRequest` and calls
-:meth:`Executor.run`; nothing outside this package knows how a container is made.
+the default), ``runc`` and ``chroot``; :mod:`.choice` picks one. The engine builds a
+:class:`RunRequest` and calls :meth:`Executor.run`; nothing outside this package knows
+how a container is made.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class PlainRootfs:
 
 
 @dataclass(frozen=True)
-class MountSpec:
+class ExecMount:
     """A mount inside the container, made after the rootfs is mounted.
 
     Types:
@@ -78,13 +79,46 @@ class RunRequest:
     cwd: str
     rootfs: OverlayRootfs | PlainRootfs
     user: str = ""  # "" = root; "name[:group]" or "uid[:gid]", resolved in the rootfs
-    mounts: tuple[MountSpec, ...] = ()
+    mounts: tuple[ExecMount, ...] = ()
     network: str = "default"  # "default" (host network, own hosts/resolv.conf) | "none" | "host"
     hostname: str = "buildkitsandbox"
-    extra_hosts: tuple[str, ...] = field(default=())
+    extra_hosts: tuple[str, ...] = ()  # "name:ip" lines for /etc/hosts (--add-host)
+    shm_size: int = 0  # bytes of /dev/shm; 0 = 64 MiB, as docker's default
     # "sandbox": docker's default capabilities, masked /proc paths, read-only /sys;
     # "insecure": every capability and nothing masked (RUN --security=insecure).
     security: str = "sandbox"
+
+
+# How to give a docker container what the sandboxed executors need.
+LOCKED_DOWN_HINT = (
+    "in a docker container, run with --security-opt seccomp=unconfined "
+    "--security-opt apparmor=unconfined (or --privileged) for sandboxed RUN steps"
+)
+
+# What ``--add-host NAME:host-gateway`` names: RUN steps share the host's network (or
+# have none of their own), so the host is reached at its loopback address.
+HOST_GATEWAY_IP = "127.0.0.1"
+
+
+def parse_extra_host(value: str) -> str:
+    """docker's ``--add-host`` value as ``name:ip``: ``name:ip`` or ``name=ip``, an IPv6
+    address maybe in brackets, ``host-gateway`` for the host. ValueError if malformed."""
+    import ipaddress
+
+    name, sep, address = value.partition("=")
+    if not sep:
+        name, sep, address = value.partition(":")
+    if not sep or not name or any(c.isspace() for c in name):
+        raise ValueError(f"bad format for add-host: {value!r} (expected HOST:IP or HOST=IP)")
+    if address == "host-gateway":
+        return f"{name}:{HOST_GATEWAY_IP}"
+    if len(address) > 2 and address[0] == "[" and address[-1] == "]":
+        address = address[1:-1]
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"invalid IP address in add-host: {address!r}") from None
+    return f"{name}:{address}"
 
 
 # Receives ("stdout" | "stderr", bytes) chunks as the process writes them.
@@ -93,6 +127,11 @@ OutputSink = Callable[[str, bytes], None]
 
 class Executor(Protocol):
     name: str
+    # Whether it can mount (an overlay rootfs, RUN --mount); an executor that cannot
+    # gets a plain directory rootfs from the copy snapshotter.
+    mounts: bool
+    # Set when this executor was chosen as a fallback the user should hear about.
+    warning: str | None
 
     def run(self, request: RunRequest, output: OutputSink) -> int:
         """Run the process to completion; return its exit status (128+N for signal N).
@@ -113,22 +152,13 @@ class Executor(Protocol):
         ...
 
 
-def __getattr__(name: str) -> Any:
-    # describe/get_executor load the probe (and its imports) only when a build needs an
-    # executor: every dockbuild start imports this package (the rootless check).
-    if name in ("describe", "get_executor"):
-        from dockbuild.engine.executor import probe
-
-        return getattr(probe, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 __all__ = [
+    "LOCKED_DOWN_HINT",
+    "ExecMount",
     "Executor",
-    "MountSpec",
     "OutputSink",
     "OverlayRootfs",
     "PlainRootfs",
     "RunRequest",
-    "describe",
-    "get_executor",
+    "parse_extra_host",
 ]

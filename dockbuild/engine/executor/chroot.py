@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from dockbuild.engine.executor import OutputSink, PlainRootfs, RunRequest
+from dockbuild.engine.executor import LOCKED_DOWN_HINT, OutputSink, PlainRootfs, RunRequest
 from dockbuild.engine.executor.namespace import ForkServerExecutor
 from dockbuild.errors import ExecutorError
 
@@ -21,6 +21,7 @@ class ChrootExecutor(ForkServerExecutor):
 
     name = "chroot"
     sandbox = "chroot"
+    mounts = False
 
     def __init__(self) -> None:
         if os.geteuid() != 0:
@@ -33,9 +34,14 @@ class ChrootExecutor(ForkServerExecutor):
                 "the chroot executor needs a plain directory rootfs (no overlay mounts)",
                 hint="use the copy snapshotter with --executor chroot",
             )
+        if request.extra_hosts or request.shm_size:
+            flag = "--add-host" if request.extra_hosts else "--shm-size"
+            raise ExecutorError(
+                f"{flag} cannot work with the chroot executor: RUN steps there see the "
+                "host's own /etc/hosts and /dev/shm (it makes no mounts)",
+                hint="use the namespace or runc executor",
+            )
         if request.mounts:
-            from dockbuild.engine.executor.probe import LOCKED_DOWN_HINT
-
             targets = ", ".join(m.target for m in request.mounts)
             if self.warning is not None:  # chosen because nothing else works here
                 raise ExecutorError(

@@ -2,14 +2,15 @@
 
 The main process is multi-threaded (solver threads), so it never forks Python code
 itself: on the first run it starts one small single-threaded process, the fork server
-(``_forkserver.py``), and from then on each run is one message to it. The server forks
-the container's PID 1; see ``_forkserver.py`` for how, and for the order in which
+(the ``forkserver`` package), and from then on each run is one message to it. The server
+forks the container's PID 1; see ``forkserver`` for how, and for the order in which
 namespaces and mounts are made. The RUN's stdout and stderr are pipes
 created here and handed over with SCM_RIGHTS, so output streams straight from the
 container to the :data:`OutputSink` without passing through the server.
 
-Rootless operation (a later step) plugs in where the server starts: the server enters
-one user namespace per build before its first fork, and overlay mounts get ``userxattr``.
+Rootless, the whole dockbuild process already runs in the build's user namespace
+(``dockbuild.userns``): the server inherits it, serves from a PID namespace of its own
+(see ``forkserver.server.enter_own_pid_namespace``), and overlay mounts get ``userxattr``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dockbuild.engine.executor import OutputSink, OverlayRootfs, PlainRootfs, RunRequest
 from dockbuild.errors import ExecutorError
 
-FORKSERVER = Path(__file__).with_name("_forkserver.py")
+FORKSERVER = Path(__file__).with_name("forkserver") / "__main__.py"
 # SOCK_SEQPACKET messages are limited by the socket buffer (about 200 KiB by default).
 MAX_SPEC_BYTES = 150_000
 MAX_SECRETS = 64  # as the fork server accepts (descriptors per request)
@@ -43,7 +45,7 @@ class _Run:
     pid: int | None = None
     pidfd: int | None = None
     killed: bool = False
-    stubs: list[dict] = field(default_factory=list)
+    stubs: list[dict[str, Any]] = field(default_factory=list)
 
     def kill(self) -> None:
         self.killed = True
@@ -117,11 +119,12 @@ class ForkServerExecutor:
 
     name = "forkserver"
     sandbox = ""
+    mounts = False
     userxattr = False
     # Set when this executor was chosen as a fallback the user should hear about.
     warning: str | None = None
-    # What the fork server found when it started (namespace sandbox): see probe.py.
-    probe: dict | None = None
+    # What the fork server found when it started (namespace sandbox): see choice.py.
+    probe: dict[str, Any] | None = None
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -196,12 +199,12 @@ class ForkServerExecutor:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _spec(self, request: RunRequest, secret_index: dict[int, int]) -> dict:
+    def _spec(self, request: RunRequest, secret_index: dict[int, int]) -> dict[str, Any]:
         rootfs = request.rootfs
         if isinstance(rootfs, OverlayRootfs):
             if not rootfs.lowerdirs:
                 raise ExecutorError("an overlay rootfs needs at least one lower dir")
-            rootfs_spec: dict = {
+            rootfs_spec: dict[str, Any] = {
                 "kind": "overlay",
                 "lowerdirs": list(rootfs.lowerdirs),
                 "upperdir": rootfs.upperdir,
@@ -248,6 +251,7 @@ class ForkServerExecutor:
             "security": request.security,
             "hostname": request.hostname,
             "extra_hosts": list(request.extra_hosts),
+            "shm_size": request.shm_size,
         }
 
     def _server_command(self) -> list[str]:
@@ -358,6 +362,7 @@ class NamespaceExecutor(ForkServerExecutor):
 
     name = "namespace"
     sandbox = "namespace"
+    mounts = True
 
     def __init__(self) -> None:
         from dockbuild.userns import in_user_namespace

@@ -29,9 +29,19 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from dockbuild.engine.executor import MountSpec, OutputSink, OverlayRootfs, RunRequest
-from dockbuild.engine.executor import _forkserver as fs
+from dockbuild.engine.executor import ExecMount, OutputSink, OverlayRootfs, RunRequest
+from dockbuild.engine.executor.forkserver.container import (
+    DEFAULT_CAPABILITIES,
+    DEFAULT_PATH,
+    environ,
+    hosts_file,
+    resolv_conf,
+)
+from dockbuild.engine.executor.forkserver.mounts import MASKED_PATHS, READONLY_PATHS, is_opaque
+from dockbuild.engine.executor.forkserver.syscalls import SetupError
+from dockbuild.engine.executor.forkserver.users import User, resolve_user
 from dockbuild.errors import ExecutorError
 
 CAPABILITY_NAMES = {
@@ -70,6 +80,7 @@ class RuncExecutor:
     """Runs each RUN with ``runc run`` (needs root and the runc binary)."""
 
     name = "runc"
+    mounts = True
     warning: str | None = None
 
     def __init__(self, binary: str | None = None) -> None:
@@ -196,7 +207,7 @@ class RuncExecutor:
             raise ExecutorError("the RUN step was cancelled")
         return code if code >= 0 else 128 - code
 
-    def _spec(self, request: RunRequest, bundle: _Bundle) -> tuple[dict, list[str]]:
+    def _spec(self, request: RunRequest, bundle: _Bundle) -> tuple[dict[str, Any], list[str]]:
         rootfs = request.rootfs
         assert isinstance(rootfs, OverlayRootfs)
         b = bundle.path
@@ -210,27 +221,28 @@ class RuncExecutor:
         bundle.script.append(_upper_overlay_mount(options, rootfs.workdir, b / "rootfs"))
         layers = [Path(p) for p in reversed(rootfs.lowerdirs)]
         user = self._user(request.user, layers, b)
-        env = fs._environ(list(request.env))
+        env = environ(list(request.env))
         env.setdefault("HOME", user.home)
-        env.setdefault("PATH", fs.DEFAULT_PATH)
-        (b / "hosts").write_text(fs.hosts_file(request.hostname, list(request.extra_hosts)))
-        (b / "resolv.conf").write_text(fs.resolv_conf(request.network))
+        env.setdefault("PATH", DEFAULT_PATH)
+        (b / "hosts").write_text(hosts_file(request.hostname, list(request.extra_hosts)))
+        (b / "resolv.conf").write_text(resolv_conf(request.network))
         insecure = request.security == "insecure"
         caps = [
             CAPABILITY_NAMES[c]
             for c in sorted(CAPABILITY_NAMES)
-            if insecure or c in fs.DEFAULT_CAPABILITIES
+            if insecure or c in DEFAULT_CAPABILITIES
         ]
         if insecure:
             caps = [c for c in caps if _capability_in_bounding_set(c)]
-        mounts: list[dict] = [
+        mounts: list[dict[str, Any]] = [
             {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
             {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+             "options": ["nosuid", "noexec", "nodev", "mode=1777",
+                         f"size={request.shm_size}" if request.shm_size else "size=65536k"]},
             {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
              "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/sys", "type": "bind" if self.userns else "sysfs",
@@ -266,23 +278,23 @@ class RuncExecutor:
             "mounts": mounts,
             "linux": {
                 "namespaces": namespaces,
-                "maskedPaths": [] if insecure else ["/" + p for p in fs.MASKED_PATHS],
-                "readonlyPaths": [] if insecure else ["/" + p for p in fs.READONLY_PATHS],
+                "maskedPaths": [] if insecure else ["/" + p for p in MASKED_PATHS],
+                "readonlyPaths": [] if insecure else ["/" + p for p in READONLY_PATHS],
             },
         }
         return spec, targets
 
-    def _user(self, spec: str, layers: list[Path], bundle: Path) -> fs.User:
+    def _user(self, spec: str, layers: list[Path], bundle: Path) -> User:
         from dockbuild.engine.snapshots import read_file
 
         for name in ("passwd", "group"):
             (bundle / name).write_bytes(read_file(layers, f"/etc/{name}") or b"")
         try:
-            return fs.resolve_user(spec, str(bundle / "passwd"), str(bundle / "group"))
-        except fs.SetupError as e:
+            return resolve_user(spec, str(bundle / "passwd"), str(bundle / "group"))
+        except SetupError as e:
             raise ExecutorError(str(e)) from None
 
-    def _mount(self, m: MountSpec, index: int, bundle: _Bundle) -> dict:
+    def _mount(self, m: ExecMount, index: int, bundle: _Bundle) -> dict[str, Any]:
         b = bundle.path
         ro = ["ro"] if m.readonly else []
         if m.type == "tmpfs":
@@ -415,7 +427,7 @@ def _clean_stubs(rootfs: OverlayRootfs, targets: list[str]) -> None:
                 break
             in_lower = lookup(layers, rel) is not None
             if stat.S_ISDIR(st.st_mode):
-                if os.listdir(path) or fs._is_opaque(path):
+                if os.listdir(path) or is_opaque(path):
                     break
             elif not (stat.S_ISREG(st.st_mode) and st.st_size == 0 and not in_lower):
                 break

@@ -1,4 +1,4 @@
-"""The copy snapshotter, for the chroot executor where nothing can be mounted.
+"""The copy snapshotter, for an executor that cannot mount (a locked-down container).
 
 A RUN step gets a plain copy of its parent's merged rootfs; afterwards the copy is
 compared with the parent (type, mode, owner, size, mtime, link target; directories by
@@ -13,15 +13,31 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
+from dockbuild.engine.executor import PlainRootfs
+from dockbuild.engine.snapshots import walk_merged
 from dockbuild.errors import ExecutorError
 
 
-def _walk_merged(layers: tuple[Path, ...]) -> dict[str, Path]:
-    from dockbuild.engine.snapshots import walk_merged
+@dataclass(frozen=True)
+class CopyStep:
+    rootfs: PlainRootfs
+    before: dict[str, os.stat_result]
+    upper: Path
 
-    return dict(walk_merged(layers))
+    def commit(self) -> None:
+        diff(Path(self.rootfs.path), self.before, self.upper)
+
+
+class CopySnapshotter:
+    name = "copy"
+
+    def prepare(self, layers: tuple[Path, ...], work: Path) -> CopyStep:
+        root = work / "root"
+        before = materialize(layers, root)
+        return CopyStep(PlainRootfs(str(root)), before, work / "upper")
 
 
 def materialize(layers: tuple[Path, ...], dest: Path) -> dict[str, os.stat_result]:
@@ -30,7 +46,7 @@ def materialize(layers: tuple[Path, ...], dest: Path) -> dict[str, os.stat_resul
     before: dict[str, os.stat_result] = {}
     dirs: list[tuple[Path, os.stat_result]] = []
     dest.mkdir(exist_ok=True)
-    for rel, src in _walk_merged(layers).items():
+    for rel, src in walk_merged(layers):
         st = os.lstat(src)
         out = dest / rel
         if stat.S_ISDIR(st.st_mode):

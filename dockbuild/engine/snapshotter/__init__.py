@@ -1,0 +1,56 @@
+"""Snapshotters: a RUN step's rootfs from a chain of layers, and its changes as a layer.
+
+One interface, one module per implementation (DESIGN.md, "Seams to keep"): ``overlay``
+(kernel overlayfs, which the executor mounts in the container's own mount namespace)
+and ``copy`` (a plain copy, compared with its parent afterwards, where nothing can be
+mounted). A fuse-overlayfs snapshotter would be a third module. Whatever the
+implementation, the step's changes end up in the work dir's ``upper`` in overlay format
+(whiteouts as 0:0 character devices, opaque directories by xattr), which the solver
+commits as the step's layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from dockbuild.engine.executor import Executor, OverlayRootfs, PlainRootfs
+
+
+class StepRoot(Protocol):
+    """A prepared rootfs for one step."""
+
+    @property
+    def rootfs(self) -> OverlayRootfs | PlainRootfs:
+        """What the executor runs the step on."""
+        ...
+
+    def commit(self) -> None:
+        """After a successful run: leave the step's changes in the upper dir."""
+        ...
+
+
+class Snapshotter(Protocol):
+    name: str
+
+    def prepare(self, layers: tuple[Path, ...], work: Path) -> StepRoot:
+        """A rootfs for a step on ``layers`` (bottom first). ``work`` holds the empty
+        dirs ``upper`` (which receives the step's changes) and ``work``."""
+        ...
+
+
+def for_executor(executor: Executor) -> Snapshotter:
+    """overlay when the executor can mount, else copy (a locked-down container's chroot)."""
+    return choose(executor.mounts)
+
+
+def choose(mounts: bool) -> Snapshotter:
+    """overlay for an executor that can mount, else copy."""
+    if mounts:
+        from dockbuild.engine.snapshotter.overlay import OverlaySnapshotter
+
+        return OverlaySnapshotter()
+    from dockbuild.engine.snapshotter.copy import CopySnapshotter
+
+    return CopySnapshotter()
