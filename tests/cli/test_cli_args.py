@@ -216,7 +216,7 @@ def test_call_check_is_the_check_flag(dockbuild: DockbuildCLI, tmp_path: Path) -
 
 def test_the_flag_name_lists_match_what_the_engine_and_frontend_accept() -> None:
     from dockbuild.cli import EXECUTORS, NETWORK_MODES
-    from dockbuild.engine.executor.probe import NAMES
+    from dockbuild.engine.executor.choice import NAMES
     from dockbuild.llb import NETWORK_MODES as GRAPH_NETWORK_MODES
 
     assert set(EXECUTORS) == {"auto", *NAMES}

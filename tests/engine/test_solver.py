@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dockbuild import llb
-from dockbuild.engine.executor import get_executor
+from dockbuild.engine.executor.choice import get_executor
 from dockbuild.engine.solver import SolveOptions, Solver
 from dockbuild.engine.sources.image import ImageSources
 from dockbuild.engine.sources.local import LocalDir
