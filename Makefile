@@ -39,8 +39,7 @@ lint: setup
 	$(VENV)/bin/ruff check dockbuild tests bench testdata
 	$(VENV)/bin/mypy
 
-test: setup
-	$(VENV)/bin/ruff check dockbuild tests bench testdata
+test: lint
 	DOCKBUILD_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 

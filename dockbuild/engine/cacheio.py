@@ -490,8 +490,8 @@ def import_cache(
         key = solver.keys.key(op)
         if store.get_record(key) is not None:
             continue
-        source = next((s for s in sources if key in s.records), None)
-        if source is not None and _import_record(store, source, source.records[key], progress):
+        found = next((s for s in sources if key in s.records), None)
+        if found is not None and _import_record(store, found, found.records[key], progress):
             imported += 1
             continue
         todo.extend(op.inputs())
@@ -596,7 +596,7 @@ def _inline_as_export(image: Any) -> dict[str, Any]:
     """An image's inline cache, in the shape of a cache export's config."""
     from dockbuild.engine.sources.image import compression_of
 
-    config = json.loads(image.config)
+    config: dict[str, Any] = json.loads(image.config)
     inline = config.get(_INLINE_KEY)
     if not isinstance(inline, dict):
         return config  # no cache in it: the caller says so

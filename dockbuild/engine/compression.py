@@ -15,9 +15,12 @@ import enum
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dockbuild.atomic import atomic_file
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 _CHUNK = 1 << 20
 
@@ -128,7 +131,7 @@ class ParallelGzipWriter:
         self.size = 0
         self.pending = bytearray()
         self.previous_tail = b""
-        self.queue: list = []
+        self.queue: list[Future[bytes]] = []
         self.pool = ThreadPoolExecutor(max_workers=_workers())
         self.in_flight = 2 * _workers()
         # Go's header: no name, mtime 0, XFL 2/4 only for best/fastest, OS 255 unknown.
@@ -195,7 +198,7 @@ class _ZstdWriter:
         compressor = zstandard.ZstdCompressor(
             level=level, write_checksum=True, write_content_size=False, threads=_workers()
         )
-        self.writer = compressor.stream_writer(out, closefd=False)  # type: ignore[arg-type]
+        self.writer = compressor.stream_writer(out, closefd=False)
 
     def write(self, data: bytes) -> int:
         self.writer.write(data)
@@ -205,7 +208,7 @@ class _ZstdWriter:
         pass
 
     def close(self) -> None:
-        self.writer.close()
+        self.writer.close()  # type: ignore[no-untyped-call]  # zstandard ships no type hints
 
     def abort(self) -> None:
         pass

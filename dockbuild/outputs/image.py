@@ -168,7 +168,8 @@ class Descriptor:
             out["annotations"] = dict(self.annotations)
         if self.platform:
             out["platform"] = dict(self.platform)
-        return _descriptor(out)
+        ordered: dict[str, Any] = _descriptor(out)
+        return ordered
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> Descriptor:
@@ -256,11 +257,13 @@ class ImageBlobs:
 
     @property
     def manifest_doc(self) -> dict[str, Any]:
-        return json.loads(self.manifest)
+        doc: dict[str, Any] = json.loads(self.manifest)
+        return doc
 
     @property
     def config_doc(self) -> dict[str, Any]:
-        return json.loads(self.config)
+        doc: dict[str, Any] = json.loads(self.config)
+        return doc
 
     @property
     def manifest_digest(self) -> str:
@@ -394,7 +397,8 @@ def layout_index(
     if created:
         base[ANNOTATION_CREATED] = created
     entries = []
-    for name in names or [None]:
+    unnamed: list[str | None] = [None]
+    for name in [*names] or unnamed:
         annotations = dict(base)
         if name is not None:
             full = normalize_name(name)

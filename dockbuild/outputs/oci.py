@@ -88,7 +88,8 @@ def write_layout_tar(files: Mapping[str, bytes | Path], out: BinaryIO) -> None:
 
     # Mode "w" on a position-counting wrapper: pipes cannot tell(), and "w|" re-buffers.
     position = CountingWriter(out)
-    tar = tarfile.open(fileobj=position, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]  # noqa: SIM115
+    # CountingWriter is a write-only file object; typeshed wants a full IO for fileobj.
+    tar = tarfile.open(fileobj=position, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]  # noqa: SIM115
     out_fd = _fileno(out)
     tar.copybufsize = _CHUNK
     for name in sorted(entries, key=lambda n: n.encode()):

@@ -38,7 +38,7 @@ def write_squashed_tar(
             for i, layer in enumerate(layers):
                 path = work / f"{i}.tar"
                 with open(path, "wb") as f:
-                    archive.write_layer_tar(layer, f, clamp_mtime=clamp_mtime)  # type: ignore[arg-type]
+                    archive.write_layer_tar(layer, f, clamp_mtime=clamp_mtime)
                 tars.append(stack.enter_context(tarfile.open(path, "r:")))  # noqa: SIM115
             _merge(tars, out)
     finally:
@@ -101,28 +101,29 @@ def _merge(tars: Sequence[tarfile.TarFile], out: BinaryIO) -> None:
     rows.sort(key=lambda row: row[0])
 
     written: set[str] = set()
-    with tarfile.open(  # noqa: SIM115
-        fileobj=CountingWriter(out),  # type: ignore[arg-type]
+    # CountingWriter is a write-only file object; typeshed wants a full IO for fileobj.
+    with tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
+        fileobj=CountingWriter(out),
         mode="w",
         format=tarfile.PAX_FORMAT,
         encoding="utf-8",
         errors="surrogateescape",
     ) as tar:
-        for _, name, ti, index in rows:
+        for _, name, ti, layer in rows:
             info = _copy(ti, name)
-            if index is None:
+            if layer is None:
                 info.type = tarfile.REGTYPE
                 info.size = 0
                 tar.addfile(info)
             elif ti.islnk() and ti.linkname.rstrip("/") not in written:
                 # The link's target is gone or comes later: store the content itself.
-                source = tars[index].getmember(ti.linkname)
+                source = tars[layer].getmember(ti.linkname)
                 info.type = tarfile.REGTYPE
                 info.linkname = ""
                 info.size = source.size
-                tar.addfile(info, tars[index].extractfile(source))
+                tar.addfile(info, tars[layer].extractfile(source))
             elif ti.isreg():
-                tar.addfile(info, tars[index].extractfile(ti))
+                tar.addfile(info, tars[layer].extractfile(ti))
             else:
                 tar.addfile(info)
             written.add(name)
