@@ -95,7 +95,7 @@ class _Parser(argparse.ArgumentParser):
             self._switches.update(action.option_strings)
         return action
 
-    def parse_known_args(  # type: ignore[override]
+    def parse_known_args(  # type: ignore[override]  # one signature for argparse's overloads
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         return super().parse_known_args(None if args is None else self._join_values(args), namespace)

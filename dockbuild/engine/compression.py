@@ -262,7 +262,7 @@ def compress_stream(
 ) -> tuple[str, int]:
     """Compress ``src`` into ``dst``; return the ``sha256:`` digest and size written."""
     out = HashingWriter(dst)
-    writer = open_compressor(out, kind, level)  # type: ignore[arg-type]
+    writer = open_compressor(out, kind, level)  # type: ignore[arg-type]  # a write-only HashingWriter, not a full BinaryIO
     try:
         while chunk := src.read(_CHUNK):
             writer.write(chunk)

@@ -75,7 +75,7 @@ def load_into_docker(image: ImageBlobs, *, names: Sequence[str] = (), **layout: 
     ) as proc:
         assert proc.stdin is not None
         try:
-            export_docker(image, names=names, out=proc.stdin, **layout)  # type: ignore[arg-type]
+            export_docker(image, names=names, out=proc.stdin, **layout)  # type: ignore[arg-type]  # layout: export_docker's own keywords, passed through
         except BrokenPipeError:
             pass  # docker load gave up: its own message says why
         finally:

@@ -213,9 +213,10 @@ def deliver_tar(
     if out is not None:
         write_layout_tar(files, out)
         return
+    assert dest is not None  # exactly one of them, checked above
     # Atomic, not synced (docs/outputs.md): the copy is in the page cache, and waiting
     # for the disk would cost more than all the rest of the export.
-    with output_file(Path(dest), durable=False) as f:  # type: ignore[arg-type]
+    with output_file(Path(dest), durable=False) as f:
         write_layout_tar(files, f)
 
 
