@@ -341,6 +341,8 @@ class ForkServerExecutor:
                             error = event["error"]
                         elif "exit" in event:
                             exit_code = event["exit"]
+                            if "warning" in event:
+                                output("stderr", f"WARNING: {event['warning']}\n".encode())
             except BaseException:
                 run.kill()  # an output sink that raised, a KeyboardInterrupt, ...
                 raise

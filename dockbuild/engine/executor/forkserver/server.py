@@ -283,12 +283,13 @@ class Server:
                 code = 128 - code
             # PID 1 was the last process of its namespaces, so its mount namespace and
             # the overlay in it are gone: the upper dir can be cleaned now.
+            done: dict[str, object] = {"exit": code}
             if container.stubs:
                 try:
                     remove_stubs(container.spec, json.loads(container.stubs))
-                except Exception as e:
-                    print(f"dockbuild fork server: cleaning mount stubs: {e!r}", file=sys.stderr)
-            _send(container.status, {"exit": code})
+                except Exception as e:  # the main process shows it in the step's log
+                    done["warning"] = f"cleaning mount stubs: {e!r}"
+            _send(container.status, done)
             container.status.close()
 
 
