@@ -387,12 +387,7 @@ def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, co
                 continue
         if stat.S_ISDIR(st.st_mode) and action.dir_copy_contents:
             copier.root = rel
-            out = dest_rel
-            if out:
-                target.ensure_dir(posixpath.dirname(out), owner)
-                copier.entry(rel, out, top=True)
-            else:
-                copier.children(rel, "")
+            copier.into_dir(rel, st, dest_rel)
             continue
         copier.root = posixpath.dirname(rel)
         if dest_is_dir or target.exists_as_dir(dest_rel):
@@ -600,6 +595,29 @@ class _Copier:
         os.lchown(dest, uid, gid)
         mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
         self.target.keep_mtime(out, mtime)
+
+    def into_dir(self, src: str, st: os.stat_result, dest_rel: str) -> None:
+        """The contents of the directory ``src`` into the directory ``dest_rel``. As
+        fsutil's prepareTargetDir: a missing destination is made 0755 (or the octal
+        --chmod), owned by root or the --chown owner, not with the source directory's
+        metadata; an existing one keeps its owner and mode. Either way it takes the
+        source directory's mtime."""
+        target = self.target
+        if not dest_rel:
+            self.children(src, "")
+            return
+        out = target.view.resolve(dest_rel)
+        fresh = False
+        if not target.exists_as_dir(out):
+            target.ensure_dir(posixpath.dirname(out), self.owner)
+            target.clear(out)  # a file or dangling link there is replaced
+            target.ensure_dir(out, self.owner or (0, 0))
+            fresh = True
+        else:
+            target.ensure_dir(out)  # copied up with its own metadata
+        self.children(src, out, fresh)
+        mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
+        target.keep_mtime(out, mtime)
 
     def children(self, src: str, out: str, fresh: bool = False) -> None:
         """Copy the entries of ``src`` into ``out`` (``fresh``: a directory this copy just
