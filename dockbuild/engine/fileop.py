@@ -177,8 +177,9 @@ class _Target:
         parent = self.view.resolve(parent) if parent else ""
         return f"{parent}/{name}" if parent else name
 
-    def ensure_dir(self, rel: str, owner: tuple[int, int] | None = None) -> None:
-        """Make ``rel`` a directory in ``upper``, copying up metadata from below."""
+    def ensure_dir(self, rel: str, owner: tuple[int, int] | None = None, mode: int = 0o755) -> None:
+        """Make ``rel`` a directory in ``upper``, copying up metadata from below; a
+        directory missing below is made with ``mode`` and ``owner``."""
         if not rel:
             return
         parts = rel.split("/")
@@ -199,7 +200,7 @@ class _Target:
                 self._dir_mtimes.setdefault(sub, st.st_mtime_ns)
             else:
                 os.mkdir(up)
-                os.chmod(up, 0o755)
+                os.chmod(up, mode)
                 if owner is not None:
                     os.lchown(up, *owner)
 
@@ -394,7 +395,7 @@ def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, co
             out = posixpath.join(target.view.resolve(dest_rel), posixpath.basename(rel) or "")
         else:
             out = dest_rel
-        target.ensure_dir(posixpath.dirname(out), owner)
+        target.ensure_dir(posixpath.dirname(out), owner, copier.dir_mode)
         copier.entry(rel, out, top=True)
 
 
@@ -403,7 +404,7 @@ def _copy_parents(action: llb.Copy, base: str, dest_rel: str, copier: _Copier) -
     view, target = copier.view, copier.target
     copier.root = base
     out_root = target.view.resolve(dest_rel) if dest_rel else ""
-    target.ensure_dir(out_root, copier.owner)
+    target.ensure_dir(out_root, copier.owner, copier.dir_mode)
     for pattern in action.include:
         full = posixpath.join(base, pattern) if base else pattern
         full = full.strip("/")
@@ -545,6 +546,9 @@ class _Copier:
         self.target = target
         self.owner = owner
         self.mode = mode
+        # As fsutil's MkdirAll: the directories a copy creates above what it copies take
+        # an octal --chmod (its permission bits); a symbolic one leaves them 0755.
+        self.dir_mode = int(mode, 8) & 0o777 if mode and all(c in "01234567" for c in mode) else 0o755
         self.timestamp = timestamp
         self.rules = ignore_rules(exclude)
         self.links: dict[tuple[int, int], str] = {}
@@ -609,9 +613,9 @@ class _Copier:
         out = target.view.resolve(dest_rel)
         fresh = False
         if not target.exists_as_dir(out):
-            target.ensure_dir(posixpath.dirname(out), self.owner)
+            target.ensure_dir(posixpath.dirname(out), self.owner, self.dir_mode)
             target.clear(out)  # a file or dangling link there is replaced
-            target.ensure_dir(out, self.owner or (0, 0))
+            target.ensure_dir(out, self.owner or (0, 0), self.dir_mode)
             fresh = True
         else:
             target.ensure_dir(out)  # copied up with its own metadata

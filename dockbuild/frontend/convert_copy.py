@@ -181,6 +181,14 @@ def _copy(
         if doc.expand:
             data = _expand_heredoc(conv, data, env, loc)
         path = abs_dest + doc.path if abs_dest.endswith("/") else abs_dest
+        if chmod.isdigit():
+            # As fsutil's MkdirAll in BuildKit's copy of the document: the parent
+            # directories the copy creates take the octal mode too.
+            parts = path.strip("/").split("/")[:-1]
+            actions.extend(
+                llb.Mkdir("/" + "/".join(parts[: i + 1]), int(chmod, 8) & 0o777, True, chown)
+                for i in range(len(parts))
+            )
         actions.append(
             llb.Mkfile(path, data.encode(), int(chmod, 8) if chmod.isdigit() else 0o644, chown)
         )
