@@ -400,11 +400,27 @@ def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, co
 
 
 def _copy_parents(action: llb.Copy, base: str, dest_rel: str, copier: _Copier) -> None:
-    """``COPY --parents``: each match keeps its path below ``base`` (the ``/./`` pivot)."""
+    """``COPY --parents``: each match keeps its path below ``base`` (the ``/./`` pivot).
+    A wildcard in ``base`` is resolved first, as BuildKit's copy resolves its source:
+    the patterns then apply below each matching directory."""
     view, target = copier.view, copier.target
-    copier.root = base
     out_root = target.view.resolve(dest_rel) if dest_rel else ""
     target.ensure_dir(out_root, copier.owner, copier.dir_mode)
+    # "./x" and "x" are one base: matches are cut below it by length.
+    base = posixpath.normpath(base).lstrip("/") if base else ""
+    base = "" if base == "." else base
+    if has_glob(base):
+        for match in view.glob(base):
+            st = view.lstat(view.resolve(match))
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                _copy_below(action, view.resolve(match), out_root, copier, required=False)
+        return
+    _copy_below(action, base, out_root, copier, required=True)
+
+
+def _copy_below(action: llb.Copy, base: str, out_root: str, copier: _Copier, required: bool) -> None:
+    view, target = copier.view, copier.target
+    copier.root = base
     for pattern in action.include:
         full = posixpath.join(base, pattern) if base else pattern
         full = full.strip("/")
@@ -414,6 +430,8 @@ def _copy_parents(action: llb.Copy, base: str, dest_rel: str, copier: _Copier) -
             matches = view.glob(full)
         elif view.lstat(full) is not None:
             matches = [full]
+        elif not required:
+            matches = []
         else:
             raise DockbuildError(f'failed to compute cache key: "/{full}": not found')
         for rel in matches:
