@@ -101,7 +101,10 @@ _KINDS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SY
 
 def _check_file(tree: dict[str, Entry], fact: dict[str, object]) -> None:
     path = str(fact["path"])
-    assert path in tree, f"{path} is missing from the image"
+    if path not in tree:
+        top = "/" + path.strip("/").split("/")[0]
+        near = sorted(k for k in tree if k == top or k.startswith(top + "/"))
+        raise AssertionError(f"{path} is missing from the image; under {top}: {near}")
     entry = tree[path]
     info = entry.info
     if "content" in fact:
