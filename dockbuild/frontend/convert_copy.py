@@ -249,9 +249,11 @@ def _check_ignored(conv: Converter, verb: str, src: str, loc: Location) -> None:
 
 
 def _expand_heredoc(conv: Converter, data: str, env: dict[str, str], loc: Location) -> str:
-    lex = Lex(conv.result.escape_token)
+    """A document under an unquoted delimiter, as BuildKit's ExpandRaw: variables are
+    expanded, quotes kept, and each backslash escape dropped (``\\$`` is ``$``, ``\\\\`` is
+    ``\\``), with the backslash whatever the escape directive says."""
+    lex = Lex("\\")
     lex.skip_process_quotes = True
-    lex.raw_escapes = True
     try:
         return lex.process_word(data, env)
     except ShellError as e:
