@@ -282,7 +282,9 @@ def _int(text: str) -> int:
 
 
 def _apply_mode(spec: str, current: int, is_dir: bool) -> int:
-    """``--chmod``: octal, or symbolic like chmod(1) (``u+x``, ``go=rX``, ``g=u``)."""
+    """``--chmod``: octal, or symbolic like chmod(1) (``u+x``, ``g=u``), except that, as
+    in BuildKit's parser (dchapes-mode), ``X`` counts only after ``+`` (``go=rX`` is
+    ``go=r``)."""
     if not spec:
         return current
     if all(c in "01234567" for c in spec):
@@ -317,7 +319,7 @@ def _apply_mode(spec: str, current: int, is_dir: bool) -> int:
                         bits |= 4 << shift
                     elif p == "w":
                         bits |= 2 << shift
-                    elif p == "x" or (p == "X" and (is_dir or current & 0o111)):
+                    elif p == "x" or (p == "X" and op == "+" and (is_dir or current & 0o111)):
                         bits |= 1 << shift
                     elif p == "s" and w in "ug":
                         bits |= 0o4000 if w == "u" else 0o2000
