@@ -358,6 +358,9 @@ def _copy(action: llb.Copy, view: SourceView, target: _Target, reuse: tuple[Path
     copier.finish()
 
 
+_ROOT_DIR = os.stat_result((stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0, 0, 0))
+
+
 def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, copier: _Copier) -> None:
     owner = copier.owner
     dest = action.dest
@@ -379,10 +382,11 @@ def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, co
     for rel in matches:
         if wildcard and action.follow_symlinks:
             rel = view.resolve(rel)
-        st = view.lstat(rel)
+        st = view.lstat(rel) if rel else _ROOT_DIR  # an empty tree still has its root
         assert st is not None
-        if wildcard and copier.excluded(posixpath.basename(rel)):
-            continue
+        # --exclude patterns apply below each source, never to a wildcard's match itself:
+        # fsutil's copy.Copy copies each match with no path components to match yet
+        # (BuildKit's reference says otherwise; moby/buildkit#5489).
         if action.attempt_unpack and stat.S_ISREG(st.st_mode):
             host = view.host(rel)
             if host is not None and is_archive(host):
