@@ -377,11 +377,12 @@ def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, co
         rel = view.resolve(src) if action.follow_symlinks else src
         if src and view.lstat(rel) is None:
             raise DockbuildError(f'failed to compute cache key: "/{src}": not found')
-        matches = [rel if src else ""]
+        matches = [src]
     dest_is_dir = dest.endswith("/") or wildcard
-    for rel in matches:
-        if wildcard and action.follow_symlinks:
-            rel = view.resolve(rel)
+    for name in matches:
+        # A followed link is copied under its own name (fsutil prepareTargetDir joins
+        # the destination with the source path's base, not the link target's).
+        rel = view.resolve(name) if action.follow_symlinks and name else name
         st = view.lstat(rel) if rel else _ROOT_DIR  # an empty tree still has its root
         assert st is not None
         # --exclude patterns apply below each source, never to a wildcard's match itself:
@@ -398,7 +399,7 @@ def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, co
             continue
         copier.root = posixpath.dirname(rel)
         if dest_is_dir or target.exists_as_dir(dest_rel):
-            out = posixpath.join(target.view.resolve(dest_rel), posixpath.basename(rel) or "")
+            out = posixpath.join(target.view.resolve(dest_rel), posixpath.basename(name) or "")
         else:
             out = dest_rel
         target.ensure_dir(posixpath.dirname(out), owner, copier.dir_mode)
