@@ -378,7 +378,9 @@ def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, co
         if src and view.lstat(rel) is None:
             raise DockbuildError(f'failed to compute cache key: "/{src}": not found')
         matches = [src]
-    dest_is_dir = dest.endswith("/") or wildcard
+    # A wildcard does not make the destination a directory: as fsutil's copy, only a
+    # trailing "/" or an existing directory does (`COPY f*.go foo2.go` writes a file).
+    dest_is_dir = dest.endswith("/")
     for name in matches:
         # A followed link is copied under its own name (fsutil prepareTargetDir joins
         # the destination with the source path's base, not the link target's).
