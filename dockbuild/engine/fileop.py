@@ -725,8 +725,13 @@ class _Copier:
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 return  # a whiteout in a source layer is not a file to copy
             os.mknod(dest, st.st_mode, st.st_rdev)
+        elif stat.S_ISSOCK(st.st_mode):
+            # As fsutil's copyDevice (mknod without S_IFSOCK) and its context transfer
+            # (the socket bit cleared): a socket becomes an empty regular file.
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.chmod(dest, mode)
         else:
-            return  # sockets are not copied
+            return
         os.lchown(dest, uid, gid)
         os.utime(dest, ns=(mtime, mtime), follow_symlinks=False)
         if st.st_nlink > 1:

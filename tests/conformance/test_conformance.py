@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tarfile
@@ -151,6 +152,9 @@ def _prepare(case: Path, spec: dict, tmp: Path, http_root: tuple[Path, str]) -> 
     for name, target in setup.get("symlinks", {}).items():
         (ctx / name).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(target, ctx / name)
+    for name in setup.get("sockets", []):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(ctx / name))
     for name in setup.get("dirs", []):
         (ctx / name).mkdir(parents=True, exist_ok=True)
     for name, value in setup.get("modes", {}).items():
