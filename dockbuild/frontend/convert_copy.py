@@ -128,8 +128,19 @@ def _copy(
             if not is_add:
                 raise DockerfileError("source can't be a URL for COPY", location=loc)
             if checksum and not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
+                # BuildKit's messages (go-digest Parse) first, then what dockbuild takes.
+                algo, sep, _ = checksum.partition(":")
+                reason = (
+                    "invalid checksum digest format"
+                    if not sep or not algo
+                    else "unsupported digest algorithm"
+                    if algo not in ("sha256", "sha384", "sha512")
+                    else "invalid checksum digest format"
+                    if algo == "sha256"
+                    else "unsupported digest algorithm (dockbuild verifies sha256 only)"
+                )
                 raise DockerfileError(
-                    f"unsupported checksum {checksum!r}: expected sha256:<64 hex digits>",
+                    f"{reason}: {checksum!r}: expected sha256:<64 hex digits>",
                     location=loc,
                 )
             base = posixpath.basename(urlsplit(src).path)
