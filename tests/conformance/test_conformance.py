@@ -5,6 +5,7 @@ build through the real CLI, and the facts its case.toml states are checked on th
 from __future__ import annotations
 
 import http.server
+import io
 import os
 import shutil
 import socket
@@ -21,6 +22,7 @@ import pytest
 from clitools import DockbuildCLI, read_oci
 
 CASES = Path(__file__).parent / "cases"
+HTTP_MTIME = 1600000000
 
 
 def _case_dirs() -> list[Path]:
@@ -37,11 +39,6 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base's name)
         pass
 
-    def end_headers(self) -> None:
-        # A fixed Last-Modified makes ADD's mtime checks independent of the checkout.
-        if self.path.endswith(".lm"):
-            self.send_header("Last-Modified", "Tue, 14 Nov 2023 22:13:20 GMT")
-        super().end_headers()
 
 
 @pytest.fixture(scope="session")
@@ -168,9 +165,14 @@ def _prepare(case: Path, spec: dict, tmp: Path, http_root: tuple[Path, str]) -> 
         _make_tar(ctx / name, members)
     args: list[str] = []
     root, url = http_root
+    served = root / case.name
+    served.mkdir(exist_ok=True)
     for name, text in setup.get("http", {}).items():
-        (root / case.name).mkdir(exist_ok=True)
-        (root / case.name / name).write_text(text)
+        (served / name).write_text(text)
+    for name, members in setup.get("http_tars", {}).items():
+        _make_tar(served / name, members)
+    for p in served.iterdir():  # Last-Modified: 2020-09-13T12:26:40Z
+        os.utime(p, (HTTP_MTIME, HTTP_MTIME))
     for name, repo in setup.get("git", {}).items():
         _make_git(tmp / "git" / name, repo)
     dockerfile = (case / "Dockerfile").read_text()
@@ -201,13 +203,16 @@ def _make_tar(path: Path, members: list[dict]) -> None:
             if "link" in m:
                 info.type, info.linkname = tarfile.SYMTYPE, m["link"]
                 tf.addfile(info)
+            elif "hardlink" in m:
+                info.type, info.linkname = tarfile.LNKTYPE, m["hardlink"]
+                tf.addfile(info)
             elif m["name"].endswith("/"):
                 info.type = tarfile.DIRTYPE
                 tf.addfile(info)
             else:
                 data = m.get("content", "").encode()
                 info.size = len(data)
-                tf.addfile(info, __import__("io").BytesIO(data))
+                tf.addfile(info, io.BytesIO(data))
 
 
 def _make_git(path: Path, repo: dict) -> None:
