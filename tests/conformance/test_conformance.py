@@ -244,6 +244,16 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
     if "skip" in spec:
         pytest.skip(spec["skip"])
     ctx, args = _prepare(case, spec, tmp_path, http_root)
+    named: list[str] = []
+    for base in spec.get("base", []):
+        # Images built first (as BuildKit's tests push them), in order, each named as a
+        # context of the builds after it.
+        layout = tmp_path / f"base-{base['name']}"
+        dockerfile = tmp_path / f"{base['name']}.Dockerfile"
+        dockerfile.write_text((case / base["dockerfile"]).read_text())
+        cli.build(ctx, *named, "-f", str(dockerfile), "-o", f"type=oci,tar=false,dest={layout}")
+        named += ["--build-context", f"{base['name']}=oci-layout://{layout}"]
+    args += named
     out = tmp_path / "image.tar"
     run = cli.build(ctx, *args, "-o", f"type=oci,dest={out}", check=False)
     if "error" in spec:
