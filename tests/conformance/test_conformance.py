@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import socket
-import stat
 import subprocess
 import tarfile
 import threading
@@ -254,7 +253,21 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
         cli.build(ctx, *named, "-f", str(dockerfile), "-o", f"type=oci,tar=false,dest={layout}")
         named += ["--build-context", f"{base['name']}=oci-layout://{layout}"]
     args += named
-    out = tmp_path / "image.tar"
+    first = _build_and_check(cli, ctx, args, spec, tmp_path / "image.tar")
+    for step in spec.get("rebuild", []):
+        # The same case built again on the same cache: changed build args or context
+        # files, and the facts that must hold then (cache hits show in the facts).
+        for name, text in step.get("write", {}).items():
+            (ctx / name).write_text(text)
+        again = [a for a in args]
+        for name, value in step.get("build_args", {}).items():
+            again += ["--build-arg", f"{name}={value}"]
+        _build_and_check(cli, ctx, again, step, tmp_path / "image.tar", first)
+
+
+def _build_and_check(
+    cli: DockbuildCLI, ctx: Path, args: list[str], spec: dict, out: Path, first: dict[str, Entry] | None = None
+) -> dict[str, Entry]:
     run = cli.build(ctx, *args, "-o", f"type=oci,dest={out}", check=False)
     if "error" in spec:
         expected = spec["error"]
@@ -264,7 +277,7 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
             assert text in run.stderr, f"{text!r} not in:\n{run.stderr}"
         if "line" in expected:
             assert f"Dockerfile:{expected['line']}" in run.stderr, run.stderr
-        return
+        return {}
     assert run.returncode == 0, run.stderr
     for text in _as_list(spec.get("output", {}).get("contains", [])):
         assert text in run.stderr, f"{text!r} not in the build output"
@@ -274,13 +287,16 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
     tree = _tree(image.layers)
     for fact in spec.get("file", []):
         _check_file(tree, fact)
+        if first is not None and "same" in fact:
+            # "same = true": the content the first build gave (a cache hit), "false": new
+            same = tree[fact["path"]].data == first[fact["path"]].data
+            assert same == fact["same"], f"{fact['path']}: same as the first build: {same}"
     for path in spec.get("absent", []):
         assert path not in tree, f"{path} should not be in the image"
     if "config" in spec:
         _subset(image.config.get("config", {}), spec["config"], "config")
-    for key in ("env_has",):
-        for item in spec.get(key, []):
-            assert item in image.config.get("config", {}).get("Env", []), item
+    for item in spec.get("env_has", []):
+        assert item in image.config.get("config", {}).get("Env", []), item
     if "image" in spec:
         _subset(image.config, spec["image"], "image")
     if "history" in spec:
@@ -295,7 +311,7 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
             assert sum(bool(h.get("empty_layer")) for h in entries) == history["empty_layers"]
     if "layers" in spec:
         assert len(image.layers) == spec["layers"]
-    mode_mask = stat.S_IMODE  # noqa: F841 (kept for readers: modes compare permission bits)
+    return tree
 
 
 def _as_list(value: object) -> list[str]:
