@@ -168,12 +168,29 @@ def _split_layout(text: str) -> tuple[str, str | None, str | None]:
     return text, None, None
 
 
+def _context_key(name: str, inputs: _Inputs) -> str:
+    """The named context a FROM / --from name means: as BuildKit's dockerui NamedContext,
+    the familiar form without ``:latest`` (``busybox:latest`` and
+    ``docker.io/library/busybox`` are the context ``busybox``)."""
+    known = (*inputs.local_dirs, *inputs.layouts, *inputs.images)
+    if name in known:
+        return name
+    from dockbuild.engine.registry.reference import parse_reference
+
+    try:
+        short = parse_reference(name).familiar.removesuffix(":latest")
+    except DockbuildError:
+        return name
+    return short if short in known else name
+
+
 def _frontend_definition(request: BuildRequest, inputs: _Inputs, sources: Any) -> Any:
     from dockbuild.engine.sources.local import ignore_rules, is_ignored
     from dockbuild.frontend import convert
 
     def resolve(name: str) -> convert.NamedSource | None:
         """A FROM / --from name: a named context, else (for FROM) a registry image."""
+        name = _context_key(name, inputs)
         if name in inputs.local_dirs and name != "context":
             return convert.NamedSource("local", f"local://{name}", None, name)
         if name in inputs.layouts:
