@@ -176,8 +176,12 @@ def _prepare(case: Path, spec: dict, tmp: Path, http_root: tuple[Path, str]) -> 
         _make_git(tmp / "git" / name, repo)
     dockerfile = (case / "Dockerfile").read_text()
     dockerfile = dockerfile.replace("{HTTP}", f"{url}/{case.name}").replace("{GIT}", f"file://{tmp}/git")
-    (tmp / "Dockerfile").write_text(dockerfile)
-    args += ["-f", str(tmp / "Dockerfile")]
+    if "dockerfile_in_context" in spec:
+        # The Dockerfile inside the context, found without -f (by its default names).
+        (ctx / spec["dockerfile_in_context"]).write_text(dockerfile)
+    else:
+        (tmp / "Dockerfile").write_text(dockerfile)
+        args += ["-f", str(tmp / "Dockerfile")]
     for name, value in spec.get("build_args", {}).items():
         args += ["--build-arg", f"{name}={value}"]
     if "target" in spec:
@@ -257,6 +261,8 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
     for step in spec.get("rebuild", []):
         # The same case built again on the same cache: changed build args or context
         # files, and the facts that must hold then (cache hits show in the facts).
+        for name in step.get("remove", []):
+            shutil.rmtree(ctx / name) if (ctx / name).is_dir() else (ctx / name).unlink()
         for name, text in step.get("write", {}).items():
             (ctx / name).write_text(text)
         again = [a for a in args]
