@@ -198,7 +198,7 @@ def test_dockerfile_errors_name_the_line_show_it_and_exit_1(
     assert "Traceback" not in run.stderr
     assert "Dockerfile:3" in run.stderr
     assert "   3 | >>> COPPY a /a" in run.stderr
-    assert "ERROR: unknown instruction: COPPY (did you mean copy?)" in run.stderr
+    assert "ERROR: unknown instruction: COPPY (did you mean COPY?)" in run.stderr
 
 
 def test_dockerfile_from_stdin(dockbuild: DockbuildCLI, tmp_path: Path) -> None:

@@ -507,7 +507,7 @@ def test_empty_continuation_lines_are_a_check_warning() -> None:
 
 def test_unknown_instruction_names_its_line_and_a_suggestion() -> None:
     with pytest.raises(
-        DockerfileError, match=r"unknown instruction: RUNN \(did you mean run\?\)"
+        DockerfileError, match=r"unknown instruction: RUNN \(did you mean RUN\?\)"
     ) as err:
         convert("FROM base\nRUNN echo\n")
     assert err.value.location is not None and err.value.location.start_line == 2

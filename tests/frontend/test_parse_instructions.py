@@ -54,7 +54,7 @@ def rejects(text: str, match: str, line: int | None = None) -> DockerfileError:
 def test_unknown_instruction_is_rejected_with_a_suggestion_and_its_line() -> None:
     err = rejects("FROM a\n\nRUNN echo\n", "unknown instruction: RUNN", line=3)
 
-    assert err.message == "unknown instruction: RUNN (did you mean run?)"
+    assert err.message == "unknown instruction: RUNN (did you mean RUN?)"
 
 
 def test_unknown_instruction_far_from_any_name_gets_no_suggestion() -> None:
