@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import os
 import shutil
 import socket
@@ -265,7 +266,7 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
             shutil.rmtree(ctx / name) if (ctx / name).is_dir() else (ctx / name).unlink()
         for name, text in step.get("write", {}).items():
             (ctx / name).write_text(text)
-        again = [a for a in args]
+        again = [*args, *step.get("args", [])]
         for name, value in step.get("build_args", {}).items():
             again += ["--build-arg", f"{name}={value}"]
         _build_and_check(cli, ctx, again, step, tmp_path / "image.tar", first)
@@ -291,6 +292,10 @@ def _build_and_check(
         assert text not in run.stderr, f"{text!r} in the build output"
     image = read_oci(out)
     tree = _tree(image.layers)
+    tree["<manifest>"] = Entry(tarfile.TarInfo("<manifest>"), json.dumps(image.manifest).encode())
+    if first is not None and "same_image" in spec:
+        same = tree["<manifest>"].data == first["<manifest>"].data
+        assert same == spec["same_image"], f"the image is the first build's: {same}"
     for fact in spec.get("file", []):
         _check_file(tree, fact)
         if first is not None and "same" in fact:
