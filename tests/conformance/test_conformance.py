@@ -318,6 +318,15 @@ def _build_and_check(
         created = [h.get("created_by", "") for h in entries]
         for text in _as_list(history.get("created_by", [])):
             assert any(text in c for c in created), f"{text!r} not in {created}"
+        tail = history.get("tail", [])
+        for want, got in zip(tail, entries[len(entries) - len(tail) :], strict=True):
+            # the last entries, in order: what created them and whether they made a layer
+            assert want.get("created_by", "") in got.get("created_by", ""), (want, got)
+            if "empty_layer" in want:
+                assert bool(got.get("empty_layer")) == want["empty_layer"], (want, got)
+            if "lacks" in want:
+                assert want["lacks"] not in got.get("created_by", ""), (want, got)
+            assert got.get("created"), got
         if "empty_layers" in history:
             assert sum(bool(h.get("empty_layer")) for h in entries) == history["empty_layers"]
     if "layers" in spec:
