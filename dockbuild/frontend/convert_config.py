@@ -153,7 +153,8 @@ def expose(conv: Converter, stage: StageState, cmd: ins.ExposeCommand, name: str
     ports = stage.config.setdefault("ExposedPorts", {}) or {}
     stage.config["ExposedPorts"] = ports
     added = []
-    for raw in cmd.ports:
+    # BuildKit's parseExpose sorts the words as written, before expansion.
+    for raw in sorted(cmd.ports):
         for word in conv.expand_words(raw, env, cmd.location):
             proto = word.partition("/")[2]
             if proto and proto.lower() != proto:
