@@ -98,7 +98,7 @@ def test_config_and_history_are_written_as_buildkit_writes_them(
         ("ENV APP_HOME=/srv/app", True),
         ("WORKDIR /srv/app", False),
         ("LABEL version=1.0", True),
-        ("EXPOSE [8080/tcp 53/udp]", True),
+        ("EXPOSE [53/udp 8080/tcp]", True),  # BuildKit sorts the words
         ("VOLUME [/data]", True),
         ("USER 1000:1000", True),
         ("STOPSIGNAL SIGINT", True),
