@@ -400,7 +400,7 @@ class RunMounts:
                 if source is None:
                     if m.required:
                         raise DockbuildError(
-                            f"secret {m.secret_id} not found",
+                            f"secret {m.secret_id}: not found",  # BuildKit's words (session/secrets)
                             hint=f"pass --secret id={m.secret_id},src=FILE (or env=VARIABLE)",
                         )
                     continue
