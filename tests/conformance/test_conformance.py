@@ -178,8 +178,10 @@ def _prepare(case: Path, spec: dict, tmp: Path, http_root: tuple[Path, str]) -> 
     dockerfile = (case / "Dockerfile").read_text()
     dockerfile = dockerfile.replace("{HTTP}", f"{url}/{case.name}").replace("{GIT}", f"file://{tmp}/git")
     if "dockerfile_in_context" in spec:
-        # The Dockerfile inside the context, found without -f (by its default names).
+        # The Dockerfile inside the context, found by its default names or named by -f.
         (ctx / spec["dockerfile_in_context"]).write_text(dockerfile)
+        if spec.get("file_flag"):
+            args += ["-f", str(ctx / spec["dockerfile_in_context"])]
     else:
         (tmp / "Dockerfile").write_text(dockerfile)
         args += ["-f", str(tmp / "Dockerfile")]
@@ -192,6 +194,11 @@ def _prepare(case: Path, spec: dict, tmp: Path, http_root: tuple[Path, str]) -> 
     for name, text in spec.get("secrets", {}).items():
         (tmp / f"secret-{name}").write_text(text)
         args += ["--secret", f"id={name},src={tmp / f'secret-{name}'}"]
+    if "ssh_key" in setup:
+        # A fresh key for --ssh (BuildKit's test makes one the same way).
+        key = tmp / "ssh-key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        args += ["--ssh", f"default={key}"]
     args += spec.get("args", [])
     return ctx, args
 
