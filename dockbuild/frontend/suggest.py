@@ -19,10 +19,8 @@ def closest(value: str, options: Iterable[str], case_sensitive: bool = True) -> 
         distance = _levenshtein(value, candidate)
         if distance < best_distance:
             best, best_distance = candidate, distance
-    if not case_sensitive and best:
-        # As BuildKit's matchCase: the suggestion in the case the value was written in.
-        if original == original.upper():
-            return best.upper()
+    if not case_sensitive and best and original == original.upper():
+        return best.upper()  # BuildKit's matchCase: in the case the value was written in
     return best
 
 
