@@ -263,7 +263,8 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
         dockerfile = tmp_path / f"{base['name']}.Dockerfile"
         dockerfile.write_text((case / base["dockerfile"]).read_text())
         cli.build(ctx, *named, "-f", str(dockerfile), "-o", f"type=oci,tar=false,dest={layout}")
-        named += ["--build-context", f"{base['name']}=oci-layout://{layout}"]
+        for context in base.get("as", [base["name"]]):
+            named += ["--build-context", f"{context}=oci-layout://{layout}"]
     args += named
     first = _build_and_check(cli, ctx, args, spec, tmp_path / "image.tar")
     for step in spec.get("rebuild", []):
