@@ -296,6 +296,13 @@ def _build_and_check(
     assert run.returncode == 0, run.stderr
     for text in _as_list(spec.get("output", {}).get("contains", [])):
         assert text in run.stderr, f"{text!r} not in the build output"
+    for warning in spec.get("warnings", []):
+        # a build check's warning, as the build prints it
+        text = f"WARNING: {warning['rule']}: {warning['detail']} (line {warning['line']})"
+        assert text in run.stderr, f"{text!r} not in the build output:\n{run.stderr}"
+    if "warnings" in spec:
+        count = run.stderr.count("\nWARNING: ")
+        assert count == len(spec["warnings"]), f"{count} warnings:\n{run.stderr}"
     for text in _as_list(spec.get("output", {}).get("lacks", [])):
         assert text not in run.stderr, f"{text!r} in the build output"
     image = read_oci(out)
