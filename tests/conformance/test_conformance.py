@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -163,7 +164,6 @@ def _prepare(case: Path, spec: dict, tmp: Path, http_root: tuple[Path, str]) -> 
         os.utime(ctx / name, (value, value), follow_symlinks=False)
     for name, members in setup.get("tars", {}).items():
         _make_tar(ctx / name, members)
-    args: list[str] = []
     root, url = http_root
     served = root / case.name
     served.mkdir(exist_ok=True)
@@ -173,16 +173,22 @@ def _prepare(case: Path, spec: dict, tmp: Path, http_root: tuple[Path, str]) -> 
         _make_tar(served / name, members)
     for p in served.iterdir():  # Last-Modified: 2020-09-13T12:26:40Z
         os.utime(p, (HTTP_MTIME, HTTP_MTIME))
+    args: list[str] = []
+    has_dockerfile = (case / "Dockerfile").is_file()  # else the context URL holds it
+    dockerfile = (case / "Dockerfile").read_text() if has_dockerfile else ""
     for name, repo in setup.get("git", {}).items():
-        _make_git(tmp / "git" / name, repo)
-    dockerfile = (case / "Dockerfile").read_text()
-    dockerfile = dockerfile.replace("{HTTP}", f"{url}/{case.name}").replace("{GIT}", f"file://{tmp}/git")
+        # served over the loopback HTTP server (git's dumb protocol), as BuildKit's test
+        _make_git(served / name, repo)
+        for ref in re.findall(r"\{REV:" + name + r":([^}]+)\}", dockerfile):
+            rev = subprocess.run(["git", "-C", str(served / name), "rev-parse", ref], capture_output=True, text=True)
+            dockerfile = dockerfile.replace(f"{{REV:{name}:{ref}}}", rev.stdout.strip())
+    dockerfile = dockerfile.replace("{HTTP}", f"{url}/{case.name}")
     if "dockerfile_in_context" in spec:
         # The Dockerfile inside the context, found by its default names or named by -f.
         (ctx / spec["dockerfile_in_context"]).write_text(dockerfile)
         if spec.get("file_flag"):
             args += ["-f", str(ctx / spec["dockerfile_in_context"])]
-    else:
+    elif has_dockerfile:
         (tmp / "Dockerfile").write_text(dockerfile)
         args += ["-f", str(tmp / "Dockerfile")]
     for name, value in spec.get("build_args", {}).items():
@@ -199,7 +205,10 @@ def _prepare(case: Path, spec: dict, tmp: Path, http_root: tuple[Path, str]) -> 
         key = tmp / "ssh-key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         args += ["--ssh", f"default={key}"]
-    args += spec.get("args", [])
+    args += [a.replace("{HTTP}", f"{url}/{case.name}") for a in spec.get("args", [])]
+    if "context_url" in spec:
+        # a remote build context (git or HTTP), given where the context directory goes
+        args += ["--", spec["context_url"].replace("{HTTP}", f"{url}/{case.name}")]
     return ctx, args
 
 
@@ -247,6 +256,7 @@ def _make_git(path: Path, repo: dict) -> None:
         git("commit", "-q", "-m", f"commit {i}")
         for tag in commit.get("tags", []):
             git("tag", tag)
+    git("update-server-info")
 
 
 @pytest.mark.parametrize("case", _case_dirs(), ids=lambda p: p.name)
@@ -283,7 +293,11 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
 def _build_and_check(
     cli: DockbuildCLI, ctx: Path, args: list[str], spec: dict, out: Path, first: dict[str, Entry] | None = None
 ) -> dict[str, Entry]:
-    run = cli.build(ctx, *args, "-o", f"type=oci,dest={out}", check=False)
+    if "--" in args:  # a context URL instead of the directory
+        cut = args.index("--")
+        run = cli("--progress=plain", *cli.base_context, *args[:cut], "-o", f"type=oci,dest={out}", args[cut + 1], check=False)
+    else:
+        run = cli.build(ctx, *args, "-o", f"type=oci,dest={out}", check=False)
     if "error" in spec:
         expected = spec["error"]
         assert run.returncode != 0, f"the build should fail:\n{run.stderr}"
