@@ -250,6 +250,10 @@ def _check_ignored(conv: Converter, verb: str, src: str, loc: Location) -> None:
     if any(p.startswith("!") for p in conv.opts.exclude_patterns):
         return
     path = posixpath.normpath(src)
+    if path in (".", "/") and not any(
+        p in ("*", "**", "**/*") for p in conv.opts.exclude_patterns
+    ):
+        return  # a context root is ignored only by a pattern for every entry (copySourceRootIgnored)
     if is_ignored(path):
         conv.linter.run(
             "CopyIgnoredFile",
