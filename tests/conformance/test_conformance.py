@@ -287,7 +287,7 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
         again = [*args, *step.get("args", [])]
         for name, value in step.get("build_args", {}).items():
             again += ["--build-arg", f"{name}={value}"]
-        _build_and_check(cli, ctx, again, step, tmp_path / "image.tar", first)
+        first = _build_and_check(cli, ctx, again, step, tmp_path / "image.tar", first)
 
 
 def _build_and_check(
@@ -322,15 +322,19 @@ def _build_and_check(
     image = read_oci(out)
     tree = _tree(image.layers)
     tree["<manifest>"] = Entry(tarfile.TarInfo("<manifest>"), json.dumps(image.manifest).encode())
+    tree["<layers>"] = Entry(tarfile.TarInfo("<layers>"), json.dumps(image.manifest["layers"]).encode())
+    if first is not None and "same_layers" in spec:
+        same = tree["<layers>"].data == first["<layers>"].data
+        assert same == spec["same_layers"], f"the layers are the build before's: {same}"
     if first is not None and "same_image" in spec:
         same = tree["<manifest>"].data == first["<manifest>"].data
-        assert same == spec["same_image"], f"the image is the first build's: {same}"
+        assert same == spec["same_image"], f"the image is the build before's: {same}"
     for fact in spec.get("file", []):
         _check_file(tree, fact)
         if first is not None and "same" in fact:
-            # "same = true": the content the first build gave (a cache hit), "false": new
+            # "same = true": the content the build before gave (a cache hit), "false": new
             same = tree[fact["path"]].data == first[fact["path"]].data
-            assert same == fact["same"], f"{fact['path']}: same as the first build: {same}"
+            assert same == fact["same"], f"{fact['path']}: same as the build before: {same}"
     for path in spec.get("absent", []):
         assert path not in tree, f"{path} should not be in the image"
     if "config" in spec:
