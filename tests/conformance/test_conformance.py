@@ -303,7 +303,7 @@ def _build_and_check(
         assert run.returncode != 0, f"the build should fail:\n{run.stderr}"
         assert "Traceback" not in run.stderr
         for text in _as_list(expected.get("contains", [])):
-            assert text in run.stderr, f"{text!r} not in:\n{run.stderr}"
+            assert text in run.stderr + run.out, f"{text!r} not in:\n{run.stderr}"
         if "line" in expected:
             assert f"Dockerfile:{expected['line']}" in run.stderr, run.stderr
         return {}
