@@ -293,11 +293,12 @@ def test_case(case: Path, cli: DockbuildCLI, tmp_path: Path, http_root: tuple[Pa
 def _build_and_check(
     cli: DockbuildCLI, ctx: Path, args: list[str], spec: dict, out: Path, first: dict[str, Entry] | None = None
 ) -> dict[str, Entry]:
+    output = f"type=oci,dest={out}" + "".join(f",{k}={v}" for k, v in spec.get("output_attrs", {}).items())
     if "--" in args:  # a context URL instead of the directory
         cut = args.index("--")
-        run = cli("--progress=plain", *cli.base_context, *args[:cut], "-o", f"type=oci,dest={out}", args[cut + 1], check=False)
+        run = cli("--progress=plain", *cli.base_context, *args[:cut], "-o", output, args[cut + 1], check=False)
     else:
-        run = cli.build(ctx, *args, "-o", f"type=oci,dest={out}", check=False)
+        run = cli.build(ctx, *args, "-o", output, check=False)
     if "error" in spec:
         expected = spec["error"]
         assert run.returncode != 0, f"the build should fail:\n{run.stderr}"
@@ -360,6 +361,8 @@ def _build_and_check(
             if "lacks" in want:
                 assert want["lacks"] not in got.get("created_by", ""), (want, got)
             assert got.get("created"), got
+        if "created" in history:  # every entry's time, as RFC 3339
+            assert all(h.get("created") == history["created"] for h in entries), entries
         if "empty_layers" in history:
             assert sum(bool(h.get("empty_layer")) for h in entries) == history["empty_layers"]
     if "layers" in spec:
