@@ -401,7 +401,7 @@ class RunMounts:
                 if source is None:
                     if m.required:
                         raise DockbuildError(
-                            f"secret {m.secret_id}: not found",  # BuildKit's words (session/secrets)
+                            f"secret {m.secret_id} not found",
                             hint=f"pass --secret id={m.secret_id},src=FILE (or env=VARIABLE)",
                         )
                     continue

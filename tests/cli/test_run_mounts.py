@@ -243,7 +243,7 @@ def test_a_secret_never_appears_in_any_byte_the_build_produces(
     )
     failed = build_oci(dockbuild, ctx, out, "--executor", executor, check=False)
     assert failed.returncode == 1
-    assert "secret nope: not found" in failed.stderr and "Traceback" not in failed.stderr
+    assert "secret nope not found" in failed.stderr and "Traceback" not in failed.stderr
 
 
 def _tools_context(root: Path, binaries: list[str]) -> Path:
