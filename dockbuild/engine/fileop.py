@@ -841,11 +841,12 @@ def _mkdir(action: llb.Mkdir, target: _Target) -> None:
     if parent and not action.make_parents and not target.exists_as_dir(parent):
         raise DockbuildError(f"mkdir {action.path}: no such file or directory")
     parts = parent.split("/") if parent else []
-    created = [p for p in ("/".join(parts[: i + 1]) for i in range(len(parts))) if not target.exists_as_dir(p)]
+    ancestors = ("/".join(parts[: i + 1]) for i in range(len(parts)))
+    created = [d for d in ancestors if not target.exists_as_dir(d)]
     target.ensure_dir(parent, owner)
     if action.timestamp is not None:
-        for p in created:  # as fsutil's MkdirAll: every directory it makes gets the time
-            target.keep_mtime(p, action.timestamp * 10**9)
+        for made in created:  # as fsutil's MkdirAll: every directory it makes gets the time
+            target.keep_mtime(made, action.timestamp * 10**9)
     target.clear(rel)
     p = target.upper / rel
     os.mkdir(p)
