@@ -265,6 +265,7 @@ def _convert(request: BuildRequest, inputs: contexts.Inputs, sources: ImageSourc
 
     def resolve(name: str) -> convert.NamedSource | None:
         """A FROM / --from name: a named context, else (for FROM) a registry image."""
+        name = contexts.context_name(name, inputs)
         if name in inputs.local_dirs and name != "context":
             return convert.NamedSource("local", f"local://{name}", None, name)
         if name in inputs.layouts:

@@ -46,6 +46,22 @@ class Inputs:
     images: dict[str, str]  # context name -> registry reference (docker-image://)
 
 
+def context_name(name: str, inputs: Inputs) -> str:
+    """The named context a FROM / --from name means: as BuildKit's dockerui NamedContext,
+    the familiar form without ``:latest`` (``busybox:latest`` and
+    ``docker.io/library/busybox`` are the context ``busybox``)."""
+    known = (*inputs.local_dirs, *inputs.layouts, *inputs.images)
+    if name in known:
+        return name
+    from dockbuild.engine.registry.reference import parse_reference
+
+    try:
+        short = parse_reference(name).familiar.removesuffix(":latest")
+    except DockbuildError:
+        return name
+    return short if short in known else name
+
+
 def resolve(
     context: str,
     dockerfile: str | None,

@@ -178,8 +178,9 @@ class _Target:
         parent = self.view.resolve(parent) if parent else ""
         return f"{parent}/{name}" if parent else name
 
-    def ensure_dir(self, rel: str, owner: tuple[int, int] | None = None) -> None:
-        """Make ``rel`` a directory in ``upper``, copying up metadata from below."""
+    def ensure_dir(self, rel: str, owner: tuple[int, int] | None = None, mode: int = 0o755) -> None:
+        """Make ``rel`` a directory in ``upper``, copying up metadata from below; a
+        directory missing below is made with ``mode`` and ``owner``."""
         if not rel:
             return
         parts = rel.split("/")
@@ -200,7 +201,7 @@ class _Target:
                 self._dir_mtimes.setdefault(sub, st.st_mtime_ns)
             else:
                 os.mkdir(up)
-                os.chmod(up, 0o755)
+                os.chmod(up, mode)
                 if owner is not None:
                     os.lchown(up, *owner)
 
@@ -282,7 +283,9 @@ def _int(text: str) -> int:
 
 
 def _apply_mode(spec: str, current: int, is_dir: bool) -> int:
-    """``--chmod``: octal, or symbolic like chmod(1) (``u+x``, ``go=rX``, ``g=u``)."""
+    """``--chmod``: octal, or symbolic like chmod(1) (``u+x``, ``g=u``), except that, as
+    in BuildKit's parser (dchapes-mode), ``X`` counts only after ``+`` (``go=rX`` is
+    ``go=r``)."""
     if not spec:
         return current
     if all(c in "01234567" for c in spec):
@@ -317,7 +320,7 @@ def _apply_mode(spec: str, current: int, is_dir: bool) -> int:
                         bits |= 4 << shift
                     elif p == "w":
                         bits |= 2 << shift
-                    elif p == "x" or (p == "X" and (is_dir or current & 0o111)):
+                    elif p == "x" or (p == "X" and op == "+" and (is_dir or current & 0o111)):
                         bits |= 1 << shift
                     elif p == "s" and w in "ug":
                         bits |= 0o4000 if w == "u" else 0o2000
@@ -356,6 +359,9 @@ def _copy(action: llb.Copy, view: SourceView, target: _Target, reuse: tuple[Path
     copier.finish()
 
 
+_ROOT_DIR = os.stat_result((stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0, 0, 0))
+
+
 def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, copier: _Copier) -> None:
     owner = copier.owner
     dest = action.dest
@@ -372,15 +378,19 @@ def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, co
         rel = view.resolve(src) if action.follow_symlinks else src
         if src and view.lstat(rel) is None:
             raise DockbuildError(f'failed to compute cache key: "/{src}": not found')
-        matches = [rel if src else ""]
-    dest_is_dir = dest.endswith("/") or wildcard
-    for rel in matches:
-        if wildcard and action.follow_symlinks:
-            rel = view.resolve(rel)
-        st = view.lstat(rel)
+        matches = [src]
+    # A wildcard does not make the destination a directory: as fsutil's copy, only a
+    # trailing "/" or an existing directory does (`COPY f*.go foo2.go` writes a file).
+    dest_is_dir = dest.endswith("/")
+    for name in matches:
+        # A followed link is copied under its own name (fsutil prepareTargetDir joins
+        # the destination with the source path's base, not the link target's).
+        rel = view.resolve(name) if action.follow_symlinks and name else name
+        st = view.lstat(rel) if rel else _ROOT_DIR  # an empty tree still has its root
         assert st is not None
-        if wildcard and copier.excluded(posixpath.basename(rel)):
-            continue
+        # --exclude patterns apply below each source, never to a wildcard's match itself:
+        # fsutil's copy.Copy copies each match with no path components to match yet
+        # (BuildKit's reference says otherwise; moby/buildkit#5489).
         if action.attempt_unpack and stat.S_ISREG(st.st_mode):
             host = view.host(rel)
             if host is not None and is_archive(host):
@@ -388,28 +398,39 @@ def _copy_with(action: llb.Copy, src: str, view: SourceView, target: _Target, co
                 continue
         if stat.S_ISDIR(st.st_mode) and action.dir_copy_contents:
             copier.root = rel
-            out = dest_rel
-            if out:
-                target.ensure_dir(posixpath.dirname(out), owner)
-                copier.entry(rel, out, top=True)
-            else:
-                copier.children(rel, "")
+            copier.into_dir(rel, st, dest_rel)
             continue
         copier.root = posixpath.dirname(rel)
         if dest_is_dir or target.exists_as_dir(dest_rel):
-            out = posixpath.join(target.view.resolve(dest_rel), posixpath.basename(rel) or "")
+            out = posixpath.join(target.view.resolve(dest_rel), posixpath.basename(name) or "")
         else:
             out = dest_rel
-        target.ensure_dir(posixpath.dirname(out), owner)
+        target.ensure_dir(posixpath.dirname(out), owner, copier.dir_mode)
         copier.entry(rel, out, top=True)
 
 
 def _copy_parents(action: llb.Copy, base: str, dest_rel: str, copier: _Copier) -> None:
-    """``COPY --parents``: each match keeps its path below ``base`` (the ``/./`` pivot)."""
+    """``COPY --parents``: each match keeps its path below ``base`` (the ``/./`` pivot).
+    A wildcard in ``base`` is resolved first, as BuildKit's copy resolves its source:
+    the patterns then apply below each matching directory."""
+    view, target = copier.view, copier.target
+    out_root = target.view.resolve(dest_rel) if dest_rel else ""
+    target.ensure_dir(out_root, copier.owner, copier.dir_mode)
+    # "./x" and "x" are one base: matches are cut below it by length.
+    base = posixpath.normpath(base).lstrip("/") if base else ""
+    base = "" if base == "." else base
+    if has_glob(base):
+        for match in view.glob(base):
+            st = view.lstat(view.resolve(match))
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                _copy_below(action, view.resolve(match), out_root, copier, required=False)
+        return
+    _copy_below(action, base, out_root, copier, required=True)
+
+
+def _copy_below(action: llb.Copy, base: str, out_root: str, copier: _Copier, required: bool) -> None:
     view, target = copier.view, copier.target
     copier.root = base
-    out_root = target.view.resolve(dest_rel) if dest_rel else ""
-    target.ensure_dir(out_root, copier.owner)
     for pattern in action.include:
         full = posixpath.join(base, pattern) if base else pattern
         full = full.strip("/")
@@ -419,6 +440,8 @@ def _copy_parents(action: llb.Copy, base: str, dest_rel: str, copier: _Copier) -
             matches = view.glob(full)
         elif view.lstat(full) is not None:
             matches = [full]
+        elif not required:
+            matches = []
         else:
             raise DockbuildError(f'failed to compute cache key: "/{full}": not found')
         for rel in matches:
@@ -551,6 +574,9 @@ class _Copier:
         self.target = target
         self.owner = owner
         self.mode = mode
+        # As fsutil's MkdirAll: the directories a copy creates above what it copies take
+        # an octal --chmod (its permission bits); a symbolic one leaves them 0755.
+        self.dir_mode = int(mode, 8) & 0o777 if mode and all(c in "01234567" for c in mode) else 0o755
         self.timestamp = timestamp
         self.rules = ignore_rules(exclude)
         self.links: dict[tuple[int, int], str] = {}
@@ -601,6 +627,29 @@ class _Copier:
         os.lchown(dest, uid, gid)
         mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
         self.target.keep_mtime(out, mtime)
+
+    def into_dir(self, src: str, st: os.stat_result, dest_rel: str) -> None:
+        """The contents of the directory ``src`` into the directory ``dest_rel``. As
+        fsutil's prepareTargetDir: a missing destination is made 0755 (or the octal
+        --chmod), owned by root or the --chown owner, not with the source directory's
+        metadata; an existing one keeps its owner and mode. Either way it takes the
+        source directory's mtime."""
+        target = self.target
+        if not dest_rel:
+            self.children(src, "")
+            return
+        out = target.view.resolve(dest_rel)
+        fresh = False
+        if not target.exists_as_dir(out):
+            target.ensure_dir(posixpath.dirname(out), self.owner, self.dir_mode)
+            target.clear(out)  # a file or dangling link there is replaced
+            target.ensure_dir(out, self.owner or (0, 0), self.dir_mode)
+            fresh = True
+        else:
+            target.ensure_dir(out)  # copied up with its own metadata
+        self.children(src, out, fresh)
+        mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
+        target.keep_mtime(out, mtime)
 
     def children(self, src: str, out: str, fresh: bool = False) -> None:
         """Copy the entries of ``src`` into ``out`` (``fresh``: a directory this copy just
@@ -677,8 +726,13 @@ class _Copier:
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 return  # a whiteout in a source layer is not a file to copy
             os.mknod(dest, st.st_mode, st.st_rdev)
+        elif stat.S_ISSOCK(st.st_mode):
+            # As fsutil's copyDevice (mknod without S_IFSOCK) and its context transfer
+            # (the socket bit cleared): a socket becomes an empty regular file.
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.chmod(dest, mode)
         else:
-            return  # sockets are not copied
+            return
         os.lchown(dest, uid, gid)
         os.utime(dest, ns=(mtime, mtime), follow_symlinks=False)
         if st.st_nlink > 1:
@@ -788,7 +842,13 @@ def _mkdir(action: llb.Mkdir, target: _Target) -> None:
     parent = posixpath.dirname(rel)
     if parent and not action.make_parents and not target.exists_as_dir(parent):
         raise DockbuildError(f"mkdir {action.path}: no such file or directory")
+    parts = parent.split("/") if parent else []
+    ancestors = ("/".join(parts[: i + 1]) for i in range(len(parts)))
+    created = [d for d in ancestors if not target.exists_as_dir(d)]
     target.ensure_dir(parent, owner)
+    if action.timestamp is not None:
+        for made in created:  # as fsutil's MkdirAll: every directory it makes gets the time
+            target.keep_mtime(made, action.timestamp * 10**9)
     target.clear(rel)
     p = target.upper / rel
     os.mkdir(p)

@@ -51,13 +51,14 @@ def check_entitlements(root: llb.Op | None, allow: frozenset[str] | set[str]) ->
 def check_op(op: llb.ExecOp, allow: frozenset[str] | set[str]) -> None:
     if op.network == "host" and "network.host" not in allow:
         raise DockbuildError(
-            f"{op.name or 'RUN'}: --network=host is not allowed without the network.host entitlement",
+            # BuildKit's words first ("entitlement network.host is not allowed")
+            f"{op.name or 'RUN'}: entitlement network.host is not allowed (--network=host needs it)",
             hint="pass --allow network.host",
         )
     if op.security == "insecure" and "security.insecure" not in allow:
         raise DockbuildError(
-            f"{op.name or 'RUN'}: --security=insecure is not allowed without the "
-            "security.insecure entitlement",
+            f"{op.name or 'RUN'}: entitlement security.insecure is not allowed "
+            "(--security=insecure needs it)",
             hint="pass --allow security.insecure",
         )
 

@@ -310,7 +310,7 @@ def check_definition_description(
 _SECRET_WORDS = re.compile(
     r"(?i)(?:_|^)(?:apikey|auth|credential|credentials|key|password|pword|passwd|secret|token)(?:_|$)"
 )
-_ALLOWED_WORDS = re.compile(r"(?i)(?:_|^)(?:public)(?:_|$)")
+_ALLOWED_WORDS = re.compile(r"(?i)(?:_|^)(?:public|file|version)(?:_|$)")  # allowTokens
 
 
 def check_secret_name(instruction: str, name: str, location: Location, linter: Linter) -> None:

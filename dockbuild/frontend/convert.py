@@ -502,7 +502,8 @@ class Converter:
             stage.arg_pairs = dict(base.arg_pairs)
             stage.workdir_set = base.workdir_set
         elif base is None:
-            stage.config = {"Env": [DEFAULT_PATH]}
+            # BuildKit's emptyImage: scratch starts with WorkingDir "/" and the default PATH.
+            stage.config = {"Env": [DEFAULT_PATH], "WorkingDir": "/"}
         else:
             stage.state = llb.SourceOp(
                 base.identifier,

@@ -153,7 +153,8 @@ def expose(conv: Converter, stage: StageState, cmd: ins.ExposeCommand, name: str
     ports = stage.config.setdefault("ExposedPorts", {}) or {}
     stage.config["ExposedPorts"] = ports
     added = []
-    for raw in cmd.ports:
+    # BuildKit's parseExpose sorts the words as written, before expansion.
+    for raw in sorted(cmd.ports):
         for word in conv.expand_words(raw, env, cmd.location):
             proto = word.partition("/")[2]
             if proto and proto.lower() != proto:
@@ -248,9 +249,13 @@ def workdir(conv: Converter, stage: StageState, cmd: ins.WorkdirCommand, name: s
     # BuildKit creates the directory as the current USER (only new directories).
     user = stage.config.get("User") or ""
     owner = llb.Chown(*user.split(":", 1)) if user else None
+    # As BuildKit's dispatchWorkdir (llb.WithCreatedTime(epoch)): with SOURCE_DATE_EPOCH
+    # the directory gets the epoch as its mtime, so the layer is reproducible.
+    epoch = conv.opts.build_args.get("SOURCE_DATE_EPOCH") or ""
+    timestamp = int(epoch) if epoch.isdigit() else None
     op = llb.FileOp(
         stage.state,
-        (llb.Mkdir(path, 0o755, make_parents=True, chown=owner),),
+        (llb.Mkdir(path, 0o755, make_parents=True, chown=owner, timestamp=timestamp),),
         name=name,
         location=cmd.location,
     )

@@ -128,8 +128,19 @@ def _copy(
             if not is_add:
                 raise DockerfileError("source can't be a URL for COPY", location=loc)
             if checksum and not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
+                # BuildKit's messages (go-digest Parse) first, then what dockbuild takes.
+                algo, sep, _ = checksum.partition(":")
+                reason = (
+                    "invalid checksum digest format"
+                    if not sep or not algo
+                    else "unsupported digest algorithm"
+                    if algo not in ("sha256", "sha384", "sha512")
+                    else "invalid checksum digest format"
+                    if algo == "sha256"
+                    else "unsupported digest algorithm (dockbuild verifies sha256 only)"
+                )
                 raise DockerfileError(
-                    f"unsupported checksum {checksum!r}: expected sha256:<64 hex digits>",
+                    f"{reason}: {checksum!r}: expected sha256:<64 hex digits>",
                     location=loc,
                 )
             base = posixpath.basename(urlsplit(src).path)
@@ -181,6 +192,14 @@ def _copy(
         if doc.expand:
             data = _expand_heredoc(conv, data, env, loc)
         path = abs_dest + doc.path if abs_dest.endswith("/") else abs_dest
+        if chmod.isdigit():
+            # As fsutil's MkdirAll in BuildKit's copy of the document: the parent
+            # directories the copy creates take the octal mode too.
+            parts = path.strip("/").split("/")[:-1]
+            actions.extend(
+                llb.Mkdir("/" + "/".join(parts[: i + 1]), int(chmod, 8) & 0o777, True, chown)
+                for i in range(len(parts))
+            )
         actions.append(
             llb.Mkfile(path, data.encode(), int(chmod, 8) if chmod.isdigit() else 0o644, chown)
         )
@@ -231,6 +250,10 @@ def _check_ignored(conv: Converter, verb: str, src: str, loc: Location) -> None:
     if any(p.startswith("!") for p in conv.opts.exclude_patterns):
         return
     path = posixpath.normpath(src)
+    if path in (".", "/") and not any(
+        p in ("*", "**", "**/*") for p in conv.opts.exclude_patterns
+    ):
+        return  # a context root is ignored only by a pattern for every entry (copySourceRootIgnored)
     if is_ignored(path):
         conv.linter.run(
             "CopyIgnoredFile",
@@ -241,9 +264,11 @@ def _check_ignored(conv: Converter, verb: str, src: str, loc: Location) -> None:
 
 
 def _expand_heredoc(conv: Converter, data: str, env: dict[str, str], loc: Location) -> str:
-    lex = Lex(conv.result.escape_token)
+    """A document under an unquoted delimiter, as BuildKit's ExpandRaw: variables are
+    expanded, quotes kept, and each backslash escape dropped (``\\$`` is ``$``, ``\\\\`` is
+    ``\\``), with the backslash whatever the escape directive says."""
+    lex = Lex("\\")
     lex.skip_process_quotes = True
-    lex.raw_escapes = True
     try:
         return lex.process_word(data, env)
     except ShellError as e:

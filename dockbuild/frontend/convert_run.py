@@ -33,10 +33,16 @@ def run(conv: Converter, stage: StageState, cmd: ins.RunCommand, name: str) -> N
     if stage.run_env is None:
         stage.run_env = tuple(stage.env_pairs.values())
     env = stage.run_env
+    # As BuildKit's proxyEnvFromBuildArgs and the executor's proxyEnvList: a proxy
+    # build arg in either case sets both spellings (keys sorted: the lower-case one wins).
+    proxies = {
+        k.upper(): v for k, v in sorted(conv.opts.build_args.items()) if k in PROXY_ARGS
+    }
     proxy_env = tuple(
-        f"{k}={v}"
-        for k, v in conv.opts.build_args.items()
-        if k in PROXY_ARGS and k not in stage.args
+        f"{name}={v}"
+        for base, v in proxies.items()
+        for name in (base, base.lower())
+        if name not in stage.args
     )
     ssh = [m for m in mounts if m.type == "ssh"]
     if ssh and "SSH_AUTH_SOCK" not in stage.env:

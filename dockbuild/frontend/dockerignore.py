@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import posixpath
 
+from dockbuild.errors import DockbuildError
+
 
 def parse_dockerignore(data: bytes) -> list[str]:
     """The patterns of a .dockerignore file, cleaned as moby does; ``!`` kept as a prefix."""
@@ -20,5 +22,8 @@ def parse_dockerignore(data: bytes) -> list[str]:
             line = line[1:].strip()
         if line:
             line = posixpath.normpath(line).lstrip("/") or "/"
+        elif invert:
+            # moby/patternmatcher New: an exception that excludes nothing is an error.
+            raise DockbuildError('failed to parse .dockerignore: illegal exclusion pattern: "!"')
         patterns.append(("!" if invert else "") + line)
     return patterns

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dockbuild.errors import DockerfileError
-from dockbuild.frontend.goformat import parse_go_bool, parse_ram_in_bytes, parse_uint32
+from dockbuild.frontend.goformat import go_quote, parse_go_bool, parse_ram_in_bytes, parse_uint32
 from dockbuild.frontend.suggest import with_suggestion
 
 MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret", "ssh")
@@ -162,7 +162,7 @@ def _set_field(mount: MountFlag, key: str, value: str, item: str) -> None:
         lowered = value.lower()
         if lowered not in MOUNT_TYPES:
             raise MountFlagError(
-                with_suggestion(f"unsupported mount type {value!r}", value, MOUNT_TYPES)
+                with_suggestion(f"unsupported mount type {go_quote(value)}", value, MOUNT_TYPES)
             )
         mount.type = lowered
     elif key in ("readonly", "ro", "readwrite", "rw"):

@@ -99,10 +99,10 @@ class BuilderFlags:
             kind = self.kinds.get(name)
             if kind is None:
                 raise _InstructionError(
-                    with_suggestion(f"unknown flag: {name}", name, sorted(self.kinds), True)
+                    with_suggestion(f"unknown flag: --{name}", name, sorted(self.kinds), True)
                 )
             if name in self.used and kind != "strings":
-                raise _InstructionError(f"duplicate flag specified: {name}")
+                raise _InstructionError(f"duplicate flag specified: --{name}")
             self.used.append(name)
             if kind == "bool":
                 if has_value and value == "":

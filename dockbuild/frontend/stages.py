@@ -262,7 +262,7 @@ def meta_arg_scope(
     linter: checks.Linter,
 ) -> MetaArgs:
     scope: dict[str, str | None] = dict(platform_args(platform))
-    scope["TARGETSTAGE"] = target.spec.name or ""
+    scope["TARGETSTAGE"] = target.spec.name or "default"  # BuildKit's defaultArgs
     defaults = dict(scope)
     used: set[str] = set()
     for cmd in meta_args:

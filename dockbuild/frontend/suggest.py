@@ -8,6 +8,7 @@ from collections.abc import Iterable
 def closest(value: str, options: Iterable[str], case_sensitive: bool = True) -> str:
     """The option at most two edits away from ``value`` ("" when none is, or when ``value``
     is one of the options)."""
+    original = value
     if not case_sensitive:
         value = value.lower()
     best, best_distance = "", 3  # at most two edits away, as BuildKit (and HCL) suggest
@@ -18,6 +19,8 @@ def closest(value: str, options: Iterable[str], case_sensitive: bool = True) -> 
         distance = _levenshtein(value, candidate)
         if distance < best_distance:
             best, best_distance = candidate, distance
+    if not case_sensitive and best and original == original.upper():
+        return best.upper()  # BuildKit's matchCase: in the case the value was written in
     return best
 
 

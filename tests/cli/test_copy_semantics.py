@@ -213,8 +213,9 @@ def test_exclude_patterns_are_relative_to_the_source(image: Path) -> None:
     assert _names(image / "excluded") == ["keep.txt", "x"]
     # as in .dockerignore, "*.md" matches at the top of the source only
     assert _names(image / "excluded/x/y") == ["deep.md", "deep.txt"]
-    assert "b.txt" not in _names(image / "glob-excluded")
-    assert "a.txt" in _names(image / "glob-excluded")
+    # a wildcard's matches are sources themselves: patterns apply below them, so b.txt
+    # is copied (BuildKit's fsutil; moby/buildkit#5489)
+    assert {"a.txt", "b.txt"} <= set(_names(image / "glob-excluded"))
 
 
 def test_parents_keep_paths_below_the_pivot(image: Path) -> None:

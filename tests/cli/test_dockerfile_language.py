@@ -95,7 +95,7 @@ def test_config_and_history_are_written_as_buildkit_writes_them(
         ("ENV APP_HOME=/srv/app", True),
         ("WORKDIR /srv/app", False),
         ("LABEL version=1.0", True),
-        ("EXPOSE [8080/tcp 53/udp]", True),
+        ("EXPOSE [53/udp 8080/tcp]", True),  # BuildKit sorts the words
         ("VOLUME [/data]", True),
         ("USER 1000:1000", True),
         ("STOPSIGNAL SIGINT", True),
@@ -195,7 +195,7 @@ def test_dockerfile_errors_name_the_line_show_it_and_exit_1(
     assert "Traceback" not in run.stderr
     assert "Dockerfile:3" in run.stderr
     assert "   3 | >>> COPPY a /a" in run.stderr
-    assert "ERROR: unknown instruction: COPPY (did you mean copy?)" in run.stderr
+    assert "ERROR: unknown instruction: COPPY (did you mean COPY?)" in run.stderr
 
 
 def test_dockerfile_from_stdin(dockbuild: DockbuildCLI, tmp_path: Path) -> None:

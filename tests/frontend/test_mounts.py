@@ -35,7 +35,7 @@ def test_mount_csv_quoting_allows_commas_in_values() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("type=volume,target=/x", "unsupported mount type 'volume'"),
+        ("type=volume,target=/x", 'unsupported mount type "volume"'),
         ("type=cahce,target=/x", r"did you mean cache\?"),
         ("type=cache,taget=/x", r"unexpected key 'taget' .*did you mean target\?"),
         ("type=bind,target=/x,mode=0755", "mode not allowed for 'bind' type mounts"),

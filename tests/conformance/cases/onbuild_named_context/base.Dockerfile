@@ -1,0 +1,2 @@
+FROM busybox
+ONBUILD COPY --from=otherstage /testfile /out/foo

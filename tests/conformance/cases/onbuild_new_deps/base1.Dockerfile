@@ -1,0 +1,2 @@
+FROM busybox
+ONBUILD COPY --from=relsrc /etc/release /out/release2

@@ -1,0 +1,2 @@
+FROM busybox
+RUN echo release-1.0 > /etc/release

@@ -1,0 +1,8 @@
+"""The conformance cases share the CLI test helpers (tests/cli/clitools.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
