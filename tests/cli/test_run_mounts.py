@@ -242,6 +242,14 @@ def test_a_secret_never_appears_in_any_byte_the_build_produces(
     assert needle not in json.dumps(config).encode() and needle not in json.dumps(history).encode()
     assert not any(needle in blob for blob in blobs)
     assert needle not in run.stdout and secret not in run.stderr
+    # The build's record (the cache root's history/, scanned below too) names the
+    # secrets by id, never by source or value.
+    record = json.loads(dockbuild("history", "inspect", "--format", "json").out)
+    assert record["secrets"] == ["token", "envtok"] and record["status"] == "completed"
+    shown = dockbuild("history", "inspect").out + dockbuild("history", "logs").out
+    assert secret not in shown and "token.txt" not in shown and "MY_SECRET_VAR" not in shown
+    assert needle not in gzip.decompress(dockbuild("history", "export").stdout)
+    assert any((dockbuild.root / "history").iterdir())
     for path in dockbuild.root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             data = path.read_bytes()
