@@ -425,10 +425,9 @@ def prune_cmd(
 
 def debug_check_cache(repair: bool) -> None:
     """Verify every blob against its digest and every record against its layers."""
+    from dockbuild import history
     from dockbuild.engine import gc
     from dockbuild.engine.store import Store
-
-    from dockbuild import history
 
     store = Store(shared=False)
     try:

@@ -22,10 +22,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import IO, Any
 
 from dockbuild.errors import DockbuildError
 from dockbuild.progress import Sink, Vertex, plain_line
+
+TYPE_CHECKING = False  # typing loads only for the type checker: `dockbuild history` starts lean
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 HISTORY = "history"
 RECORD = "record.json"
@@ -292,10 +295,16 @@ def collect(root: Path, keep: int | None = None, max_age: float | None = None) -
         max_age = age_default if max_age is None else max_age
     removed = []
     now = time.time()
-    for i, record in enumerate(records(root)):
-        if i >= keep or now - record.get("ended", now) > max_age:
-            remove(root, record["id"])
-            removed.append(record["id"])
+    try:
+        entries = [e for e in os.scandir(history_dir(root)) if not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    # A record's directory is renamed into place when its build ends: its mtime is then.
+    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    for i, entry in enumerate(entries):
+        if i >= keep or now - entry.stat().st_mtime > max_age:
+            remove(root, entry.name)
+            removed.append(entry.name)
     for leftover in leftovers(root):
         shutil.rmtree(leftover, ignore_errors=True)
     return removed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -45,7 +46,7 @@ class Vertex:
         self._partial = {"stdout": b"", "stderr": b""}
         self.tail: collections.deque[str] = collections.deque(maxlen=20)  # for error reports
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """An identifier in BuildKit's form (rawjson's ``vertex``), unique in the build."""
         import hashlib
