@@ -241,10 +241,16 @@ class RawJSONRenderer(Sink):
         self._write({"vertexes": [v]})
 
     def message(self, text: str) -> None:
+        """A warning is a ``warnings`` entry; another message (``--explain-cache``) a log
+        line of no step (no ``vertex``), which buildx's readers skip."""
         import base64
 
-        warning = {"level": 1, "short": base64.b64encode(text.encode()).decode()}
-        self._write({"warnings": [warning]})
+        data = base64.b64encode(text.encode()).decode()
+        if text.startswith("WARNING"):
+            self._write({"warnings": [{"level": 1, "short": data}]})
+        else:
+            log = {"stream": 2, "data": base64.b64encode((text + "\n").encode()).decode()}
+            self._write({"logs": [{**log, "timestamp": _timestamp(time.time())}]})
 
     def _write(self, status: dict[str, object]) -> None:
         with contextlib.suppress(BrokenPipeError, ValueError):

@@ -87,7 +87,17 @@ def test_rawjson_prints_buildkits_solve_status_one_a_line() -> None:
     ]
     assert all(re.fullmatch(stamp, e["timestamp"]) for e in logs)
     (warning,) = [w for s in statuses for w in s.get("warnings", [])]
+    assert "vertex" not in warning
     assert warning["level"] == 1 and base64.b64decode(warning["short"]) == b"WARNING: something to know"
+
+
+def test_rawjson_writes_a_message_that_is_no_warning_as_a_log_line_of_no_step() -> None:
+    out = io.StringIO()
+    Progress(RawJSONRenderer(out)).message("explain-cache: [2/2] RUN x: parent step changed")
+    (status,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    (log,) = status["logs"]
+    assert "vertex" not in log and log["stream"] == 2
+    assert base64.b64decode(log["data"]) == b"explain-cache: [2/2] RUN x: parent step changed\n"
 
 
 def test_a_line_without_end_is_passed_on_in_pieces_never_buffered_whole() -> None:
