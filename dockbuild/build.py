@@ -139,6 +139,7 @@ def build(request: BuildRequest) -> BuildResult:
         vertex.done()
         sources = ImageSources(store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull)
         run_options = _run_options(request)
+        progress.redact(_secret_values(run_options))
         # The cache manifests arrive while the frontend resolves base images.
         cache_sources = cacheio.open_sources(cache_from, sources.client, progress) if cache_from else None
         result = _convert(request, inputs, sources)
@@ -162,6 +163,18 @@ def build(request: BuildRequest) -> BuildResult:
         ids = _export(request, store, solver, result, state, outputs, cache_to, progress)
         _finish_record(record, progress, outputs, ids)
     return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+
+
+def _secret_values(run_options: RunOptions) -> list[bytes]:
+    """The --secret values that can be read now, for progress to mask in step logs (one
+    that cannot is an error later, if a step mounts it)."""
+    values = []
+    for source in run_options.secrets.values():
+        try:
+            values.append(source.read())
+        except DockbuildError:
+            continue
+    return values
 
 
 def _open_record(

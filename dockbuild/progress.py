@@ -65,6 +65,9 @@ class Vertex:
             self._line(stream, line.decode(errors="replace"))
 
     def _line(self, stream: str, text: str) -> None:
+        for secret in self._progress.secrets:
+            if secret in text:
+                text = text.replace(secret, "****")
         self.tail.append(text)
         self._progress._emit("log", self, stream=stream, text=text)
 
@@ -124,6 +127,13 @@ class Progress:
         self._started = time.monotonic()
         self.vertices: list[Vertex] = []
         self.written: list[str] = []  # what the outputs wrote, for the summary line
+        self.secrets: tuple[str, ...] = ()  # masked in every log line (see redact)
+
+    def redact(self, values: list[bytes]) -> None:
+        """Mask these secret values (each of their lines of 4 characters or more) in every
+        log line a step prints: no renderer shows them, no record keeps them."""
+        lines = {line.strip() for value in values for line in value.decode(errors="replace").splitlines()}
+        self.secrets = tuple(sorted((line for line in lines if len(line) >= 4), key=len, reverse=True))
 
     def vertex(self, name: str) -> Vertex:
         with self._lock:
