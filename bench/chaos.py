@@ -21,6 +21,7 @@ scenarios with small counts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -167,7 +168,7 @@ def kills(chaos: Chaos, count: int, rng: random.Random, push: str | None = None)
     ctx = chaos.context()
     extra = ["--cache-to", f"type=local,dest={chaos.work / 'exported'}"]
     if push:
-        extra += ["-t", push, "--output", f"type=registry,name={push},registry.insecure=true"]
+        extra += ["-t", push, "--push"]
     for i in range(count):
         row.runs += 1
         proc = subprocess.Popen(
@@ -336,16 +337,32 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=10)
     parser.add_argument("--seed", type=int, default=19)
     parser.add_argument("--push", metavar="HOST/REPO:TAG", help="also push to this (loopback) registry")
+    parser.add_argument("--registry", action="store_true", help="start Debian's docker-registry on loopback (tests/registry_fixture.py) and push to it")
+    parser.add_argument("--only", choices=("kill", "disk", "concurrent", "signals"), help="one scenario")
     options = parser.parse_args()
+    # Started in the background by a shell, the bench inherits SIGINT ignored, and so would
+    # every build it starts: the SIGINT scenario needs the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(options.seed)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="dockbuild-chaos-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dockbuild-chaos-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        rows.append(kills(Chaos(work / "kill-root", work), options.kills, rng, options.push))
-        print(table(rows), flush=True)
-        rows.append(full_disk(work))
-        rows.append(concurrent(Chaos(work / "concurrent-root", work), options.concurrent))
-        rows += signals(Chaos(work / "signal-root", work))
+        if options.registry:
+            sys.path.insert(0, str(REPO / "tests"))
+            import registry_fixture
+
+            registry = registry_fixture._start_registry(work / "registry")
+            stack.callback(registry_fixture._stop_registry, registry)
+            options.push = f"{registry.host}/chaos/app:1"
+        if options.only in (None, "kill"):
+            rows.append(kills(Chaos(work / "kill-root", work), options.kills, rng, options.push))
+            print(table(rows), flush=True)
+        if options.only in (None, "disk"):
+            rows.append(full_disk(work))
+        if options.only in (None, "concurrent"):
+            rows.append(concurrent(Chaos(work / "concurrent-root", work), options.concurrent))
+        if options.only in (None, "signals"):
+            rows += signals(Chaos(work / "signal-root", work))
     print()
     print(table(rows))
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from clitools import REPO, DockbuildCLI
+from registry_fixture import Registry
 
 
 def _load_chaos() -> ModuleType:
@@ -41,8 +42,10 @@ def scene(tmp_path: Path, busybox_layout: Path) -> Any:
     return chaos.Chaos(tmp_path / "cache", tmp_path, busybox_layout)
 
 
-def test_builds_killed_at_random_moments_leave_a_cache_the_next_build_trusts(scene: Any) -> None:
-    row = chaos.kills(scene, 3, random.Random(19))
+def test_builds_killed_at_random_moments_leave_a_cache_the_next_build_trusts(
+    scene: Any, registry: Registry
+) -> None:
+    row = chaos.kills(scene, 3, random.Random(19), push=f"{registry.host}/chaos/app:1")
     assert (row.runs, row.ok, row.notes) == (3, 3, [])
 
 
