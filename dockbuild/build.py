@@ -168,11 +168,16 @@ def build(request: BuildRequest) -> BuildResult:
 def _secret_values(run_options: RunOptions) -> list[bytes]:
     """The --secret values that can be read now, for progress to mask in step logs (one
     that cannot is an error later, if a step mounts it)."""
+    import stat
+
     values = []
     for source in run_options.secrets.values():
         try:
+            # A FIFO or /dev/stdin can be read once: the step's mount reads it, not this.
+            if source.path is not None and not stat.S_ISREG(os.stat(source.path).st_mode):
+                continue
             values.append(source.read())
-        except DockbuildError:
+        except (DockbuildError, OSError):
             continue
     return values
 
