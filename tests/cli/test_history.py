@@ -183,3 +183,16 @@ def test_concurrent_builds_each_write_a_whole_record(dockbuild: DockbuildCLI, tm
         n = json.loads(dockbuild("history", "inspect", r["id"], "--format", "json").out)["build_args"]["N"]
         assert f"build {n}" in dockbuild("history", "logs", r["id"]).out
     assert not [p.name for p in (dockbuild.root / "history").iterdir() if p.name.startswith(".")]
+
+
+def test_history_loads_nothing_of_the_engine_the_frontend_or_rich(dockbuild: DockbuildCLI) -> None:
+    shown = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dockbuild", "history", "ls"],
+        env=dockbuild.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in shown.stderr.splitlines() if "|" in line}
+    heavy = {"rich", "sqlite3", "requests", "zstandard", "dockbuild.engine.store", "dockbuild.frontend"}
+    assert "dockbuild.history" in loaded and not loaded & heavy, sorted(loaded & heavy)
