@@ -22,6 +22,7 @@ from dockbuild.errors import DockbuildError
 TYPE_CHECKING = False  # typing and the heavy modules load only for the type checker
 if TYPE_CHECKING:
     from contextlib import ExitStack
+    from pathlib import Path
 
     from dockbuild.engine.cacheio import CacheSpec
     from dockbuild.engine.executor import Executor
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from dockbuild.engine.store import Store
     from dockbuild.frontend.checks import CheckWarning
     from dockbuild.frontend.convert import Definition
+    from dockbuild.history import Record
     from dockbuild.outputs.exporter import ExportIds
     from dockbuild.outputs.spec import OutputSpec
     from dockbuild.progress import Progress
@@ -132,11 +134,13 @@ def build(request: BuildRequest) -> BuildResult:
 
         progress = make_progress(request.progress)
         cleanup.callback(progress.close)
+        record = _open_record(cleanup, root, request, inputs, progress)
         vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
         vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
         vertex.done()
         sources = ImageSources(store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull)
         run_options = _run_options(request)
+        progress.redact(_secret_values(run_options))
         # The cache manifests arrive while the frontend resolves base images.
         cache_sources = cacheio.open_sources(cache_from, sources.client, progress) if cache_from else None
         result = _convert(request, inputs, sources)
@@ -158,7 +162,54 @@ def build(request: BuildRequest) -> BuildResult:
             cacheio.import_cache(store, solver, result.root, cache_sources(), progress)
         state = solver.solve(result.root)
         ids = _export(request, store, solver, result, state, outputs, cache_to, progress)
+        _finish_record(record, progress, outputs, ids)
     return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+
+
+def _secret_values(run_options: RunOptions) -> list[bytes]:
+    """The --secret values that can be read now, for progress to mask in step logs (one
+    that cannot is an error later, if a step mounts it)."""
+    import stat
+
+    values = []
+    for source in run_options.secrets.values():
+        try:
+            # A FIFO or /dev/stdin can be read once: the step's mount reads it, not this.
+            if source.path is not None and not stat.S_ISREG(os.stat(source.path).st_mode):
+                continue
+            values.append(source.read())
+        except (DockbuildError, OSError):
+            continue
+    return values
+
+
+def _open_record(
+    cleanup: ExitStack, root: Path, request: BuildRequest, inputs: contexts.Inputs, progress: Progress
+) -> Record | None:
+    """The build's history record (dockbuild/history.py), fed by the progress events and
+    finished as failed when the build raises; none when the cache root refuses it."""
+    from dockbuild import history
+
+    info = history.request_info(request, inputs.dockerfile_name, inputs.dockerfile_text)
+    try:
+        record = history.Record(root, info)
+    except OSError as e:
+        progress.message(f"WARNING: no build record: {e}")
+        return None
+    progress.record = record
+    cleanup.push(record.exit)
+    return record
+
+
+def _finish_record(record: Record | None, progress: Progress, outputs: list[OutputSpec], ids: ExportIds) -> None:
+    """The outputs written (for the record and the summary line), and the record done."""
+    for spec in outputs:
+        dest = spec.dest if spec.dest not in (None, "-") else ", ".join(spec.names) or "stdout"
+        progress.wrote(f"{spec.type} {dest}")
+        if record is not None:
+            record.output(spec.type, dest, ids.manifest_digest)
+    if record is not None:
+        record.finish("completed", image_id=ids.image_id)
 
 
 def check(request: BuildRequest) -> list[CheckWarning]:

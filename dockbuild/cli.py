@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from dockbuild.engine.gc import DiskUsage
     from dockbuild.errors import Location
 
-SUBCOMMANDS = {"build", "debug", "version", "du", "prune", "--help", "-h"}
+SUBCOMMANDS = {"build", "debug", "history", "version", "du", "prune", "--help", "-h"}
 
 # The names --executor and --network take (the executor probe and the frontend check them
 # again; tests/cli/test_cli_args.py keeps these lists equal to theirs).
@@ -34,7 +34,7 @@ EXECUTORS = ("auto", "namespace", "runc", "chroot")
 NETWORK_MODES = ("default", "none", "host")
 
 # What the parsers add to the parsed flags besides the command's own parameters.
-_PARSER_KEYS = {"run", "parser", "command", "debug_command"}
+_PARSER_KEYS = {"run", "parser", "command", "debug_command", "history_command"}
 
 _DEBUG = False
 
@@ -453,6 +453,7 @@ def prune_cmd(
 
 def debug_check_cache(repair: bool) -> None:
     """Verify every blob against its digest and every record against its layers."""
+    from dockbuild import history
     from dockbuild.engine import gc
     from dockbuild.engine.store import Store
 
@@ -461,6 +462,7 @@ def debug_check_cache(repair: bool) -> None:
         problems = gc.check(store, repair=repair)
     finally:
         store.close()
+    problems += history.check(store.root, repair=repair)
     for line in problems:
         print(("repaired: " if repair else "broken: ") + line)
     if not problems:
@@ -468,6 +470,176 @@ def debug_check_cache(repair: bool) -> None:
     elif not repair:
         print(f"{len(problems)} problem(s); run `dockbuild debug check-cache --repair` to drop them")
         sys.exit(1)
+
+
+def history_ls(format_: str, filter_: list[str]) -> None:
+    """List build records, the newest first."""
+    import json
+
+    from dockbuild import history
+    from dockbuild.engine.cacheroot import default_root
+
+    tests = [_history_filter(f) for f in filter_]
+    found = [r for r in history.records(default_root()) if all(test(r) for test in tests)]
+    if format_ == "json":
+        for r in found:
+            print(json.dumps(_history_summary(r)))
+        return
+    if format_ != "table":
+        from dockbuild.errors import UsageError
+
+        raise UsageError(f"invalid --format {format_!r}", hint="table or json")
+    rows = [("BUILD ID", "NAME", "STATUS", "CREATED AT", "DURATION", "CACHED")]
+    for r in found:
+        summary = _history_summary(r)
+        rows.append((
+            r["id"], r.get("name", ""), r.get("status", ""), _ago(r.get("started", 0.0)),
+            f"{r.get('duration', 0.0):.1f}s", f"{summary['cached']}/{summary['steps']}",
+        ))  # fmt: skip
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _history_summary(record: dict[str, Any]) -> dict[str, Any]:
+    steps = record.get("steps", [])
+    return {
+        "id": record["id"],
+        "name": record.get("name"),
+        "status": record.get("status"),
+        "started": record.get("started"),
+        "duration": record.get("duration"),
+        "steps": len(steps),
+        "cached": sum(s.get("status") == "cached" for s in steps),
+        "image_id": record.get("image_id"),
+        "error": record.get("error"),
+    }
+
+
+def _history_filter(spec: str) -> Callable[[dict[str, Any]], bool]:
+    """--filter KEY=VALUE or KEY!=VALUE on status, name or id (a prefix)."""
+    from dockbuild.errors import UsageError
+
+    key, negate, value = spec.partition("!=")
+    if not negate:
+        key, eq, value = spec.partition("=")
+        if not eq:
+            raise UsageError(f"invalid --filter {spec!r}", hint="KEY=VALUE or KEY!=VALUE; keys: status, name, id")
+    if key not in ("status", "name", "id"):
+        raise UsageError(f"invalid --filter key {key!r}", hint="status, name or id")
+
+    def test(record: dict[str, Any]) -> bool:
+        field = str(record.get(key) or "")
+        hit = field.startswith(value) if key == "id" else field == value
+        return hit != bool(negate)
+
+    return test
+
+
+def _ago(started: float) -> str:
+    import time
+
+    seconds = max(0, int(time.time() - started))
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''} ago"
+    return f"{seconds} seconds ago"
+
+
+def history_inspect(ref: str | None, format_: str) -> None:
+    """Show a build record: its inputs, outputs, steps and errors (REF: an ID, ^N, or the
+    newest when omitted)."""
+    import json
+    import time
+
+    from dockbuild import history
+    from dockbuild.engine.cacheroot import default_root
+
+    r = history.find(default_root(), ref)
+    if format_ == "json":
+        print(json.dumps(r, indent=2))
+        return
+    steps = r.get("steps", [])
+    cached = sum(s.get("status") == "cached" for s in steps)
+    lines = [
+        f"ID:             {r['id']}",
+        f"Name:           {r.get('name', '')}",
+        f"Context:        {r.get('context', '')}",
+        f"Dockerfile:     {r.get('dockerfile', '')}",
+        f"Target:         {r.get('target') or ''}",
+        f"Platform:       {r.get('platform', '')}",
+        f"Status:         {r.get('status', '')}",
+        f"Started:        {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.get('started', 0)))}",
+        f"Duration:       {r.get('duration', 0.0):.1f}s",
+        f"Build Steps:    {len(steps)} ({cached} cached)",
+    ]
+    if r.get("build_args"):
+        lines += ["", "Build Args:"] + [f"  {k}={'' if v is None else v}" for k, v in r["build_args"].items()]
+    if r.get("secrets"):
+        lines += ["", "Secrets:        " + ", ".join(r["secrets"])]
+    if r.get("outputs"):
+        lines += ["", "Outputs:"] + [f"  {o['type']} {o['dest']} {o.get('digest') or ''}".rstrip() for o in r["outputs"]]
+    if r.get("image_id"):
+        lines.append(f"Image ID:       {r['image_id']}")
+    lines += ["", "Steps:"]
+    for s in steps:
+        state = {"cached": "CACHED", "done": "DONE", "error": "ERROR"}.get(s.get("status", ""), "CANCELED")
+        lines.append(f"  #{s['number']:<3} {state:<8} {s.get('duration', 0.0):7.2f}s  {s['name']}")
+    if r.get("warnings"):
+        lines += ["", "Warnings:"] + [f"  {w}" for w in r["warnings"]]
+    if r.get("error"):
+        lines += ["", f"Error:          {r['error']}"]
+    lines += ["", "Dockerfile text:", r.get("dockerfile_text", "").rstrip("\n")]
+    print("\n".join(lines))
+
+
+def history_logs(ref: str | None, step: int | None) -> None:
+    """Print the whole log of a build (of one step with --step), in plain progress format."""
+    from dockbuild import history
+    from dockbuild.engine.cacheroot import default_root
+
+    root = default_root()
+    history.plain_log(root, history.find(root, ref), step, sys.stdout)
+
+
+def history_rm(refs: list[str], all_: bool) -> None:
+    """Remove build records."""
+    from dockbuild import history
+    from dockbuild.engine.cacheroot import default_root
+    from dockbuild.errors import UsageError
+
+    root = default_root()
+    if all_:
+        targets = history.records(root)
+    elif refs:
+        targets = [history.find(root, ref) for ref in refs]
+    else:
+        raise UsageError("history rm needs a build reference", hint="an ID, ^N, or --all")
+    for record in targets:
+        history.remove(root, record["id"])
+
+
+def history_export(ref: str | None, output: str | None) -> None:
+    """Write a build record (record.json and its logs) as a gzipped tarball."""
+    from dockbuild import history
+    from dockbuild.engine.cacheroot import default_root
+    from dockbuild.errors import DockbuildError
+
+    root = default_root()
+    record = history.find(root, ref)
+    if output is None or output == "-":
+        if sys.stdout.isatty():
+            raise DockbuildError("refusing to write a tarball to a terminal", hint="use -o FILE or a pipe")
+        history.export(root, record, sys.stdout.buffer)
+        sys.stdout.flush()
+        return
+    from pathlib import Path
+
+    from dockbuild.atomic import output_file
+
+    with output_file(Path(output)) as f:
+        history.export(root, record, f)
 
 
 def version_cmd() -> None:
@@ -556,6 +728,29 @@ def _parser() -> _Parser:
     prune.add_argument("-v", "--verbose", action="store_true", help="List every record removed.")
 
     _command(commands, "version", version_cmd)
+
+    hist = commands.add_parser(
+        "history",
+        help="Build records: list, inspect, logs, rm, export.",
+        description="Every build leaves a record in the cache root. REF is a build ID (or a unique prefix), ^N for the Nth build before the newest, or nothing for the newest.",
+        usage="%(prog)s COMMAND [OPTIONS] [REF]",
+    )
+    history_commands = hist.add_subparsers(title="commands", metavar="COMMAND", dest="history_command", required=True, prog="dockbuild history")
+    ls = _command(history_commands, "ls", history_ls)
+    ls.add_argument("--format", dest="format_", metavar="FORMAT", default="table", help="table or json (one object a line).")
+    ls.add_argument("--filter", dest="filter_", metavar="FILTER", action="append", default=[], help="status=completed|error|canceled, name=NAME, id=PREFIX (!= negates).")
+    inspect = _command(history_commands, "inspect", history_inspect, "[REF]")
+    inspect.add_argument("ref", metavar="REF", nargs="?", help="A build ID, ^N, or the newest when omitted.")
+    inspect.add_argument("--format", dest="format_", metavar="FORMAT", default="pretty", choices=("pretty", "json"), help="pretty or json.")
+    logs = _command(history_commands, "logs", history_logs, "[REF]")
+    logs.add_argument("ref", metavar="REF", nargs="?", help="A build ID, ^N, or the newest when omitted.")
+    logs.add_argument("--step", metavar="N", type=int, help="Only step #N.")
+    rm = _command(history_commands, "rm", history_rm, "[REF...]")
+    rm.add_argument("refs", metavar="REF", nargs="*", help="Build IDs or ^N.")
+    rm.add_argument("--all", dest="all_", action="store_true", help="Remove every record.")
+    exp = _command(history_commands, "export", history_export, "[REF]")
+    exp.add_argument("ref", metavar="REF", nargs="?", help="A build ID, ^N, or the newest when omitted.")
+    exp.add_argument("-o", "--output", metavar="FILE", help="Write the tarball here (default: stdout).")
 
     debug = commands.add_parser(
         "debug",

@@ -3,6 +3,7 @@ measured (du), trimmed (prune, GC), bypassed per stage and explained."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -29,11 +30,13 @@ def statuses(stderr: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for line in stderr.splitlines():
         try:
-            event = json.loads(line)
+            status = json.loads(line)
         except ValueError:
             continue
-        if event.get("event") in ("cached", "done", "error"):
-            out.setdefault(event["name"], []).append(event["event"])
+        for v in status.get("vertexes", []) if isinstance(status, dict) else []:
+            if "completed" in v:
+                state = "cached" if v.get("cached") else "error" if v.get("error") else "done"
+                out.setdefault(v["name"], []).append(state)
     return out
 
 
@@ -546,7 +549,13 @@ def test_explain_cache_names_the_changed_file_build_arg_and_parent(dockbuild: Do
         "--progress=rawjson", *dockbuild.base_context, "--explain-cache", "--build-arg", "FLAVOR=mild",
         "-o", f"type=local,dest={tmp_path / 'o4'}", str(ctx),
     )
-    messages = [json.loads(x)["text"] for x in raw.stderr.splitlines() if '"message"' in x]
+    messages = [  # log lines of no step
+        base64.b64decode(log["data"]).decode()
+        for x in raw.stderr.splitlines()
+        if x.startswith("{")
+        for log in json.loads(x).get("logs", [])
+        if "vertex" not in log
+    ]
     assert any("build args / env changed: FLAVOR" in m for m in messages), messages
     assert os.path.exists(tmp_path / "o4" / "flavor")
 

@@ -219,6 +219,8 @@ def test_a_secret_never_appears_in_any_byte_the_build_produces(
         " --mount=target=/x,source=expect"
         ' test "$TOKEN" = "$(cat /x)" && stat -c \'%a %u\' /etc/tok > /env-ok\n'
         "RUN --mount=type=secret,id=absent ls /run/secrets > /absent 2>&1; true\n"
+        # A step that prints the secret: masked in the progress output and the record.
+        'RUN --mount=type=secret,id=token echo "the token: $(cat /run/secrets/token)"\n'
     )
     run = build_oci(
         dockbuild, ctx, out, "--executor", executor,
@@ -242,6 +244,16 @@ def test_a_secret_never_appears_in_any_byte_the_build_produces(
     assert needle not in json.dumps(config).encode() and needle not in json.dumps(history).encode()
     assert not any(needle in blob for blob in blobs)
     assert needle not in run.stdout and secret not in run.stderr
+    assert "the token: ****" in run.stderr
+    # The build's record (the cache root's history/, scanned below too) names the
+    # secrets by id, never by source or value.
+    record = json.loads(dockbuild("history", "inspect", "--format", "json").out)
+    assert record["secrets"] == ["token", "envtok"] and record["status"] == "completed"
+    shown = dockbuild("history", "inspect").out + dockbuild("history", "logs").out
+    assert secret not in shown and "token.txt" not in shown and "MY_SECRET_VAR" not in shown
+    assert "the token: ****" in shown
+    assert needle not in gzip.decompress(dockbuild("history", "export").stdout)
+    assert any((dockbuild.root / "history").iterdir())
     for path in dockbuild.root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             data = path.read_bytes()
