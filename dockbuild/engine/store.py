@@ -701,12 +701,20 @@ _FS_TOPDIR_FL = 0x00020000
 def remove_tree(path: Path) -> None:
     """Remove a directory tree, including dirs that an overlay left unreadable (mode 000)."""
 
-    def fix_and_retry(func: Callable[[str], object], p: str, _exc: object) -> None:
+    retried: set[str] = set()
+
+    def fix_and_retry(func: Callable[..., object], p: str, exc_info: tuple[type, BaseException, object]) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(p), 0o700)
             os.chmod(p, 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            func(p)
+        if func in (os.unlink, os.rmdir):
+            with contextlib.suppress(FileNotFoundError):
+                func(p)
+        elif p not in retried:  # os.open, os.scandir, os.lstat: a directory it could not read
+            retried.add(p)
+            shutil.rmtree(p, onerror=fix_and_retry)
+        elif not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
 
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, onerror=fix_and_retry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -244,3 +245,28 @@ def test_a_step_lock_excludes_threads_and_processes_per_key_and_makes_no_file(st
     assert done.wait(60)
     process.join(60)
     assert sorted(p.name for p in (store.root / "locks").iterdir()) == ["gc", "steps"]
+
+
+def test_remove_tree_retries_a_directory_it_could_not_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rmtree reports a directory it cannot open with os.open as the failed call: the retry
+    must remove that subtree, not call os.open(path) without flags (a TypeError that once
+    turned an interrupted build's clean-up into an internal error)."""
+    from dockbuild.engine.store import remove_tree
+
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "f").write_text("x")
+    real_open = os.open
+    refused: list[str] = []
+
+    def open_refusing_b_once(path: str, *args: object, **kwargs: object) -> int:
+        if str(path).endswith("b") and not refused:
+            refused.append(str(path))
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]  # os.open's own arguments
+
+    monkeypatch.setattr(os, "open", open_refusing_b_once)
+    remove_tree(tree)
+    assert refused and not tree.exists()
