@@ -455,7 +455,7 @@ class Solver:
                     try:
                         specs, extra_env = self._run_mounts().prepare(op, states, work, stack)
                         executor = self._executor_instance()
-                        step_root = snapshotter.for_executor(executor).prepare(
+                        step_root = snapshotter.for_executor(executor, self.store.root).prepare(
                             self.layer_paths(parent), work
                         )
                         request = RunRequest(

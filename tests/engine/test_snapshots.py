@@ -201,9 +201,9 @@ def test_overlay_snapshotter_gives_the_chain_top_first_and_an_empty_lower_for_sc
     tmp_path: Path,
 ) -> None:
     from dockbuild.engine.executor import OverlayRootfs
-    from dockbuild.engine.snapshotter import choose
+    from dockbuild.engine.snapshotter import by_name
 
-    snapshotter = choose(mounts=True)
+    snapshotter = by_name("overlay")
     assert snapshotter.name == "overlay"
     work = _work(tmp_path)
     bottom, top = put(tmp_path, "l1"), put(tmp_path, "l2")
@@ -221,9 +221,9 @@ def test_copy_snapshotter_copies_the_merged_view_and_commits_changes_as_overlay_
     tmp_path: Path,
 ) -> None:
     from dockbuild.engine.executor import PlainRootfs
-    from dockbuild.engine.snapshotter import choose
+    from dockbuild.engine.snapshotter import by_name
 
-    snapshotter = choose(mounts=False)
+    snapshotter = by_name("copy")
     assert snapshotter.name == "copy"
     base, over = tmp_path / "base", tmp_path / "over"
     put(base, "etc/keep", "k")
