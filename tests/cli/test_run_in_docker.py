@@ -189,5 +189,11 @@ def test_a_user_in_a_default_container_gets_an_error_naming_the_flags(
     run = docker_dockbuild(image, vol, *BUILD, user="1000")
     assert run.returncode == 1
     assert "no way to run RUN steps here" in run.stderr
+    # The smallest changes that work: root, or unconfined profiles (docker and Kubernetes).
+    assert "run the container as root" in run.stderr
+    assert "securityContext.runAsUser: 0" in run.stderr
     assert "--security-opt seccomp=unconfined --security-opt apparmor=unconfined" in run.stderr
+    assert "securityContext.seccompProfile.type: Unconfined" in run.stderr
+    assert "securityContext.appArmorProfile.type: Unconfined" in run.stderr
     assert "Traceback" not in run.stderr
+

@@ -92,12 +92,25 @@ def _same(a: os.stat_result, b: os.stat_result, link_a: str, link_b: str) -> boo
     )
 
 
+def _made_again(
+    rel: str, st: os.stat_result, old: os.stat_result, before: dict[str, os.stat_result], path: Path
+) -> bool:
+    """Whether a directory was removed and made again: a new inode, or (the file system
+    may hand the freed inode number straight back) none of its old entries left. Either
+    way an opaque directory with the new entries is the same tree as whiteouts for each."""
+    if st.st_ino != old.st_ino:
+        return True
+    prefix = rel + "/"
+    old_names = {r[len(prefix) :].split("/", 1)[0] for r in before if r.startswith(prefix)}
+    return bool(old_names) and not old_names & set(os.listdir(path))
+
+
 def diff(root: Path, before: dict[str, os.stat_result], upper: Path) -> None:
     """Write what changed in ``root`` since ``before`` into ``upper`` (overlay format).
 
-    A directory removed and made again (a new inode) becomes an opaque directory holding
-    all of its new contents, as overlayfs records it, so both snapshotters give the same
-    layer for the same step.
+    A directory removed and made again becomes an opaque directory holding all of its
+    new contents, as overlayfs records it, so both snapshotters give the same layer for
+    the same step (see :func:`_made_again`).
     """
     from dockbuild.userns import in_user_namespace
 
@@ -118,7 +131,7 @@ def diff(root: Path, before: dict[str, os.stat_result], upper: Path) -> None:
                 if (
                     stat.S_ISDIR(st.st_mode)
                     and stat.S_ISDIR(old.st_mode)
-                    and st.st_ino != old.st_ino
+                    and _made_again(rel, st, old, before, path)
                 ):
                     remade.append(rel)
                     _copy_up(root, rel, upper)
