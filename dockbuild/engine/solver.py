@@ -458,6 +458,7 @@ class Solver:
                         step_root = snapshotter.for_executor(executor, self.store.root).prepare(
                             self.layer_paths(parent), work
                         )
+                        stack.callback(step_root.release)
                         request = RunRequest(
                             args=op.args,
                             env=op.env + op.proxy_env + tuple(extra_env),

@@ -79,6 +79,7 @@ MODES = (
         "unconfined uid 1000 + subuids", "1000", UNCONFINED, True,
         "unshare --user --map-users=auto --map-groups=auto true",
     ),  # fmt: skip
+    Mode("unconfined root + /dev/fuse", "0", (*UNCONFINED, "--device", "/dev/fuse"), True),
     Mode("privileged root", "0", ("--privileged",), True),
 )
 CACHES = ("in container", "volume")

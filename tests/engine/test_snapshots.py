@@ -339,3 +339,34 @@ def test_the_snapshotter_verdict_is_probed_once_and_remembered_per_file_system(
     again = probe.verdict(root, True)
     assert again.name == first.name and again.reason.endswith("(remembered)")
     assert probe.verdict(root, False).name == "copy"  # an executor that cannot mount
+
+
+def test_fuse_overlay_snapshotter_leaves_the_changes_in_overlay_format(tmp_path: Path) -> None:
+    import shutil
+
+    from dockbuild.engine.archive import is_opaque_dir, is_whiteout
+    from dockbuild.engine.snapshotter import by_name
+    from dockbuild.engine.snapshotter.fuse_overlay import unusable
+
+    if unusable() or os.geteuid() != 0:
+        pytest.skip(f"fuse-overlayfs cannot mount here: {unusable() or 'not root'}")
+    base = tmp_path / "base"
+    put(base, "d/opq/x", "x")
+    put(base, "d/gone", "g")
+    work = _work(tmp_path)
+    step = by_name("fuse-overlayfs").prepare((base,), work)
+    try:
+        root = Path(step.rootfs.path)
+        assert (root / "d" / "opq" / "x").read_text() == "x"
+        shutil.rmtree(root / "d" / "opq")
+        put(root, "d/opq/y", "y")
+        (root / "d" / "gone").unlink()
+        step.commit()
+    finally:
+        step.release()
+    assert not os.path.ismount(step.rootfs.path)
+    upper = work / "upper"
+    assert is_whiteout(os.lstat(upper / "d" / "gone"))
+    assert is_opaque_dir(upper / "d" / "opq"), os.listxattr(upper / "d" / "opq")
+    assert os.listdir(upper / "d" / "opq") == ["y"]  # no marker files of its own
+    assert (base / "d" / "gone").exists()  # the lower layer is untouched

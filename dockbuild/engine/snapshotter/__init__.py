@@ -31,6 +31,10 @@ class StepRoot(Protocol):
         """After a successful run: leave the step's changes in the upper dir."""
         ...
 
+    def release(self) -> None:
+        """After the run, whatever happened: undo what prepare mounted (idempotent)."""
+        ...
+
 
 class Snapshotter(Protocol):
     name: str

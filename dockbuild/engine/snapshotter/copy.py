@@ -32,6 +32,9 @@ class CopyStep:
     def commit(self) -> None:
         diff(Path(self.rootfs.path), self.before, self.upper)
 
+    def release(self) -> None:
+        """Nothing is mounted."""
+
 
 class CopySnapshotter:
     name = "copy"

@@ -32,8 +32,16 @@ def unusable() -> str | None:
 class FuseStep:
     rootfs: PlainRootfs
 
+    upper: Path
+
     def commit(self) -> None:
-        unmount(self.rootfs.path)
+        """Unmount, then turn fuse-overlayfs's own markers into the kernel's format."""
+        self.release()
+        normalize(self.upper)
+
+    def release(self) -> None:
+        if os.path.ismount(self.rootfs.path):
+            unmount(self.rootfs.path)
 
 
 class FuseOverlaySnapshotter:
@@ -55,7 +63,33 @@ class FuseOverlaySnapshotter:
         )
         if done.returncode != 0:
             raise ExecutorError(f"fuse-overlayfs: {done.stderr.strip() or 'mount failed'}")
-        return FuseStep(PlainRootfs(str(merged)))
+        return FuseStep(PlainRootfs(str(merged)), work / "upper")
+
+
+def normalize(upper: Path) -> None:
+    """fuse-overlayfs marks an opaque directory with ``.wh..wh..opq`` and ``.wh..opq``
+    files (besides the xattr) and, where it cannot mknod, a deletion with a ``.wh.NAME`` file: make them the
+    opaque xattr and whiteouts that the rest of the engine reads."""
+    from dockbuild.engine.archive import (
+        OPAQUE_MARKER,
+        WHITEOUT_PREFIX,
+        is_opaque_dir,
+        make_whiteout,
+        mark_opaque,
+    )
+    from dockbuild.userns import in_user_namespace
+
+    rootless = in_user_namespace()
+    for dirpath, _dirnames, filenames in os.walk(upper):
+        for name in filenames:
+            if not name.startswith(WHITEOUT_PREFIX):
+                continue
+            os.unlink(os.path.join(dirpath, name))
+            if name in (OPAQUE_MARKER, ".wh..opq"):  # fuse-overlayfs writes both
+                if not is_opaque_dir(dirpath):
+                    mark_opaque(dirpath, rootless)
+            elif not name.startswith(WHITEOUT_PREFIX * 2):  # not other bookkeeping
+                make_whiteout(os.path.join(dirpath, name[len(WHITEOUT_PREFIX) :]))
 
 
 def unmount(path: str) -> None:

@@ -107,31 +107,34 @@ def _remember(root: Path, key: str, found: Verdict) -> None:
 def _probe(root: Path, wrap: bool) -> Verdict:
     from dockbuild.engine.snapshotter import fuse_overlay
 
+    overlay = _run_probe(root, wrap, "overlay")
+    if overlay == "ok":
+        return Verdict("overlay", "an overlay mount with its upper dir in the cache root works")
+    refused = f"overlayfs refuses the cache root ({overlay})"
+    fuse = fuse_overlay.unusable() or _run_probe(root, wrap, "fuse")
+    if fuse == "ok":
+        return Verdict("fuse-overlayfs", f"{refused}; a fuse-overlayfs mount there works")
+    return Verdict(
+        "copy",
+        f"{refused}; {fuse}: each RUN gets a copy of its rootfs (a cache root on a volume "
+        "is faster: see docs/containers.md)",
+    )
+
+
+def _run_probe(root: Path, wrap: bool, kind: str) -> str:
+    """ "ok", or why a ``kind`` mount fails, tried in a child process as the build would."""
     base = root / "tmp" / f"probe-{os.getpid()}-{os.urandom(4).hex()}"
     base.mkdir(parents=True)
     try:
         # In a user namespace of its own (root mapped), as the build would be.
         enter = ["unshare", "--user", "--map-root-user", "--"] if wrap else []
         done = subprocess.run(
-            [*enter, sys.executable, "-m", "dockbuild.engine.snapshotter.probe", str(base)],
+            [*enter, sys.executable, "-m", "dockbuild.engine.snapshotter.probe", kind, str(base)],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
-        answer = done.stdout.strip() or done.stderr.strip()[-300:] or "the probe died"
+        return done.stdout.strip() or done.stderr.strip()[-300:] or "the probe died"
     finally:
         _remove(base)
-    if answer == "ok":
-        return Verdict("overlay", "an overlay mount with its upper dir in the cache root works")
-    refused = f"overlayfs refuses the cache root ({answer})"
-    fuse = fuse_overlay.unusable()
-    if fuse is None:
-        return Verdict(
-            "fuse-overlayfs", f"{refused}; fuse-overlayfs is installed and /dev/fuse is there"
-        )
-    return Verdict(
-        "copy",
-        f"{refused}; {fuse}: each RUN gets a copy of its rootfs (a cache root on a volume "
-        "is faster: see docs/containers.md)",
-    )
 
 
 def _remove(base: Path) -> None:
@@ -144,8 +147,10 @@ def _remove(base: Path) -> None:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _main(base: str) -> None:
-    """In a child of the build: mount an overlay in ``base``, remove a lower file through it."""
+def _main(kind: str, base: str) -> None:
+    """In a child of the build: mount an overlay in ``base`` (the kernel's in a mount
+    namespace of its own; fuse-overlayfs where the build would mount it), remove a lower
+    file through it."""
     from dockbuild.engine.executor.forkserver.server import in_user_namespace
     from dockbuild.engine.executor.forkserver.syscalls import (
         CLONE_NEWNS,
@@ -162,6 +167,20 @@ def _main(base: str) -> None:
         os.mkdir(d)
     with open(os.path.join(dirs["lower"], "file"), "w"):
         pass
+    if kind == "fuse":
+        from dockbuild.engine.snapshotter.fuse_overlay import FuseOverlaySnapshotter, unmount
+        from dockbuild.errors import ExecutorError
+
+        try:
+            step = FuseOverlaySnapshotter().prepare((Path(dirs["lower"]),), Path(base))
+            try:
+                os.unlink(os.path.join(step.rootfs.path, "file"))
+            finally:
+                unmount(step.rootfs.path)
+            print("ok")
+        except (OSError, ExecutorError) as e:
+            print(str(e).replace("\n", "; "))
+        return
     try:
         unshare(CLONE_NEWNS)
         mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -175,4 +194,4 @@ def _main(base: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    _main(sys.argv[1], sys.argv[2])
