@@ -35,6 +35,7 @@ pytestmark = [
 MOUNTS_IN_DEFAULT_CONTAINERS = False
 
 EPOCH = "1700000000"
+SUBID_PATH = "/opt/bin:/usr/bin:/bin"  # the image's newuidmap with file capabilities first
 
 # Every RUN --mount type; in one RUN, so that a cell without mounts drops only this line.
 MOUNTS_RUN = (
@@ -76,7 +77,7 @@ MODES = (
     Mode("default root", "0", (), MOUNTS_IN_DEFAULT_CONTAINERS),
     Mode("unconfined root", "0", UNCONFINED, True),
     Mode(
-        "unconfined uid 1000 + subuids", "1000", UNCONFINED, True,
+        "unconfined uid 1000 + subuids", "1000", (*UNCONFINED, "-e", f"PATH={SUBID_PATH}"), True,
         "unshare --user --map-users=auto --map-groups=auto true",
     ),  # fmt: skip
     Mode("unconfined root + /dev/fuse", "0", (*UNCONFINED, "--device", "/dev/fuse"), True),

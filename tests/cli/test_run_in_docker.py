@@ -41,7 +41,7 @@ RUN rm -rf /d/opq /d/gone && mkdir /d/opq && touch /d/opq/y
 
 def hostfs_image(root: Path, tag: str, subids: bool = False) -> str:
     """An image of nothing but a passwd file (and, with ``subids``, subordinate ids for
-    the user ``builder``, 1000): everything else is mounted from the host."""
+    the user ``builder``, 1000, and /opt/bin/newuidmap): the rest is mounted from the host."""
     require_docker()
     python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
     if not Path(python).exists():
@@ -58,9 +58,18 @@ def hostfs_image(root: Path, tag: str, subids: bool = False) -> str:
     if subids:
         for name in ("subuid", "subgid"):
             (root / "etc" / name).write_text("builder:100000:65536\n")
+        # newuidmap/newgidmap with file capabilities, as BuildKit's rootless image has
+        # them: a set-user-ID binary cannot map ids in a container (docs/run.md).
+        (root / "opt" / "bin").mkdir(parents=True)
+        for tool, cap in (("newuidmap", "cap_setuid=ep"), ("newgidmap", "cap_setgid=ep")):
+            path = root / "opt" / "bin" / tool
+            shutil.copyfile(f"/usr/bin/{tool}", path)
+            os.chmod(path, 0o755)
+            subprocess.run(["setcap", cap, str(path)], check=True)
     tar = subprocess.run(
-        ["tar", "-C", str(root), "-c", "."], capture_output=True, check=True
-    ).stdout
+        ["tar", "--xattrs", "--xattrs-include=security.capability", "-C", str(root), "-c", "."],
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
     subprocess.run(["docker", "import", "-", tag], input=tar, capture_output=True, check=True)
     return tag
 
