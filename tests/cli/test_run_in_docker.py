@@ -2,7 +2,7 @@
 
 The container image is empty apart from a passwd file: the host's /usr (Python 3.11,
 util-linux) and this checkout are mounted read-only, and the cache root is a volume
-(a container's own overlayfs cannot hold overlay upper dirs), as the docs ask.
+(test_container_matrix.py also puts it on the container's own overlayfs).
 """
 
 from __future__ import annotations
