@@ -340,7 +340,8 @@ def debug_info() -> None:
     from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.executor.choice import choose
 
-    print(json.dumps({"cache_root": str(default_root()), "executor": choose().info()}, indent=2))
+    root = default_root()
+    print(json.dumps({"cache_root": str(root), "executor": choose().info(root)}, indent=2))
 
 
 def du_cmd(verbose: bool, filter_: list[str]) -> None:

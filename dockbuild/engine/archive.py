@@ -54,8 +54,91 @@ _COPY_BUFSIZE = 1 << 20
 
 
 def is_whiteout(st: os.stat_result) -> bool:
-    """Whether an lstat result is an overlay whiteout (char device 0:0)."""
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    """Whether an lstat result is an overlay whiteout: a char device 0:0, or a hard link
+    to the cache root's whiteout marker (see :func:`make_whiteout`)."""
+    if stat.S_ISCHR(st.st_mode):
+        return st.st_rdev == 0
+    if not stat.S_ISREG(st.st_mode) or st.st_size or stat.S_IMODE(st.st_mode) or st.st_nlink < 2:
+        return False
+    ident = (st.st_dev, st.st_ino)
+    if ident not in _marker_ids:
+        _refresh_markers()  # another process may have made the marker since
+    return ident in _marker_ids
+
+
+# Where a char device 0:0 cannot be made (overlayfs refuses it: the cache root on a
+# container's own filesystem), a whiteout is a hard link to one empty mode-0 file in the
+# cache root, recognised by its inode. Such layers can never be overlay lower dirs, so a
+# root holding the marker uses the copy snapshotter (engine/snapshotter/probe.py).
+WHITEOUT_MARKER = "whiteout"
+_marker_paths: set[str] = set()
+_marker_ids: set[tuple[int, int]] = set()
+
+
+def use_whiteout_marker(root: Path) -> None:
+    """Recognise (and make, when needed) the whiteout marker of the cache root ``root``."""
+    _marker_paths.add(str(root / WHITEOUT_MARKER))
+    _refresh_markers()
+
+
+def _refresh_markers() -> None:
+    for path in _marker_paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        _marker_ids.add((st.st_dev, st.st_ino))
+
+
+def make_whiteout(path: str | os.PathLike[str]) -> None:
+    """A whiteout at ``path``: a char device 0:0, else a link to the cache root's marker."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        return
+    except PermissionError:
+        pass
+    os.link(_marker_for(path), path)
+    _refresh_markers()
+
+
+def mark_opaque(path: str | os.PathLike[str], rootless: bool) -> None:
+    """Mark a directory opaque: ``trusted.overlay.opaque``, or ``user.overlay.opaque`` in
+    a user namespace or where trusted xattrs are refused (no CAP_SYS_ADMIN: a default
+    container). In the last case the cache root gets its whiteout marker too, so that
+    overlayfs, which reads only trusted xattrs outside a user namespace, never mounts it."""
+    if not rootless:
+        try:
+            os.setxattr(path, OPAQUE_XATTR_ROOT, b"y", follow_symlinks=False)
+            return
+        except PermissionError:
+            _marker_for(path)
+    os.setxattr(path, OPAQUE_XATTR_ROOTLESS, b"y", follow_symlinks=False)
+
+
+def _marker_for(path: str | os.PathLike[str]) -> str:
+    """The whiteout marker of the cache root holding ``path``, made if missing."""
+    dev = os.lstat(os.path.dirname(os.path.abspath(path))).st_dev
+    for marker in sorted(_marker_paths):
+        if os.lstat(os.path.dirname(marker)).st_dev != dev:
+            continue
+        if not os.path.lexists(marker):
+            tmp = f"{marker}.{os.getpid()}-{os.urandom(4).hex()}"
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o000))
+            os.chmod(tmp, 0o000)
+            try:
+                os.link(tmp, marker)  # the first process to get here wins
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            _refresh_markers()
+        return marker
+    raise PermissionError(errno.EPERM, "cannot make a whiteout outside a cache root", str(path))
+
+
+def has_whiteout_marker(root: Path) -> bool:
+    """Whether layers in the cache root ``root`` record deletions as marker links."""
+    return os.path.lexists(root / WHITEOUT_MARKER)
 
 
 def is_opaque_dir(path: str | os.PathLike[str]) -> bool:
@@ -388,7 +471,10 @@ class _Unpacker:
         try:
             st = os.lstat(p)
         except FileNotFoundError:
-            os.mknod(p, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            make_whiteout(p)
+            if not stat.S_ISCHR(os.lstat(p).st_mode):
+                self.whiteouts.add(target)
+                return  # the marker's time is shared by every link to it
             # Keep the marker's time so that writing the layer back gives the same tar.
             os.utime(p, ns=(int(ti.mtime) * 10**9,) * 2, follow_symlinks=False)
             self.whiteouts.add(target)

@@ -455,9 +455,10 @@ class Solver:
                     try:
                         specs, extra_env = self._run_mounts().prepare(op, states, work, stack)
                         executor = self._executor_instance()
-                        step_root = snapshotter.for_executor(executor).prepare(
+                        step_root = snapshotter.for_executor(executor, self.store.root).prepare(
                             self.layer_paths(parent), work
                         )
+                        stack.callback(step_root.release)
                         request = RunRequest(
                             args=op.args,
                             env=op.env + op.proxy_env + tuple(extra_env),

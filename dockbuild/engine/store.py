@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from dockbuild.engine import archive
 from dockbuild.engine.cacheroot import default_root
 from dockbuild.engine.cacheroot import prepare as prepare_root
 from dockbuild.errors import DigestMismatchError, DockbuildError
@@ -88,6 +89,7 @@ class Store:
     def __init__(self, root: Path | None = None, *, shared: bool = True) -> None:
         self.root = (root or default_root()).absolute()
         prepare_root(self.root, ("blobs/sha256", "snapshots", "tmp", "locks"))
+        archive.use_whiteout_marker(self.root)
         self._db_lock = threading.Lock()
         self._db = sqlite3.connect(
             self.root / "db.sqlite", timeout=60, check_same_thread=False, isolation_level=None

@@ -28,3 +28,15 @@ def executor(request: pytest.FixtureRequest) -> str:
     if request.param == "runc" and shutil.which("runc") is None:
         pytest.skip("runc is not installed")
     return request.param
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # The container matrix (test_container_matrix.py): each cell's build time and digest.
+    import sys
+
+    matrix = sys.modules.get("test_container_matrix")
+    lines = matrix.matrix_lines() if matrix is not None else []
+    if lines:
+        terminalreporter.section("container matrix")
+        for line in lines:
+            terminalreporter.write_line(line)

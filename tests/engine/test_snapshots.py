@@ -201,9 +201,9 @@ def test_overlay_snapshotter_gives_the_chain_top_first_and_an_empty_lower_for_sc
     tmp_path: Path,
 ) -> None:
     from dockbuild.engine.executor import OverlayRootfs
-    from dockbuild.engine.snapshotter import choose
+    from dockbuild.engine.snapshotter import by_name
 
-    snapshotter = choose(mounts=True)
+    snapshotter = by_name("overlay")
     assert snapshotter.name == "overlay"
     work = _work(tmp_path)
     bottom, top = put(tmp_path, "l1"), put(tmp_path, "l2")
@@ -221,9 +221,9 @@ def test_copy_snapshotter_copies_the_merged_view_and_commits_changes_as_overlay_
     tmp_path: Path,
 ) -> None:
     from dockbuild.engine.executor import PlainRootfs
-    from dockbuild.engine.snapshotter import choose
+    from dockbuild.engine.snapshotter import by_name
 
-    snapshotter = choose(mounts=False)
+    snapshotter = by_name("copy")
     assert snapshotter.name == "copy"
     base, over = tmp_path / "base", tmp_path / "over"
     put(base, "etc/keep", "k")
@@ -246,3 +246,127 @@ def test_copy_snapshotter_copies_the_merged_view_and_commits_changes_as_overlay_
     gone = os.lstat(upper / "etc" / "gone")
     assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == os.makedev(0, 0)  # a whiteout
     assert not (upper / "etc" / "keep").exists()  # unchanged: not in the layer
+
+
+def test_copy_snapshotter_records_a_directory_made_again_as_opaque_like_overlayfs(
+    tmp_path: Path,
+) -> None:
+    from dockbuild.engine.snapshotter import by_name
+
+    base = tmp_path / "base"
+    put(base, "d/opq/x", "x")
+    put(base, "d/opq/sub/z", "z")
+    put(base, "d/keep", "k")
+    work = _work(tmp_path)
+    step = by_name("copy").prepare((base,), work)
+    root = Path(step.rootfs.path)
+    import shutil
+
+    shutil.rmtree(root / "d" / "opq")
+    put(root, "d/opq/y", "y")
+    step.commit()
+    upper = work / "upper"
+    assert os.getxattr(upper / "d" / "opq", OPAQUE_XATTR_ROOT) == b"y"
+    assert sorted(os.listdir(upper / "d" / "opq")) == ["y"]  # no whiteouts below it
+    assert not (upper / "d" / "keep").exists()
+
+
+_ON_OVERLAYFS = """
+import os, stat, sys
+from pathlib import Path
+from dockbuild.engine import archive
+from dockbuild.engine.snapshotter.probe import verdict
+from dockbuild.engine.snapshots import walk_merged
+
+root = Path(sys.argv[1]) / "merged" / "cache"
+root.mkdir()
+archive.use_whiteout_marker(root)
+print(verdict(root, True).reason)
+layer = root / "layer"
+(layer / "d").mkdir(parents=True)
+archive.make_whiteout(layer / "d" / "gone")
+st = os.lstat(layer / "d" / "gone")
+print(stat.S_ISREG(st.st_mode), archive.is_whiteout(st))
+print(sorted(rel for rel, _ in walk_merged((layer,))))
+print(verdict(root, True).name, archive.has_whiteout_marker(root))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts an overlay")
+def test_a_cache_root_on_overlayfs_gets_the_copy_snapshotter_and_marker_whiteouts(
+    tmp_path: Path,
+) -> None:
+    # The cache root on a container's own filesystem: overlayfs below it refuses an upper
+    # dir ("Invalid argument") and refuses to make char-device whiteouts.
+    import subprocess
+    import sys
+
+    for d in ("lower", "upper", "work", "merged"):
+        (tmp_path / d).mkdir()
+    script = (
+        f"mount -t overlay overlay -o lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,"
+        f'workdir={tmp_path}/work {tmp_path}/merged && exec "$@"'
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", sys.executable, "-c", _ON_OVERLAYFS,
+         str(tmp_path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    reason, kinds, merged, after = done.stdout.splitlines()
+    assert "overlayfs refuses the cache root" in reason and "Invalid argument" in reason
+    assert kinds == "True True"  # a link to the marker, recognised as a whiteout
+    assert merged == "['d']"  # the whiteout hides nothing and is not a file
+    assert after == "copy True"
+
+
+def test_the_snapshotter_verdict_is_probed_once_and_remembered_per_file_system(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from dockbuild.engine.snapshotter import probe
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    first = probe.verdict(root, True)
+    if os.geteuid() == 0:
+        assert first.name == "overlay", first.reason
+    (key, recorded), = json.loads((root / probe.VERDICTS).read_text()).items()
+    assert key.startswith(f"{os.stat(root).st_dev}:") and os.uname().release in key
+    assert recorded["name"] == first.name
+    probe._known.clear()
+    again = probe.verdict(root, True)
+    assert again.name == first.name and again.reason.endswith("(remembered)")
+    assert probe.verdict(root, False).name == "copy"  # an executor that cannot mount
+
+
+def test_fuse_overlay_snapshotter_leaves_the_changes_in_overlay_format(tmp_path: Path) -> None:
+    import shutil
+
+    from dockbuild.engine.archive import is_opaque_dir, is_whiteout
+    from dockbuild.engine.snapshotter import by_name
+    from dockbuild.engine.snapshotter.fuse_overlay import unusable
+
+    if unusable() or os.geteuid() != 0:
+        pytest.skip(f"fuse-overlayfs cannot mount here: {unusable() or 'not root'}")
+    base = tmp_path / "base"
+    put(base, "d/opq/x", "x")
+    put(base, "d/gone", "g")
+    work = _work(tmp_path)
+    step = by_name("fuse-overlayfs").prepare((base,), work)
+    try:
+        root = Path(step.rootfs.path)
+        assert (root / "d" / "opq" / "x").read_text() == "x"
+        shutil.rmtree(root / "d" / "opq")
+        put(root, "d/opq/y", "y")
+        (root / "d" / "gone").unlink()
+        step.commit()
+    finally:
+        step.release()
+    assert not os.path.ismount(step.rootfs.path)
+    upper = work / "upper"
+    assert is_whiteout(os.lstat(upper / "d" / "gone"))
+    assert is_opaque_dir(upper / "d" / "opq"), os.listxattr(upper / "d" / "opq")
+    assert os.listdir(upper / "d" / "opq") == ["y"]  # no marker files of its own
+    assert (base / "d" / "gone").exists()  # the lower layer is untouched

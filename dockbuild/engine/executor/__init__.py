@@ -95,6 +95,19 @@ LOCKED_DOWN_HINT = (
     "--security-opt apparmor=unconfined (or --privileged) for sandboxed RUN steps"
 )
 
+# Not root, and no user namespaces (a default container's seccomp profile refuses them):
+# nothing can chown or chroot. The smallest changes that make builds work.
+NON_ROOT_HINT = (
+    "a non-root user needs user namespaces, which this container's seccomp/AppArmor "
+    "profile refuses; any one of these fixes it: run the container as root (docker: "
+    "--user 0; Kubernetes: securityContext.runAsUser: 0), which builds in a bare chroot; "
+    "or allow user namespaces for sandboxed RUN steps (docker: --security-opt "
+    "seccomp=unconfined --security-opt apparmor=unconfined; Kubernetes: "
+    "securityContext.seccompProfile.type: Unconfined and "
+    "securityContext.appArmorProfile.type: Unconfined, or the annotation "
+    "container.apparmor.security.beta.kubernetes.io/<container>: unconfined before 1.30)"
+)
+
 # What ``--add-host NAME:host-gateway`` names: RUN steps share the host's network (or
 # have none of their own), so the host is reached at its loopback address.
 HOST_GATEWAY_IP = "127.0.0.1"
@@ -154,6 +167,7 @@ class Executor(Protocol):
 
 __all__ = [
     "LOCKED_DOWN_HINT",
+    "NON_ROOT_HINT",
     "ExecMount",
     "Executor",
     "OutputSink",

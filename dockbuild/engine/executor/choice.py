@@ -7,8 +7,9 @@ import os
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from dockbuild.engine.executor import LOCKED_DOWN_HINT, Executor
+from dockbuild.engine.executor import LOCKED_DOWN_HINT, NON_ROOT_HINT, Executor
 from dockbuild.errors import ExecutorError
 
 NAMES = ("namespace", "chroot", "runc")
@@ -77,18 +78,25 @@ class ExecutorChoice:
     rootless: RootlessPlan | None = None  # how builds enter their user namespace
     runc: str | None = None  # the runc binary, when runc was asked for
 
-    def info(self) -> dict[str, object]:
-        """As JSON for ``dockbuild debug info``."""
+    def info(self, root: Path | None = None) -> dict[str, object]:
+        """As JSON for ``dockbuild debug info``; with the snapshotter for the cache root
+        ``root`` (probed there when this process is where builds run)."""
         out: dict[str, object] = {"requested": self.requested, "euid": self.euid}
         if self.rootless is not None:
             out["rootless"] = self.rootless.info()
         if self.namespaces is not None:
             out["namespaces"] = self.namespaces
         out.update(executor=self.name, reason=self.reason, mounts=self.mounts)
-        if self.name is not None:
-            from dockbuild.engine import snapshotter
+        if self.name is not None and root is not None:
+            from dockbuild.engine.snapshotter.probe import verdict
 
-            out["snapshotter"] = snapshotter.choose(self.mounts).name
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                # A rootless plan: builds run in a user namespace, so the probe does too.
+                found = verdict(root, self.mounts, enter_userns=self.rootless is not None)
+                out.update(snapshotter=found.name, snapshotter_reason=found.reason)
+            except OSError as e:
+                out.update(snapshotter=None, snapshotter_reason=f"cache root unusable: {e}")
         if self.requested == "runc":
             out["runc"] = self.runc
         for key, value in (("warning", self.warning), ("error", self.error)):
@@ -221,7 +229,7 @@ def get_executor(name: str | None = None) -> Executor:
     _reset_reserved_signals()
     if choice.error is not None:
         if choice.name is None:
-            raise ExecutorError(f"{choice.error}: {choice.reason}", hint=LOCKED_DOWN_HINT)
+            raise ExecutorError(f"{choice.error}: {choice.reason}", hint=NON_ROOT_HINT)
         raise ExecutorError(choice.error, hint=f"choose one of {', '.join(NAMES)}")
     executor: Executor
     if choice.name == "namespace":

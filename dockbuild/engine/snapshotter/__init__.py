@@ -1,9 +1,10 @@
 """Snapshotters: a RUN step's rootfs from a chain of layers, and its changes as a layer.
 
 One interface, one module per implementation (DESIGN.md, "Seams to keep"): ``overlay``
-(kernel overlayfs, which the executor mounts in the container's own mount namespace)
-and ``copy`` (a plain copy, compared with its parent afterwards, where nothing can be
-mounted). A fuse-overlayfs snapshotter would be a third module. Whatever the
+(kernel overlayfs, which the executor mounts in the container's own mount namespace),
+``copy`` (a plain copy, compared with its parent afterwards, where nothing can be
+mounted) and ``fuse_overlay`` (the fuse-overlayfs program, where overlayfs refuses the
+cache root); :mod:`.probe` picks one per cache root. Whatever the
 implementation, the step's changes end up in the work dir's ``upper`` in overlay format
 (whiteouts as 0:0 character devices, opaque directories by xattr), which the solver
 commits as the step's layer.
@@ -30,6 +31,10 @@ class StepRoot(Protocol):
         """After a successful run: leave the step's changes in the upper dir."""
         ...
 
+    def release(self) -> None:
+        """After the run, whatever happened: undo what prepare mounted (idempotent)."""
+        ...
+
 
 class Snapshotter(Protocol):
     name: str
@@ -40,17 +45,23 @@ class Snapshotter(Protocol):
         ...
 
 
-def for_executor(executor: Executor) -> Snapshotter:
-    """overlay when the executor can mount, else copy (a locked-down container's chroot)."""
-    return choose(executor.mounts)
+def for_executor(executor: Executor, root: Path) -> Snapshotter:
+    """The snapshotter for RUN steps whose work dirs are in the cache root ``root``:
+    probed there (:mod:`.probe`): overlay, else fuse-overlayfs, else copy."""
+    from dockbuild.engine.snapshotter.probe import verdict
+
+    return by_name(verdict(root, executor.mounts).name)
 
 
-def choose(mounts: bool) -> Snapshotter:
-    """overlay for an executor that can mount, else copy."""
-    if mounts:
+def by_name(name: str) -> Snapshotter:
+    if name == "overlay":
         from dockbuild.engine.snapshotter.overlay import OverlaySnapshotter
 
         return OverlaySnapshotter()
+    if name == "fuse-overlayfs":
+        from dockbuild.engine.snapshotter.fuse_overlay import FuseOverlaySnapshotter
+
+        return FuseOverlaySnapshotter()
     from dockbuild.engine.snapshotter.copy import CopySnapshotter
 
     return CopySnapshotter()

@@ -3,7 +3,8 @@
 A RUN step gets a plain copy of its parent's merged rootfs; afterwards the copy is
 compared with the parent (type, mode, owner, size, mtime, link target; directories by
 type, mode and owner) and the differences are written as an overlay-format upper dir:
-changed and new entries copied, removed ones as 0:0 character-device whiteouts. It
+changed and new entries copied, removed ones as whiteouts (0:0 character devices, or
+links to the cache root's whiteout marker where the file system refuses those). It
 costs O(rootfs) per step (see research/executor.md §4), which is why it is only the
 fallback of a locked-down container.
 """
@@ -16,6 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from dockbuild.engine.archive import make_whiteout, mark_opaque
 from dockbuild.engine.executor import PlainRootfs
 from dockbuild.engine.snapshots import walk_merged
 from dockbuild.errors import ExecutorError
@@ -29,6 +31,9 @@ class CopyStep:
 
     def commit(self) -> None:
         diff(Path(self.rootfs.path), self.before, self.upper)
+
+    def release(self) -> None:
+        """Nothing is mounted."""
 
 
 class CopySnapshotter:
@@ -81,22 +86,60 @@ def _same(a: os.stat_result, b: os.stat_result, link_a: str, link_b: str) -> boo
         return True
     if stat.S_ISLNK(a.st_mode):
         return link_a == link_b
-    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns and a.st_rdev == b.st_rdev
+    # A file removed and made again is a new inode: a change, as overlayfs sees it.
+    return (a.st_ino, a.st_size, a.st_mtime_ns, a.st_rdev) == (
+        b.st_ino,
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_rdev,
+    )
+
+
+def _made_again(
+    rel: str, st: os.stat_result, old: os.stat_result, before: dict[str, os.stat_result], path: Path
+) -> bool:
+    """Whether a directory was removed and made again: a new inode, or (the file system
+    may hand the freed inode number straight back) none of its old entries left. Either
+    way an opaque directory with the new entries is the same tree as whiteouts for each."""
+    if st.st_ino != old.st_ino:
+        return True
+    prefix = rel + "/"
+    old_names = {r[len(prefix) :].split("/", 1)[0] for r in before if r.startswith(prefix)}
+    return bool(old_names) and not old_names & set(os.listdir(path))
 
 
 def diff(root: Path, before: dict[str, os.stat_result], upper: Path) -> None:
-    """Write what changed in ``root`` since ``before`` into ``upper`` (overlay format)."""
+    """Write what changed in ``root`` since ``before`` into ``upper`` (overlay format).
+
+    A directory removed and made again becomes an opaque directory holding all of its
+    new contents, as overlayfs records it, so both snapshotters give the same layer for
+    the same step (see :func:`_made_again`).
+    """
+    from dockbuild.userns import in_user_namespace
+
+    rootless = in_user_namespace()
     after: set[str] = set()
+    remade: list[str] = []  # directories made again: everything below them is new
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
+        fresh = rel_dir != "." and any(rel_dir == r or rel_dir.startswith(r + "/") for r in remade)
         for name in sorted(dirnames) + sorted(filenames):
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             after.add(rel)
             path = root / rel
             st = os.lstat(path)
-            old = before.get(rel)
+            old = None if fresh else before.get(rel)
             link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
             if old is not None:
+                if (
+                    stat.S_ISDIR(st.st_mode)
+                    and stat.S_ISDIR(old.st_mode)
+                    and _made_again(rel, st, old, before, path)
+                ):
+                    remade.append(rel)
+                    _copy_up(root, rel, upper)
+                    mark_opaque(upper / rel, rootless)
+                    continue
                 old_link = link if stat.S_ISLNK(old.st_mode) else ""
                 if _same(st, old, link, old_link):
                     continue
@@ -105,14 +148,13 @@ def diff(root: Path, before: dict[str, os.stat_result], upper: Path) -> None:
         parent = os.path.dirname(rel)
         if parent and parent not in after:
             continue  # its parent went away already: one whiteout covers it
+        if any(rel.startswith(r + "/") for r in remade):
+            continue  # below an opaque directory: hidden already
         _ensure_parents(root, rel, upper)
         try:
-            os.mknod(upper / rel, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            make_whiteout(upper / rel)
         except OSError as e:
-            raise ExecutorError(
-                f"cannot record the removal of /{rel}: {e.strerror}",
-                hint="the cache root must be on a volume, not the container's own filesystem",
-            ) from None
+            raise ExecutorError(f"cannot record the removal of /{rel}: {e.strerror}") from None
 
 
 def _ensure_parents(root: Path, rel: str, upper: Path) -> None:

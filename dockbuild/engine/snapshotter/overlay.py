@@ -16,6 +16,9 @@ class OverlayStep:
     def commit(self) -> None:
         """Nothing to do: the upper dir holds the changes as the kernel wrote them."""
 
+    def release(self) -> None:
+        """Nothing is mounted."""
+
 
 class OverlaySnapshotter:
     name = "overlay"
