@@ -354,6 +354,7 @@ def _export(
         epoch=epoch,
         squash=request.squash,
         sources=export.registry_sources(result.root),
+        history_times=export.history_times(config, result.history_ops, solver),
     )
     ids = export.export_all(store, image, outputs, progress)
     if request.iidfile and ids.image_id:
