@@ -140,7 +140,6 @@ def build(request: BuildRequest) -> BuildResult:
         if key is not None and not (request.no_cache or request.pull or request.no_cache_filter or request.explain_cache):
             found = results.get(key)
             if found is not None and resultcache.still_valid(found, store, locals_):
-                results.touch(key)
                 image = _replay(found, progress)
                 ids = _write_outputs(request, store, image, outputs, progress)
                 return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
@@ -249,11 +248,11 @@ def _open_locals(cleanup: ExitStack, inputs: contexts.Inputs, digests: FileDiges
 def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpec], list[CacheSpec]]:
     """The -o, --cache-from and --cache-to specs; a malformed one is a usage error."""
     from dockbuild.errors import UsageError
-    from dockbuild.outputs import export
+    from dockbuild.outputs.spec import parse_outputs
 
     try:
         _check_tags(request.tags)
-        outputs = export.parse_outputs(
+        outputs = parse_outputs(
             request.outputs,
             tags=request.tags,
             stdout_is_tty=sys.stdout.isatty(),
@@ -273,6 +272,8 @@ def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpe
 
 def _check_tags(tags: list[str]) -> None:
     """-t names, each a valid image reference (every output that names the image uses it)."""
+    if not tags:
+        return
     from dockbuild.outputs.image import normalize_name
 
     for tag in tags:
@@ -394,15 +395,19 @@ def _write_outputs(
     """Write the image to every output, --iidfile and --metadata-file."""
     from pathlib import Path
 
-    from dockbuild.outputs import export
-
     if not outputs:
         progress.message(
             "Build result kept in the cache (no output requested). "
             "Export it with -o type=docker|oci|local|tar[,dest=PATH], "
             "or pipe stdout: dockbuild ... | docker load"
         )
-    ids = export.export_all(store, image, outputs, progress) if outputs else export.ExportIds()
+        if not request.metadata_file:  # nothing to write: the exporters need not load
+            from dockbuild.outputs.exporter import ExportIds
+
+            return ExportIds()
+    from dockbuild.outputs import export
+
+    ids = export.export_all(store, image, outputs, progress)
     if request.iidfile and ids.image_id:
         export.write_atomic(Path(request.iidfile), ids.image_id.encode())
     if request.metadata_file:

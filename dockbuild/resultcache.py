@@ -137,13 +137,6 @@ class ResultCache:
         except sqlite3.Error:
             pass
 
-    def touch(self, key: str) -> None:
-        try:
-            with self._lock:
-                self._conn.execute("UPDATE results SET last_used=? WHERE key=?", (time.time(), key))
-        except sqlite3.Error:
-            pass
-
     def close(self) -> None:
         with self._lock:
             self._conn.close()
