@@ -10,12 +10,15 @@ on the same workloads, interleaved run by run, so a busy machine slows all alike
 - ``oci``: the same build exported as an OCI tar (a cached re-export of a ~1 MB image);
 - ``big``: a no-op rebuild with a ``--big``-file context (COPY . /app), beside a plain
   stat walk of that context (``os.walk`` + ``lstat`` in this process);
+- ``local``: the big build exported with ``-o type=local`` into a new directory each
+  time (fresh) and into the same directory again (unchanged re-export);
 - ``python``: the interpreter's own start (``python -c pass`` from the venv), the floor;
 - with ``--docker``: ``docker build`` of the same contexts in the running dockerd.
 
 Wall time and CPU time (user+sys of the child, from ``getrusage``) are printed, median
 and minimum: CPU time is what a shared machine disturbs least. Goals (issue 16): noop at
-most 70 ms, big at most 1.2x the stat walk, oci at most 80 ms.
+most 70 ms, big at most 1.2x the stat walk, oci at most 80 ms, unchanged local
+re-export at most 0.3x a fresh one.
 """
 
 from __future__ import annotations
@@ -128,6 +131,15 @@ def main() -> None:
                 if big is not None:
                     results.setdefault(f"{exe}|big", []).append(
                         run([exe, "--progress=quiet", *BASE, str(big)], env, tty=True)
+                    )
+                    fresh = work / "fresh"
+                    results.setdefault(f"{exe}|big -o type=local, fresh directory", []).append(
+                        run([exe, "--progress=quiet", *BASE, "-o", f"type=local,dest={fresh}", str(big)], env)
+                    )
+                    shutil.rmtree(fresh)
+                    same = work / f"same{args.dockbuilds.index(exe)}"
+                    results.setdefault(f"{exe}|big -o type=local, same directory", []).append(
+                        run([exe, "--progress=quiet", *BASE, "-o", f"type=local,dest={same}", str(big)], env)
                     )
             if big is not None:
                 results.setdefault("stat walk of the big context", []).append(stat_walk(big))
