@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from dockbuild.engine.store import Store
     from dockbuild.frontend.checks import CheckWarning
     from dockbuild.frontend.convert import Definition
-    from dockbuild.outputs.export import ExportIds, Image, OutputSpec
+    from dockbuild.outputs.exporter import ExportIds, Image
+    from dockbuild.outputs.spec import OutputSpec
     from dockbuild.progress import Progress
     from dockbuild.secrets import SecretSource, SSHSource
 
