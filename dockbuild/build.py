@@ -4,9 +4,10 @@ This module wires the rooms together and owns nothing else. It is the only place
 knows both the frontend and the engine. It prints nothing: steps and warnings go to
 progress, results and errors back to the CLI.
 
-Start-up matters: a cached build takes a quarter of a second. The contexts are resolved
-first, and the context walk forked (contexts.local_dirs), before the store, the solver,
-the frontend and the outputs load.
+Start-up matters. The contexts are resolved first, and the context walk forked
+(contexts.local_dirs), before the store loads. A request whose result record holds
+(dockbuild/resultcache.py) then goes straight to the outputs: the frontend, the solver
+and the registry client load only for a build that runs its steps.
 """
 
 from __future__ import annotations
@@ -137,13 +138,11 @@ def build(request: BuildRequest) -> BuildResult:
         # The result record: a request whose inputs are all unchanged is its outputs only.
         results = resultcache.ResultCache(root / "db.sqlite")
         cleanup.callback(results.close)
-        key = _result_key(request, inputs) if not (cache_from or cache_to) else None
-        if key is not None and not (request.no_cache or request.pull or request.no_cache_filter or request.explain_cache):
-            found = results.get(key)
-            if found is not None and resultcache.still_valid(found, store, locals_):
-                image = _replay(found, progress)
-                ids = _write_outputs(request, store, image, outputs, progress)
-                return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+        key = _result_key(request, inputs) if not (cache_from or cache_to) else None  # None: not kept
+        recorded = _recorded(request, key, results, store, locals_, progress)
+        if recorded is not None:
+            ids = _write_outputs(request, store, recorded, outputs, progress)
+            return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
         from dockbuild.engine import cacheio
         from dockbuild.engine.mounts import check_entitlements
         from dockbuild.engine.solver import SolveOptions, Solver
@@ -526,6 +525,27 @@ def _result(
     fields = asdict(image)
     fields["history_times"] = [[k, v] for k, v in image.history_times.items()]
     return resultcache.Result(fields, read, pinned, steps, [str(w) for w in warnings])
+
+
+def _recorded(
+    request: BuildRequest,
+    key: str | None,
+    results: resultcache.ResultCache,
+    store: Store,
+    locals_: dict[str, LocalDir],
+    progress: Progress,
+) -> Image | None:
+    """The image the result record holds for ``key``, if it still holds (its steps then
+    shown as cached); None when the request runs its steps (--no-cache, --pull,
+    --no-cache-filter and --explain-cache always do)."""
+    from dockbuild import resultcache
+
+    if key is None or request.no_cache or request.pull or request.no_cache_filter or request.explain_cache:
+        return None
+    found = results.get(key)
+    if found is None or not resultcache.still_valid(found, store, locals_):
+        return None
+    return _replay(found, progress)
 
 
 def _replay(found: resultcache.Result, progress: Progress) -> Image:
