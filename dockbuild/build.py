@@ -177,7 +177,8 @@ def build(request: BuildRequest) -> BuildResult:
         image = _image(request, store, solver, result, state, cache_to, progress)
         if key is not None and read is not None and not _reads_remote(result.root):
             steps = [v.name for v in progress.vertices[first_step:]]
-            results.put(key, _result(image, read, _pinned(resolved, sources.platform), steps, result.warnings))
+            pinned = _pinned(resolved, sources.platform)
+            results.put(key, _result(image, read, pinned, steps, result.warnings, solver.solved_keys()))
         ids = _write_outputs(request, store, image, outputs, progress)
         if cache_to:
             cacheio.export_cache(store, solver, result.root, cache_to, progress)
@@ -517,6 +518,7 @@ def _result(
     pinned: list[tuple[str, str, str]],
     steps: list[str],
     warnings: list[str],
+    records: list[str],
 ) -> resultcache.Result:
     from dataclasses import asdict
 
@@ -524,7 +526,7 @@ def _result(
 
     fields = asdict(image)
     fields["history_times"] = [[k, v] for k, v in image.history_times.items()]
-    return resultcache.Result(fields, read, pinned, steps, [str(w) for w in warnings])
+    return resultcache.Result(fields, read, pinned, steps, [str(w) for w in warnings], records)
 
 
 def _recorded(
@@ -545,6 +547,7 @@ def _recorded(
     found = results.get(key)
     if found is None or not resultcache.still_valid(found, store, locals_):
         return None
+    store.touch_records(found.records)  # for GC, the steps were used as by a cached build
     return _replay(found, progress)
 
 

@@ -51,6 +51,7 @@ class Result:
     resolutions: list[tuple[str, str, str]]  # (tag reference, platform, manifest digest)
     steps: list[str]  # the steps' names, shown CACHED when the result is used
     warnings: list[str]  # the Dockerfile's warnings, shown again
+    records: list[str]  # the keys of the steps' cache records, marked used on each use
 
     def to_json(self) -> str:
         return json.dumps(
@@ -60,6 +61,7 @@ class Result:
                 "resolutions": self.resolutions,
                 "steps": self.steps,
                 "warnings": self.warnings,
+                "records": self.records,
             },
             sort_keys=True,
         )
@@ -73,6 +75,7 @@ class Result:
             resolutions=[(r[0], r[1], r[2]) for r in data["resolutions"]],
             steps=list(data["steps"]),
             warnings=list(data["warnings"]),
+            records=list(data["records"]),
         )
 
 
@@ -152,5 +155,4 @@ def still_valid(result: Result, store: Store, locals_: dict[str, LocalDir]) -> b
     for ref, platform, digest in result.resolutions:
         if store.get_resolution(ref, platform) != digest:
             return False
-    now = context_digests(locals_, list(result.contexts))
-    return now == result.contexts
+    return context_digests(locals_, list(result.contexts)) == result.contexts

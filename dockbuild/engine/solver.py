@@ -198,6 +198,10 @@ class Solver:
             return record.layers[-1] in record.owns
         return record.layers[-1] == cachekeys.layer_id(key)  # a record without owns
 
+    def solved_keys(self) -> list[str]:
+        """The cache keys of the steps this build looked up or ran (their records)."""
+        return list(dict.fromkeys(self._solved_keys.values()))
+
     def layer_made(self, op: llb.Op) -> float | None:
         """When the layer a solved step added was made (its row in the cache), so a rebuild
         from the cache gives the same history times; None when the step added no layer."""

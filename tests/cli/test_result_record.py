@@ -231,3 +231,17 @@ def test_a_base_tag_moved_is_seen_with_pull_only(
     assert fresh == pulled
     after, served = builds()
     assert served and after == pulled
+
+
+def test_a_build_served_from_the_record_marks_its_steps_used(builds: Builds, dockbuild: DockbuildCLI) -> None:
+    """Garbage collection keeps what is used: a step served through the result record
+    counts as used, as it does in a step-by-step cached build."""
+    import time
+
+    time.sleep(2.5)
+    stale = dockbuild("du", "--filter", "until=2s").out
+    assert "echo" in stale, stale  # the RUN step's record, unused for 2.5 s
+    _, served = builds()
+    assert served
+    fresh = dockbuild("du", "--filter", "until=2s").out
+    assert "echo" not in fresh and "src/" not in fresh, fresh
