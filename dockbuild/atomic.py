@@ -15,9 +15,7 @@ import errno
 import functools
 import os
 import shutil
-import socket
 import stat
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +64,8 @@ def atomic_file(dest: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
     reader while the system runs, but the kernel writes the data back in its own time
     (image exports: see docs/outputs.md, "Atomic, not synced").
     """
+    import tempfile  # loaded when a file is written, not by every build that checks one
+
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
@@ -197,6 +197,8 @@ def _make_parents(dest: Path, target: Path) -> None:
 def _open_through(target: Path, mode: int) -> BinaryIO:
     """The device, FIFO or socket ``target`` opened for writing (a FIFO waits for its reader)."""
     if stat.S_ISSOCK(mode):
+        import socket
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(target))
@@ -255,6 +257,8 @@ def atomic_dir(dest: Path, *, durable: bool = True) -> Iterator[Path]:
     the old tree or the new one, never a mix. ``durable=False``: no sync, as in
     :func:`atomic_file`.
     """
+    import tempfile
+
     dest = Path(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
@@ -274,6 +278,8 @@ def replace_dir(src: Path, dest: Path, *, durable: bool = True) -> None:
     if not os.path.lexists(dest):
         os.rename(src, dest)
     else:
+        import tempfile
+
         old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
         try:
             os.rename(dest, old / "x")

@@ -4,9 +4,10 @@ This module wires the rooms together and owns nothing else. It is the only place
 knows both the frontend and the engine. It prints nothing: steps and warnings go to
 progress, results and errors back to the CLI.
 
-Start-up matters: a cached build takes a quarter of a second. The contexts are resolved
-first, and the context walk forked (contexts.local_dirs), before the store, the solver,
-the frontend and the outputs load.
+Start-up matters. The contexts are resolved first, and the context walk forked
+(contexts.local_dirs), before the store loads. A request whose result record holds
+(dockbuild/resultcache.py) then goes straight to the outputs: the frontend, the solver
+and the registry client load only for a build that runs its steps.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from dockbuild.errors import DockbuildError
 
 TYPE_CHECKING = False  # typing and the heavy modules load only for the type checker
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from contextlib import ExitStack
     from pathlib import Path
 
+    from dockbuild import llb, resultcache
     from dockbuild.engine.cacheio import CacheSpec
     from dockbuild.engine.executor import Executor
     from dockbuild.engine.solver import Solver
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     from dockbuild.frontend.checks import CheckWarning
     from dockbuild.frontend.convert import Definition
     from dockbuild.history import Record
-    from dockbuild.outputs.exporter import ExportIds
+    from dockbuild.outputs.exporter import ExportIds, Image
     from dockbuild.outputs.spec import OutputSpec
     from dockbuild.progress import Progress
     from dockbuild.secrets import SecretSource, SSHSource
@@ -97,6 +100,7 @@ def build(request: BuildRequest) -> BuildResult:
     """Build what ``request`` asks for; a DockbuildError says why not."""
     from contextlib import ExitStack
 
+    from dockbuild import resultcache
     from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.sources.local import FileDigests
 
@@ -126,10 +130,6 @@ def build(request: BuildRequest) -> BuildResult:
         cleanup.callback(store.close)
         if digests is None:
             locals_ = _open_locals(cleanup, inputs, FileDigests(root / "db.sqlite"))
-        from dockbuild.engine import cacheio
-        from dockbuild.engine.mounts import check_entitlements
-        from dockbuild.engine.solver import SolveOptions, Solver
-        from dockbuild.engine.sources.image import ImageSources
         from dockbuild.progress import make_progress
 
         progress = make_progress(request.progress)
@@ -138,15 +138,32 @@ def build(request: BuildRequest) -> BuildResult:
         vertex = progress.vertex(f"[internal] load build definition from {request.dockerfile or 'Dockerfile'}")
         vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
         vertex.done()
+        # The result record: a request whose inputs are all unchanged is its outputs only.
+        results = resultcache.ResultCache(root / "db.sqlite")
+        cleanup.callback(results.close)
+        key = _result_key(request, inputs) if not (cache_from or cache_to) else None  # None: not kept
+        recorded = _recorded(request, key, results, store, locals_, progress)
+        if recorded is not None:
+            ids = _write_outputs(request, store, recorded, outputs, progress)
+            _finish_record(record, progress, outputs, ids)
+            return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+        from dockbuild.engine import cacheio
+        from dockbuild.engine.mounts import check_entitlements
+        from dockbuild.engine.solver import SolveOptions, Solver
+        from dockbuild.engine.sources.image import ImageSources
+
         sources = ImageSources(store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull)
         run_options = _run_options(request)
         progress.redact(_secret_values(run_options))
         # The cache manifests arrive while the frontend resolves base images.
         cache_sources = cacheio.open_sources(cache_from, sources.client, progress) if cache_from else None
-        result = _convert(request, inputs, sources)
+        resolved: list[tuple[str, str]] = []
+        result = _convert(request, inputs, sources, resolved)
         check_entitlements(result.root, run_options.allow)
         for warning in result.warnings:
             progress.message(warning)
+        # The contexts this build reads, digested before any step reads them.
+        read = resultcache.context_digests(locals_, _local_reads(result.root)) if key is not None else None
         options = SolveOptions(
             no_cache=request.no_cache,
             no_cache_ops=_no_cache_ops(request, result, progress),
@@ -160,8 +177,18 @@ def build(request: BuildRequest) -> BuildResult:
         cleanup.callback(solver.close)
         if cache_sources is not None:
             cacheio.import_cache(store, solver, result.root, cache_sources(), progress)
+        first_step = len(progress.vertices)
         state = solver.solve(result.root)
-        ids = _export(request, store, solver, result, state, outputs, cache_to, progress)
+        image = _image(request, store, solver, result, state, cache_to, progress)
+        if key is not None and read is not None and not _reads_remote(result.root):
+            steps = [v.name for v in progress.vertices[first_step:]]
+            pinned = _pinned(resolved, sources.platform)
+            results.put(key, _result(image, read, pinned, steps, result.warnings, solver.solved_keys()))
+        ids = _write_outputs(request, store, image, outputs, progress)
+        if cache_to:
+            cacheio.export_cache(store, solver, result.root, cache_to, progress)
+        if store.grew:  # a build that added nothing cannot push the cache over a limit
+            _collect_garbage(store, progress)
         _finish_record(record, progress, outputs, ids)
     return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
 
@@ -274,11 +301,11 @@ def _open_locals(cleanup: ExitStack, inputs: contexts.Inputs, digests: FileDiges
 def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpec], list[CacheSpec]]:
     """The -o, --cache-from and --cache-to specs; a malformed one is a usage error."""
     from dockbuild.errors import UsageError
-    from dockbuild.outputs import export
+    from dockbuild.outputs.spec import parse_outputs
 
     try:
         _check_tags(request.tags)
-        outputs = export.parse_outputs(
+        outputs = parse_outputs(
             request.outputs,
             tags=request.tags,
             stdout_is_tty=sys.stdout.isatty(),
@@ -298,6 +325,8 @@ def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpe
 
 def _check_tags(tags: list[str]) -> None:
     """-t names, each a valid image reference (every output that names the image uses it)."""
+    if not tags:
+        return
     from dockbuild.outputs.image import normalize_name
 
     for tag in tags:
@@ -309,8 +338,14 @@ def _check_tags(tags: list[str]) -> None:
             raise DockbuildError(f"-t: {e}") from None
 
 
-def _convert(request: BuildRequest, inputs: contexts.Inputs, sources: ImageSources) -> Definition:
-    """The frontend's graph for the Dockerfile, named contexts resolved to sources."""
+def _convert(
+    request: BuildRequest,
+    inputs: contexts.Inputs,
+    sources: ImageSources,
+    resolved: list[tuple[str, str]] | None = None,
+) -> Definition:
+    """The frontend's graph for the Dockerfile, named contexts resolved to sources;
+    ``resolved`` gets (reference, pinned identifier) of each registry image resolved."""
     from dockbuild.engine.sources.local import ignore_rules, is_ignored
     from dockbuild.frontend import convert
 
@@ -324,12 +359,13 @@ def _convert(request: BuildRequest, inputs: contexts.Inputs, sources: ImageSourc
             info = sources.resolve_layout(name, layout.tag, layout.digest)
             return convert.NamedSource("image", info.identifier, info.config, info.name)
         if name in inputs.images:
-            info = sources.resolve_registry(inputs.images[name])
-            return convert.NamedSource("image", info.identifier, info.config, info.name)
+            return resolve_image(inputs.images[name])
         return None
 
     def resolve_image(ref: str) -> convert.NamedSource:
         info = sources.resolve_registry(ref)
+        if resolved is not None:
+            resolved.append((ref, info.identifier))
         return convert.NamedSource("image", info.identifier, info.config, info.name)
 
     build_args = {}
@@ -377,24 +413,20 @@ def _run_options(request: BuildRequest) -> RunOptions:
     )
 
 
-def _export(
+def _image(
     request: BuildRequest,
     store: Store,
     solver: Solver,
     result: Definition,
     state: tuple[str, ...],
-    outputs: list[OutputSpec],
     cache_to: list[CacheSpec],
     progress: Progress,
-) -> ExportIds:
-    """Write the solved image to every output, --iidfile, --metadata-file and --cache-to;
-    then keep the cache in bounds."""
-    from pathlib import Path
-
+) -> Image:
+    """The solved result as the outputs take it: the config marked and timed from the
+    cache records (with the inline cache metadata --cache-to type=inline asks for)."""
     from dockbuild.engine import cacheio
     from dockbuild.outputs import export
 
-    epoch = export.source_date_epoch(request.build_args)
     config = export.finish_config(result.image_config, result.history_ops, solver)
     if any(spec.type == "inline" for spec in cache_to):
         if request.squash:
@@ -402,30 +434,191 @@ def _export(
         else:
             inline = cacheio.inline_metadata(store, solver, result.root, state)
             config = cacheio.with_inline_cache(config, inline)
-    image = export.Image(
+    return export.Image(
         state=state,
         config=config,
         base_layers=export.base_layer_count(config, result.history_ops, len(state)),
-        epoch=epoch,
+        epoch=export.source_date_epoch(request.build_args),
         squash=request.squash,
         sources=export.registry_sources(result.root),
+        history_times=export.history_times(config, result.history_ops, solver),
     )
-    ids = export.export_all(store, image, outputs, progress)
-    if request.iidfile and ids.image_id:
-        export.write_atomic(Path(request.iidfile), ids.image_id.encode())
-    if request.metadata_file:
-        export.write_metadata(Path(request.metadata_file), ids)
-    if cache_to:
-        cacheio.export_cache(store, solver, result.root, cache_to, progress)
-    if store.grew:  # a build that added nothing cannot push the cache over a limit
-        _collect_garbage(store, progress)
+
+
+def _write_outputs(
+    request: BuildRequest, store: Store, image: Image, outputs: list[OutputSpec], progress: Progress
+) -> ExportIds:
+    """Write the image to every output, --iidfile and --metadata-file."""
+    from pathlib import Path
+
     if not outputs:
         progress.message(
             "Build result kept in the cache (no output requested). "
             "Export it with -o type=docker|oci|local|tar[,dest=PATH], "
             "or pipe stdout: dockbuild ... | docker load"
         )
+        if not request.metadata_file:  # nothing to write: the exporters need not load
+            from dockbuild.outputs.exporter import ExportIds
+
+            return ExportIds()
+    from dockbuild.outputs import export
+
+    ids = export.export_all(store, image, outputs, progress)
+    if request.iidfile and ids.image_id:
+        export.write_atomic(Path(request.iidfile), ids.image_id.encode())
+    if request.metadata_file:
+        export.write_metadata(Path(request.metadata_file), ids)
     return ids
+
+
+# -- the result record (dockbuild/resultcache.py) ----------------------------------------
+
+
+def _result_key(request: BuildRequest, inputs: contexts.Inputs) -> str:
+    """The record key: everything that decides the result and is known before the
+    Dockerfile is converted (docs/cache.md, "The result record")."""
+    import hashlib
+    from pathlib import Path
+
+    from dockbuild import resultcache
+    from dockbuild.config import config_path
+
+    def ids(specs: list[str], parse: Callable[[str], SecretSource | SSHSource]) -> list[str]:
+        """The ids of --secret or --ssh specs (never their values: as in BuildKit, a
+        secret does not decide a cached result)."""
+        return sorted(parse(spec).id for spec in specs)
+
+    def where(spec: str, name: str) -> str:
+        """A local context by its absolute path; any other by what the user wrote."""
+        local = inputs.local_dirs.get(name)
+        return str(local.absolute()) if local is not None and Path(spec).is_dir() else spec
+
+    fields = {
+        "dockerfile": hashlib.sha256(inputs.dockerfile_text).hexdigest(),
+        "dockerfile_name": inputs.dockerfile_name,
+        "ignore": list(inputs.ignore_patterns),
+        "context": where(request.context, "context"),
+        "build_contexts": {name: where(spec, name) for name, spec in request.build_contexts.items()},
+        "layouts": {
+            name: resultcache.file_digest(layout.path / "index.json")
+            for name, layout in inputs.layouts.items()
+        },
+        "target": request.target,
+        "build_args": {k: v if v is not None else os.environ.get(k) for k, v in request.build_args.items()},
+        "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
+        "labels": request.labels,
+        "platform": request.platform or HOST_PLATFORM,
+        "network": request.network,
+        "add_hosts": list(request.add_hosts),
+        "shm_size": request.shm_size,
+        "secrets": ids(request.secrets, _parse_secret) if request.secrets else [],
+        "ssh": ids(request.ssh, _parse_ssh) if request.ssh else [],
+        "allow": sorted(set(request.allow)),
+        "squash": request.squash,
+        "executor": request.executor or os.environ.get("DOCKBUILD_EXECUTOR"),
+        "config": resultcache.file_digest(config_path()),
+    }
+    return resultcache.request_key(fields)
+
+
+def _parse_secret(spec: str) -> SecretSource:
+    from dockbuild.secrets import parse_secret
+
+    return parse_secret(spec)
+
+
+def _parse_ssh(spec: str) -> SSHSource:
+    from dockbuild.secrets import parse_ssh
+
+    return parse_ssh(spec)
+
+
+def _local_reads(root: llb.Op | None) -> list[str]:
+    """The local contexts a graph reads (its local:// sources)."""
+    from dockbuild import llb
+
+    if root is None:
+        return []
+    names = {
+        op.identifier[len("local://") :]
+        for op in llb.walk(root)
+        if isinstance(op, llb.SourceOp) and op.identifier.startswith("local://")
+    }
+    return sorted(names)
+
+
+def _reads_remote(root: llb.Op | None) -> bool:
+    """Whether a graph fetches an HTTP or git source: asked again on every build."""
+    from dockbuild import llb
+    from dockbuild.engine.cachekeys import is_remote
+
+    return root is not None and any(is_remote(op) for op in llb.walk(root))
+
+
+def _pinned(resolved: list[tuple[str, str]], platform: str) -> list[tuple[str, str, str]]:
+    """(tag, platform, manifest digest) of each tag the build resolved (by digest: none)."""
+    from dockbuild.engine.registry.reference import parse_reference
+
+    pinned = []
+    for text, identifier in resolved:
+        ref = parse_reference(text)
+        if ref.digest is None:
+            pinned.append((str(ref), platform, identifier.rpartition("@")[2]))
+    return pinned
+
+
+def _result(
+    image: Image,
+    read: dict[str, str],
+    pinned: list[tuple[str, str, str]],
+    steps: list[str],
+    warnings: list[str],
+    records: list[str],
+) -> resultcache.Result:
+    from dataclasses import asdict
+
+    from dockbuild import resultcache
+
+    fields = asdict(image)
+    fields["history_times"] = [[k, v] for k, v in image.history_times.items()]
+    return resultcache.Result(fields, read, pinned, steps, [str(w) for w in warnings], records)
+
+
+def _recorded(
+    request: BuildRequest,
+    key: str | None,
+    results: resultcache.ResultCache,
+    store: Store,
+    locals_: dict[str, LocalDir],
+    progress: Progress,
+) -> Image | None:
+    """The image the result record holds for ``key``, if it still holds (its steps then
+    shown as cached); None when the request runs its steps (--no-cache, --pull,
+    --no-cache-filter and --explain-cache always do)."""
+    from dockbuild import resultcache
+
+    if key is None or request.no_cache or request.pull or request.no_cache_filter or request.explain_cache:
+        return None
+    found = results.get(key)
+    if found is None or not resultcache.still_valid(found, store, locals_):
+        return None
+    store.touch_records(found.records)  # for GC, the steps were used as by a cached build
+    return _replay(found, progress)
+
+
+def _replay(found: resultcache.Result, progress: Progress) -> Image:
+    """Show the recorded result's steps as cached and its warnings; its image."""
+    from dockbuild.outputs.exporter import Image
+
+    for name in found.steps:
+        progress.vertex(name).cached()
+    for warning in found.warnings:
+        progress.message(warning)
+    fields = dict(found.image)
+    fields["state"] = tuple(fields["state"])
+    fields["sources"] = tuple(fields["sources"])
+    fields["history_times"] = {int(k): v for k, v in fields["history_times"]}
+    return Image(**fields)
 
 
 def _collect_garbage(store: Store, progress: Progress) -> None:

@@ -198,6 +198,22 @@ class Solver:
             return record.layers[-1] in record.owns
         return record.layers[-1] == cachekeys.layer_id(key)  # a record without owns
 
+    def solved_keys(self) -> list[str]:
+        """The cache keys of the steps this build looked up or ran (their records)."""
+        return list(dict.fromkeys(self._solved_keys.values()))
+
+    def layer_made(self, op: llb.Op) -> float | None:
+        """When the layer a solved step added was made (its row in the cache), so a rebuild
+        from the cache gives the same history times; None when the step added no layer."""
+        if not self.added_layer(op):
+            return None
+        key = self._solved_keys.get(op.digest) or self.keys.key(op)
+        layer = self._own.get(key)
+        if layer is None:
+            record = self.store.record(key)
+            layer = record.layers[-1] if record is not None and record.layers else cachekeys.layer_id(key)
+        return self.store.layer_created(layer)
+
     def layer_paths(self, state: State) -> tuple[Path, ...]:
         """The state's layer directories, for a step that reads them: packed layers (a
         cache import's, a base image's) are unpacked now."""

@@ -277,6 +277,11 @@ class Store:
         row = self._query_one("SELECT diff_id FROM layers WHERE id=?", (layer_id,))
         return row[0] if row else None
 
+    def layer_created(self, layer_id: str) -> float | None:
+        """When the layer was first recorded (a later commit of the same id keeps it)."""
+        row = self._query_one("SELECT created FROM layers WHERE id=?", (layer_id,))
+        return float(row[0]) if row else None
+
     def set_layer_diff_id(self, layer_id: str, diff_id: str) -> None:
         with self._db_lock:
             self._db.execute("UPDATE layers SET diff_id=? WHERE id=?", (diff_id, layer_id))
@@ -314,6 +319,15 @@ class Store:
     def touch_record(self, key: str) -> None:
         with self._db_lock:
             self._db.execute("UPDATE records SET last_used=? WHERE key=?", (time.time(), key))
+
+    def touch_records(self, keys: Sequence[str]) -> None:
+        """Mark records used now (one statement): a build served by its result record
+        (dockbuild/resultcache.py) uses its steps' records without looking them up."""
+        if not keys:
+            return
+        marks = ",".join("?" * len(keys))
+        with self._db_lock:
+            self._db.execute(f"UPDATE records SET last_used=? WHERE key IN ({marks})", (time.time(), *keys))
 
     def put_record(
         self,

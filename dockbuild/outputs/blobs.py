@@ -124,7 +124,7 @@ def squash_history(config: dict[str, Any], base_layers: int) -> None:
         entry["empty_layer"] = True
 
 
-def timestamp(epoch: int | None) -> str:
+def timestamp(epoch: float | None) -> str:
     """RFC 3339 in UTC, as BuildKit writes ``created``: the epoch, or now."""
     when = (
         datetime.datetime.fromtimestamp(epoch, datetime.UTC)
@@ -155,10 +155,16 @@ def image_blobs(
     oci = spec.flag("oci-mediatypes", True)
     made = layer_blobs(store, image, options, progress)
     config = json.loads(json.dumps(image.config))
-    created = timestamp(epoch) if epoch is not None or now is None else now
-    config["created"] = created
-    for entry in config.get("history", []):
-        entry.setdefault("created", created)
+    fallback = timestamp(epoch) if epoch is not None or now is None else now
+    history = config.get("history", [])
+    for index, entry in enumerate(history):
+        if index in image.history_times:
+            when = image.history_times[index]
+            entry["created"] = fallback if epoch is not None or when is None else when
+        else:
+            entry.setdefault("created", fallback)
+    # The last history time, as BuildKit: a rebuild from the cache is the same image.
+    config["created"] = history[-1]["created"] if history and epoch is None else fallback
     if image.squash:
         squash_history(config, image.base_layers)
     config["rootfs"] = {"type": "layers", "diff_ids": [b.diff_id for b in made]}

@@ -27,6 +27,7 @@ __all__ = [
     "base_layer_count",
     "export_all",
     "finish_config",
+    "history_times",
     "parse_outputs",
     "registry_sources",
     "source_date_epoch",
@@ -55,6 +56,29 @@ def finish_config(config: dict[str, Any], history_ops: list[Any], solver: Any) -
         if op is not None and not solver.added_layer(op):
             entry["empty_layer"] = True
     return config
+
+
+def history_times(
+    config: dict[str, Any], history_ops: list[Any], solver: Any
+) -> dict[int, str | None]:
+    """The ``created`` time of each history entry the build adds (by index), as BuildKit
+    sets it: when the entry's layer was made (the cache's record of it), so a rebuild from
+    the cache gives the same image. An entry without a layer of its own takes the time of
+    the entry before it; None when there is none (the export's own time is used then).
+    Entries that carry a time (the base image's) keep it."""
+    from dockbuild.outputs.blobs import timestamp
+
+    times: dict[int, str | None] = {}
+    previous: str | None = None
+    for index, (entry, op) in enumerate(zip(config.get("history", []), history_ops, strict=True)):
+        if "created" in entry:
+            previous = entry["created"]
+            continue
+        made = solver.layer_made(op) if op is not None else None
+        if made is not None:
+            previous = timestamp(made)
+        times[index] = previous
+    return times
 
 
 def base_layer_count(config: dict[str, Any], history_ops: list[Any], layers: int) -> int:

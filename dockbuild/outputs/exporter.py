@@ -28,6 +28,9 @@ class Image:
     # The registry images the build read (docker-image://REF@DIGEST, see registry_sources):
     # a push to their registry mounts their layers from their repository.
     sources: tuple[str, ...] = ()
+    # The `created` time of each history entry the build added, by index (None: the
+    # export's own time); SOURCE_DATE_EPOCH overrides them (see export.history_times).
+    history_times: dict[int, str | None] = field(default_factory=dict)
 
 
 @dataclass

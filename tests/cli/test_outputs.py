@@ -354,3 +354,44 @@ def test_a_failed_export_leaves_the_previous_dest_and_no_temp_files(
         assert "no space left on device" in run.stderr and "Traceback" not in run.stderr
         assert dest.read_bytes() == b"previous export"
         assert [p.name for p in small.iterdir()] == ["image.tar"]
+
+
+def test_an_unchanged_local_re_export_writes_nothing_and_restores_what_was_touched(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    app = write_context(tmp_path / "app", {
+        "Dockerfile": "FROM busybox\nCOPY src/ /src/\nRUN echo made > /made\n",
+        "src/a.txt": "a\n", "src/b.txt": "b\n",
+    })  # fmt: skip
+    out = tmp_path / "out"
+
+    def export() -> str:
+        return dockbuild.build(app, "-o", f"type=local,dest={out}").stderr
+
+    def identity(path: Path) -> tuple[int, int]:
+        st = os.lstat(path)
+        return st.st_ino, st.st_ctime_ns
+
+    export()
+    before = {p: identity(p) for p in (out / "src" / "a.txt", out / "made", out / "bin")}
+    (out / "mine.txt").write_text("the user's own\n")
+    err = export()
+    assert "nothing written" in err
+    assert {p: identity(p) for p in before} == before  # not one file written again
+    assert (out / "mine.txt").read_text() == "the user's own\n"
+    # A file edited or removed in the destination is written again (the whole export).
+    (out / "src" / "a.txt").write_text("edited\n")
+    (out / "made").unlink()
+    assert "nothing written" not in export()
+    assert (out / "src" / "a.txt").read_text() == "a\n"
+    assert (out / "made").read_text() == "made\n"
+    assert (out / "mine.txt").read_text() == "the user's own\n"
+    assert "nothing written" in export()
+    # Another image into the same directory is written.
+    (app / "src" / "b.txt").write_text("b2\n")
+    assert "nothing written" not in export()
+    assert (out / "src" / "b.txt").read_text() == "b2\n"
+    # The same image into another directory is written there.
+    other = tmp_path / "other"
+    dockbuild.build(app, "-o", f"type=local,dest={other}")
+    assert (other / "src" / "b.txt").read_text() == "b2\n"

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clitools import DockbuildCLI, write_context
+from clitools import DockbuildCLI, read_oci, write_context
 
 EPOCH = 1700000000
 EPOCH_TEXT = "2023-11-14T22:13:20Z"
@@ -98,3 +98,78 @@ def test_a_bad_source_date_epoch_is_a_clear_error(dockbuild: DockbuildCLI, app: 
     run = dockbuild.build(app, "--build-arg", "SOURCE_DATE_EPOCH=yesterday", check=False)
     assert run.returncode == 1
     assert "invalid SOURCE_DATE_EPOCH" in run.stderr and "Traceback" not in run.stderr
+
+
+# Same inputs, same image: a rebuild from the cache keeps every history time (each entry's
+# is when its layer was made), so --iidfile names the same image on every `make`.
+
+SAME_IMAGE = """\
+FROM busybox
+RUN echo built > /built.txt
+ENV STEP=2
+COPY src/ /src/
+LABEL last=1
+"""
+
+
+def _iid(dockbuild: DockbuildCLI, app: Path, iid: Path, *args: str) -> str:
+    dockbuild.build(app, "--iidfile", str(iid), *args)
+    return iid.read_text()
+
+
+def test_a_cached_rebuild_a_second_later_gives_the_same_image_id(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    app = write_context(tmp_path / "same", {"Dockerfile": SAME_IMAGE, "src/a.txt": "a\n"})
+    first = _iid(dockbuild, app, tmp_path / "iid1")
+    time.sleep(1.1)
+    assert _iid(dockbuild, app, tmp_path / "iid2") == first
+    out = tmp_path / "image.tar"
+    dockbuild.build(app, "-o", f"type=oci,dest={out}")
+    config = read_oci(out).config
+    own = config["history"][-4:]
+    # A metadata-only entry takes the time of the layer before it; the config the last one.
+    assert own[1]["created"] == own[0]["created"] <= own[2]["created"] == own[3]["created"]
+    assert config["created"] == own[3]["created"]
+    # A step that runs again makes a new layer, with its own time.
+    time.sleep(1.1)
+    assert _iid(dockbuild, app, tmp_path / "iid3", "--no-cache") != first
+
+
+def test_source_date_epoch_still_sets_every_time_of_a_cached_rebuild(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    app = write_context(tmp_path / "same", {"Dockerfile": SAME_IMAGE, "src/a.txt": "a\n"})
+    plain = _iid(dockbuild, app, tmp_path / "iid1")
+    pinned = _iid(dockbuild, app, tmp_path / "iid2", "--build-arg", f"SOURCE_DATE_EPOCH={EPOCH}")
+    assert pinned != plain
+    out = tmp_path / "image.tar"
+    dockbuild.build(app, "--build-arg", f"SOURCE_DATE_EPOCH={EPOCH}", "-o", f"type=oci,dest={out}")
+    config = read_oci(out).config
+    assert config["created"] == EPOCH_TEXT
+    assert all(h["created"] == EPOCH_TEXT for h in config["history"][-4:])
+
+
+def test_three_concurrent_builds_on_one_cache_root_give_one_image_id(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from clitools import DOCKBUILD
+
+    app = write_context(tmp_path / "same", {"Dockerfile": SAME_IMAGE, "src/a.txt": "a\n"})
+    procs = [
+        subprocess.Popen(
+            [DOCKBUILD, "--progress=plain", *dockbuild.base_context,
+             "--iidfile", str(tmp_path / f"iid{n}"), str(app)],
+            env=dockbuild.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for n in range(3)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    ids = {(tmp_path / f"iid{n}").read_text() for n in range(3)}
+    assert len(ids) == 1
+    time.sleep(1.1)
+    assert _iid(dockbuild, app, tmp_path / "again") in ids
