@@ -31,7 +31,9 @@ def test_a_secret_never_appears_in_any_byte_the_build_produces(
     shared.test_a_secret_never_appears_in_any_byte_the_build_produces(dockbuild, tmp_path, "chroot")
 
 
-def test_ssh_mount_relays_the_agent_into_the_rootfs(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+def test_ssh_mount_relays_the_agent_into_the_rootfs(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
     for tool in ("ssh-agent", "ssh-keygen", "ssh-add"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
@@ -68,7 +70,9 @@ def test_ssh_mount_relays_the_agent_into_the_rootfs(dockbuild: DockbuildCLI, tmp
     assert not any(n.startswith(("run", "agent", "t/")) for n in layer_names(layers))
 
 
-def test_every_mount_type_leaves_the_rootfs_as_it_was(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+def test_every_mount_type_leaves_the_rootfs_as_it_was(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
     ctx = write_context(
         tmp_path / "ctx",
         {

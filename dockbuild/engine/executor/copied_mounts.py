@@ -22,6 +22,7 @@ Read-only is not enforced (root writes anyway; the writes are discarded).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -53,7 +54,7 @@ class CopiedMounts:
                 raise ExecutorError(f"cannot mount {m.target} over the root directory")
             self._make_parents(target)
             self._move_aside(target)
-            self._undo.append(lambda t=target: _remove(t))
+            self._undo.append(functools.partial(_remove, target))
             self._put(m, target)
 
     def remove(self) -> None:
@@ -67,7 +68,9 @@ class CopiedMounts:
         if self._aside:
             shutil.rmtree(self._aside, ignore_errors=True)
         if errors:
-            raise ExecutorError(f"cannot take the emulated RUN mounts out of the rootfs: {errors[0]}")
+            raise ExecutorError(
+                f"cannot take the emulated RUN mounts out of the rootfs: {errors[0]}"
+            )
 
     # -- placing ----------------------------------------------------------------------
 
@@ -110,11 +113,13 @@ class CopiedMounts:
             missing.append(parent)
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent) or os.path.islink(parent):
-            raise ExecutorError(f"cannot mount at {target[len(self.root):]}: a parent is not a directory")
+            raise ExecutorError(
+                f"cannot mount at {target[len(self.root) :]}: a parent is not a directory"
+            )
         for path in reversed(missing):
             with _timestamps_kept(os.path.dirname(path)):
                 os.mkdir(path, 0o755)
-            self._undo.append(lambda p=path: _remove_if_empty(p))
+            self._undo.append(functools.partial(_remove_if_empty, path))
 
     def _move_aside(self, target: str) -> None:
         if not os.path.lexists(target):
@@ -265,13 +270,17 @@ def _relay(upstream: str, target: str, st: os.stat_result) -> Callable[[], None]
         listener.bind(path)
     except OSError as e:
         listener.close()
-        raise ExecutorError(f"cannot place the ssh agent socket at {target}: {e.strerror}") from None
+        raise ExecutorError(
+            f"cannot place the ssh agent socket at {target}: {e.strerror}"
+        ) from None
     finally:
         os.close(directory)
     os.lchown(target, st.st_uid, st.st_gid)
     os.chmod(target, stat.S_IMODE(st.st_mode))
     listener.listen(16)
-    threading.Thread(target=_accept_loop, args=(listener, upstream), daemon=True, name="ssh-relay").start()
+    threading.Thread(
+        target=_accept_loop, args=(listener, upstream), daemon=True, name="ssh-relay"
+    ).start()
 
     def stop() -> None:
         with contextlib.suppress(OSError):
