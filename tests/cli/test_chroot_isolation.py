@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from clitools import DockbuildCLI, write_context
+from test_run_in_docker import docker_dockbuild, image, vol  # noqa: F401  (the fixtures)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the chroot executor needs root")
 
@@ -217,3 +218,48 @@ def test_a_chroot_step_cannot_escape_ptrace_or_read_dockbuilds_files(
     assert protected["procroot"] == "denied Operation not permitted"
     assert protected["ptrace"] == "denied Operation not permitted"
     assert not (out / ".escape").exists()
+
+
+@pytest.mark.docker
+def test_in_a_default_docker_container_the_same_escapes_fail(
+    image: str,  # noqa: F811  (the fixture imported above)
+    vol: Path,  # noqa: F811
+    escape: Path,
+) -> None:
+    # dockbuild falls back to chroot there. The control runs in the same kind of
+    # container: a plain chroot, a directory descriptor, a root shell as the parent
+    # (no /proc control: such a container cannot mount one either way).
+    canary = "dockbuild-canary-" + os.urandom(6).hex()
+    (vol / "home" / ".docker").mkdir(parents=True)
+    (vol / "home" / ".docker" / "config.json").write_text(f"{canary}-config\n")
+    (vol / "cache").mkdir(exist_ok=True)
+    (vol / "cache" / "planted-canary").write_text(f"{canary}-cache\n")
+    args = ["/vol/home/.docker/config.json", "/vol/cache/planted-canary", f"CANARY_ENV={canary}"]
+    (vol / "control" / "proc").mkdir(parents=True)
+    shutil.copy2(escape, vol / "control" / "escape")
+    shutil.copy2(escape, vol / "ctx" / "escape")
+    subprocess.run(["chmod", "-R", "a+rwX", str(vol)], check=True)
+    control = subprocess.run(
+        ["docker", "run", "--rm", "-v", "/usr:/usr:ro", "-v", f"{vol}:/vol", image,
+         "/bin/sh", "-c", f"exec 9</; chroot /vol/control /escape {' '.join(args)}; true"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    unprotected = _report(control.stdout)
+    for name in ("fd0", "fd1", "chroot0", "chroot1", "ptrace"):
+        assert unprotected[name].startswith("ok"), (name, control.stdout)
+    assert unprotected["chroot1"] == f"ok {canary}-cache"
+
+    (vol / "ctx" / "Dockerfile").write_text(
+        "FROM busybox\nCOPY escape /escape\nRUN " + json.dumps(["/escape", *args, "/report"]) + "\n"
+    )
+    run = docker_dockbuild(
+        image, vol, "--progress=plain", "--build-context", "busybox=oci-layout:///vol/busybox",
+        "-o", "type=local,dest=/vol/out", "/vol/ctx", options=("-e", f"CANARY_ENV={canary}"),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "bare chroot" in run.stderr
+    report = (vol / "out" / "report").read_text()
+    protected = _report(report)
+    for name in ("path0", "path1", *ATTEMPTS):
+        assert protected[name].startswith("denied"), (name, report)
+    assert canary not in report
