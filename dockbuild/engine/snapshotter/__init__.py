@@ -30,6 +30,11 @@ class StepRoot(Protocol):
         """After a successful run: leave the step's changes in the upper dir."""
         ...
 
+    def release(self, layers: tuple[Path, ...] | None) -> None:
+        """The step is over, its layer committed: the rootfs is now ``layers`` merged
+        (None: the step failed or was cancelled)."""
+        ...
+
 
 class Snapshotter(Protocol):
     name: str

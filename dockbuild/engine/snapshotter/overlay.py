@@ -16,6 +16,9 @@ class OverlayStep:
     def commit(self) -> None:
         """Nothing to do: the upper dir holds the changes as the kernel wrote them."""
 
+    def release(self, layers: tuple[Path, ...] | None) -> None:
+        """Nothing to keep: the overlay was the container's, gone with it."""
+
 
 class OverlaySnapshotter:
     name = "overlay"
