@@ -30,7 +30,7 @@ from dockbuild.errors import DockbuildError, ExecError
 from dockbuild.progress import Progress
 
 if TYPE_CHECKING:  # the executor and file ops load only when a step really runs
-    from dockbuild.engine import fileop
+    from dockbuild.engine import fileop, snapshotter
     from dockbuild.engine.executor import Executor
 
 State = tuple[str, ...]  # layer ids, bottom first
@@ -451,7 +451,7 @@ class Solver:
             return self._executor
 
     def _run_exec(self, op: llb.ExecOp, key: str, name: str) -> State:
-        from dockbuild.engine import mounts, snapshotter
+        from dockbuild.engine import mounts
         from dockbuild.engine.executor import RunRequest
 
         mounts.check_op(op, self.options.allow)
@@ -465,16 +465,16 @@ class Solver:
                 raise Cancelled("cancelled after an earlier failure")
             vertex = self.progress.vertex(name)
             work = self._scratch.take()
+            step_root: snapshotter.StepRoot | None = None
             try:
                 upper = work / "upper"
                 with contextlib.ExitStack() as stack:
                     try:
                         specs, extra_env = self._run_mounts().prepare(op, states, work, stack)
                         executor = self._executor_instance()
-                        step_root = snapshotter.for_executor(executor, self.store.root).prepare(
+                        step_root = self._snapshotter(executor).prepare(
                             self.layer_paths(parent), work
                         )
-                        stack.callback(step_root.release)
                         request = RunRequest(
                             args=op.args,
                             env=op.env + op.proxy_env + tuple(extra_env),
@@ -499,7 +499,10 @@ class Solver:
                     vertex.error(err.message)
                     raise err
                 state = self._commit(parent, upper, key)
+                step_root.release(self.layer_paths(state))
             except BaseException:
+                if step_root is not None:
+                    step_root.release(None)
                 remove_tree(work)
                 raise
             # Made ready for the next RUN beside it (Store.close removes what is left).
@@ -509,6 +512,17 @@ class Solver:
                 remove_tree(work)
             vertex.done()
             return state
+
+    def _snapshotter(self, executor: Executor) -> snapshotter.Snapshotter:
+        """One per build: the copy snapshotter keeps working rootfs dirs between steps."""
+        from dockbuild.engine import snapshotter
+
+        with self._executor_lock:
+            chosen = self.__dict__.get("_snapshotter_instance")
+            if chosen is None:
+                chosen = snapshotter.for_executor(executor, self.store.root)
+                self.__dict__["_snapshotter_instance"] = chosen
+            return chosen
 
     def _run_mounts(self) -> Any:
         """The host side of RUN mounts (engine/mounts.py), made on first use."""

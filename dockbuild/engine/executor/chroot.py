@@ -3,15 +3,20 @@
 Where a default docker container forbids unshare and mount (seccomp, no CAP_SYS_ADMIN),
 a plain chroot into a :class:`PlainRootfs` is still possible for root. There is no
 sandbox: no /proc, /dev or /etc/hosts of its own, the host's network, PIDs and hostname
-(BUILDKIT_SANDBOX_HOSTNAME cannot apply: setting it needs a UTS namespace), and no RUN
-mounts (mount(2) is what such a container forbids). It shares the fork server and its protocol with the namespace executor.
+(BUILDKIT_SANDBOX_HOSTNAME cannot apply: setting it needs a UTS namespace). RUN mounts
+are emulated with copies (:mod:`.copied_mounts`). What keeps a step from the host: the
+chroot, no descriptor but its own, CAP_SYS_CHROOT, CAP_SYS_PTRACE and CAP_SYS_ADMIN out
+of its bounding set, no_new_privs, and dockbuild's own processes non-dumpable (see
+``forkserver.container``). It shares the fork server and its protocol with the namespace
+executor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from dockbuild.engine.executor import LOCKED_DOWN_HINT, OutputSink, PlainRootfs, RunRequest
+from dockbuild.engine.executor import OutputSink, PlainRootfs, RunRequest
 from dockbuild.engine.executor.namespace import ForkServerExecutor
 from dockbuild.errors import ExecutorError
 
@@ -26,6 +31,11 @@ class ChrootExecutor(ForkServerExecutor):
     def __init__(self) -> None:
         if os.geteuid() != 0:
             raise ExecutorError("the chroot executor needs root (CAP_SYS_CHROOT)")
+        from dockbuild.engine.executor.forkserver.syscalls import set_dumpable
+
+        # A step runs as root beside us: it must not ptrace this process or read its
+        # memory (/proc/PID/mem, environ). The fork server does the same for itself.
+        set_dumpable(False)
         super().__init__()
 
     def run(self, request: RunRequest, output: OutputSink) -> int:
@@ -41,17 +51,14 @@ class ChrootExecutor(ForkServerExecutor):
                 "host's own /etc/hosts and /dev/shm (it makes no mounts)",
                 hint="use the namespace or runc executor",
             )
-        if request.mounts:
-            targets = ", ".join(m.target for m in request.mounts)
-            if self.warning is not None:  # chosen because nothing else works here
-                raise ExecutorError(
-                    f"RUN --mount ({targets}) cannot work here: this environment forbids "
-                    "mount(2) (no CAP_SYS_ADMIN, seccomp: a default docker container), "
-                    "so RUN steps fall back to a bare chroot, which cannot mount anything",
-                    hint=LOCKED_DOWN_HINT,
-                )
-            raise ExecutorError(
-                f"RUN --mount ({targets}) needs mounts, and the chroot executor makes none",
-                hint="use the namespace or runc executor",
-            )
-        return super().run(request, output)
+        if not request.mounts:
+            return super().run(request, output)
+        from dockbuild.engine.executor.copied_mounts import CopiedMounts
+
+        copied = CopiedMounts(request.rootfs.path, request.mounts)
+        try:
+            copied.place()
+            return super().run(dataclasses.replace(request, mounts=()), output)
+        finally:
+            # Before the snapshotter compares the rootfs with its parent.
+            copied.remove()

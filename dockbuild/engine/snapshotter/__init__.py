@@ -31,8 +31,9 @@ class StepRoot(Protocol):
         """After a successful run: leave the step's changes in the upper dir."""
         ...
 
-    def release(self) -> None:
-        """After the run, whatever happened: undo what prepare mounted (idempotent)."""
+    def release(self, layers: tuple[Path, ...] | None) -> None:
+        """The step is over, its layer committed: the rootfs is now ``layers`` merged
+        (None: the step failed or was cancelled)."""
         ...
 
 

@@ -1,12 +1,15 @@
 """The copy snapshotter, for an executor that cannot mount (a locked-down container).
 
-A RUN step gets a plain copy of its parent's merged rootfs; afterwards the copy is
-compared with the parent (type, mode, owner, size, mtime, link target; directories by
-type, mode and owner) and the differences are written as an overlay-format upper dir:
-changed and new entries copied, removed ones as whiteouts (0:0 character devices, or
-links to the cache root's whiteout marker where the file system refuses those). It
-costs O(rootfs) per step (see research/executor.md §4), which is why it is only the
-fallback of a locked-down container.
+A RUN step runs on a plain directory holding its parent's merged rootfs. That directory
+is kept between steps: once a step's changes are committed, the directory is the next
+step's rootfs as it stands, so consecutive RUN steps of a stage change one working
+rootfs in place, and only a step whose parent has no idle working rootfs (where the
+graph branches, or the first RUN on a base) pays for a full copy. After the step, a
+stat walk compares the directory with the state recorded before it (type, mode, owner,
+size, mtime, inode, link target; directories by type, mode and owner) and writes the
+differences as an overlay-format upper dir: changed and new entries copied, removed ones
+as whiteouts (0:0 character devices, or links to the cache root's whiteout marker where
+the file system refuses those). A failed step's directory is thrown away.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,26 +28,51 @@ from dockbuild.engine.snapshots import walk_merged
 from dockbuild.errors import ExecutorError
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class CopyStep:
     rootfs: PlainRootfs
     before: dict[str, os.stat_result]
     upper: Path
+    owner: CopySnapshotter
+    after: dict[str, os.stat_result] | None = None
 
     def commit(self) -> None:
-        diff(Path(self.rootfs.path), self.before, self.upper)
+        self.after = diff(Path(self.rootfs.path), self.before, self.upper)
 
-    def release(self) -> None:
-        """Nothing is mounted."""
+    def release(self, layers: tuple[Path, ...] | None) -> None:
+        """The step is over: its rootfs is now ``layers`` merged (kept for the next step
+        on them), or, given None (failed, cancelled), thrown away."""
+        root = Path(self.rootfs.path)
+        if layers is None or self.after is None or not self.owner.keep(layers, root, self.after):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 class CopySnapshotter:
     name = "copy"
 
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # layer dirs (bottom first) -> an idle working rootfs holding them merged, and
+        # what each of its paths looked like
+        self._idle: dict[tuple[str, ...], tuple[Path, dict[str, os.stat_result]]] = {}
+
     def prepare(self, layers: tuple[Path, ...], work: Path) -> CopyStep:
-        root = work / "root"
-        before = materialize(layers, root)
-        return CopyStep(PlainRootfs(str(root)), before, work / "upper")
+        with self._lock:
+            idle = self._idle.pop(tuple(map(str, layers)), None)
+        if idle is not None and idle[0].is_dir():
+            root, before = idle
+        else:
+            # Beside the work dir, not in it: it outlives this step (removed with the
+            # store's other temporary dirs at the end).
+            root = Path(tempfile.mkdtemp(prefix="chroot-", dir=work.parent))
+            os.chmod(root, 0o755)
+            before = materialize(layers, root)
+        return CopyStep(PlainRootfs(str(root)), before, work / "upper", self)
+
+    def keep(self, layers: tuple[Path, ...], root: Path, state: dict[str, os.stat_result]) -> bool:
+        """Keep ``root`` as the idle rootfs of ``layers``, unless one is kept already."""
+        with self._lock:
+            return self._idle.setdefault(tuple(map(str, layers)), (root, state))[0] == root
 
 
 def materialize(layers: tuple[Path, ...], dest: Path) -> dict[str, os.stat_result]:
@@ -108,8 +138,11 @@ def _made_again(
     return bool(old_names) and not old_names & set(os.listdir(path))
 
 
-def diff(root: Path, before: dict[str, os.stat_result], upper: Path) -> None:
-    """Write what changed in ``root`` since ``before`` into ``upper`` (overlay format).
+def diff(
+    root: Path, before: dict[str, os.stat_result], upper: Path
+) -> dict[str, os.stat_result]:
+    """Write what changed in ``root`` since ``before`` into ``upper`` (overlay format);
+    return what each path looks like now.
 
     A directory removed and made again becomes an opaque directory holding all of its
     new contents, as overlayfs records it, so both snapshotters give the same layer for
@@ -118,16 +151,16 @@ def diff(root: Path, before: dict[str, os.stat_result], upper: Path) -> None:
     from dockbuild.userns import in_user_namespace
 
     rootless = in_user_namespace()
-    after: set[str] = set()
+    after: dict[str, os.stat_result] = {}
     remade: list[str] = []  # directories made again: everything below them is new
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
         fresh = rel_dir != "." and any(rel_dir == r or rel_dir.startswith(r + "/") for r in remade)
         for name in sorted(dirnames) + sorted(filenames):
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            after.add(rel)
             path = root / rel
             st = os.lstat(path)
+            after[rel] = st
             old = None if fresh else before.get(rel)
             link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
             if old is not None:
@@ -144,7 +177,7 @@ def diff(root: Path, before: dict[str, os.stat_result], upper: Path) -> None:
                 if _same(st, old, link, old_link):
                     continue
             _copy_up(root, rel, upper)
-    for rel in sorted(set(before) - after):
+    for rel in sorted(set(before) - after.keys()):
         parent = os.path.dirname(rel)
         if parent and parent not in after:
             continue  # its parent went away already: one whiteout covers it
@@ -155,6 +188,7 @@ def diff(root: Path, before: dict[str, os.stat_result], upper: Path) -> None:
             make_whiteout(upper / rel)
         except OSError as e:
             raise ExecutorError(f"cannot record the removal of /{rel}: {e.strerror}") from None
+    return after
 
 
 def _ensure_parents(root: Path, rel: str, upper: Path) -> None:

@@ -36,10 +36,11 @@ class FuseStep:
 
     def commit(self) -> None:
         """Unmount, then turn fuse-overlayfs's own markers into the kernel's format."""
-        self.release()
+        self.release(None)
         normalize(self.upper)
 
-    def release(self) -> None:
+    def release(self, layers: tuple[Path, ...] | None) -> None:
+        """Unmount, whatever happened to the step (a no-op after commit)."""
         if os.path.ismount(self.rootfs.path):
             unmount(self.rootfs.path)
 

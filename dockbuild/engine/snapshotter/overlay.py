@@ -16,8 +16,8 @@ class OverlayStep:
     def commit(self) -> None:
         """Nothing to do: the upper dir holds the changes as the kernel wrote them."""
 
-    def release(self) -> None:
-        """Nothing is mounted."""
+    def release(self, layers: tuple[Path, ...] | None) -> None:
+        """Nothing to keep: the overlay was the container's, gone with it."""
 
 
 class OverlaySnapshotter:

@@ -29,7 +29,9 @@ from .syscalls import (
     mount,
     mount_upper_overlay,
     pivot_root,
+    remove_capabilities,
     set_capabilities,
+    set_no_new_privs,
     unshare,
 )
 from .users import resolve_user
@@ -60,6 +62,12 @@ DEFAULT_CAPABILITIES = (
     29,  # AUDIT_WRITE
     31,  # SETFCAP
 )
+# What a chroot step loses (every other capability of dockbuild's process it keeps).
+CHROOT_REMOVED_CAPABILITIES = (
+    18,  # SYS_CHROOT
+    19,  # SYS_PTRACE
+    21,  # SYS_ADMIN
+)
 
 
 def init(spec: dict[str, Any], out_fd: int, err_fd: int, status: socket.socket, stubs_w: int) -> None:
@@ -76,6 +84,12 @@ def init(spec: dict[str, Any], out_fd: int, err_fd: int, status: socket.socket, 
         os.close(stubs_w)
         os.chroot(spec["rootfs"]["path"])
         os.chdir("/")
+        if spec.get("security") != "insecure":
+            # The step runs as root beside dockbuild, with no namespace between them:
+            # no second chroot to climb out of this one, no ptrace of dockbuild, no
+            # mount (of /proc, to reach /proc/PID/root); nothing regained by setuid.
+            remove_capabilities(CHROOT_REMOVED_CAPABILITIES)
+            set_no_new_privs()
     user = resolve_user(spec["user"], "/etc/passwd", "/etc/group")
     env = environ(spec["env"])
     env.setdefault("HOME", user.home)

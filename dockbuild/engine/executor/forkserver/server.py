@@ -26,6 +26,7 @@ from .syscalls import (
     MS_REC,
     SetupError,
     mount,
+    set_dumpable,
     set_parent_death_signal,
     setns,
     unshare,
@@ -439,6 +440,9 @@ def enter_own_pid_namespace() -> None:
 
 
 def main(argv: list[str]) -> None:
+    if argv[2] == "chroot":
+        # Chroot steps run as root beside us: they must not ptrace us or read our memory.
+        set_dumpable(False)
     if in_user_namespace():
         enter_own_pid_namespace()
     Server(int(argv[1]), argv[2]).serve()

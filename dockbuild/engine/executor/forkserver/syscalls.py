@@ -52,6 +52,8 @@ MOUNT_FLAGS = {
 }
 IGNORED_OPTIONS = {"rw", "suid", "dev", "exec", "bind", "rbind", "private", "rprivate"}
 PR_CAPBSET_DROP = 24
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -164,6 +166,39 @@ def set_capabilities(caps: tuple[int, ...]) -> None:
     data = struct.pack("6I", low, low, low, high, high, high)
     if _libc.capset(ctypes.c_char_p(header), ctypes.c_char_p(data)):
         raise SetupError(f"capset: {os.strerror(ctypes.get_errno())}")
+
+
+def remove_capabilities(caps: tuple[int, ...]) -> None:
+    """Take ``caps`` out of the bounding, effective, permitted and inheritable sets and
+    clear the ambient set, keeping the rest: a root step cannot get them back at exec."""
+    for cap in caps:
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0):
+            raise SetupError(f"dropping capability {cap}: {os.strerror(ctypes.get_errno())}")
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = ctypes.create_string_buffer(struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0))
+    data = ctypes.create_string_buffer(24)
+    if _libc.capget(header, data):
+        raise SetupError(f"capget: {os.strerror(ctypes.get_errno())}")
+    sets = list(struct.unpack("6I", data.raw))  # effective, permitted, inheritable x2
+    for cap in caps:
+        half, bit = (0, cap) if cap < 32 else (3, cap - 32)
+        for i in range(half, half + 3):
+            sets[i] &= ~(1 << bit)
+    if _libc.capset(header, ctypes.c_char_p(struct.pack("6I", *sets))):
+        raise SetupError(f"capset: {os.strerror(ctypes.get_errno())}")
+
+
+def set_no_new_privs() -> None:
+    """No setuid bit or file capability grants anything at exec from now on."""
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
+        raise SetupError(f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(ctypes.get_errno())}")
+
+
+def set_dumpable(dumpable: bool) -> None:
+    """PR_SET_DUMPABLE: a non-dumpable process cannot be ptraced, nor its /proc/PID/mem,
+    environ or fds read, without CAP_SYS_PTRACE (and its /proc entries become root's)."""
+    if _libc.prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0):
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
 
 
 def pivot_root(root: str) -> None:

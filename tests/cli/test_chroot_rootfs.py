@@ -1,0 +1,69 @@
+"""The chroot executor's rootfs: one working directory per stage, changed in place by
+consecutive RUN steps, each step's layer found by a stat walk; copied where stages branch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from clitools import DockbuildCLI, layer_files, read_oci, write_context
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the chroot executor needs root")
+
+
+def _layers(dockbuild: DockbuildCLI, ctx: Path, out: Path, *args: str) -> list[list[str]]:
+    dockbuild.build(ctx, "-o", f"type=oci,dest={out}", *args)
+    return [sorted(t.getnames()) for t in read_oci(out).layers[1:]]
+
+
+def test_consecutive_steps_and_branches_give_the_namespace_executors_layers(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    ctx = write_context(
+        tmp_path / "ctx",
+        {
+            "Dockerfile": "FROM busybox AS base\n"
+            "RUN mkdir -p /d/sub && echo 1 > /d/a && echo 2 > /d/sub/b && echo same > /s\n"
+            # same size and mtime, another inode: still a change
+            "RUN cp -p /s /s.new && echo SAME > /s.new && touch -r /s /s.new && mv /s.new /s\n"
+            "RUN rm -r /d/sub && chmod 700 /d && ln -s a /d/link\n"
+            "FROM base AS left\nRUN echo left > /left && cat /d/a > /seen-left\n"
+            "FROM base AS right\nRUN echo right > /right && ls / > /seen-right\n"
+            "FROM busybox\nCOPY --from=left /left /seen-left /\n"
+            "COPY --from=right /right /seen-right /\nRUN cat /s > /final 2>&1; true\n",
+        },
+    )
+    by_chroot = _layers(
+        dockbuild, ctx, tmp_path / "c.tar", "--executor", "chroot", "--target", "base"
+    )
+    by_namespace = _layers(
+        dockbuild, ctx, tmp_path / "n.tar", "--executor", "namespace", "--target", "base",
+        "--no-cache",
+    )  # fmt: skip
+    assert by_chroot == by_namespace
+    assert "s" in by_chroot[1]  # the replaced file
+    assert "d/.wh.sub" in by_chroot[2] and "d/link" in by_chroot[2]
+    out = tmp_path / "final.tar"
+    dockbuild.build(ctx, "-o", f"type=oci,dest={out}", "--executor", "chroot")
+    files = layer_files(read_oci(out).layers)
+    assert files["seen-left"] == b"1\n"
+    assert b"left" not in files["seen-right"]  # the branches do not see each other
+    # The final stage is another base: its RUN saw busybox, not the stages' files.
+    assert b"No such file" in files["final"]
+
+
+def test_a_failed_step_leaves_nothing_for_the_next_build(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    ctx = write_context(
+        tmp_path / "ctx",
+        {"Dockerfile": "FROM busybox\nRUN echo x > /x\nRUN echo junk > /junk && false\n"},
+    )
+    failed = dockbuild.build(ctx, "--executor", "chroot", check=False)
+    assert failed.returncode == 1
+    ctx.joinpath("Dockerfile").write_text("FROM busybox\nRUN echo x > /x\nRUN ls / > /ls\n")
+    out = tmp_path / "out.tar"
+    dockbuild.build(ctx, "-o", f"type=oci,dest={out}", "--executor", "chroot")
+    files = layer_files(read_oci(out).layers)
+    assert b"junk" not in files["ls"] and b"x\n" in files["ls"]
