@@ -29,15 +29,10 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
 ]
 
-# RUN --mount in a default container (no mount(2)): the chroot executor's emulation of
-# each mount type is not there yet, so those cells expect the clear error instead. Flip
-# this once it is.
-MOUNTS_IN_DEFAULT_CONTAINERS = False
-
 EPOCH = "1700000000"
 SUBID_PATH = "/opt/bin:/usr/bin:/bin"  # the image's newuidmap with file capabilities first
 
-# Every RUN --mount type; in one RUN, so that a cell without mounts drops only this line.
+# Every RUN --mount type (a default container's chroot executor emulates each).
 MOUNTS_RUN = (
     "RUN --mount=type=cache,target=/var/cache/m,id=m --mount=type=tmpfs,target=/scratch"
     " --mount=type=secret,id=tok --mount=type=bind,from=base,source=/d,target=/mnt/d"
@@ -66,7 +61,6 @@ class Mode:
     name: str
     user: str
     options: tuple[str, ...]
-    mounts: bool  # can the cell's executor make RUN mounts
     # A shell command that works in such a container only if this host can give the
     # mode what it needs (docker's --privileged needs every capability in dockerd's
     # bounding set; newuidmap needs set-user-ID binaries to work in containers).
@@ -74,20 +68,19 @@ class Mode:
 
 
 MODES = (
-    Mode("default root", "0", (), MOUNTS_IN_DEFAULT_CONTAINERS),
-    Mode("unconfined root", "0", UNCONFINED, True),
+    Mode("default root", "0", ()),
+    Mode("unconfined root", "0", UNCONFINED),
     Mode(
-        "unconfined uid 1000 + subuids", "1000", (*UNCONFINED, "-e", f"PATH={SUBID_PATH}"), True,
+        "unconfined uid 1000 + subuids", "1000", (*UNCONFINED, "-e", f"PATH={SUBID_PATH}"),
         "unshare --user --map-users=auto --map-groups=auto true",
     ),  # fmt: skip
-    Mode("unconfined root + /dev/fuse", "0", (*UNCONFINED, "--device", "/dev/fuse"), True),
-    Mode("privileged root", "0", ("--privileged",), True),
+    Mode("unconfined root + /dev/fuse", "0", (*UNCONFINED, "--device", "/dev/fuse")),
+    Mode("privileged root", "0", ("--privileged",)),
 )
 CACHES = ("in container", "volume")
 
-# cell -> (digest of the full Dockerfile, digest without the RUN --mount line, seconds,
-# snapshotter)
-RESULTS: dict[str, tuple[str | None, str | None, float, str]] = {}
+# cell -> (image digest, seconds, snapshotter)
+RESULTS: dict[str, tuple[str | None, float, str]] = {}
 
 
 def matrix_lines() -> list[str]:
@@ -95,13 +88,12 @@ def matrix_lines() -> list[str]:
     if not RESULTS:
         return []
     lines = [f"{'container':<32}{'cache root':<14}{'snapshotter':<13}{'time':>7}  digest"]
-    for cell, (full, plain, seconds, snapshotter) in RESULTS.items():
+    for cell, (digest, seconds, snapshotter) in RESULTS.items():
         mode, cache = cell.split(" | ")
         if snapshotter == "not here":
             lines.append(f"{mode:<32}{cache:<14}skipped: this host cannot make such a container")
             continue
-        digest = f"{full[:19]}" if full else f"{(plain or '')[:19]} (without --mount)"
-        lines.append(f"{mode:<32}{cache:<14}{snapshotter:<13}{seconds:>6.1f}s  {digest}")
+        lines.append(f"{mode:<32}{cache:<14}{snapshotter:<13}{seconds:>6.1f}s  {(digest or '')[:19]}")
     return lines
 
 
@@ -185,25 +177,13 @@ def test_every_container_mode_builds_the_dockerfile(
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if can.returncode != 0:
-        RESULTS[f"{mode.name} | {cache}"] = (None, None, 0.0, "not here")
+        RESULTS[f"{mode.name} | {cache}"] = (None, 0.0, "not here")
         pytest.skip(f"this host cannot make a {mode.name} container: {can.stderr.strip()[-200:]}")
     started = time.monotonic()
     run = _build(image, vol, mode, cache, DOCKERFILE)
-    full: str | None = None
-    plain: str | None = None
-    if mode.mounts:
-        assert run.returncode == 0, run.stderr
-        assert "Invalid argument" not in run.stderr
-        full = _digest(vol / "out.tar")
-    else:
-        # The clear error of a default container, then the same Dockerfile without mounts.
-        assert run.returncode == 1, run.stderr
-        assert "RUN --mount" in run.stderr and "cannot work here" in run.stderr
-        assert "--security-opt seccomp=unconfined" in run.stderr
-        assert "Traceback" not in run.stderr
-        run = _build(image, vol, mode, cache, DOCKERFILE.replace(MOUNTS_RUN, ""))
-        assert run.returncode == 0, run.stderr
-        plain = _digest(vol / "out.tar")
+    assert run.returncode == 0, run.stderr
+    assert "Invalid argument" not in run.stderr
+    digest = _digest(vol / "out.tar")
     seconds = time.monotonic() - started
     info = docker_dockbuild(
         image, vol, "debug", "info", user=mode.user,
@@ -212,14 +192,12 @@ def test_every_container_mode_builds_the_dockerfile(
     snapshotter = "?"
     if info.returncode == 0:
         snapshotter = str(json.loads(info.stdout)["executor"].get("snapshotter"))
-    RESULTS[f"{mode.name} | {cache}"] = (full, plain, seconds, snapshotter)
+    RESULTS[f"{mode.name} | {cache}"] = (digest, seconds, snapshotter)
 
 
 def test_every_cell_gives_the_same_image_digest() -> None:
     if len(RESULTS) < len(MODES) * len(CACHES):
         pytest.skip("runs after the whole matrix")
     # Cells this host cannot make (skipped above) have no digest.
-    fulls = {cell: full for cell, (full, _, _, _) in RESULTS.items() if full is not None}
-    plains = {cell: plain for cell, (_, plain, _, _) in RESULTS.items() if plain is not None}
-    assert len(set(fulls.values())) == 1, fulls
-    assert len(set(plains.values())) <= 1, plains
+    digests = {cell: digest for cell, (digest, _, _) in RESULTS.items() if digest is not None}
+    assert len(set(digests.values())) == 1, digests

@@ -363,7 +363,7 @@ def test_fuse_overlay_snapshotter_leaves_the_changes_in_overlay_format(tmp_path:
         (root / "d" / "gone").unlink()
         step.commit()
     finally:
-        step.release()
+        step.release(None)
     assert not os.path.ismount(step.rootfs.path)
     upper = work / "upper"
     assert is_whiteout(os.lstat(upper / "d" / "gone"))
