@@ -323,39 +323,10 @@ class SSHForwarding:
         os.chmod(path, mode)
         listener.listen(16)
         self._listeners.append(listener)
-        threading.Thread(
-            target=_accept_loop, args=(listener, upstream), daemon=True, name="ssh-proxy"
-        ).start()
+        from dockbuild.engine import sshrelay
+
+        sshrelay.serve(listener, upstream, "ssh-proxy")
         return path
-
-
-def _accept_loop(listener: socket.socket, upstream: str) -> None:
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        try:
-            agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            agent.connect(upstream)
-        except OSError:
-            conn.close()
-            continue
-        for a, b in ((conn, agent), (agent, conn)):
-            threading.Thread(target=_pump, args=(a, b), daemon=True).start()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-        with contextlib.suppress(OSError):
-            src.shutdown(socket.SHUT_RD)
 
 
 # -- putting one RUN's mounts together ---------------------------------------------------

@@ -28,7 +28,6 @@ import shutil
 import socket
 import stat
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -278,9 +277,9 @@ def _relay(upstream: str, target: str, st: os.stat_result) -> Callable[[], None]
     os.lchown(target, st.st_uid, st.st_gid)
     os.chmod(target, stat.S_IMODE(st.st_mode))
     listener.listen(16)
-    threading.Thread(
-        target=_accept_loop, args=(listener, upstream), daemon=True, name="ssh-relay"
-    ).start()
+    from dockbuild.engine import sshrelay
+
+    sshrelay.serve(listener, upstream, "ssh-relay")
 
     def stop() -> None:
         with contextlib.suppress(OSError):
@@ -288,33 +287,3 @@ def _relay(upstream: str, target: str, st: os.stat_result) -> Callable[[], None]
         listener.close()
 
     return stop
-
-
-def _accept_loop(listener: socket.socket, upstream: str) -> None:
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            agent.connect(upstream)
-        except OSError:
-            conn.close()
-            agent.close()
-            continue
-        for a, b in ((conn, agent), (agent, conn)):
-            threading.Thread(target=_pump, args=(a, b), daemon=True).start()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-        with contextlib.suppress(OSError):
-            src.shutdown(socket.SHUT_RD)
