@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -67,8 +68,17 @@ class Record(Sink):
         self._logs: dict[int, IO[bytes]] = {}
         self._warnings: list[str] = []
         self._outputs: list[dict[str, Any]] = []
+        # Steps' threads report while the main thread may finish the record (an interrupt):
+        # one lock for both, and nothing is written once the record is finished.
+        self._guard = threading.Lock()
+        self._finished = False
 
     def event(self, event: str, vertex: Vertex, extra: dict[str, str]) -> None:
+        with self._guard:
+            if not self._finished:
+                self._event(event, vertex, extra)
+
+    def _event(self, event: str, vertex: Vertex, extra: dict[str, str]) -> None:
         n = vertex.number
         if event == "start":
             self._steps[n] = {"number": n, "name": vertex.name, "started": vertex.started_at, "status": "running"}
@@ -90,16 +100,27 @@ class Record(Sink):
             log.close()
 
     def message(self, text: str) -> None:
-        self._warnings.append(text)
+        with self._guard:
+            self._warnings.append(text)
 
     def output(self, kind: str, dest: str | None, digest: str | None) -> None:
         """An output written, for ``inspect``."""
-        self._outputs.append({"type": kind, "dest": dest, "digest": digest})
+        with self._guard:
+            self._outputs.append({"type": kind, "dest": dest, "digest": digest})
 
     def finish(self, status: str, error: str | None = None, image_id: str | None = None) -> None:
         """Write record.json and move the record into place (then keep the history in
         bounds). Never a reason for the build to fail: a record that cannot be written is
         dropped."""
+        with self._guard:
+            if self._finished:
+                return
+            self._finished = True
+            self._write(status, error, image_id)
+        with contextlib.suppress(OSError, DockbuildError):  # the next build tries again
+            collect(self._dir.parent)
+
+    def _write(self, status: str, error: str | None, image_id: str | None) -> None:
         for log in self._logs.values():
             log.close()
         self._logs.clear()
@@ -125,8 +146,6 @@ class Record(Sink):
             shutil.rmtree(self._tmp, ignore_errors=True)
         finally:
             os.close(self._lock_fd)
-        with contextlib.suppress(OSError, DockbuildError):  # the next build tries again
-            collect(self._dir.parent)
 
     def exit(self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: object) -> bool:
         """An ExitStack callback: a build that raised is recorded as failed (or canceled),
@@ -136,7 +155,8 @@ class Record(Sink):
         from dockbuild.errors import ExecError
 
         if isinstance(exc, ExecError) and not exc.hint:
-            failed = [n for n, s in self._steps.items() if s.get("status") == "error"]
+            with self._guard:
+                failed = [n for n, s in self._steps.items() if s.get("status") == "error"]
             step = f" --step {failed[-1]}" if failed else ""
             exc.hint = f"the whole log: dockbuild history logs {self.id}{step}"
         if isinstance(exc, KeyboardInterrupt):
