@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dockbuild import llb
-from dockbuild.engine import snapshots
+from dockbuild.engine import archive, snapshots
 from dockbuild.engine.sources.local import (
     LocalDir,
     glob_paths,
@@ -885,4 +885,4 @@ def _rm(action: llb.Rm, target: _Target) -> None:
         target.clear(rel)
         if LayersView(target.base).host(rel) is not None:
             target.ensure_dir(posixpath.dirname(rel))
-            os.mknod(target.upper / rel, stat.S_IFCHR | 0o000, 0)  # overlay whiteout
+            archive.make_whiteout(target.upper / rel)  # a link to the marker where mknod is refused
