@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from dockbuild.engine.store import Store
-from dockbuild.outputs import blobs, export
+from dockbuild.outputs import blobs, export, exporter
 from dockbuild.outputs.spec import OutputSpec
 from dockbuild.progress import make_progress
 
@@ -108,7 +108,7 @@ def main() -> None:
         layer_dir = store.tempdir("bench")
         shutil.copytree(data, layer_dir, dirs_exist_ok=True)
         store.commit_layer("bench-layer", layer_dir)
-        image = export.Image(
+        image = exporter.Image(
             state=("bench-layer",),
             config={"architecture": "amd64", "os": "linux", "config": {}, "history": [{}]},
         )

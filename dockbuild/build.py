@@ -426,6 +426,7 @@ def _image(
     cache records (with the inline cache metadata --cache-to type=inline asks for)."""
     from dockbuild.engine import cacheio
     from dockbuild.outputs import export
+    from dockbuild.outputs.exporter import Image
 
     config = export.finish_config(result.image_config, result.history_ops, solver)
     if any(spec.type == "inline" for spec in cache_to):
@@ -434,7 +435,7 @@ def _image(
         else:
             inline = cacheio.inline_metadata(store, solver, result.root, state)
             config = cacheio.with_inline_cache(config, inline)
-    return export.Image(
+    return Image(
         state=state,
         config=config,
         base_layers=export.base_layer_count(config, result.history_ops, len(state)),
@@ -461,13 +462,14 @@ def _write_outputs(
             from dockbuild.outputs.exporter import ExportIds
 
             return ExportIds()
-    from dockbuild.outputs import export
+    from dockbuild.outputs.export import export_all
+    from dockbuild.outputs.metadata import write_atomic, write_metadata
 
-    ids = export.export_all(store, image, outputs, progress)
+    ids = export_all(store, image, outputs, progress)
     if request.iidfile and ids.image_id:
-        export.write_atomic(Path(request.iidfile), ids.image_id.encode())
+        write_atomic(Path(request.iidfile), ids.image_id.encode())
     if request.metadata_file:
-        export.write_metadata(Path(request.metadata_file), ids)
+        write_metadata(Path(request.metadata_file), ids)
     return ids
 
 

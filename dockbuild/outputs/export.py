@@ -2,9 +2,7 @@
 :func:`export_all`, which hands it to the exporter of each output type.
 
 The exporters live one per module (``local``, ``tar``, ``docker``, ``oci``, ``push``) and
-are imported only when a build asks for their type. ``parse_outputs``, ``write_atomic``
-and ``write_metadata`` are here too for the build's wiring (they live in ``spec`` and
-``metadata``).
+are imported only when a build asks for their type.
 """
 
 from __future__ import annotations
@@ -17,22 +15,16 @@ from typing import Any
 from dockbuild.engine.store import Store
 from dockbuild.errors import DockbuildError
 from dockbuild.outputs.exporter import Exporter, ExportIds, ExportRun, Image
-from dockbuild.outputs.metadata import write_atomic, write_metadata
-from dockbuild.outputs.spec import OutputSpec, parse_outputs
+from dockbuild.outputs.spec import OutputSpec
 from dockbuild.progress import Progress
 
 __all__ = [
-    "ExportIds",
-    "Image",
     "base_layer_count",
     "export_all",
     "finish_config",
     "history_times",
-    "parse_outputs",
     "registry_sources",
     "source_date_epoch",
-    "write_atomic",
-    "write_metadata",
 ]
 
 
