@@ -9,7 +9,6 @@ part of every command's time, and a cached build takes a quarter of a second.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -18,10 +17,12 @@ from dockbuild import __version__
 
 TYPE_CHECKING = False  # typing costs 5 ms to import, a tenth of `dockbuild version`
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
-    from typing import Any, NoReturn
+    import argparse
+    from collections.abc import Callable
+    from typing import Any
 
     from dockbuild.build import BuildRequest
+    from dockbuild.cliparser import Parser
     from dockbuild.engine.gc import DiskUsage
     from dockbuild.errors import Location
 
@@ -39,115 +40,11 @@ _PARSER_KEYS = {"run", "parser", "command", "debug_command", "history_command"}
 _DEBUG = False
 
 
-# docker build / buildx build flags that dockbuild does not have: each is refused by name
-# (exit status 2), not taken for a misspelling.
-_UNSUPPORTED = frozenset({
-    "--annotation", "--attest", "--builder", "--cgroup-parent", "--cpu-period", "--cpu-quota",
-    "--cpu-shares", "--cpuset-cpus", "--cpuset-mems", "--detach", "--isolation", "--memory",
-    "--memory-swap", "--provenance", "--sbom", "--security-opt", "--ulimit",
-})  # fmt: skip
+def _type_error(message: str) -> Exception:
+    """The error an option's type function raises: argparse reports it as the flag's."""
+    import argparse
 
-# Flags that mean nothing here, accepted (with any value) so that docker build command
-# lines work unchanged; --debug says why each is ignored.
-_IGNORED = {
-    "--rm": "there is no intermediate container",
-    "--force-rm": "there is no intermediate container",
-    "--compress": "the context is read in place, never sent to a daemon",
-    "--disable-content-trust": "dockbuild verifies no image signatures",
-}
-
-# Go's boolean flag values (strconv.ParseBool): docker users write `--pull=false`.
-_GO_BOOLS = {
-    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
-    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
-}
-
-# `--call` (buildx): the default and `check` are dockbuild's build and --check.
-_CALLS = {"build": None, "check": "--check"}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with the habits users and scripts know from docker's command line.
-
-    An option that takes a value takes the next word, whatever it looks like (`-o -`,
-    `--tag -x`; argparse alone would take `-x` for an option); no prefix of an option
-    stands for it (`allow_abbrev=False`); a switch takes Go's `--pull=false` form; a
-    usage error is a usage line, `ERROR: ...` and exit status 2. With ``docker_flags``
-    (the build command), docker's flags that dockbuild lacks are refused by name and the
-    harmless ones are ignored, with a note kept in ``notes`` for --debug.
-    """
-
-    def __init__(self, *, docker_flags: bool = False, **kwargs: Any) -> None:
-        self._value_options: dict[str, str] = {}  # option string -> its long name
-        self._switches: set[str] = set()  # options that take no value (store_true)
-        self._docker_flags = docker_flags
-        self.notes: list[str] = []
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(**kwargs)
-
-    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
-        action = super().add_argument(*args, **kwargs)
-        if action.option_strings and action.nargs is None:  # takes exactly one value
-            names = action.option_strings
-            long = next((s for s in names if s.startswith("--")), names[0])
-            self._value_options.update(dict.fromkeys(action.option_strings, long))
-        elif isinstance(action, argparse._StoreTrueAction):
-            self._switches.update(action.option_strings)
-        return action
-
-    def parse_known_args(  # type: ignore[override]  # one signature for argparse's overloads
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        return super().parse_known_args(None if args is None else self._join_values(args), namespace)
-
-    def _join_values(self, args: Sequence[str]) -> list[str]:
-        """`-o VALUE` -> `--output=VALUE`: the value can no longer pass for an option.
-
-        `--switch=BOOL` becomes `--switch` or nothing, and docker's flags are dealt with.
-        """
-        out: list[str] = []
-        words = iter(args)
-        for word in words:
-            if word == "--":
-                out += [word, *words]
-                break
-            long = self._value_options.get(word)
-            if long:
-                value = next(words, None)
-                out.append(word if value is None else f"{long}={value}")
-                continue
-            name, sep, value = word.partition("=")
-            if sep and name in self._switches:
-                if value not in _GO_BOOLS:
-                    self.error(f"invalid boolean value {value!r} for {name}")
-                out += [name] if _GO_BOOLS[value] else []
-            elif self._docker_flags and name.startswith("--"):
-                out += self._docker_flag(word, name, value if sep else None, words)
-            else:
-                out.append(word)
-        return out
-
-    def _docker_flag(self, word: str, name: str, value: str | None, words: Iterator[str]) -> list[str]:
-        """What a docker build flag dockbuild lacks becomes: nothing, --check, or an error."""
-        if name in _UNSUPPORTED:
-            self.error(f"dockbuild does not support `{name}` yet")
-        if name in _IGNORED:
-            if value is not None and value not in _GO_BOOLS:
-                self.error(f"invalid boolean value {value!r} for {name}")
-            self.notes.append(f"note: dockbuild ignores `{name}`: {_IGNORED[name]}")
-            return []
-        if name == "--call":
-            value = next(words, None) if value is None else value
-            if value is None:
-                self.error("argument --call: expected one argument")
-            if value not in _CALLS:
-                self.error(f"dockbuild does not support `--call={value}` yet")
-            check = _CALLS[value]
-            return [check] if check else []
-        return [word]
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.format_usage()}ERROR: {message}\nhint: see '{self.prog} --help'\n")
+    return argparse.ArgumentTypeError(message)
 
 
 def _add_host(value: str) -> str:
@@ -157,7 +54,7 @@ def _add_host(value: str) -> str:
     try:
         return parse_extra_host(value)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise _type_error(str(e)) from None
 
 
 def _key_value(what: str) -> Callable[[str], tuple[str, str | None]]:
@@ -166,7 +63,7 @@ def _key_value(what: str) -> Callable[[str], tuple[str, str | None]]:
     def parse(item: str) -> tuple[str, str | None]:
         key, sep, value = item.partition("=")
         if not key:
-            raise argparse.ArgumentTypeError(f"invalid {what} {item!r}: expected KEY=VALUE")
+            raise _type_error(f"invalid {what} {item!r}: expected KEY=VALUE")
         return key, value if sep else None
 
     return parse
@@ -176,7 +73,7 @@ def _named_value(item: str) -> tuple[str, str]:
     """The type of --build-context: NAME=VALUE, both given."""
     name, sep, value = item.partition("=")
     if not name or not sep or not value:
-        raise argparse.ArgumentTypeError(f"invalid build-context {item!r}: expected NAME=VALUE")
+        raise _type_error(f"invalid build-context {item!r}: expected NAME=VALUE")
     return name, value
 
 
@@ -190,7 +87,7 @@ def _ram_bytes(item: str) -> int:
     match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?) ?([kmgtp]?)(?:i?b)?", item.strip().lower())
     size = int(float(match.group(1)) * _RAM_UNITS[match.group(2)]) if match else 0
     if size <= 0:
-        raise argparse.ArgumentTypeError(
+        raise _type_error(
             f"invalid shm-size {item!r}: expected a size above 0, such as 64m or 1g"
         )
     return size
@@ -649,14 +546,14 @@ def version_cmd() -> None:
 
 
 def _command(
-    commands: argparse._SubParsersAction[_Parser],
+    commands: argparse._SubParsersAction[Parser],
     name: str,
     run: Callable[..., None],
     arguments: str = "",
     **kwargs: Any,
-) -> _Parser:
+) -> Parser:
     """A subcommand: its help is ``run``'s docstring, its usage a short line."""
-    parser: _Parser = commands.add_parser(
+    parser: Parser = commands.add_parser(
         name,
         **kwargs,
         help=run.__doc__,
@@ -667,7 +564,7 @@ def _command(
     return parser
 
 
-def _definition_flags(parser: _Parser) -> None:
+def _definition_flags(parser: Parser) -> None:
     """The flags that decide the build graph: shared by build and debug llb."""
     parser.add_argument("-f", "--file", metavar="FILE", help="Name of the Dockerfile (default: PATH/Dockerfile).")
     parser.add_argument("--target", metavar="STAGE", help="Target build stage.")
@@ -675,9 +572,11 @@ def _definition_flags(parser: _Parser) -> None:
     parser.add_argument("--build-context", metavar="NAME=VALUE", action="append", default=[], type=_named_value, help="Additional build contexts (NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG]|GIT-URL|HTTP-TAR-URL).")
 
 
-def _parser() -> _Parser:
+def _parser() -> Parser:
     """The command line: the top-level parser, one sub-parser per command."""
-    parser = _Parser(
+    from dockbuild.cliparser import Parser
+
+    parser = Parser(
         prog="dockbuild",
         usage="dockbuild [build] [OPTIONS] PATH\n       dockbuild COMMAND [OPTIONS] [ARGS]",
         description="Build container images from Dockerfiles, without a daemon.",
@@ -769,6 +668,107 @@ def _parser() -> _Parser:
     check_cache = _command(debug_commands, "check-cache", debug_check_cache)
     check_cache.add_argument("--repair", action="store_true", help="Drop what is broken (the next build makes it again).")
     return parser
+
+
+# -- the build command's fast path ------------------------------------------------------
+#
+# Building the argparse parsers costs more than a cached build's own work (about 10 ms of
+# a 70 ms no-op rebuild). A build command line made only of the common flags, each spelled
+# in full (`--flag VALUE`, `--flag=VALUE`, a switch) and one PATH, is read by
+# _fast_build_args into the same arguments argparse gives build_cmd; anything else (help,
+# a docker flag, `--pull=false`, a short flag cluster, a bad value, a usage error) goes
+# to argparse. tests/cli/test_cli_fast_args.py holds both to the same result.
+
+# option string -> (build_cmd parameter, how the value is kept: "one" or "append"),
+# and the parameter's type, where the flag has one.
+_FAST_VALUES: dict[str, tuple[str, str]] = {
+    "-f": ("file", "one"), "--file": ("file", "one"),
+    "--target": ("target", "one"),
+    "--build-arg": ("build_arg", "append"),
+    "--build-context": ("build_context", "append"),
+    "-t": ("tag", "append"), "--tag": ("tag", "append"),
+    "-o": ("output", "append"), "--output": ("output", "append"),
+    "--label": ("label", "append"),
+    "--progress": ("progress", "one"),
+    "--no-cache-filter": ("no_cache_filter", "append"),
+    "--cache-from": ("cache_from", "append"),
+    "--cache-to": ("cache_to", "append"),
+    "--platform": ("platform", "one"),
+    "--executor": ("executor", "one"),
+    "--network": ("network", "one"),
+    "--secret": ("secret", "append"),
+    "--ssh": ("ssh", "append"),
+    "--allow": ("allow", "append"),
+    "--iidfile": ("iidfile", "one"),
+    "--metadata-file": ("metadata_file", "one"),
+}  # fmt: skip
+_FAST_SWITCHES: dict[str, str] = {
+    "-q": "quiet", "--quiet": "quiet", "--no-cache": "no_cache", "--pull": "pull",
+    "--explain-cache": "explain_cache", "--push": "push", "--load": "load",
+    "--squash": "squash", "--check": "check", "--debug": "debug",
+}  # fmt: skip
+# build_cmd's parameters the fast path leaves at their argparse defaults.
+_FAST_DEFAULTS: dict[str, object] = {"progress": "auto", "network": "default", "add_host": [], "shm_size": None}
+_FAST_CHOICES: dict[str, tuple[str, ...]] = {"executor": EXECUTORS, "network": NETWORK_MODES}
+
+
+def _fast_types() -> dict[str, Callable[[str], object]]:
+    return {"build_arg": _key_value("build-arg"), "build_context": _named_value, "label": _key_value("label")}
+
+
+def _fast_build_args(args: list[str]) -> dict[str, Any] | None:
+    """build_cmd's arguments for a plain build command line, as argparse would give them;
+    None for anything the fast path does not read (argparse then does)."""
+    if not args or args[0] != "build":
+        return None
+    found: dict[str, Any] = {name: [] if kind == "append" else None for name, kind in _FAST_VALUES.values()}
+    found.update(dict.fromkeys(_FAST_SWITCHES.values(), False))
+    found.update({k: list(v) if isinstance(v, list) else v for k, v in _FAST_DEFAULTS.items()})
+    code = build_cmd.__code__
+    if set(found) | {"context"} != set(code.co_varnames[: code.co_argcount]):
+        return None  # build_cmd has a flag these tables do not know: argparse reads it
+    types = None
+    context = None
+    i = 1
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if not word.startswith("-") or word == "-":
+            if context is not None:
+                return None
+            context = word
+            continue
+        switch = _FAST_SWITCHES.get(word)
+        if switch is not None:
+            found[switch] = True
+            continue
+        option, sep, value = word.partition("=")
+        if not sep:
+            if i >= len(args):
+                return None
+            value = args[i]
+            i += 1
+        entry = _FAST_VALUES.get(option)
+        if entry is None or (sep and option.startswith("-") and not option.startswith("--")):
+            return None  # unknown, or `-o=x` (argparse keeps the `=`)
+        name, kind = entry
+        typed: object = value
+        if name in ("build_arg", "build_context", "label"):
+            types = types or _fast_types()
+            try:
+                typed = types[name](value)
+            except Exception:  # argparse says what is wrong with it
+                return None
+        elif name in _FAST_CHOICES and value not in _FAST_CHOICES[name]:
+            return None
+        if kind == "append":
+            found[name].append(typed)
+        else:
+            found[name] = typed
+    if context is None:
+        return None
+    found["context"] = context
+    return found
 
 
 def _read(path: str) -> bytes:
@@ -871,6 +871,10 @@ def main(argv: list[str] | None = None) -> None:
 
         reexec(args)
     try:
+        fast = _fast_build_args(args)
+        if fast is not None:  # a plain build command line: argparse need not load
+            build_cmd(**fast)
+            return
         parser = _parser()
         if not args:
             parser.print_help()
