@@ -385,13 +385,38 @@ def prune(
                 break
             removed.append((r, idx.record_size(r)))
             idx.remove(r.key)
-        if all_ and not filters and keep_storage is None and not keep_duration:
+        everything = all_ and not filters and keep_storage is None and not keep_duration
+        if everything:
             store.delete_resolutions()
             store.forget_downloads()
             idx.pinned = set()
         idx.sweep()
+        _prune_rows(store, everything)
         store.checkpoint()
         return PruneResult(removed, max(0, before - _root_bytes(store)))
+
+
+def _prune_rows(store: Store, everything: bool = False) -> None:
+    """The cache db's rows that only speed builds up and would otherwise only grow: the
+    result records whose image lost a layer (dockbuild/resultcache.py) and the records
+    of local exports (outputs/local.py) whose destination is gone; all of both with
+    ``everything``. Never a reason for prune to fail: they are checked on every use."""
+    import sqlite3
+
+    from dockbuild import resultcache
+
+    db = store.root / "db.sqlite"
+    with contextlib.suppress(sqlite3.Error):
+        resultcache.prune(db, store.has_layer, everything)
+    conn = sqlite3.connect(db, timeout=60, isolation_level=None)
+    try:
+        rows = conn.execute("SELECT dest FROM local_exports").fetchall()
+        gone = [(dest,) for (dest,) in rows if everything or not os.path.isdir(dest)]
+        conn.executemany("DELETE FROM local_exports WHERE dest=?", gone)
+    except sqlite3.Error:
+        pass  # no local export yet: no table
+    finally:
+        conn.close()
 
 
 def _root_bytes(store: Store) -> int:
@@ -436,6 +461,7 @@ def collect(store: Store, config: GCConfig, *, wait: bool = False) -> PruneResul
                 disk = disk._replace(free=disk.free + freed)
         if removed:
             idx.sweep()
+            _prune_rows(store)
             store.checkpoint()
         return PruneResult(removed, max(0, before - idx.used_bytes()))
 

@@ -245,3 +245,65 @@ def test_a_build_served_from_the_record_marks_its_steps_used(builds: Builds, doc
     assert served
     fresh = dockbuild("du", "--filter", "until=2s").out
     assert "echo" not in fresh and "src/" not in fresh, fresh
+
+
+def test_changed_dockbuild_code_misses(builds: Builds) -> None:
+    """An editable install runs new code under the same version: a source file of
+    dockbuild with a new mtime keys new results."""
+    import os
+
+    import dockbuild.llb
+
+    source = Path(dockbuild.llb.__file__)
+    st = source.stat()
+    try:
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        _, served = builds()
+        assert not served
+    finally:
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _, served = builds()
+    assert served  # the same code as the first build's: its record answers again
+
+
+def _rows(root: Path, table: str) -> list[tuple[str, ...]]:
+    import sqlite3
+
+    conn = sqlite3.connect(root / "db.sqlite")
+    try:
+        return conn.execute(f"SELECT * FROM {table}").fetchall()
+    finally:
+        conn.close()
+
+
+def test_prune_drops_the_result_records_it_left_without_layers(builds: Builds, dockbuild: DockbuildCLI) -> None:
+    assert len(_rows(dockbuild.root, "results")) == 1
+    dockbuild("prune", "--force", "--filter", "type==regular")  # the steps' layers go, the base stays
+    assert _rows(dockbuild.root, "results") == []
+    data, served = builds()
+    assert not served
+    assert len(_rows(dockbuild.root, "results")) == 1
+
+
+def test_prune_keeps_result_records_whose_layers_it_kept(builds: Builds, dockbuild: DockbuildCLI) -> None:
+    dockbuild("prune", "--force", "--keep-duration", "1h")  # everything was used just now
+    assert len(_rows(dockbuild.root, "results")) == 1
+    _, served = builds()
+    assert served
+
+
+def test_prune_drops_the_records_of_local_exports_whose_directory_is_gone(
+    dockbuild: DockbuildCLI, app: Path, extra: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    for dest in (kept, gone):
+        dockbuild.build(app, "--build-context", f"extra={extra}", "-o", f"type=local,dest={dest}")
+    assert {row[0] for row in _rows(dockbuild.root, "local_exports")} == {str(kept), str(gone)}
+    shutil.rmtree(gone)
+    dockbuild("prune", "--force", "--keep-duration", "1h")
+    assert [row[0] for row in _rows(dockbuild.root, "local_exports")] == [str(kept)]
+    dockbuild("prune", "--all", "--force")
+    assert _rows(dockbuild.root, "local_exports") == []
+    assert _rows(dockbuild.root, "results") == []
