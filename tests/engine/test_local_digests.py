@@ -157,7 +157,7 @@ def test_a_prefetch_gives_the_same_checksum_and_stops_when_unused(tmp_path: Path
     assert again.checksum([""]) == expected
     unused = LocalDir(ctx, digests=FileDigests(tmp_path / "db2.sqlite"))
     unused.prefetch()
-    pid = unused._prefetch[0]  # type: ignore[index]
+    pid = unused._prefetch[0][0]  # type: ignore[index]
     unused.stop()  # the child is killed and reaped: no process outlives the build
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
@@ -169,7 +169,7 @@ def test_a_prefetch_that_dies_leaves_the_checksum_to_the_build(tmp_path: Path) -
     expected = LocalDir(ctx).checksum([""])
     local = LocalDir(ctx, digests=FileDigests(tmp_path / "db.sqlite"))
     local.prefetch()
-    os.kill(local._prefetch[0], signal.SIGKILL)  # type: ignore[index]
+    os.kill(local._prefetch[0][0], signal.SIGKILL)  # type: ignore[index]
     assert local.checksum([""]) == expected
     assert local._prefetch is None
 
@@ -182,3 +182,29 @@ def test_a_prefetch_sees_the_ignore_rules(tmp_path: Path) -> None:
     local.prefetch()
     assert local.checksum([""]) == expected
     assert expected != LocalDir(ctx).checksum([""])
+
+
+def test_a_prefetch_shared_by_two_children_gives_the_same_checksum(tmp_path: Path) -> None:
+    """The children split the subdirectories of the first directory that branches (here
+    src/, below a root with one subdirectory); the build hashes what is above them."""
+    ctx = tmp_path / "ctx"
+    _context(ctx / "src", n=30)
+    (ctx / "Dockerfile").write_text("FROM scratch\n")
+    (ctx / "src" / "top.txt").write_text("top\n")
+    expected = LocalDir(ctx).checksum([""])
+    local = LocalDir(ctx, digests=FileDigests(tmp_path / "db.sqlite"))
+    assert local._shares() == [["src/d0", "src/d2"], ["src/d1"]]
+    local.prefetch()
+    assert len(local._prefetch or []) == 2
+    assert local.checksum([""]) == expected
+    assert local.checksum(["src/d1"]) == LocalDir(ctx).checksum(["src/d1"])
+    # One child killed: its share is hashed by the build itself.
+    again = LocalDir(ctx, digests=FileDigests(tmp_path / "db2.sqlite"))
+    again.prefetch()
+    os.kill(again._prefetch[1][0], signal.SIGKILL)  # type: ignore[index]
+    assert again.checksum([""]) == expected
+    # A change below one share is seen by the next prefetching process.
+    (ctx / "src" / "d1" / "f1.txt").write_text("changed\n")
+    changed = LocalDir(ctx, digests=FileDigests(tmp_path / "db.sqlite"))
+    changed.prefetch()
+    assert changed.checksum([""]) == LocalDir(ctx).checksum([""]) != expected

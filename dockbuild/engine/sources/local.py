@@ -302,7 +302,7 @@ class LocalDir:
     _written: dict[tuple[int, int, int], str] = field(init=False, repr=False)
     _may_reinclude: bool = field(init=False, repr=False)
     _lock: threading.RLock = field(init=False, repr=False)
-    _prefetch: tuple[int, int] | None = field(init=False, repr=False)  # (pid, pipe)
+    _prefetch: list[tuple[int, int]] | None = field(init=False, repr=False)  # (pid, pipe) of each child
 
     def __post_init__(self) -> None:
         self.path = Path(self.path).absolute()
@@ -386,55 +386,85 @@ class LocalDir:
         return "sha256:" + h.hexdigest()
 
     def prefetch(self) -> None:
-        """Start hashing the whole directory in a child process, for a step that will
+        """Start hashing the whole directory in child processes, for a step that will
         read it (``COPY . /app``), while this process loads the rest of dockbuild and
-        converts the Dockerfile. A process, not a thread: the walk is a system call per
+        converts the Dockerfile. Processes, not threads: the walk is a system call per
         entry plus Python around each, and a thread would wait for the GIL after every
-        one of them. Call it while this process has no other threads (the fork copies
-        only the caller). The child records what it learns in the cache db and sends
-        the directory hashes back; the first checksum waits for them.
+        one of them. Two children share the subdirectories of the first directory that
+        branches (an unchanged 20,000-file context is then walked in about half the time
+        on two cores); this process hashes what is above them once they are done. Call
+        it while this process has no other threads (the fork copies only the caller).
+        Each child records what it learns in the cache db and sends its directory
+        hashes back; the first checksum waits for them.
         """
         if self.digests is None or self._prefetch is not None:
             return
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child; its result is what tests check)
-            code = 1
+        self._prefetch = []
+        for share in self._shares():
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover (the child; its result is what tests check)
+                code = 1
+                try:
+                    os.close(read_end)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    # The parent's sqlite connection must not be used across a fork.
+                    self.digests = FileDigests(self.digests.path)
+                    self._trees = self.digests.trees(self.path, self._rules_key)
+                    self._known = None
+                    for rel in share:
+                        self._tree(rel, os.path.join(self.path, rel) if rel else str(self.path))
+                    self.digests.flush()
+                    data = marshal.dumps(self._hashed)
+                    with os.fdopen(write_end, "wb") as out:
+                        out.write(data)
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(write_end)
+            self._prefetch.append((pid, read_end))
+
+    def _shares(self) -> list[list[str]]:
+        """The directories each prefetching child hashes: the subdirectories of the first
+        directory with more than one, split in two (interleaved by name, so that both
+        halves get alike parts); the whole directory for one child when it has no such
+        branch. Ignore rules do not matter here: a directory's hash is the same whoever
+        makes it, and one this process does not need is not used."""
+        rel = ""
+        for _depth in range(8):
+            host = os.path.join(self.path, rel) if rel else str(self.path)
             try:
-                os.close(read_end)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                # The parent's sqlite connection must not be used across a fork.
-                self.digests = FileDigests(self.digests.path)
-                self._trees = self.digests.trees(self.path, self._rules_key)
-                self._known = None
-                self.checksum([""])
-                data = marshal.dumps(self._hashed)
-                with os.fdopen(write_end, "wb") as out:
-                    out.write(data)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write_end)
-        self._prefetch = (pid, read_end)
+                with os.scandir(host) as it:
+                    subs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+            except OSError:
+                return [[""]]
+            if len(subs) != 1:
+                break
+            rel = f"{rel}/{subs[0]}" if rel else subs[0]
+        if len(subs) < 2:
+            return [[""]]
+        dirs = [f"{rel}/{name}" if rel else name for name in subs]
+        return [dirs[0::2], dirs[1::2]]
 
     def _collect_prefetch(self) -> None:
-        """Take the directory hashes of a prefetch (whatever went wrong there, the walk
-        done here meets the same problem again and reports it)."""
+        """Take the directory hashes of a prefetch (whatever went wrong in a child, the
+        walk done here meets the same problem again and reports it)."""
         assert self._prefetch is not None
-        pid, read_end = self._prefetch
-        self._prefetch = None
-        with os.fdopen(read_end, "rb") as pipe:
-            data = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        hashed = None
-        if status == 0:
-            with contextlib.suppress(ValueError, EOFError, TypeError):
-                hashed = marshal.loads(data)
-        if not isinstance(hashed, dict) or self.digests is None:
+        children, self._prefetch = self._prefetch, None
+        for pid, read_end in children:
+            with os.fdopen(read_end, "rb") as pipe:
+                data = pipe.read()
+            _, status = os.waitpid(pid, 0)
+            hashed = None
+            if status == 0:
+                with contextlib.suppress(ValueError, EOFError, TypeError):
+                    hashed = marshal.loads(data)
+            if isinstance(hashed, dict):
+                self._hashed.update(hashed)
+        if self.digests is None:
             return
-        self._hashed.update(hashed)
-        # The child wrote the tables: read them again rather than write back older maps.
+        # The children wrote the tables: read them again rather than write back older maps.
         self.digests.forget(self.path)
         self._trees = self.digests.trees(self.path, self._rules_key)
         self._known = None
@@ -442,12 +472,12 @@ class LocalDir:
     def stop(self) -> None:
         """End a prefetch no step waited for, and save what was learned."""
         if self._prefetch is not None:
-            pid, read_end = self._prefetch
-            self._prefetch = None
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(read_end)
+            children, self._prefetch = self._prefetch, None
+            for pid, read_end in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(read_end)
         if self.digests is not None:
             self.digests.flush()
 
@@ -493,7 +523,11 @@ class LocalDir:
                     sub = None
                     if isdir(st.st_mode):
                         if not ignored or self._may_reinclude:
-                            sub = self._tree(prefix + name, os.path.join(host, name), fd)
+                            # A prefetching child may have hashed it already (this process
+                            # assumes the context does not change while it runs).
+                            sub = self._hashed.get(prefix + name) or self._tree(
+                                prefix + name, os.path.join(host, name), fd
+                            )
                     elif st.st_mtime_ns > racy:
                         fresh = True
                     keep(st)
