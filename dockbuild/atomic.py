@@ -17,9 +17,8 @@ import os
 import shutil
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 
 @functools.cache
@@ -87,8 +86,7 @@ def atomic_file(dest: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
         fsync_dir(dest.parent)
 
 
-@dataclass(frozen=True)
-class Destination:
+class Destination(NamedTuple):
     """What a user's output path names: where a write lands and what is there."""
 
     path: Path  # symlinks followed, except into /proc (the kernel follows those at open)

@@ -27,9 +27,8 @@ import copy
 import functools
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dockbuild.errors import DockbuildError
 
@@ -91,8 +90,7 @@ _UNITS = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Size:
+class Size(NamedTuple):
     """A byte count, or a percentage of the disk the cache lives on."""
 
     bytes: int = 0
@@ -150,8 +148,7 @@ def parse_duration(value: Any, what: str = "duration") -> float:
 # -- garbage collection -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GCPolicy:
+class GCPolicy(NamedTuple):
     """One rule of an ordered GC policy (buildkitd.toml's ``[[worker.oci.gcpolicy]]``)."""
 
     all: bool = False
@@ -162,12 +159,11 @@ class GCPolicy:
     min_free_space: Size | None = None
 
 
-@dataclass(frozen=True)
-class GCConfig:
+class GCConfig(NamedTuple):
     enabled: bool = True
-    reserved_space: Size = field(default_factory=lambda: Size(percent=10))
-    max_used_space: Size = field(default_factory=lambda: Size(percent=60))
-    min_free_space: Size = field(default_factory=lambda: Size(percent=20))
+    reserved_space: Size = Size(percent=10)
+    max_used_space: Size = Size(percent=60)
+    min_free_space: Size = Size(percent=20)
     policies: tuple[GCPolicy, ...] = ()
     # BuildKit caps its percentage defaults: 10GB reserved, 100GB at most.
     caps: tuple[int, int] = (10 << 30, 100 << 30)

@@ -24,9 +24,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from dockbuild.engine import archive
 from dockbuild.engine.cacheroot import default_root
@@ -75,8 +74,7 @@ CREATE TABLE IF NOT EXISTS resolutions (
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclass(frozen=True)
-class BlobInfo:
+class BlobInfo(NamedTuple):
     layer_id: str
     compression: str
     digest: str
@@ -566,8 +564,7 @@ class Store:
 _RECORD_COLUMNS = "key, layers, description, created, last_used, type, owns, refs, inputs"
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     """One cache record: a step's key and the layer chain it solved to."""
 
     key: str

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dockbuild.errors import DockbuildError
 
@@ -106,8 +106,7 @@ def match_path(pattern: str, path: str) -> bool:
     return _compile(pattern, True).match(path) is not None
 
 
-@dataclass(frozen=True)
-class IgnoreRule:
+class IgnoreRule(NamedTuple):
     pattern: str
     exclusion: bool  # a "!pattern" line re-includes
 
