@@ -12,8 +12,14 @@ on the same workloads, interleaved run by run, so a busy machine slows all alike
   stat walk of that context (``os.walk`` + ``lstat`` in this process);
 - ``local``: the big build exported with ``-o type=local`` into a new directory each
   time (fresh) and into the same directory again (unchanged re-export);
-- ``python``: the interpreter's own start (``python -c pass`` from the venv), the floor;
-- with ``--docker``: ``docker build`` of the same contexts in the running dockerd.
+- ``python``: the interpreter's own start (``python -c pass`` from the venv), the floor,
+  and the console script's floor: the interpreter importing what the script pip writes
+  imports (``re``, ``dockbuild.__main__``) and nothing else;
+- with ``--docker``: ``docker build`` of the small context in the running dockerd (its
+  busybox base loaded from the local image as ``--docker-tag``, removed afterwards),
+  and ``docker save`` of the image built, beside ``oci``.
+
+``--no-local`` leaves the big context's local exports out (they take seconds each).
 
 Wall time and CPU time (user+sys of the child, from ``getrusage``) are printed, median
 and minimum: CPU time is what a shared machine disturbs least. Goals (issue 16): noop at
@@ -98,11 +104,41 @@ def show(name: str, samples: list[tuple[float, float]]) -> None:
     )
 
 
+def docker_runs(args: argparse.Namespace, work: Path, results: dict[str, list[tuple[float, float]]]) -> None:
+    """docker build of the small context (no-op) and docker save of its image, in dockerd."""
+    exe = args.dockbuilds[0]
+    tag = args.docker_tag
+    image = tag.rpartition(":")[0] + "-noop:latest"
+    base = make_context(work / "dbase", 0, "FROM busybox\n")
+    # BuildKit when docker has buildx; the legacy builder (also a warm daemon) otherwise.
+    buildkit = subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0
+    env = dict(os.environ, DOCKER_BUILDKIT="1" if buildkit else "0")
+    builder = "BuildKit" if buildkit else "legacy builder"
+    with subprocess.Popen(["docker", "load", "-q"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as load:
+        subprocess.run([exe, "--progress=quiet", *BASE, "-t", tag, "-o", "type=docker,dest=-", str(base)],
+                       stdout=load.stdin, check=True, env=dict(os.environ, DOCKBUILD_ROOT=str(work / "droot")))
+        load.stdin.close()  # type: ignore[union-attr]
+    try:
+        small = make_context(work / "dsmall", 30, DOCKERFILE, tag)
+        run(["docker", "build", "-q", "-t", image, str(small)], env)
+        for _ in range(args.runs):
+            results.setdefault(f"docker build ({builder}, warm dockerd), noop", []).append(
+                run(["docker", "build", "-q", "-t", image, str(small)], env)
+            )
+            results.setdefault("docker save of that image (beside oci)", []).append(
+                run(["docker", "save", "-o", str(work / "saved.tar"), image], env)
+            )
+    finally:
+        subprocess.run(["docker", "rmi", "-f", image, tag], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--big", type=int, default=20000, help="files of the big context (0: skip)")
     parser.add_argument("--docker", action="store_true", help="also time docker build")
+    parser.add_argument("--docker-tag", default="dockbuild-bench-busybox:latest", help="the base image's name in dockerd")
+    parser.add_argument("--no-local", action="store_true", help="skip the big context's local exports")
     parser.add_argument("dockbuilds", nargs="*", default=[str(Path(sys.executable).with_name("dockbuild"))])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dockbuild-noop-") as tmp:
@@ -117,9 +153,13 @@ def main() -> None:
             if big is not None:
                 run([exe, "--progress=quiet", *BASE, str(big)], envs[exe], tty=True)
         python = [str(Path(args.dockbuilds[0]).with_name("python")), "-c", "pass"]
+        script_floor = [python[0], "-c", "import re; import dockbuild.__main__"]
         oci = str(work / "out.tar")
         for _ in range(args.runs):
             results.setdefault("python -c pass (the floor)", []).append(run(python, dict(os.environ)))
+            results.setdefault("console script floor (import re, __main__)", []).append(
+                run(script_floor, dict(os.environ))
+            )
             for exe in args.dockbuilds:
                 env = envs[exe]
                 results.setdefault(f"{exe}|noop", []).append(
@@ -132,6 +172,7 @@ def main() -> None:
                     results.setdefault(f"{exe}|big", []).append(
                         run([exe, "--progress=quiet", *BASE, str(big)], env, tty=True)
                     )
+                if big is not None and not args.no_local:
                     fresh = work / "fresh"
                     results.setdefault(f"{exe}|big -o type=local, fresh directory", []).append(
                         run([exe, "--progress=quiet", *BASE, "-o", f"type=local,dest={fresh}", str(big)], env)
@@ -144,13 +185,7 @@ def main() -> None:
             if big is not None:
                 results.setdefault("stat walk of the big context", []).append(stat_walk(big))
         if args.docker and shutil.which("docker"):
-            docker_small = make_context(work / "dsmall", 30, DOCKERFILE, "busybox:latest")
-            env = dict(os.environ, DOCKER_BUILDKIT="1")
-            run(["docker", "build", "-q", str(docker_small)], env)
-            for _ in range(args.runs):
-                results.setdefault("docker build (warm dockerd), noop", []).append(
-                    run(["docker", "build", "-q", str(docker_small)], env)
-                )
+            docker_runs(args, work, results)
     print(f"{args.runs} runs, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     for name, samples in results.items():
         if "|" not in name:
