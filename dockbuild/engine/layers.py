@@ -19,9 +19,8 @@ import contextlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from dockbuild.engine.store import BlobInfo, Store
 
@@ -29,8 +28,7 @@ KINDS = ("gzip", "zstd", "uncompressed")
 BLOB_ROW_SUFFIX = ";blob"
 
 
-@dataclass(frozen=True)
-class Blob:
+class Blob(NamedTuple):
     """A compressed layer blob in the store and the diff_id of the tar inside it."""
 
     kind: str  # gzip | zstd | uncompressed

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dockbuild.engine import layers
 
@@ -22,8 +21,7 @@ if TYPE_CHECKING:
     from dockbuild.progress import Progress
 
 
-@dataclass(frozen=True)
-class LayerOptions:
+class LayerOptions(NamedTuple):
     """How layer blobs are made: the ``compression*`` and ``rewrite-timestamp`` options."""
 
     compression: str = "gzip"
@@ -178,8 +176,7 @@ def image_blobs(
     return build_image(config, blobs, oci_mediatypes=oci, annotations=notes["manifest"]), notes
 
 
-@dataclass(frozen=True)
-class ExportedImage:
+class ExportedImage(NamedTuple):
     """An image output's blobs, its annotations by where they go, and its names."""
 
     blobs: ImageBlobs
