@@ -208,3 +208,13 @@ def test_a_prefetch_shared_by_two_children_gives_the_same_checksum(tmp_path: Pat
     changed = LocalDir(ctx, digests=FileDigests(tmp_path / "db.sqlite"))
     changed.prefetch()
     assert changed.checksum([""]) == LocalDir(ctx).checksum([""]) != expected
+
+
+def test_a_context_with_many_entries_above_its_branches_is_prefetched_by_one_child(tmp_path: Path) -> None:
+    ctx = _context(tmp_path / "ctx", n=6)
+    for i in range(300):
+        (ctx / f"top{i}.txt").write_text("top\n")
+    local = LocalDir(ctx, digests=FileDigests(tmp_path / "db.sqlite"))
+    assert local._shares() == [[""]]
+    local.prefetch()
+    assert local.checksum([""]) == LocalDir(ctx).checksum([""])

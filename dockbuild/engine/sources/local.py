@@ -277,6 +277,9 @@ _EMPTY_TREE = hashlib.sha256().hexdigest()
 # A file modified within the timestamp granularity could change again without its stat
 # data moving: what was learned from it is used for this build but not remembered.
 _RACY_NS = 2 * 10**9
+# A prefetch is shared by two children only when the directories above their shares hold
+# at most this many entries (LocalDir._shares).
+_SHARED_ABOVE = 256
 
 
 @dataclass
@@ -428,20 +431,25 @@ class LocalDir:
         """The directories each prefetching child hashes: the subdirectories of the first
         directory with more than one, split in two (interleaved by name, so that both
         halves get alike parts); the whole directory for one child when it has no such
-        branch. Ignore rules do not matter here: a directory's hash is the same whoever
-        makes it, and one this process does not need is not used."""
+        branch, or when the directories above the children's shares hold more than a
+        few entries (this process would stat those after the children are done, while
+        one child walks them during start-up). Ignore rules do not matter here: a
+        directory's hash is the same whoever makes it, and one not needed is not used."""
         rel = ""
+        above = 0  # the entries this process would stat itself
         for _depth in range(8):
             host = os.path.join(self.path, rel) if rel else str(self.path)
             try:
                 with os.scandir(host) as it:
-                    subs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+                    entries = list(it)
             except OSError:
                 return [[""]]
+            above += len(entries)
+            subs = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
             if len(subs) != 1:
                 break
             rel = f"{rel}/{subs[0]}" if rel else subs[0]
-        if len(subs) < 2:
+        if len(subs) < 2 or above > _SHARED_ABOVE:
             return [[""]]
         dirs = [f"{rel}/{name}" if rel else name for name in subs]
         return [dirs[0::2], dirs[1::2]]
