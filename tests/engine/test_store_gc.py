@@ -270,3 +270,26 @@ def test_remove_tree_retries_a_directory_it_could_not_open(
     monkeypatch.setattr(os, "open", open_refusing_b_once)
     remove_tree(tree)
     assert refused and not tree.exists()
+
+
+def test_gc_drops_the_result_records_whose_image_lost_a_layer(store: Store) -> None:
+    """The result record (dockbuild/resultcache.py) of an image whose layer GC removed
+    can never answer again: GC deletes its row, and keeps the others."""
+    from dockbuild import resultcache
+
+    for name in ("gone", "kept"):
+        _layer(store, name, 300_000)
+        store.put_record(f"sha256:{name}", [name], name, owns=[name])
+    store.touch_record("sha256:kept")  # "gone" is the least recently used
+    results = resultcache.ResultCache(store.root / "db.sqlite")
+    for name in ("gone", "kept"):
+        results.put(f"key-{name}", resultcache.Result({"state": [name]}, {}, [], [], [], []))
+    used = gc.CacheIndex.load(store).used_bytes()
+    config = GCConfig(
+        max_used_space=Size(used - 200_000), reserved_space=Size(0), min_free_space=Size(0), policies=(GCPolicy(),)
+    )
+    result = gc.collect(store, config, wait=True)
+    assert result is not None and [r.key for r, _ in result.removed] == ["sha256:gone"]
+    assert results.get("key-gone") is None
+    assert results.get("key-kept") is not None
+    results.close()
