@@ -17,7 +17,7 @@ from dockbuild.engine import layers
 if TYPE_CHECKING:
     from dockbuild.engine.store import Store
     from dockbuild.outputs.exporter import ExportRun, Image
-    from dockbuild.outputs.image import ImageBlobs
+    from dockbuild.outputs.image import ImageBlobs, IndexBlobs
     from dockbuild.outputs.spec import OutputSpec
     from dockbuild.progress import Progress
 
@@ -185,6 +185,37 @@ class ExportedImage:
     blobs: ImageBlobs
     notes: dict[str, dict[str, str]]
     names: list[str]
+
+
+@dataclass(frozen=True)
+class ExportedIndex:
+    """A multi-platform image output: its index (with one image per platform), and its
+    names."""
+
+    index: IndexBlobs
+    names: list[str]
+
+
+def export_index(run: ExportRun, spec: OutputSpec) -> ExportedIndex:
+    """The image index ``spec`` asks for (one image per platform of ``run``), its names,
+    and its ids recorded in ``run`` (the index's digest; an index has no config)."""
+    from dockbuild.outputs.exporter import ExportIds
+    from dockbuild.outputs.image import build_index
+    from dockbuild.outputs.spec import image_names
+
+    made = [image_blobs(run.store, image, spec, run.progress, run.now) for image in run.images.values()]
+    index = build_index(
+        [blobs for blobs, _ in made],
+        oci_mediatypes=spec.flag("oci-mediatypes", True),
+        descriptor_annotations=[notes["manifest-descriptor"] for _, notes in made],
+    )
+    names = image_names(spec, index.manifest_digest)
+    run.ids = ExportIds(
+        manifest_digest=index.manifest_digest,
+        descriptor=index.manifest_descriptor().to_json(),
+        names=names,
+    )
+    return ExportedIndex(index, names)
 
 
 def export_image(run: ExportRun, spec: OutputSpec) -> ExportedImage:

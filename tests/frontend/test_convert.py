@@ -32,7 +32,7 @@ class Images:
         self.configs = configs or {}
         self.resolved: list[str] = []
 
-    def __call__(self, ref: str) -> NamedSource:
+    def __call__(self, ref: str, platform: str = "linux/amd64") -> NamedSource:
         self.resolved.append(ref)
         if ref.startswith("missing"):
             raise DockerfileError(f"{ref}: not found")
@@ -41,7 +41,7 @@ class Images:
 
 
 def convert(text: str, images: Images | None = None, **options: Any) -> Definition:
-    return dockerfile_to_llb(text, ConvertOptions(**options), lambda name: None, images or Images())
+    return dockerfile_to_llb(text, ConvertOptions(**options), lambda name, platform: None, images or Images())
 
 
 def history(d: Definition) -> list[tuple[str, bool]]:
@@ -522,16 +522,20 @@ def test_empty_dockerfile_and_no_stages_are_errors() -> None:
         convert("ARG A=1\n")
 
 
-def test_from_platform_expands_build_platform_and_refuses_others() -> None:
-    d = convert("FROM --platform=$BUILDPLATFORM base AS b\nFROM --platform=linux/x86_64 base\n")
-    assert d.root is not None
-    with pytest.raises(
-        DockerfileError, match="linux/arm64: dockbuild builds for linux/amd64"
-    ) as err:
-        convert("FROM base\nFROM --platform=linux/arm64 base\n")
-    assert err.value.location is not None and err.value.location.start_line == 2
+def test_from_platform_pins_the_stage_platform_and_rejects_bad_values() -> None:
+    images = Images()
+    d = convert(
+        "FROM --platform=$BUILDPLATFORM base AS b\nFROM --platform=linux/aarch64 base\n",
+        images,
+        platform="linux/riscv64",
+    )
+    assert d.root is not None and isinstance(d.root, llb.SourceOp)
+    assert d.root.platform == "linux/arm64"
     with pytest.raises(DockerfileError, match="empty platform value"):
         convert("FROM --platform=$NOPE base\n")
+    with pytest.raises(DockerfileError, match="invalid platform") as err:
+        convert("FROM base\nFROM --platform=linux/ base\n")
+    assert err.value.location is not None and err.value.location.start_line == 2
 
 
 def test_heredoc_run_steps_are_named_after_their_first_line() -> None:
@@ -561,9 +565,9 @@ def test_stage_ops_are_each_stage_own_steps_by_name_and_index() -> None:
 class Unreachable(Images):
     """Resolves `base` only: no registry answers for any other name."""
 
-    def __call__(self, ref: str) -> NamedSource:
+    def __call__(self, ref: str, platform: str = "linux/amd64") -> NamedSource:
         if ref == "base":
-            return super().__call__(ref)
+            return super().__call__(ref, platform)
         raise RegistryUnreachableError(f"docker.io/library/{ref}:latest: cannot reach registry")
 
 

@@ -70,21 +70,23 @@ class ImageSources:
 
     # -- resolution (for the frontend) ---------------------------------------------
 
-    def resolve_registry(self, ref_text: str) -> ImageInfo:
-        """Pin a registry reference to a platform manifest; tags are cached unless --pull."""
+    def resolve_registry(self, ref_text: str, platform: str | None = None) -> ImageInfo:
+        """Pin a registry reference to the manifest for ``platform`` (the build's default
+        if None); tags are cached unless --pull."""
         from dockbuild.engine.registry.reference import parse_reference
 
         ref = parse_reference(ref_text)
+        platform = platform or self.platform
         manifest_digest = None
         if ref.digest is None and not self.pull:
-            manifest_digest = self.store.get_resolution(str(ref), self.platform)
+            manifest_digest = self.store.get_resolution(str(ref), platform)
         if manifest_digest is None or not self._have_image_meta(manifest_digest):
-            resolved = self._from_mirrors(ref, lambda c, r: c.resolve(r, self.platform))
+            resolved = self._from_mirrors(ref, lambda c, r: c.resolve(r, platform))
             self.store.put_blob_bytes(resolved.manifest)
             self.store.put_blob_bytes(resolved.config)
             manifest_digest = resolved.manifest_digest
             if ref.digest is None:
-                self.store.put_resolution(str(ref), self.platform, manifest_digest)
+                self.store.put_resolution(str(ref), platform, manifest_digest)
         name = f"{ref.repository}:{ref.tag}" if ref.tag else ref.repository
         return ImageInfo(
             identifier=f"docker-image://{name}@{manifest_digest}",
@@ -93,12 +95,17 @@ class ImageSources:
         )
 
     def resolve_layout(
-        self, name: str, tag: str | None = None, digest: str | None = None
+        self,
+        name: str,
+        tag: str | None = None,
+        digest: str | None = None,
+        platform: str | None = None,
     ) -> ImageInfo:
+        """The image for ``platform`` (the build's default if None) in a named layout."""
         from dockbuild.engine.sources import oci_layout
 
         path = self.layouts[name]
-        resolved = oci_layout.resolve_layout(path, tag, digest, self.platform)
+        resolved = oci_layout.resolve_layout(path, tag, digest, platform or self.platform)
         self.store.put_blob_bytes(resolved.manifest)
         self.store.put_blob_bytes(resolved.config)
         return ImageInfo(
