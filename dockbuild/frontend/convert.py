@@ -316,6 +316,15 @@ class Converter:
         (resolved once)."""
         if stage.base_resolved:
             return stage.base
+        try:
+            self._resolve_base(stage)
+        except DockbuildError as err:  # a named context's error (no platform, ...): its FROM
+            if err.location is None:
+                err.location = stage.spec.location
+            raise
+        return stage.base
+
+    def _resolve_base(self, stage: StageState) -> None:
         spec = stage.spec
         platform = self._from_platform(stage)
         stage.platform = platform or self.opts.platform
@@ -354,7 +363,6 @@ class Converter:
                     )
                 stage.base = self._image_source(named, spec)
         stage.base_resolved = True
-        return stage.base
 
     def _image_source(self, named: NamedSource, spec: Stage) -> NamedSource:
         if named.kind != "image":
