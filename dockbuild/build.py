@@ -223,11 +223,11 @@ def target_platforms(request: BuildRequest) -> list[str]:
 def check_run_platforms(results: list[Definition]) -> None:
     """Before any step runs: every platform whose RUN steps this build has can run here.
 
-    The hook of the emulation check (binfmt_misc/QEMU): a RUN of a foreign platform
-    carries it (``ExecOp.platform``). A no-op until that check lands: a foreign RUN then
-    fails when its binaries cannot be executed.
+    A RUN of a foreign platform carries it (``ExecOp.platform``); one that needs an
+    emulator binfmt_misc does not have is an error naming it (``executor.emulation``).
     """
     from dockbuild import llb
+    from dockbuild.engine.executor.emulation import require_runnable
 
     foreign = {
         op.platform
@@ -235,7 +235,7 @@ def check_run_platforms(results: list[Definition]) -> None:
         for op in llb.walk(r.root)
         if isinstance(op, llb.ExecOp) and op.platform
     }
-    del foreign  # handed to the emulation check once it exists
+    require_runnable(foreign)
 
 
 def _secret_values(run_options: RunOptions) -> list[bytes]:

@@ -334,14 +334,17 @@ def debug_llb(
 
 
 def debug_info() -> None:
-    """Show how RUN steps would be executed here, and where the cache lives."""
+    """Show how RUN steps would be executed here (the executor; the platforms run natively or
+    through which emulator), and where the cache lives."""
     import json
 
     from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.executor.choice import choose
+    from dockbuild.engine.executor.emulation import machine_info
 
     root = default_root()
-    print(json.dumps({"cache_root": str(root), "executor": choose().info(root)}, indent=2))
+    info = {"cache_root": str(root), "executor": choose().info(root), "platforms": machine_info()}
+    print(json.dumps(info, indent=2))
 
 
 def du_cmd(verbose: bool, filter_: list[str]) -> None:
