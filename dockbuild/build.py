@@ -359,6 +359,7 @@ def _parse_specs(
             stdout_is_tty=sys.stdout.isatty(),
             push=request.push,
             load=request.load,
+            multi_platform=len(targets) > 1,
         )
         if len(targets) > 1:
             _check_multi_platform(outputs, request, targets)

@@ -103,8 +103,10 @@ def parse_outputs(
     stdout_is_tty: bool,
     push: bool = False,
     load: bool = False,
+    multi_platform: bool = False,
 ) -> list[OutputSpec]:
-    """``-o`` values as buildx reads them; none at all means a docker tarball on a pipe.
+    """``-o`` values as buildx reads them; none at all means a docker tarball on a pipe
+    (an OCI tarball, holding an image index, when several platforms are built).
 
     ``--push`` is ``-o type=registry`` (or sets push=true on an image output already
     given); ``--load`` is a docker tarball fed to ``docker load``.
@@ -171,7 +173,7 @@ def parse_outputs(
     if load:
         specs.append(OutputSpec("docker", names=list(tags), load=True))
     if not raw and not push and not load and not stdout_is_tty:
-        specs.append(OutputSpec("docker", "-", names=list(tags)))
+        specs.append(OutputSpec("oci" if multi_platform else "docker", "-", names=list(tags)))
     for s in specs:
         if s.push and not s.names:
             raise DockbuildError(
