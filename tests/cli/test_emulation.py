@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,3 +277,36 @@ def test_a_two_platform_build_cross_compiles_natively_and_emulates_the_target_st
     arm = json.loads(_skopeo("--override-arch", "arm64", "--override-variant", "v8", "inspect",
                              "--tls-verify=false", f"docker://{pushed}"))  # fmt: skip
     assert arm["Architecture"] == "arm64"
+
+
+@pytest.fixture(scope="module")
+def hostfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from test_run_in_docker import hostfs_image
+
+    tag = f"dockbuild-test-emulation:{os.getpid()}"
+    try:
+        yield hostfs_image(tmp_path_factory.mktemp("hostfs"), tag)
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, check=False)
+
+
+@pytest.mark.docker
+def test_a_default_docker_container_runs_foreign_steps_through_the_hosts_emulators(
+    hostfs: str, tmp_path: Path, busybox_multi_layout: Path
+) -> None:
+    """binfmt_misc is not mounted in a container, yet the host's F entries serve it: the
+    probe runs a program of the platform instead of reading the entries."""
+    from test_run_in_docker import docker_dockbuild
+
+    vol = tmp_path / "vol"
+    shutil.copytree(busybox_multi_layout, vol / "busybox")
+    write_context(vol / "ctx", {"Dockerfile": RUN_UNAME})
+    subprocess.run(["chmod", "-R", "a+rwX", str(vol)], check=True)
+    info = json.loads(docker_dockbuild(hostfs, vol, "debug", "info").stdout)["platforms"]
+    assert info["binfmt_misc"] == "not mounted here"
+    assert {"platform": "linux/arm64", "how": "runs"} in info["emulated"]
+    run = docker_dockbuild(hostfs, vol, "--progress=plain", "--platform", "linux/riscv64",
+                           "--build-context", "busybox=oci-layout:///vol/busybox",
+                           "-o", "type=oci,dest=/vol/out.tar", "/vol/ctx")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert layer_files(read_oci(vol / "out.tar").layers)["machine"] == b"riscv64\n"
