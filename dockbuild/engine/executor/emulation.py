@@ -12,8 +12,8 @@ How a platform is judged (``support``):
    mask, against the ELF header of the platform's executables. An enabled match is the
    emulator, with its interpreter and flags. This is read, not run: it names the
    interpreter, tells a disabled entry from a missing one, and sees the F flag.
-2. Without a match, a tiny static program of that platform (an ``exit(0)``, a few dozen
-   bytes, as BuildKit's ``archutil`` runs one per architecture) is executed: if it runs, the
+2. Without a match, a tiny static program of that platform (an ``exit(0)``, about a
+   hundred bytes, as BuildKit's ``archutil`` runs one per architecture) is executed: if it runs, the
    kernel runs that platform itself (linux/386 on amd64, linux/arm/v7 on most arm64). The
    same probe answers where binfmt_misc is not mounted in this mount namespace (a
    container): the host's entries still apply there, they just cannot be read.
@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import functools
 import os
-import struct
-import subprocess
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +263,8 @@ def parse_entry(name: str, text: str) -> BinfmtEntry | None:
 def elf_program(arch: str) -> bytes:
     """A static ELF executable of ``arch`` that exits 0: one PT_LOAD segment, no sections.
     Its first bytes are what binfmt_misc entries are matched against."""
+    import struct
+
     elf_class, data, machine, flags, _, code = _ELF[arch]
     order = "<" if data == 1 else ">"
     if elf_class == 2:
@@ -290,6 +289,9 @@ def elf_program(arch: str) -> bytes:
 
 def _executes(program: bytes) -> bool:
     """Whether the kernel runs ``program`` here (natively or through an emulator)."""
+    import subprocess
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="dockbuild-archprobe-") as tmp:
         path = Path(tmp) / "probe"
         path.write_bytes(program)
