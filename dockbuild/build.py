@@ -82,7 +82,7 @@ class BuildRequest:
 class BuildResult:
     """What a finished build reports back to the CLI."""
 
-    image_id: str | None  # the config digest; None when no output made an image
+    image_id: str | None  # the config digest (an index's digest for several platforms); None when no output made an image
     wrote_stdout: bool  # an output (`-o -`, the default on a pipe) wrote to stdout
 
 
@@ -146,7 +146,7 @@ def build(request: BuildRequest) -> BuildResult:
         if recorded is not None:
             ids = _write_outputs(request, store, {targets[0]: recorded}, outputs, progress)
             _finish_record(record, progress, outputs, ids)
-            return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+            return BuildResult(ids.image_id or ids.manifest_digest, any(spec.writes_stdout for spec in outputs))
         from dockbuild.engine import cacheio
         from dockbuild.engine.mounts import check_entitlements
         from dockbuild.engine.solver import SolveOptions, Solver
@@ -203,7 +203,7 @@ def build(request: BuildRequest) -> BuildResult:
         if store.grew:  # a build that added nothing cannot push the cache over a limit
             _collect_garbage(store, progress)
         _finish_record(record, progress, outputs, ids)
-    return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+    return BuildResult(ids.image_id or ids.manifest_digest, any(spec.writes_stdout for spec in outputs))
 
 
 def target_platforms(request: BuildRequest) -> list[str]:
