@@ -167,7 +167,7 @@ def build(request: BuildRequest) -> BuildResult:
             progress.message(warning)
         for result in results:
             check_entitlements(result.root, run_options.allow)
-        check_run_platforms(results)
+        check_run_platforms(run_platforms(results))
         result = results[0]
         # The contexts this build reads, digested before any step reads them.
         read = resultcache.context_digests(locals_, _local_reads(result.root)) if key is not None else None
@@ -220,22 +220,23 @@ def target_platforms(request: BuildRequest) -> list[str]:
         raise UsageError(f"--platform: {e.message}", hint=e.hint) from None
 
 
-def check_run_platforms(results: list[Definition]) -> None:
-    """Before any step runs: every platform whose RUN steps this build has can run here.
-
-    The hook of the emulation check (binfmt_misc/QEMU): a RUN of a foreign platform
-    carries it (``ExecOp.platform``). A no-op until that check lands: a foreign RUN then
-    fails when its binaries cannot be executed.
-    """
+def run_platforms(results: list[Definition]) -> frozenset[str]:
+    """The platforms other than this machine's whose RUN steps the build has (a RUN of a
+    foreign platform carries it: ``ExecOp.platform``)."""
     from dockbuild import llb
 
-    foreign = {
+    return frozenset(
         op.platform
         for r in results
         for op in llb.walk(r.root)
         if isinstance(op, llb.ExecOp) and op.platform
-    }
-    del foreign  # handed to the emulation check once it exists
+    )
+
+
+def check_run_platforms(platforms: frozenset[str]) -> None:
+    """The hook of the emulation check (binfmt_misc/QEMU), called once before any step
+    runs with the platforms of ``run_platforms``: a no-op until that check lands (a
+    foreign RUN then fails when the kernel cannot execute its binaries)."""
 
 
 def _secret_values(run_options: RunOptions) -> list[bytes]:
