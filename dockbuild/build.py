@@ -82,7 +82,7 @@ class BuildRequest:
 class BuildResult:
     """What a finished build reports back to the CLI."""
 
-    image_id: str | None  # the config digest; None when no output made an image
+    image_id: str | None  # the config digest (an index's digest for several platforms); None when no output made an image
     wrote_stdout: bool  # an output (`-o -`, the default on a pipe) wrote to stdout
 
 
@@ -146,7 +146,7 @@ def build(request: BuildRequest) -> BuildResult:
         if recorded is not None:
             ids = _write_outputs(request, store, {targets[0]: recorded}, outputs, progress)
             _finish_record(record, progress, outputs, ids)
-            return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+            return BuildResult(ids.image_id or ids.manifest_digest, any(spec.writes_stdout for spec in outputs))
         from dockbuild.engine import cacheio
         from dockbuild.engine.mounts import check_entitlements
         from dockbuild.engine.solver import SolveOptions, Solver
@@ -167,7 +167,7 @@ def build(request: BuildRequest) -> BuildResult:
             progress.message(warning)
         for result in results:
             check_entitlements(result.root, run_options.allow)
-        check_run_platforms(results)
+        check_run_platforms(run_platforms(results))
         result = results[0]
         # The contexts this build reads, digested before any step reads them.
         read = resultcache.context_digests(locals_, _local_reads(result.root)) if key is not None else None
@@ -203,7 +203,7 @@ def build(request: BuildRequest) -> BuildResult:
         if store.grew:  # a build that added nothing cannot push the cache over a limit
             _collect_garbage(store, progress)
         _finish_record(record, progress, outputs, ids)
-    return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+    return BuildResult(ids.image_id or ids.manifest_digest, any(spec.writes_stdout for spec in outputs))
 
 
 def target_platforms(request: BuildRequest) -> list[str]:
@@ -220,22 +220,26 @@ def target_platforms(request: BuildRequest) -> list[str]:
         raise UsageError(f"--platform: {e.message}", hint=e.hint) from None
 
 
-def check_run_platforms(results: list[Definition]) -> None:
-    """Before any step runs: every platform whose RUN steps this build has can run here.
-
-    A RUN of a foreign platform carries it (``ExecOp.platform``); one that needs an
-    emulator binfmt_misc does not have is an error naming it (``executor.emulation``).
-    """
+def run_platforms(results: list[Definition]) -> frozenset[str]:
+    """The platforms other than this machine's whose RUN steps the build has (a RUN of a
+    foreign platform carries it: ``ExecOp.platform``)."""
     from dockbuild import llb
-    from dockbuild.engine.executor.emulation import require_runnable
 
-    foreign = {
+    return frozenset(
         op.platform
         for r in results
         for op in llb.walk(r.root)
         if isinstance(op, llb.ExecOp) and op.platform
-    }
-    require_runnable(foreign)
+    )
+
+
+def check_run_platforms(platforms: frozenset[str]) -> None:
+    """The emulation check (binfmt_misc/QEMU), called once before any step runs with the
+    platforms of ``run_platforms``: one that needs an emulator this machine lacks is an
+    error naming it (``engine.executor.emulation``)."""
+    from dockbuild.engine.executor.emulation import require_runnable
+
+    require_runnable(platforms)
 
 
 def _secret_values(run_options: RunOptions) -> list[bytes]:

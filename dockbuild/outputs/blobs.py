@@ -201,6 +201,7 @@ class ExportedIndex:
 
     index: IndexBlobs
     names: list[str]
+    descriptor_annotations: dict[str, str]  # annotation-index-descriptor.*: in index.json
 
 
 def export_index(run: ExportRun, spec: OutputSpec) -> ExportedIndex:
@@ -221,14 +222,15 @@ def export_index(run: ExportRun, spec: OutputSpec) -> ExportedIndex:
         [blobs for blobs, _ in made],
         oci_mediatypes=spec.flag("oci-mediatypes", True),
         descriptor_annotations=[notes["manifest-descriptor"] for _, notes in made],
+        annotations=made[0][1]["index"],
     )
     names = image_names(spec, index.manifest_digest)
     run.ids = ExportIds(
         manifest_digest=index.manifest_digest,
-        descriptor=index.manifest_descriptor().to_json(),
+        descriptor=index.manifest_descriptor(made[0][1]["index-descriptor"]).to_json(),
         names=names,
     )
-    return ExportedIndex(index, names)
+    return ExportedIndex(index, names, made[0][1]["index-descriptor"])
 
 
 def export_image(run: ExportRun, spec: OutputSpec) -> ExportedImage:

@@ -321,6 +321,7 @@ def build_index(
     *,
     oci_mediatypes: bool,
     descriptor_annotations: Sequence[Mapping[str, str]] = (),
+    annotations: Mapping[str, str] | None = None,
 ) -> IndexBlobs:
     """The index of ``images``: one entry per platform with its ``platform`` fields, the
     document indented as BuildKit's image writer indents it."""
@@ -332,6 +333,8 @@ def build_index(
             image.manifest_descriptor(note).to_json() for image, note in zip(images, notes, strict=True)
         ],
     }
+    if annotations:
+        doc["annotations"] = dict(annotations)
     return IndexBlobs(go_json(_index(doc), indent=2), tuple(images))
 
 

@@ -277,7 +277,7 @@ class OciExporter:
         blobs: ImageBlobs | IndexBlobs
         if run.multi_platform:
             index = export_index(run, spec)
-            blobs, names, notes = index.index, index.names, {}
+            blobs, names, notes = index.index, index.names, index.descriptor_annotations
             created = index.index.images[0].config_doc.get("created")
         else:
             image = export_image(run, spec)

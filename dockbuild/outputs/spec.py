@@ -138,7 +138,7 @@ def parse_outputs(
                 match = _ANNOTATION.fullmatch(key)
                 if not match:
                     raise DockbuildError(f"invalid output {text!r}: bad annotation key {key!r}")
-                if match.group(1) in ("index", "index-descriptor"):
+                if match.group(1) in ("index", "index-descriptor") and not multi_platform:
                     # BuildKit's image writer refuses them too: one platform, no index.
                     raise DockbuildError(
                         f"invalid output {text!r}: {key}: "
@@ -258,8 +258,13 @@ def _repository(name: str) -> str:
 
 def image_annotations(spec: OutputSpec, platform: str) -> dict[str, dict[str, str]]:
     """``annotation.*`` and ``annotation-<type>[platform].*`` keys, by where they go
-    (``index*`` ones were refused by :func:`parse_outputs`)."""
-    out: dict[str, dict[str, str]] = {"manifest": {}, "manifest-descriptor": {}}
+    (``index*`` ones only for several platforms: :func:`parse_outputs` refuses them for one)."""
+    out: dict[str, dict[str, str]] = {
+        "manifest": {},
+        "manifest-descriptor": {},
+        "index": {},
+        "index-descriptor": {},
+    }
     for key, value in spec.attrs.items():
         match = _ANNOTATION.fullmatch(key)
         if not match:

@@ -77,18 +77,24 @@ def test_two_platforms_make_an_index_with_a_manifest_per_platform(
     dockbuild: DockbuildCLI, cross: Path, tmp_path: Path
 ) -> None:
     out, meta = tmp_path / "out.tar", tmp_path / "meta.json"
+    notes = "annotation-index.org.example.i=idx,annotation-index-descriptor.org.example.d=desc"
     run = dockbuild.build(
-        cross, "--platform", "linux/amd64,aarch64", "-o", f"type=oci,dest={out}", "--metadata-file", str(meta)
-    )
+        cross, "--platform", "linux/amd64,aarch64", "-o", f"type=oci,dest={out},{notes}",
+        "--metadata-file", str(meta), "--iidfile", str(tmp_path / "iid"),
+    )  # fmt: skip
     index = json.loads(_skopeo("inspect", "--raw", f"oci-archive:{out}"))
     assert index["mediaType"] == OCI_INDEX
+    assert index["annotations"] == {"org.example.i": "idx"}
     assert [m["platform"] for m in index["manifests"]] == [
         {"architecture": "amd64", "os": "linux"},
         {"architecture": "arm64", "os": "linux"},
     ]
     layout = _layout(out, tmp_path / "layout")
     top = json.loads((layout / "index.json").read_text())["manifests"]
-    assert [(m["mediaType"], m["digest"]) for m in top] == [(OCI_INDEX, json.loads(meta.read_text())["containerimage.digest"])]
+    digest = json.loads(meta.read_text())["containerimage.digest"]
+    assert [(m["mediaType"], m["digest"]) for m in top] == [(OCI_INDEX, digest)]
+    assert top[0]["annotations"]["org.example.d"] == "desc"
+    assert (tmp_path / "iid").read_text() == digest  # as buildx: the index's digest
     for entry, arch, marker in zip(index["manifests"], ("amd64", "arm64"), ("amd", "arm"), strict=True):
         manifest = _blob(layout, entry["digest"])
         assert entry["mediaType"] == manifest["mediaType"] == OCI_MANIFEST

@@ -266,7 +266,9 @@ def _check_platform(offered: str, wanted: str, where: str) -> None:
         have, want = parse_platform(offered), parse_platform(wanted)
     except DockbuildError:
         return  # a config without a usable platform: nothing to compare
-    if have != want:
+    # Only OS and architecture: a variant of one image is no choice (an arm/v6 image runs
+    # on arm/v7, an amd64/v2 one where amd64 was asked).
+    if (have.os, have.architecture) != (want.os, want.architecture):
         raise RegistryError(
             f"{where}: no image for platform {_display_platform(want)} "
             f"(available: {_display_platform(have)})",
