@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from clitools import DOCKBUILD, DockbuildCLI, layer_files, read_oci, write_context
 from registry_fixture import Registry, require_binary
-from test_run_rootless import BuildUser, _context, _give, _make_user
+from test_run_rootless import BuildUser, _context, _give, _make_user, needs
 
 from dockbuild.engine.executor import emulation
 
@@ -76,6 +76,7 @@ def emulating_user() -> Iterator[BuildUser]:
     yield from _make_user(f"dbem{os.getpid() % 100000}", ranged=True)
 
 
+@needs
 def test_a_rootless_build_runs_foreign_steps_emulated(
     emulating_user: BuildUser, busybox_multi_layout: Path
 ) -> None:
