@@ -146,6 +146,8 @@ def support_of(platform: str) -> Support:
     if _binfmt_readable():
         matching = [e for e in binfmt_entries() if e.matches(header)]
         enabled = [e for e in matching if e.enabled]
+        # The kernel tries the newest entry first, which the files do not tell: any
+        # matching entry without F is refused rather than guessed past.
         without_f = [e for e in enabled if not e.fix_binary]
         if without_f:
             entry = without_f[0]
@@ -288,15 +290,33 @@ def elf_program(arch: str) -> bytes:
 
 
 def _executes(program: bytes) -> bool:
-    """Whether the kernel runs ``program`` here (natively or through an emulator)."""
+    """Whether the kernel runs ``program`` here (natively or through an emulator).
+
+    From an anonymous memory file (memfd), so that a noexec /tmp does not matter; from a
+    temporary file where memfds may not be executed (vm.memfd_noexec)."""
     import subprocess
     import tempfile
 
+    def run(path: str, fds: tuple[int, ...] = ()) -> bool:
+        try:
+            done = subprocess.run([path], capture_output=True, timeout=10, pass_fds=fds)
+        except (OSError, subprocess.SubprocessError):
+            return False  # ENOEXEC (exec format error), a refused exec, a hung emulator
+        return done.returncode == 0
+
+    try:
+        fd = os.memfd_create("dockbuild-archprobe")
+    except (AttributeError, OSError):
+        fd = -1
+    if fd >= 0:
+        try:
+            os.write(fd, program)
+            if run(f"/proc/self/fd/{fd}", (fd,)):
+                return True
+        finally:
+            os.close(fd)
     with tempfile.TemporaryDirectory(prefix="dockbuild-archprobe-") as tmp:
         path = Path(tmp) / "probe"
         path.write_bytes(program)
         path.chmod(0o700)
-        try:
-            return subprocess.run([str(path)], capture_output=True, timeout=10).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False  # ENOEXEC (exec format error), a noexec /tmp, a hung emulator
+        return run(str(path))
