@@ -3,18 +3,20 @@
 PYTHON ?= python3
 VENV := .venv
 BUSYBOX := testdata/images/busybox
+MULTI := testdata/images/busybox-multi
 DOCKBUILD := $(VENV)/bin/dockbuild
 PY311 := import sys; sys.exit(sys.version_info < (3, 11))
 
 .PHONY: demo test setup deps lint bench clean
 
-setup: deps $(VENV)/.installed $(BUSYBOX)/index.json
+setup: deps $(VENV)/.installed $(BUSYBOX)/index.json $(MULTI)/index.json
 	@# bytecode, as `pip install .` makes it (PYTHONDONTWRITEBYTECODE may be set)
 	@$(VENV)/bin/python -m compileall -q dockbuild >/dev/null
 
 deps:
 	bash .ci/install-deps
 	bash .ci/start-dockerd
+	bash .ci/start-binfmt
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -c '$(PY311)' 2>/dev/null || { \
@@ -30,6 +32,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(BUSYBOX)/index.json: testdata/make_busybox_image.py
 	$(VENV)/bin/python testdata/make_busybox_image.py $(BUSYBOX)
+
+# busybox for linux/amd64, arm64, arm/v7 and riscv64 in one index (Debian's packages)
+$(MULTI)/index.json: testdata/make_multiplatform_image.py testdata/make_busybox_image.py
+	$(VENV)/bin/python testdata/make_multiplatform_image.py $(MULTI)
 
 demo: setup
 	$(DOCKBUILD) --build-context busybox=oci-layout://$(BUSYBOX) -t hello:1 examples/hello | docker load

@@ -55,7 +55,7 @@ def dockerfile(lines: int) -> str:
     return "\n".join(out[:lines]) + "\n"
 
 
-def resolve_image(ref: str) -> NamedSource:
+def resolve_image(ref: str, platform: str) -> NamedSource:
     config = {"config": {"Env": ["PATH=/usr/bin:/bin"]}, "history": []}
     return NamedSource("image", f"docker-image://{ref}@sha256:{'0' * 64}", config, ref)
 
@@ -84,7 +84,7 @@ def main() -> None:
         result = None
         gc.collect()
         start, start_cpu = time.perf_counter(), time.process_time()
-        result = dockerfile_to_llb(text, ConvertOptions(), lambda name: None, resolve_image)
+        result = dockerfile_to_llb(text, ConvertOptions(), lambda name, platform: None, resolve_image)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     assert result is not None and result.root is not None

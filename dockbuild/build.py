@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from dockbuild.progress import Progress
     from dockbuild.secrets import SecretSource, SSHSource
 
-HOST_PLATFORM = "linux/amd64"
 
 
 @dataclass
@@ -63,7 +62,7 @@ class BuildRequest:
     explain_cache: bool = False
     cache_from: list[str] = field(default_factory=list)  # --cache-from specs
     cache_to: list[str] = field(default_factory=list)  # --cache-to specs
-    platform: str | None = None
+    platform: str | None = None  # --platform: comma-separated; None = this machine's
     executor: str | None = None
     network: str = "default"
     add_hosts: tuple[str, ...] = ()  # --add-host, each "HOST:IP"
@@ -83,7 +82,7 @@ class BuildRequest:
 class BuildResult:
     """What a finished build reports back to the CLI."""
 
-    image_id: str | None  # the config digest; None when no output made an image
+    image_id: str | None  # the config digest (an index's digest for several platforms); None when no output made an image
     wrote_stdout: bool  # an output (`-o -`, the default on a pipe) wrote to stdout
 
 
@@ -104,9 +103,7 @@ def build(request: BuildRequest) -> BuildResult:
     from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.sources.local import FileDigests
 
-    platform = request.platform or HOST_PLATFORM
-    if platform != HOST_PLATFORM:
-        raise DockbuildError(f"platform {platform} is not supported yet", hint=f"use {HOST_PLATFORM}")
+    targets = target_platforms(request)
     with ExitStack() as cleanup:
         inputs = _resolve(request)
         # Context file digests persist in the cache db: an unchanged context is a stat
@@ -114,7 +111,7 @@ def build(request: BuildRequest) -> BuildResult:
         root = default_root().absolute()
         digests = contexts.early_digests(root / "db.sqlite")
         locals_ = _open_locals(cleanup, inputs, digests) if digests is not None else {}
-        outputs, cache_from, cache_to = _parse_specs(request)  # usage errors first
+        outputs, cache_from, cache_to = _parse_specs(request, targets)  # usage errors first
         from dockbuild.outputs.destinations import check_destinations
 
         check_destinations(  # every path the user gave, before any step runs
@@ -139,34 +136,44 @@ def build(request: BuildRequest) -> BuildResult:
         vertex.log("stdout", f"transferring dockerfile: {len(inputs.dockerfile_text)}B done\n".encode())
         vertex.done()
         # The result record: a request whose inputs are all unchanged is its outputs only.
-        results = resultcache.ResultCache(root / "db.sqlite")
-        cleanup.callback(results.close)
-        key = _result_key(request, inputs) if not (cache_from or cache_to) else None  # None: not kept
-        recorded = _recorded(request, key, results, store, locals_, progress)
+        record_cache = resultcache.ResultCache(root / "db.sqlite")
+        cleanup.callback(record_cache.close)
+        # None: not kept (a multi-platform result is several images: always rebuilt from
+        # the step cache)
+        keep = not (cache_from or cache_to) and len(targets) == 1
+        key = _result_key(request, inputs, targets[0]) if keep else None
+        recorded = _recorded(request, key, record_cache, store, locals_, progress)
         if recorded is not None:
-            ids = _write_outputs(request, store, recorded, outputs, progress)
+            ids = _write_outputs(request, store, {targets[0]: recorded}, outputs, progress)
             _finish_record(record, progress, outputs, ids)
-            return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+            return BuildResult(ids.image_id or ids.manifest_digest, any(spec.writes_stdout for spec in outputs))
         from dockbuild.engine import cacheio
         from dockbuild.engine.mounts import check_entitlements
         from dockbuild.engine.solver import SolveOptions, Solver
         from dockbuild.engine.sources.image import ImageSources
 
-        sources = ImageSources(store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull)
+        sources = ImageSources(
+            store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull, platform=targets[0]
+        )
         run_options = _run_options(request)
         progress.redact(_secret_values(run_options))
         # The cache manifests arrive while the frontend resolves base images.
         cache_sources = cacheio.open_sources(cache_from, sources.client, progress) if cache_from else None
-        resolved: list[tuple[str, str]] = []
-        result = _convert(request, inputs, sources, resolved)
-        check_entitlements(result.root, run_options.allow)
-        for warning in result.warnings:
+        resolved: list[tuple[str, str, str]] = []
+        # One conversion per platform, as BuildKit's frontend does: a stage that does not
+        # depend on the target platform lowers to the same ops, so it is solved once.
+        results = [_convert(request, inputs, sources, resolved, p, len(targets) > 1) for p in targets]
+        for warning in dict.fromkeys(w for r in results for w in r.warnings):
             progress.message(warning)
+        for result in results:
+            check_entitlements(result.root, run_options.allow)
+        check_run_platforms(run_platforms(results))
+        result = results[0]
         # The contexts this build reads, digested before any step reads them.
         read = resultcache.context_digests(locals_, _local_reads(result.root)) if key is not None else None
         options = SolveOptions(
             no_cache=request.no_cache,
-            no_cache_ops=_no_cache_ops(request, result, progress),
+            no_cache_ops=_no_cache_ops(request, results, progress),
             explain=request.explain_cache,
             max_parallel=_max_parallelism(progress),
             secrets=run_options.secrets,
@@ -176,21 +183,63 @@ def build(request: BuildRequest) -> BuildResult:
         solver = Solver(store, progress, locals_, sources, lambda: _executor(request.executor), options)
         cleanup.callback(solver.close)
         if cache_sources is not None:
-            cacheio.import_cache(store, solver, result.root, cache_sources(), progress)
+            opened = cache_sources()
+            for each in results:
+                cacheio.import_cache(store, solver, each.root, opened, progress)
         first_step = len(progress.vertices)
-        state = solver.solve(result.root)
-        image = _image(request, store, solver, result, state, cache_to, progress)
+        states = solver.solve_all([r.root for r in results])
+        images = {
+            p: _image(request, store, solver, r, state, cache_to, progress)
+            for p, r, state in zip(targets, results, states, strict=True)
+        }
+        image = images[targets[0]]
         if key is not None and read is not None and not _reads_remote(result.root):
             steps = [v.name for v in progress.vertices[first_step:]]
-            pinned = _pinned(resolved, sources.platform)
-            results.put(key, _result(image, read, pinned, steps, result.warnings, solver.solved_keys()))
-        ids = _write_outputs(request, store, image, outputs, progress)
-        if cache_to:
+            pinned = _pinned(resolved)
+            record_cache.put(key, _result(image, read, pinned, steps, result.warnings, solver.solved_keys()))
+        ids = _write_outputs(request, store, images, outputs, progress)
+        if cache_to:  # a multi-platform build's is refused by _parse_specs
             cacheio.export_cache(store, solver, result.root, cache_to, progress)
         if store.grew:  # a build that added nothing cannot push the cache over a limit
             _collect_garbage(store, progress)
         _finish_record(record, progress, outputs, ids)
-    return BuildResult(ids.image_id, any(spec.writes_stdout for spec in outputs))
+    return BuildResult(ids.image_id or ids.manifest_digest, any(spec.writes_stdout for spec in outputs))
+
+
+def target_platforms(request: BuildRequest) -> list[str]:
+    """The platforms --platform asks for, normalised; this machine's when none."""
+    from dockbuild import platforms
+
+    if request.platform is None:
+        return [platforms.host()]
+    try:
+        return platforms.parse_list(request.platform)
+    except DockbuildError as e:
+        from dockbuild.errors import UsageError
+
+        raise UsageError(f"--platform: {e.message}", hint=e.hint) from None
+
+
+def run_platforms(results: list[Definition]) -> frozenset[str]:
+    """The platforms other than this machine's whose RUN steps the build has (a RUN of a
+    foreign platform carries it: ``ExecOp.platform``)."""
+    from dockbuild import llb
+
+    return frozenset(
+        op.platform
+        for r in results
+        for op in llb.walk(r.root)
+        if isinstance(op, llb.ExecOp) and op.platform
+    )
+
+
+def check_run_platforms(platforms: frozenset[str]) -> None:
+    """The emulation check (binfmt_misc/QEMU), called once before any step runs with the
+    platforms of ``run_platforms``: one that needs an emulator this machine lacks is an
+    error naming it (``engine.executor.emulation``)."""
+    from dockbuild.engine.executor.emulation import require_runnable
+
+    require_runnable(platforms)
 
 
 def _secret_values(run_options: RunOptions) -> list[bytes]:
@@ -298,8 +347,11 @@ def _open_locals(cleanup: ExitStack, inputs: contexts.Inputs, digests: FileDiges
     return dirs
 
 
-def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpec], list[CacheSpec]]:
-    """The -o, --cache-from and --cache-to specs; a malformed one is a usage error."""
+def _parse_specs(
+    request: BuildRequest, targets: list[str]
+) -> tuple[list[OutputSpec], list[CacheSpec], list[CacheSpec]]:
+    """The -o, --cache-from and --cache-to specs; a malformed one (or one that cannot
+    take the platforms asked for) is a usage error."""
     from dockbuild.errors import UsageError
     from dockbuild.outputs.spec import parse_outputs
 
@@ -311,7 +363,10 @@ def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpe
             stdout_is_tty=sys.stdout.isatty(),
             push=request.push,
             load=request.load,
+            multi_platform=len(targets) > 1,
         )
+        if len(targets) > 1:
+            _check_multi_platform(outputs, request, targets)
         if not (request.cache_from or request.cache_to):
             return outputs, [], []
         from dockbuild.engine import cacheio
@@ -321,6 +376,24 @@ def _parse_specs(request: BuildRequest) -> tuple[list[OutputSpec], list[CacheSpe
     except DockbuildError as e:
         raise UsageError(e.message, hint=e.hint) from e
     return outputs, cache_from, cache_to
+
+
+def _check_multi_platform(outputs: list[OutputSpec], request: BuildRequest, targets: list[str]) -> None:
+    """Outputs that hold one image refuse several platforms, as buildx does."""
+    for spec in outputs:
+        if spec.type == "docker":
+            what = "--load" if spec.load else "type=docker"
+            raise DockbuildError(
+                f"{what} cannot export several platforms ({', '.join(targets)}): a docker "
+                "tarball holds one image, not an image index",
+                hint="use -o type=oci,dest=FILE (or --push) for a multi-platform image, "
+                "or build one --platform for docker",
+            )
+    if request.cache_to:
+        raise DockbuildError(
+            "--cache-to is not supported with several platforms yet",
+            hint="build one --platform at a time to export its cache",
+        )
 
 
 def _check_tags(tags: list[str]) -> None:
@@ -342,30 +415,34 @@ def _convert(
     request: BuildRequest,
     inputs: contexts.Inputs,
     sources: ImageSources,
-    resolved: list[tuple[str, str]] | None = None,
+    resolved: list[tuple[str, str, str]] | None = None,
+    platform: str | None = None,
+    multi_platform: bool = False,
 ) -> Definition:
-    """The frontend's graph for the Dockerfile, named contexts resolved to sources;
-    ``resolved`` gets (reference, pinned identifier) of each registry image resolved."""
+    """The frontend's graph for the Dockerfile built for ``platform`` (the first one asked
+    for if None), named contexts resolved to sources; ``resolved`` gets (reference,
+    platform, pinned identifier) of each registry image resolved."""
+    from dockbuild import platforms
     from dockbuild.engine.sources.local import ignore_rules, is_ignored
     from dockbuild.frontend import convert
 
-    def resolve(name: str) -> convert.NamedSource | None:
+    def resolve(name: str, platform: str) -> convert.NamedSource | None:
         """A FROM / --from name: a named context, else (for FROM) a registry image."""
         name = contexts.context_name(name, inputs)
         if name in inputs.local_dirs and name != "context":
             return convert.NamedSource("local", f"local://{name}", None, name)
         if name in inputs.layouts:
             layout = inputs.layouts[name]
-            info = sources.resolve_layout(name, layout.tag, layout.digest)
+            info = sources.resolve_layout(name, layout.tag, layout.digest, platform)
             return convert.NamedSource("image", info.identifier, info.config, info.name)
         if name in inputs.images:
-            return resolve_image(inputs.images[name])
+            return resolve_image(inputs.images[name], platform)
         return None
 
-    def resolve_image(ref: str) -> convert.NamedSource:
-        info = sources.resolve_registry(ref)
+    def resolve_image(ref: str, platform: str) -> convert.NamedSource:
+        info = sources.resolve_registry(ref, platform)
         if resolved is not None:
-            resolved.append((ref, info.identifier))
+            resolved.append((ref, platform, info.identifier))
         return convert.NamedSource("image", info.identifier, info.config, info.name)
 
     build_args = {}
@@ -379,7 +456,10 @@ def _convert(
         target=request.target,
         build_args=build_args,
         labels=request.labels,
-        platform=request.platform or HOST_PLATFORM,
+        platform=platform or target_platforms(request)[0],
+        build_platform=platforms.host(),
+        explicit_platform=request.platform is not None,
+        multi_platform=multi_platform,
         network=request.network,
         extra_hosts=request.add_hosts,
         shm_size=request.shm_size or 0,
@@ -447,9 +527,9 @@ def _image(
 
 
 def _write_outputs(
-    request: BuildRequest, store: Store, image: Image, outputs: list[OutputSpec], progress: Progress
+    request: BuildRequest, store: Store, images: dict[str, Image], outputs: list[OutputSpec], progress: Progress
 ) -> ExportIds:
-    """Write the image to every output, --iidfile and --metadata-file."""
+    """Write the image (one per platform) to every output, --iidfile and --metadata-file."""
     from pathlib import Path
 
     if not outputs:
@@ -465,9 +545,10 @@ def _write_outputs(
     from dockbuild.outputs.export import export_all
     from dockbuild.outputs.metadata import write_atomic, write_metadata
 
-    ids = export_all(store, image, outputs, progress)
-    if request.iidfile and ids.image_id:
-        write_atomic(Path(request.iidfile), ids.image_id.encode())
+    ids = export_all(store, images, outputs, progress)
+    image_id = ids.image_id or ids.manifest_digest  # several platforms: the index's digest
+    if request.iidfile and image_id:
+        write_atomic(Path(request.iidfile), image_id.encode())
     if request.metadata_file:
         write_metadata(Path(request.metadata_file), ids)
     return ids
@@ -476,7 +557,7 @@ def _write_outputs(
 # -- the result record (dockbuild/resultcache.py) ----------------------------------------
 
 
-def _result_key(request: BuildRequest, inputs: contexts.Inputs) -> str:
+def _result_key(request: BuildRequest, inputs: contexts.Inputs, platform: str) -> str:
     """The record key: everything that decides the result and is known before the
     Dockerfile is converted (docs/cache.md, "The result record")."""
     import hashlib
@@ -509,7 +590,8 @@ def _result_key(request: BuildRequest, inputs: contexts.Inputs) -> str:
         "build_args": {k: v if v is not None else os.environ.get(k) for k, v in request.build_args.items()},
         "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
         "labels": request.labels,
-        "platform": request.platform or HOST_PLATFORM,
+        "platform": platform,
+        "explicit_platform": request.platform is not None,
         "network": request.network,
         "add_hosts": list(request.add_hosts),
         "shm_size": request.shm_size,
@@ -557,12 +639,12 @@ def _reads_remote(root: llb.Op | None) -> bool:
     return root is not None and any(is_remote(op) for op in llb.walk(root))
 
 
-def _pinned(resolved: list[tuple[str, str]], platform: str) -> list[tuple[str, str, str]]:
+def _pinned(resolved: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     """(tag, platform, manifest digest) of each tag the build resolved (by digest: none)."""
     from dockbuild.engine.registry.reference import parse_reference
 
     pinned = []
-    for text, identifier in resolved:
+    for text, platform, identifier in resolved:
         ref = parse_reference(text)
         if ref.digest is None:
             pinned.append((str(ref), platform, identifier.rpartition("@")[2]))
@@ -662,18 +744,18 @@ def _executor(name: str | None) -> Executor:
     return get_executor(name)
 
 
-def _no_cache_ops(request: BuildRequest, result: Definition, progress: Progress) -> frozenset[str]:
+def _no_cache_ops(request: BuildRequest, results: list[Definition], progress: Progress) -> frozenset[str]:
     """The ops of the stages --no-cache-filter names (by name or index), as the frontend
-    reports them per stage."""
+    reports them per stage (for every platform)."""
     if not request.no_cache_filter:
         return frozenset()
     if request.no_cache:
         raise DockbuildError("--no-cache and --no-cache-filter cannot currently be used together")
     digests: set[str] = set()
     for name in request.no_cache_filter:
-        ops = result.stage_ops.get(name.lower())
-        if ops is None:
+        if name.lower() not in results[0].stage_ops:
             progress.message(f"WARNING: --no-cache-filter {name}: no stage of that name")
             continue
-        digests.update(op.digest for op in ops)
+        for result in results:
+            digests.update(op.digest for op in result.stage_ops[name.lower()])
     return frozenset(digests)

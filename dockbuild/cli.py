@@ -231,14 +231,17 @@ def debug_llb(
 
 
 def debug_info() -> None:
-    """Show how RUN steps would be executed here, and where the cache lives."""
+    """Show how RUN steps would be executed here (the executor; the platforms run natively or
+    through which emulator), and where the cache lives."""
     import json
 
     from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.executor.choice import choose
+    from dockbuild.engine.executor.emulation import machine_info
 
     root = default_root()
-    print(json.dumps({"cache_root": str(root), "executor": choose().info(root)}, indent=2))
+    info = {"cache_root": str(root), "executor": choose().info(root), "platforms": machine_info()}
+    print(json.dumps(info, indent=2))
 
 
 def du_cmd(verbose: bool, filter_: list[str]) -> None:
@@ -599,7 +602,7 @@ def _parser() -> Parser:
     build.add_argument("--explain-cache", action="store_true", help="Say, for every step that misses the cache, which input changed.")
     build.add_argument("--cache-from", metavar="SPEC", action="append", default=[], help="Import build cache (type=local,src=DIR | type=registry,ref=REF | REF).")
     build.add_argument("--cache-to", metavar="SPEC", action="append", default=[], help="Export build cache (type=local,dest=DIR | type=registry,ref=REF[,mode=min|max]).")
-    build.add_argument("--platform", metavar="PLATFORM", help="Target platform (only the host's, linux/amd64, for now).")
+    build.add_argument("--platform", metavar="PLATFORMS", help="Target platforms, comma-separated (linux/amd64,linux/arm64,linux/arm/v7); default: this machine's.")
     build.add_argument("--executor", metavar="NAME", choices=EXECUTORS, help="How RUN steps run: namespace (default), runc, chroot; auto probes.")
     build.add_argument("--network", metavar="MODE", default="default", choices=NETWORK_MODES, help="Default network mode for RUN: default, none or host (default: default).")
     build.add_argument("--add-host", metavar="HOST:IP", action="append", default=[], type=_add_host, help="Add a line to /etc/hosts in RUN steps (HOST:IP or HOST=IP; IP may be host-gateway).")

@@ -147,6 +147,10 @@ class ExecOp(Op):
     # 64 MiB): both part of the digest, as in BuildKit's ExecOp Meta.
     extra_hosts: tuple[str, ...] = field(default=(), metadata=_WHEN_SET)
     shm_size: int = field(default=0, metadata=_WHEN_SET)
+    # The platform the process runs as, when it is not the build's own (a RUN of a
+    # linux/arm64 stage built on amd64): part of the digest, so that a step never hits
+    # the cache of the same command run for another platform; "" = the build platform.
+    platform: str = field(default="", metadata=_WHEN_SET)
     # Proxy variables: in the process env but never in the digest or cache key.
     proxy_env: tuple[str, ...] = _meta(())
     name: str = _meta()

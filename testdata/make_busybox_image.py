@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -74,16 +75,18 @@ def source_date_epoch() -> int:
         raise SystemExit(f"SOURCE_DATE_EPOCH must be an integer, not {value!r}") from None
 
 
-def busybox_applets(busybox: Path) -> list[str]:
-    """The applet names the binary provides (`busybox --list`), without busybox itself."""
+def busybox_applets(busybox: Path, emulator: tuple[str, ...] = ()) -> list[str]:
+    """The applet names the binary provides (`busybox --list`), without busybox itself;
+    a foreign binary runs through `emulator` (`qemu-aarch64-static`)."""
     out = subprocess.run(
-        [str(busybox), "--list"], check=True, capture_output=True, text=True
+        [*emulator, str(busybox), "--list"], check=True, capture_output=True, text=True
     ).stdout
     return sorted({name for name in out.split() if name and name != "busybox" and "/" not in name})
 
 
-def build_layer_tar(busybox: Path, epoch: int) -> bytes:
-    """The uncompressed layer: deterministic headers, entries sorted by path components."""
+def build_layer_tar(busybox: Path, epoch: int, applets: list[str] | None = None) -> bytes:
+    """The uncompressed layer: deterministic headers, entries sorted by path components
+    (`applets`: the binary's own list when None)."""
     entries: list[tuple[tarfile.TarInfo, bytes | None]] = []
 
     def add(
@@ -108,7 +111,7 @@ def build_layer_tar(busybox: Path, epoch: int) -> bytes:
     for path, (mode, uid, gid) in DIRECTORIES.items():
         add(path, tarfile.DIRTYPE, mode, uid, gid)
     add("bin/busybox", tarfile.REGTYPE, 0o755, data=busybox.read_bytes())
-    for applet in busybox_applets(busybox):
+    for applet in busybox_applets(busybox) if applets is None else applets:
         # Relative targets keep the links valid wherever the rootfs is unpacked.
         add(f"bin/{applet}", tarfile.SYMTYPE, 0o777, target="busybox")
     add("etc/passwd", tarfile.REGTYPE, 0o644, data=PASSWD.encode())
@@ -155,16 +158,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def build_layout(root: Path, busybox: Path, epoch: int) -> None:
-    """Write oci-layout, index.json and the blobs of the image into the empty dir root."""
-    arch = GOARCH.get(platform.machine(), platform.machine())
-    created = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def host_arch() -> str:
+    """This machine's architecture, as OCI configs spell it."""
+    return GOARCH.get(platform.machine(), platform.machine())
 
-    layer_tar = build_layer_tar(busybox, epoch)
+
+def image_blobs(
+    busybox: Path, epoch: int, arch: str, variant: str = "", applets: list[str] | None = None
+) -> tuple[bytes, bytes, bytes]:
+    """The gzipped layer, the config and the manifest of a busybox image for `arch`."""
+    created = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    layer_tar = build_layer_tar(busybox, epoch, applets)
     layer = gzip_bytes(layer_tar)
     config = canonical_json(
         {
             "architecture": arch,
+            **({"variant": variant} if variant else {}),
             "os": "linux",
             "created": created,
             "config": {"Env": [PATH_ENV], "Cmd": ["sh"]},
@@ -188,6 +197,13 @@ def build_layout(root: Path, busybox: Path, epoch: int) -> None:
             ],
         }
     )
+    return layer, config, manifest
+
+
+def build_layout(root: Path, busybox: Path, epoch: int) -> None:
+    """Write oci-layout, index.json and the blobs of the image into the empty dir root."""
+    arch = host_arch()
+    layer, config, manifest = image_blobs(busybox, epoch, arch)
     index = canonical_json(
         {
             "schemaVersion": 2,
@@ -204,10 +220,17 @@ def build_layout(root: Path, busybox: Path, epoch: int) -> None:
         }
     )
 
+    write_layout(root, [layer, config, manifest], index)
+
+
+def write_layout(root: Path, blobs_: list[bytes], index: bytes) -> None:
+    """oci-layout, index.json and the blobs, each written once, with fixed permissions."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
-    for blob in (layer, config, manifest):
-        write_file(blobs / digest_of(blob).removeprefix("sha256:"), blob)
+    for blob in blobs_:
+        path = blobs / digest_of(blob).removeprefix("sha256:")
+        if not path.exists():
+            write_file(path, blob)
     write_file(root / "oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"}))
     write_file(root / "index.json", index)
     for directory in (blobs, blobs.parent, root):
@@ -218,11 +241,16 @@ def build_layout(root: Path, busybox: Path, epoch: int) -> None:
 
 def make_image(dest: Path, busybox: Path = BUSYBOX) -> None:
     """Build the layout beside dest, then swap it in with renames."""
+    replace_dir(dest, lambda tmp: build_layout(tmp, busybox, source_date_epoch()))
+
+
+def replace_dir(dest: Path, build: Callable[[Path], None]) -> None:
+    """Run `build` on a new directory beside dest, then swap it in with renames."""
     dest = dest.absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        build_layout(tmp, busybox, source_date_epoch())
+        build(tmp)
         if dest.exists():
             # A directory cannot be renamed over a non-empty one: move the old aside first.
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))

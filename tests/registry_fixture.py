@@ -31,6 +31,8 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_BUSYBOX = REPO / "testdata" / "make_busybox_image.py"
+MAKE_MULTI = REPO / "testdata" / "make_multiplatform_image.py"
+MULTI_LAYOUT = REPO / "testdata" / "images" / "busybox-multi"
 REGISTRY_STARTUP_TIMEOUT = 15.0
 # The registry checks the bcrypt hash on every request: the cheapest cost keeps it fast.
 BCRYPT_COST = 4
@@ -104,8 +106,9 @@ class Registry:
     def _auth(self) -> tuple[str, str] | None:
         return (self.username, self.password) if self.username and self.password else None
 
-    def push_layout(self, layout: Path, name_tag: str) -> str:
-        """Copy the `latest` image of an OCI layout to HOST/name:tag; return its digest."""
+    def push_layout(self, layout: Path, name_tag: str, all_platforms: bool = False) -> str:
+        """Copy the `latest` image of an OCI layout to HOST/name:tag; return its digest
+        (with all_platforms, an index and every platform's image, else the host's)."""
         skopeo = require_binary("skopeo", "skopeo")
         with tempfile.TemporaryDirectory() as tmp:
             digest_file = Path(tmp) / "digest"
@@ -121,6 +124,8 @@ class Registry:
             ]
             if self._auth():
                 command += ["--dest-creds", f"{self.username}:{self.password}"]
+            if all_platforms:
+                command.append("--all")
             command += [f"oci:{layout}:latest", f"docker://{self.host}/{name_tag}"]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -274,6 +279,26 @@ def make_busybox_layout(dest: Path) -> Path:
 def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The busybox OCI layout, built once per session (tag `latest`)."""
     return make_busybox_layout(tmp_path_factory.mktemp("busybox-image") / "busybox")
+
+
+@pytest.fixture(scope="session")
+def busybox_multi_layout() -> Path:
+    """busybox for linux/amd64, arm64, arm/v7 and riscv64 in one index (tag `latest`):
+    testdata/images/busybox-multi, made by `make setup` (here when it is missing)."""
+    if not (MULTI_LAYOUT / "index.json").exists():
+        done = subprocess.run(
+            [sys.executable, str(MAKE_MULTI), str(MULTI_LAYOUT)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            pytest.fail(f"make_multiplatform_image.py failed ({done.returncode}):\n{done.stderr}")
+    return MULTI_LAYOUT
+
+
+@pytest.fixture(scope="session")
+def busybox_multi_ref(registry: Registry, busybox_multi_layout: Path) -> str:
+    """`HOST/library/busybox-multi:latest` in the session registry: the four-platform index."""
+    registry.push_layout(busybox_multi_layout, "library/busybox-multi:latest", all_platforms=True)
+    return f"{registry.host}/library/busybox-multi:latest"
 
 
 @pytest.fixture(scope="session")

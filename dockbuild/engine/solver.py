@@ -160,12 +160,20 @@ class Solver:
 
     def solve(self, root: llb.Op | None) -> State:
         """Solve ``root``; raise the first error any step hit."""
-        if root is None:
-            return ()
-        for o in llb.walk(root):
-            if any(i is not None and (i.digest in self._tainted or self._ignored(i)) for i in o.inputs()):
-                self._tainted.add(o.digest)
-        future = self._solve_async(root)
+        return self.solve_all([root])[0]
+
+    def solve_all(self, roots: list[llb.Op | None]) -> list[State]:
+        """Solve several roots (one per platform) at once, under the one parallelism
+        limit: an op they share (equal digests: a stage that does not depend on the
+        target platform) is solved once. Raise the first error any step hit."""
+        for root in roots:
+            for o in llb.walk(root):
+                if any(i is not None and (i.digest in self._tainted or self._ignored(i)) for i in o.inputs()):
+                    self._tainted.add(o.digest)
+        futures = [self._solve_async(root) if root is not None else None for root in roots]
+        return [self._wait(f) if f is not None else () for f in futures]
+
+    def _wait(self, future: concurrent.futures.Future[State]) -> State:
         try:
             while True:
                 try:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dockbuild import llb
+from dockbuild import llb, platforms
 from dockbuild.errors import (
     DockbuildError,
     DockerfileError,
@@ -70,7 +70,14 @@ class ConvertOptions:
     target: str | None = None
     build_args: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    # The platform built for (TARGETPLATFORM), and the machine's (BUILDPLATFORM); both
+    # normalised (dockbuild.platforms.normalize).
     platform: str = "linux/amd64"
+    build_platform: str = "linux/amd64"
+    # --platform was given: the image config says `platform` whatever its last stage's
+    # base says (BuildKit's !implicitTarget); several: progress names carry the platform.
+    explicit_platform: bool = False
+    multi_platform: bool = False
     network: str = "default"
     extra_hosts: tuple[str, ...] = ()  # --add-host, as "name:ip"
     shm_size: int = 0  # --shm-size in bytes; 0 = the default 64 MiB
@@ -98,8 +105,9 @@ class Definition:
     stage_ops: dict[str, tuple[llb.Op, ...]] = field(default_factory=dict)
 
 
-ResolveNamed = Callable[[str], NamedSource | None]
-ResolveImage = Callable[[str], NamedSource]
+# (name, platform) -> what a name outside the Dockerfile stands for, for that platform.
+ResolveNamed = Callable[[str, str], NamedSource | None]
+ResolveImage = Callable[[str, str], NamedSource]
 # An instruction's converter: (converter, stage, instruction, progress name).
 Handler = Callable[["Converter", StageState, Any, str], None]
 
@@ -146,7 +154,7 @@ class Converter:
         self.opts = options
         self.current: StageState | None = None  # the stage of the instruction dispatched
         self.onbuild = False  # whether that instruction is an ONBUILD trigger
-        self.resolve_named = resolve_named
+        self._resolve_named = resolve_named
         self._resolve_image = resolve_image
         if not text:
             raise DockerfileError(
@@ -169,7 +177,12 @@ class Converter:
         checks.check_instructions(specs, self.result, self.linter)
         target = target_stage(self.stages, options.target)
         meta = meta_arg_scope(
-            meta_args, target, options.platform, options.build_args, self.lex, self.linter
+            meta_args,
+            target,
+            (options.platform, options.build_platform),
+            options.build_args,
+            self.lex,
+            self.linter,
         )
         checks.check_from_args(specs, meta.defaults, meta.names, self.lex, self.linter)
         self.used_args = meta.used
@@ -221,14 +234,23 @@ class Converter:
 
     # -- sources -----------------------------------------------------------------------
 
+    def resolve_named(self, name: str, platform: str | None = None) -> NamedSource | None:
+        """A named context (``--build-context``) for ``platform`` (the target's if None)."""
+        return self._resolve_named(name, platform or self.opts.platform)
+
     def resolve_image(
-        self, ref: str, location: Location, what: str, before: int | None = None
+        self,
+        ref: str,
+        location: Location,
+        what: str,
+        before: int | None = None,
+        platform: str | None = None,
     ) -> NamedSource:
         """A registry image for a FROM or --from name that is no stage. A failure names
         the Dockerfile line, a stage name close to `ref` (among the stages above `before`)
         and, when no registry answered, the ways to build without one."""
         try:
-            return self._resolve_image(ref)
+            return self._resolve_image(ref, platform or self.opts.platform)
         except RegistryError as err:
             message = f"{what}: {err.message}"
             match = similar_stage(self.stages, ref, before)
@@ -258,7 +280,7 @@ class Converter:
             if named.kind == "local":
                 return llb.SourceOp(named.identifier, name=f"[internal] load build context {ref}")
             return llb.SourceOp(
-                named.identifier, platform=self.opts.platform, name=f"[{ref}] FROM {named.name}"
+                named.identifier, platform=self.opts.platform, name=self._from_name(ref, named)
             )
         dep = stage_by_ref(self.stages, ref)
         if dep is not None:
@@ -269,8 +291,14 @@ class Converter:
             return dep.state
         named = self.resolve_image(ref, location, f"--from={ref}")
         return llb.SourceOp(
-            named.identifier, platform=self.opts.platform, name=f"[{ref}] FROM {named.name}"
+            named.identifier, platform=self.opts.platform, name=self._from_name(ref, named)
         )
+
+    def _from_name(self, ref: str, named: NamedSource) -> str:
+        """The progress name of an image a --from reads: `[linux/arm64 ref] FROM ...` when
+        several platforms are built."""
+        prefix = f"{self.opts.platform} " if self.opts.multi_platform else ""
+        return f"[{prefix}{ref}] FROM {named.name}"
 
     # -- stage graph -------------------------------------------------------------------
 
@@ -288,8 +316,23 @@ class Converter:
         (resolved once)."""
         if stage.base_resolved:
             return stage.base
+        try:
+            self._resolve_base(stage)
+        except DockbuildError as err:  # a named context's error (no platform, ...): its FROM
+            if err.location is None:
+                err.location = stage.spec.location
+            raise
+        return stage.base
+
+    def _resolve_base(self, stage: StageState) -> None:
         spec = stage.spec
-        named = self.resolve_named(spec.name) if spec.name and spec.name != "context" else None
+        platform = self._from_platform(stage)
+        stage.platform = platform or self.opts.platform
+        named = (
+            self.resolve_named(spec.name, stage.platform)
+            if spec.name and spec.name != "context"
+            else None
+        )
         if named is not None:
             # A named context with the stage's name replaces the stage.
             stage.base = self._image_source(named, spec)
@@ -299,17 +342,27 @@ class Converter:
             earlier = stage_by_name(self.stages, base_name, before=spec.index)
             if earlier is not None:
                 stage.base = earlier
+                if not platform:  # a stage built on a stage builds for its platform
+                    self._base(earlier)
+                    stage.platform = earlier.platform
             elif base_name == "scratch":
                 stage.base = None
             else:
-                named = self.resolve_named(base_name) if base_name != "context" else None
+                named = (
+                    self.resolve_named(base_name, stage.platform)
+                    if base_name != "context"
+                    else None
+                )
                 if named is None:
                     named = self.resolve_image(
-                        base_name, spec.location, f"FROM {base_name}", before=spec.index
+                        base_name,
+                        spec.location,
+                        f"FROM {base_name}",
+                        before=spec.index,
+                        platform=stage.platform,
                     )
                 stage.base = self._image_source(named, spec)
         stage.base_resolved = True
-        return stage.base
 
     def _image_source(self, named: NamedSource, spec: Stage) -> NamedSource:
         if named.kind != "image":
@@ -427,12 +480,17 @@ class Converter:
         labels.update(self.opts.labels)
         if labels or "Labels" in config:
             config["Labels"] = labels
-        os_, _, rest = self.opts.platform.partition("/")
-        arch, _, variant = rest.partition("/")
+        os_, arch, variant = platforms.split(target.platform or self.opts.platform)
         image: dict[str, Any] = {"architecture": arch, "os": os_}
         if variant:
             image["variant"] = variant
         image.update(target.image)
+        if self.opts.explicit_platform:  # the platform asked for, as BuildKit
+            os_, arch, variant = platforms.split(self.opts.platform)
+            image.update(architecture=arch, os=os_)
+            image.pop("variant", None)
+            if variant:
+                image["variant"] = variant
         image["config"] = config
         image["rootfs"] = {"type": "layers", "diff_ids": []}
         image["history"] = target.history
@@ -460,30 +518,42 @@ class Converter:
             return text
         stage.step_index += 1
         prefix = "" if len(self.stages) == 1 else stage.display_name + " "
+        if self.opts.multi_platform:
+            prefix = self._platform_prefix(stage) + " " + prefix
         width = len(str(stage.step_total))
         out = f"[{prefix}{stage.step_index:>{width}}/{stage.step_total}] "
         return out + ("ONBUILD " if onbuild else "") + text
 
-    def _check_platform(self, stage: StageState) -> None:
-        """FROM --platform: expanded with the global ARGs; dockbuild builds for one
-        platform, so any other value is refused here rather than pulled and run wrongly."""
+    def _platform_prefix(self, stage: StageState) -> str:
+        """BuildKit's prefixCommand platform: the stage's, with `->arch` when it builds
+        for another than the target (`linux/amd64->arm64` for a $BUILDPLATFORM stage)."""
+        out = stage.platform
+        if stage.platform != self.opts.platform:
+            os_, arch, variant = platforms.split(self.opts.platform)
+            if os_ == platforms.split(stage.platform)[0]:
+                out += "->" + "/".join(p for p in (arch, variant) if p)
+            else:
+                out += "->" + self.opts.platform
+        return out
+
+    def _from_platform(self, stage: StageState) -> str:
+        """FROM --platform, expanded with the global ARGs and normalised ("" if none)."""
         spec = stage.spec
         if not spec.platform:
-            return
+            return ""
         value = self.expand(spec.platform, defined(self.global_args), spec.location)
         if value == "":
             raise DockerfileError(
                 f"empty platform value from expression {spec.platform}", location=spec.location
             )
-        if _normalize_platform(value) != _normalize_platform(self.opts.platform):
+        try:
+            return platforms.normalize(value)
+        except DockbuildError as e:
             raise DockerfileError(
-                f"FROM --platform={value}: dockbuild builds for {self.opts.platform} only",
-                hint="drop --platform, or use $BUILDPLATFORM / $TARGETPLATFORM",
-                location=spec.location,
-            )
+                f"FROM --platform={value}: {e.message}", hint=e.hint, location=spec.location
+            ) from None
 
     def _convert_stage(self, stage: StageState) -> None:
-        self._check_platform(stage)
         base = self._base(stage)
         commands = self._commands(stage)
         stage.step_total = (1 if isinstance(base, NamedSource) else 0) + sum(
@@ -507,7 +577,7 @@ class Converter:
         else:
             stage.state = llb.SourceOp(
                 base.identifier,
-                platform=self.opts.platform,
+                platform=stage.platform,
                 name=self.step_name(stage, f"FROM {base.name}"),
             )
             self._from_image(stage, base.config or {})
@@ -584,20 +654,6 @@ class Converter:
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm"}
-
-
-def _normalize_platform(text: str) -> str:
-    """containerd's platforms.Normalize, enough for comparing with the build platform."""
-    parts = text.lower().split("/")
-    if len(parts) == 1:  # an architecture alone means this OS
-        parts = ["linux", parts[0]]
-    parts[1] = _ARCH_ALIASES.get(parts[1], parts[1])
-    if parts[1] == "arm64" and parts[2:] == ["v8"]:
-        parts = parts[:2]
-    return "/".join(parts)
 
 
 def _copy_json(value: Any) -> Any:

@@ -61,6 +61,7 @@ def run(conv: Converter, stage: StageState, cmd: ins.RunCommand, name: str) -> N
         hostname=conv.opts.build_args.get("BUILDKIT_SANDBOX_HOSTNAME") or "buildkitsandbox",
         extra_hosts=conv.opts.extra_hosts,
         shm_size=conv.opts.shm_size,
+        platform="" if stage.platform == conv.opts.build_platform else stage.platform,
         name=name,
         location=cmd.location,
     )

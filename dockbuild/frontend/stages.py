@@ -78,6 +78,9 @@ class StageState:
     env_index: dict[str, int] | None = None  # config Env key -> position, kept by ENV
     # The ops this stage's own steps made (what --no-cache-filter names by stage).
     ops: list[llb.Op] = field(default_factory=list)
+    # The platform the stage builds for (FROM --platform, its base stage's, else the
+    # target's), normalised; set with `base_resolved`.
+    platform: str = ""
 
     @property
     def display_name(self) -> str:
@@ -239,12 +242,14 @@ class MetaArgs:
     used: set[str]  # the build args they consumed
 
 
-def platform_args(platform: str) -> dict[str, str]:
-    """BUILDPLATFORM, TARGETOS, ...: the automatic platform ARGs for one platform."""
-    os_, _, rest = platform.partition("/")
-    arch, _, variant = rest.partition("/")
+def platform_args(target: str, build: str) -> dict[str, str]:
+    """BUILDPLATFORM, TARGETOS, ...: the automatic platform ARGs (BuildKit's
+    buildPlatformOpt/targetPlatform), BUILD* of the machine that builds, TARGET* of the
+    platform built for."""
     out = {}
-    for prefix in ("BUILD", "TARGET"):
+    for prefix, platform in (("BUILD", build), ("TARGET", target)):
+        os_, _, rest = platform.partition("/")
+        arch, _, variant = rest.partition("/")
         out[f"{prefix}PLATFORM"] = platform
         out[f"{prefix}OS"] = os_
         out[f"{prefix}OSVERSION"] = ""
@@ -256,12 +261,13 @@ def platform_args(platform: str) -> dict[str, str]:
 def meta_arg_scope(
     meta_args: list[ArgCommand],
     target: StageState,
-    platform: str,
+    platforms: tuple[str, str],
     build_args: dict[str, str],
     lex: Lex,
     linter: checks.Linter,
 ) -> MetaArgs:
-    scope: dict[str, str | None] = dict(platform_args(platform))
+    """The global scope; ``platforms`` is (target platform, build platform)."""
+    scope: dict[str, str | None] = dict(platform_args(*platforms))
     scope["TARGETSTAGE"] = target.spec.name or "default"  # BuildKit's defaultArgs
     defaults = dict(scope)
     used: set[str] = set()

@@ -16,7 +16,7 @@ from dockbuild.engine import layers
 if TYPE_CHECKING:
     from dockbuild.engine.store import Store
     from dockbuild.outputs.exporter import ExportRun, Image
-    from dockbuild.outputs.image import ImageBlobs
+    from dockbuild.outputs.image import ImageBlobs, IndexBlobs
     from dockbuild.outputs.spec import OutputSpec
     from dockbuild.progress import Progress
 
@@ -67,22 +67,10 @@ def layer_blobs(
         if blob is None:
             if vertex is None:
                 vertex = progress.vertex("exporting layers")
-            # A base layer's tar cannot be made again byte for byte from its files: its
-            # blob is recompressed so its diff_id stays. Our own layers' tars are
-            # deterministic, and writing them again is faster than decompressing.
-            existing = layers.lookup_any(store, layer_id) if base else None
-            if existing is not None:
-                source = store.blob_path(existing.digest)
-                blob = layers.recompress(store, options.compression, options.level, source)
-                layers.remember(store, layer_id, key, blob)
-            else:
-                blob = layers.make_layer_blob(
-                    store,
-                    layer_id,
-                    options.compression,
-                    level=options.level,
-                    clamp=None if base else options.clamp,
-                )
+            # One writer per blob: the platforms of one build (exported in parallel) and
+            # other builds share the layers they have in common.
+            with store.lock(f"layer-blob:{layer_id}:{key}"):
+                blob = layers.lookup(store, layer_id, key) or _make_blob(store, layer_id, key, base, options)
         out.append(blob)
     if squash_from is not None:
         top = layer_ids[-1]
@@ -105,6 +93,25 @@ def layer_blobs(
     if vertex is not None:
         vertex.done()
     return out
+
+
+def _make_blob(store: Store, layer_id: str, key: str, base: bool, options: LayerOptions) -> layers.Blob:
+    # A base layer's tar cannot be made again byte for byte from its files: its blob is
+    # recompressed so its diff_id stays. Our own layers' tars are deterministic, and
+    # writing them again is faster than decompressing.
+    existing = layers.lookup_any(store, layer_id) if base else None
+    if existing is not None:
+        source = store.blob_path(existing.digest)
+        blob = layers.recompress(store, options.compression, options.level, source)
+        layers.remember(store, layer_id, key, blob)
+        return blob
+    return layers.make_layer_blob(
+        store,
+        layer_id,
+        options.compression,
+        level=options.level,
+        clamp=None if base else options.clamp,
+    )
 
 
 def squash_history(config: dict[str, Any], base_layers: int) -> None:
@@ -182,6 +189,45 @@ class ExportedImage(NamedTuple):
     blobs: ImageBlobs
     notes: dict[str, dict[str, str]]
     names: list[str]
+
+
+@dataclass(frozen=True)
+class ExportedIndex:
+    """A multi-platform image output: its index (with one image per platform), and its
+    names."""
+
+    index: IndexBlobs
+    names: list[str]
+    descriptor_annotations: dict[str, str]  # annotation-index-descriptor.*: in index.json
+
+
+def export_index(run: ExportRun, spec: OutputSpec) -> ExportedIndex:
+    """The image index ``spec`` asks for (one image per platform of ``run``), its names,
+    and its ids recorded in ``run`` (the index's digest; an index has no config)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dockbuild.outputs.exporter import ExportIds
+    from dockbuild.outputs.image import build_index
+    from dockbuild.outputs.spec import image_names
+
+    # The platforms' layers are compressed in parallel (zlib and zstd release the GIL).
+    with ThreadPoolExecutor(max_workers=len(run.images)) as pool:
+        made = list(
+            pool.map(lambda image: image_blobs(run.store, image, spec, run.progress, run.now), run.images.values())
+        )
+    index = build_index(
+        [blobs for blobs, _ in made],
+        oci_mediatypes=spec.flag("oci-mediatypes", True),
+        descriptor_annotations=[notes["manifest-descriptor"] for _, notes in made],
+        annotations=made[0][1]["index"],
+    )
+    names = image_names(spec, index.manifest_digest)
+    run.ids = ExportIds(
+        manifest_digest=index.manifest_digest,
+        descriptor=index.manifest_descriptor(made[0][1]["index-descriptor"]).to_json(),
+        names=names,
+    )
+    return ExportedIndex(index, names, made[0][1]["index-descriptor"])
 
 
 def export_image(run: ExportRun, spec: OutputSpec) -> ExportedImage:

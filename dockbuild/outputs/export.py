@@ -143,11 +143,14 @@ EXPORTERS: dict[str, Callable[[], Exporter]] = {
 
 
 def export_all(
-    store: Store, image: Image, specs: list[OutputSpec], progress: Progress
+    store: Store, images: Image | dict[str, Image], specs: list[OutputSpec], progress: Progress
 ) -> ExportIds:
-    """Write every output; a failed write is an error naming the destination."""
+    """Write every output (an image, or one per platform); a failed write is an error
+    naming the destination."""
+    if isinstance(images, Image):
+        images = {"": images}
     try:
-        return _export_all(store, image, specs, progress)
+        return _export_all(store, images, specs, progress)
     except BrokenPipeError:
         raise  # the CLI ends quietly when stdout's reader went away
     except OSError as e:
@@ -159,11 +162,11 @@ def export_all(
 
 
 def _export_all(
-    store: Store, image: Image, specs: list[OutputSpec], progress: Progress
+    store: Store, images: dict[str, Image], specs: list[OutputSpec], progress: Progress
 ) -> ExportIds:
     from dockbuild.outputs.blobs import timestamp
 
-    run = ExportRun(store, image, progress, now=timestamp(None))
+    run = ExportRun(store, images, progress, now=timestamp(None))
     exporters: dict[Callable[[], Exporter], Exporter] = {}
     try:
         for spec in specs:

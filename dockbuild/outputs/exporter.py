@@ -48,10 +48,20 @@ class ExportRun:
     """One build's exports: what every exporter gets, and the ids they found."""
 
     store: Store
-    image: Image
+    images: dict[str, Image]  # by platform (normalised), in the order asked for
     progress: Progress
     now: str  # one `created` time for every output of the build: the same image
     ids: ExportIds = field(default_factory=ExportIds)
+
+    @property
+    def image(self) -> Image:
+        """The image of a single-platform build (the first platform's)."""
+        return next(iter(self.images.values()))
+
+    @property
+    def multi_platform(self) -> bool:
+        """Several platforms: an image index, or one directory / tar entry per platform."""
+        return len(self.images) > 1
 
 
 class Exporter(Protocol):

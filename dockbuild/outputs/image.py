@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dockbuild.engine.compression import (
+    DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     config_media_type,
     convert_layer_media_type,
@@ -288,6 +289,55 @@ class ImageBlobs:
         )
 
 
+@dataclass(frozen=True)
+class IndexBlobs:
+    """A multi-platform image: its index (or Docker manifest list) and one image per
+    platform, in the order the platforms were asked for."""
+
+    manifest: bytes  # the index document
+    images: Sequence[ImageBlobs]
+
+    @property
+    def manifest_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.manifest)
+        return doc
+
+    @property
+    def manifest_digest(self) -> str:
+        return sha256_digest(self.manifest)
+
+    def manifest_descriptor(self, annotations: Mapping[str, str] | None = None) -> Descriptor:
+        """The index's descriptor (it has no platform of its own)."""
+        return Descriptor(
+            media_type=self.manifest_doc["mediaType"],
+            digest=self.manifest_digest,
+            size=len(self.manifest),
+            annotations=dict(annotations or {}),
+        )
+
+
+def build_index(
+    images: Sequence[ImageBlobs],
+    *,
+    oci_mediatypes: bool,
+    descriptor_annotations: Sequence[Mapping[str, str]] = (),
+    annotations: Mapping[str, str] | None = None,
+) -> IndexBlobs:
+    """The index of ``images``: one entry per platform with its ``platform`` fields, the
+    document indented as BuildKit's image writer indents it."""
+    notes = list(descriptor_annotations) or [{}] * len(images)
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX if oci_mediatypes else DOCKER_MANIFEST_LIST,
+        "manifests": [
+            image.manifest_descriptor(note).to_json() for image, note in zip(images, notes, strict=True)
+        ],
+    }
+    if annotations:
+        doc["annotations"] = dict(annotations)
+    return IndexBlobs(go_json(_index(doc), indent=2), tuple(images))
+
+
 def build_image(
     config: Mapping[str, Any],
     layers: Sequence[LayerBlob],
@@ -382,7 +432,7 @@ def ref_name(name: str) -> str:
 
 
 def layout_index(
-    image: ImageBlobs,
+    image: ImageBlobs | IndexBlobs,
     names: Sequence[str],
     *,
     created: str | None = None,

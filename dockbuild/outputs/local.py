@@ -39,6 +39,7 @@ from dockbuild.engine.snapshots import Snapshot, walk_merged
 if TYPE_CHECKING:
     from dockbuild.outputs.exporter import ExportRun
     from dockbuild.outputs.spec import OutputSpec
+    from dockbuild.progress import Vertex
 
 
 def _layers(snapshot: Snapshot | Sequence[Path]) -> Sequence[Path]:
@@ -218,14 +219,28 @@ class LocalExporter:
         vertex = run.progress.vertex(f"exporting to client directory {spec.dest}")
         if self._written is None:
             self._written = WrittenTrees(run.store.root / "db.sqlite")
-        # The same layers (exported by root or not) make the same tree.
-        image = f"{int(os.geteuid() == 0)}:" + ",".join(run.image.state)
         dest = output_dir(Path(spec.dest or ".")).absolute()
+        if not run.multi_platform:
+            self._export(run, run.image.state, dest, vertex)
+        elif spec.flag("platform-split", True):  # one directory per platform: linux_arm64/
+            from dockbuild.platforms import path_name
+
+            dest.mkdir(parents=True, exist_ok=True)
+            for platform, each in run.images.items():
+                self._export(run, each.state, dest / path_name(platform), vertex)
+        else:  # merged, a later platform's file over an earlier one's
+            for each in run.images.values():
+                export_local(run.store.unpacked_paths(each.state), dest)
+        vertex.done()
+
+    def _export(self, run: ExportRun, state: tuple[str, ...], dest: Path, vertex: Vertex) -> None:
+        assert self._written is not None
+        # The same layers (exported by root or not) make the same tree.
+        image = f"{int(os.geteuid() == 0)}:" + ",".join(state)
         if self._written.unchanged(dest, image):
             vertex.log("stdout", b"unchanged since the last export of this image: nothing written\n")
         else:
-            export_local(run.store.unpacked_paths(run.image.state), dest, self._written, image)
-        vertex.done()
+            export_local(run.store.unpacked_paths(state), dest, self._written, image)
 
     def close(self) -> None:
         if self._written is not None:

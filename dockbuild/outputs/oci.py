@@ -20,7 +20,7 @@ from dockbuild.atomic import atomic_dir, output_dir, output_file
 from dockbuild.engine.archive import CountingWriter
 from dockbuild.errors import DockbuildError
 from dockbuild.outputs.exporter import destination
-from dockbuild.outputs.image import OCI_LAYOUT, ImageBlobs, layout_index
+from dockbuild.outputs.image import OCI_LAYOUT, ImageBlobs, IndexBlobs, layout_index
 
 if TYPE_CHECKING:
     from dockbuild.outputs.exporter import ExportRun
@@ -52,14 +52,15 @@ def _blob_files(image: ImageBlobs) -> dict[str, bytes | Path]:
 
 
 def layout_files(
-    image: ImageBlobs,
+    image: ImageBlobs | IndexBlobs,
     names: Sequence[str] = (),
     *,
     created: str | None = None,
     extra: Mapping[str, bytes] | None = None,
     descriptor_annotations: Mapping[str, str] | None = None,
 ) -> dict[str, bytes | Path]:
-    """The files of an OCI layout for ``image`` (contents as bytes or a path to copy)."""
+    """The files of an OCI layout for ``image`` (contents as bytes or a path to copy);
+    for an index, its blob and every platform's image."""
     files: dict[str, bytes | Path] = {
         "oci-layout": OCI_LAYOUT,
         "index.json": layout_index(
@@ -69,7 +70,12 @@ def layout_files(
             descriptor_annotations=descriptor_annotations,
         ),
     }
-    files.update(_blob_files(image))
+    if isinstance(image, IndexBlobs):
+        files[f"blobs/sha256/{image.manifest_digest.split(':', 1)[1]}"] = image.manifest
+        for each in image.images:
+            files.update(_blob_files(each))
+    else:
+        files.update(_blob_files(image))
     files.update(extra or {})
     return files
 
@@ -221,7 +227,7 @@ def deliver_tar(
 
 
 def export_oci(
-    image: ImageBlobs,
+    image: ImageBlobs | IndexBlobs,
     *,
     names: Sequence[str] = (),
     out: BinaryIO | None = None,
@@ -251,11 +257,14 @@ def export_oci(
     write_layout_dir(files, Path(dest))
 
 
-def exporting(run: ExportRun, what: str, image: ImageBlobs) -> Vertex:
+def exporting(run: ExportRun, what: str, image: ImageBlobs | IndexBlobs) -> Vertex:
     """The progress vertex of an image archive export, with BuildKit's first lines."""
     vertex = run.progress.vertex(f"exporting to {what}")
-    vertex.log("stdout", f"exporting manifest {image.manifest_digest} done\n".encode())
-    vertex.log("stdout", f"exporting config {image.config_digest} done\n".encode())
+    for each in image.images if isinstance(image, IndexBlobs) else (image,):
+        vertex.log("stdout", f"exporting manifest {each.manifest_digest} done\n".encode())
+        vertex.log("stdout", f"exporting config {each.config_digest} done\n".encode())
+    if isinstance(image, IndexBlobs):
+        vertex.log("stdout", f"exporting manifest list {image.manifest_digest} done\n".encode())
     return vertex
 
 
@@ -263,19 +272,24 @@ class OciExporter:
     """``type=oci``: an OCI image layout, as a tar (``dest`` or stdout) or a directory."""
 
     def export(self, run: ExportRun, spec: OutputSpec) -> None:
-        from dockbuild.outputs.blobs import export_image
+        from dockbuild.outputs.blobs import export_image, export_index
 
-        image = export_image(run, spec)
-        blobs = image.blobs
+        blobs: ImageBlobs | IndexBlobs
+        if run.multi_platform:
+            index = export_index(run, spec)
+            blobs, names, notes = index.index, index.names, index.descriptor_annotations
+            created = index.index.images[0].config_doc.get("created")
+        else:
+            image = export_image(run, spec)
+            blobs, names, notes = image.blobs, image.names, image.notes["manifest-descriptor"]
+            created = blobs.config_doc.get("created")
         vertex = exporting(run, "oci image format", blobs)
-        created = blobs.config_doc.get("created")
-        notes = image.notes["manifest-descriptor"]
         if not spec.flag("tar", True):
             if spec.dest is None or spec.dest == "-":
                 raise DockbuildError("type=oci,tar=false needs dest=DIRECTORY")
             export_oci(
                 blobs,
-                names=image.names,
+                names=names,
                 created=created,
                 descriptor_annotations=notes,
                 dest=Path(spec.dest),
@@ -284,7 +298,7 @@ class OciExporter:
         else:
             export_oci(
                 blobs,
-                names=image.names,
+                names=names,
                 created=created,
                 descriptor_annotations=notes,
                 **destination(spec),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dockbuild.engine.store import Store
     from dockbuild.outputs.exporter import ExportRun
-    from dockbuild.outputs.image import ImageBlobs
+    from dockbuild.outputs.image import ImageBlobs, IndexBlobs
     from dockbuild.outputs.spec import OutputSpec
     from dockbuild.progress import Progress
 
@@ -43,7 +43,7 @@ def _layer_origins(store: Store, sources: tuple[str, ...]) -> list[tuple[str, An
 
 def _push(
     spec: OutputSpec,
-    blobs: ImageBlobs,
+    blobs: ImageBlobs | IndexBlobs,
     names: list[str],
     progress: Progress,
     pusher: Any,
@@ -51,10 +51,12 @@ def _push(
 ) -> Any:
     """Push to every repository named (tags, or by digest), sharing one pusher per build
     so a second repository mounts the blobs the first one received; a layer of an image
-    the build pulled from the same registry is mounted from the repository it came from."""
+    the build pulled from the same registry is mounted from the repository it came from.
+    An index goes after the images it lists, each pushed by its digest."""
     from dockbuild.engine.registry.client import RegistryClient
     from dockbuild.engine.registry.push import PushBlob, Pusher
     from dockbuild.engine.registry.reference import Reference, parse_reference
+    from dockbuild.outputs.image import IndexBlobs
 
     refs = [parse_reference(n) for n in names if "@" not in n]
     insecure = spec.flag("registry.insecure") or spec.flag("insecure")
@@ -68,8 +70,13 @@ def _push(
     for digest, origin in origins:
         pusher.remember(digest, origin)
     by_digest = spec.flag("push-by-digest")
-    items = [PushBlob(d.digest, d.size, path=blobs.blobs[d.digest]) for d in blobs.layers]
-    items.append(PushBlob(blobs.config_digest, len(blobs.config), data=blobs.config))
+    images = blobs.images if isinstance(blobs, IndexBlobs) else [blobs]
+    items: dict[str, list[PushBlob]] = {}
+    for image in images:
+        items[image.manifest_digest] = [
+            *(PushBlob(d.digest, d.size, path=image.blobs[d.digest]) for d in image.layers),
+            PushBlob(image.config_digest, len(image.config), data=image.config),
+        ]
     repos: dict[tuple[str, str], list[str]] = {}
     for ref in refs:
         tags = repos.setdefault((ref.domain, ref.path), [])
@@ -80,7 +87,12 @@ def _push(
         vertex = progress.vertex(f"pushing {ref.repository}")
         pusher.log = lambda text, v=vertex: v.log("stdout", text.encode())
         try:
-            pusher.push(ref, items, blobs.manifest, blobs.manifest_doc["mediaType"], tags=tags)
+            if isinstance(blobs, IndexBlobs):
+                for image in images:  # by digest: the index names them
+                    pusher.push(ref, items[image.manifest_digest], image.manifest, image.manifest_doc["mediaType"])
+                pusher.push(ref, [], blobs.manifest, blobs.manifest_doc["mediaType"], tags=tags)
+            else:
+                pusher.push(ref, items[blobs.manifest_digest], blobs.manifest, blobs.manifest_doc["mediaType"], tags=tags)
         except BaseException as e:
             vertex.error(str(e))
             raise
@@ -96,8 +108,17 @@ class RegistryExporter:
         self.pusher: Any = None
 
     def export(self, run: ExportRun, spec: OutputSpec) -> None:
-        from dockbuild.outputs.blobs import export_image
+        from dockbuild.outputs.blobs import export_image, export_index
 
+        if run.multi_platform:
+            index = export_index(run, spec)
+            if not spec.push:
+                run.progress.message(_NOT_STORED)
+                return
+            sources = tuple(dict.fromkeys(s for image in run.images.values() for s in image.sources))
+            origins = _layer_origins(run.store, sources)
+            self.pusher = _push(spec, index.index, index.names, run.progress, self.pusher, origins)
+            return
         image = export_image(run, spec)
         if not spec.push:
             run.progress.message(_NOT_STORED)

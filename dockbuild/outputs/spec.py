@@ -103,8 +103,10 @@ def parse_outputs(
     stdout_is_tty: bool,
     push: bool = False,
     load: bool = False,
+    multi_platform: bool = False,
 ) -> list[OutputSpec]:
-    """``-o`` values as buildx reads them; none at all means a docker tarball on a pipe.
+    """``-o`` values as buildx reads them; none at all means a docker tarball on a pipe
+    (an OCI tarball, holding an image index, when several platforms are built).
 
     ``--push`` is ``-o type=registry`` (or sets push=true on an image output already
     given); ``--load`` is a docker tarball fed to ``docker load``.
@@ -136,7 +138,7 @@ def parse_outputs(
                 match = _ANNOTATION.fullmatch(key)
                 if not match:
                     raise DockbuildError(f"invalid output {text!r}: bad annotation key {key!r}")
-                if match.group(1) in ("index", "index-descriptor"):
+                if match.group(1) in ("index", "index-descriptor") and not multi_platform:
                     # BuildKit's image writer refuses them too: one platform, no index.
                     raise DockbuildError(
                         f"invalid output {text!r}: {key}: "
@@ -171,7 +173,7 @@ def parse_outputs(
     if load:
         specs.append(OutputSpec("docker", names=list(tags), load=True))
     if not raw and not push and not load and not stdout_is_tty:
-        specs.append(OutputSpec("docker", "-", names=list(tags)))
+        specs.append(OutputSpec("oci" if multi_platform else "docker", "-", names=list(tags)))
     for s in specs:
         if s.push and not s.names:
             raise DockbuildError(
@@ -256,8 +258,13 @@ def _repository(name: str) -> str:
 
 def image_annotations(spec: OutputSpec, platform: str) -> dict[str, dict[str, str]]:
     """``annotation.*`` and ``annotation-<type>[platform].*`` keys, by where they go
-    (``index*`` ones were refused by :func:`parse_outputs`)."""
-    out: dict[str, dict[str, str]] = {"manifest": {}, "manifest-descriptor": {}}
+    (``index*`` ones only for several platforms: :func:`parse_outputs` refuses them for one)."""
+    out: dict[str, dict[str, str]] = {
+        "manifest": {},
+        "manifest-descriptor": {},
+        "index": {},
+        "index-descriptor": {},
+    }
     for key, value in spec.attrs.items():
         match = _ANNOTATION.fullmatch(key)
         if not match:

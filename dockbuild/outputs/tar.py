@@ -8,7 +8,8 @@ file; see :func:`dockbuild.atomic.output_file`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import tarfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -30,6 +31,32 @@ def write_rootfs_tar(
     with TreeTarWriter(out, clamp_mtime=clamp_mtime) as writer:
         for rel, src in walk_merged(layers):
             writer.add_path(rel, src)
+    out.flush()
+
+
+def write_platforms_tar(
+    trees: Mapping[str, Sequence[Path]], out: BinaryIO, *, split: bool = True
+) -> None:
+    """Several platforms' rootfs as one tar: under a directory each (``linux_arm64/``,
+    as BuildKit's platform-split), or merged, a later platform's entry over an earlier
+    one's (``split=False``)."""
+    from dockbuild.platforms import path_name
+
+    with TreeTarWriter(out) as writer:
+        if split:
+            for platform, layers in trees.items():
+                top = tarfile.TarInfo(path_name(platform))
+                top.type, top.mode = tarfile.DIRTYPE, 0o755
+                writer.tar.addfile(top)
+                for rel, src in walk_merged(layers):
+                    writer.add_path(f"{top.name}/{rel}", src)
+        else:
+            merged: dict[str, Path] = {}
+            for layers in trees.values():
+                for rel, src in walk_merged(layers):
+                    merged[rel] = src  # parents still come first: their place is kept
+            for rel, src in merged.items():
+                writer.add_path(rel, src)
     out.flush()
 
 
@@ -55,7 +82,17 @@ class TarExporter:
 
     def export(self, run: ExportRun, spec: OutputSpec) -> None:
         vertex = run.progress.vertex("exporting to client tarball")
-        export_tar(run.store.unpacked_paths(run.image.state), **destination(spec))
+        if run.multi_platform:
+            trees = {p: run.store.unpacked_paths(i.state) for p, i in run.images.items()}
+            split = spec.flag("platform-split", True)
+            where = destination(spec)
+            if "out" in where:
+                write_platforms_tar(trees, where["out"], split=split)
+            else:
+                with output_file(Path(where["dest"]), durable=False) as f:
+                    write_platforms_tar(trees, f, split=split)
+        else:
+            export_tar(run.store.unpacked_paths(run.image.state), **destination(spec))
         vertex.done()
 
     def close(self) -> None:

@@ -155,6 +155,33 @@ def test_identical_steps_in_a_graph_run_once(
     assert recorder.of("count") == ["start", "done"]
 
 
+def test_several_roots_solve_together_sharing_their_common_steps(
+    store: Store, rootfs: tuple[dict[str, LocalDir], llb.FileOp]
+) -> None:
+    locals_, base = rootfs
+    # Two platforms' graphs: a shared target-independent step, then one step each that
+    # waits for the other's to start (they run at the same time under the limit).
+    shared = step(base, "shared", "echo ran >> /c/shared-runs")
+    roots = [
+        step(
+            shared,
+            f"{me} step",
+            f"touch /c/{me} && {wait_for(f'/c/{other}', 1200)} && ls /c > /seen && cp /c/shared-runs /runs",
+        )
+        for me, other in (("amd64", "arm64"), ("arm64", "amd64"))
+    ]
+    run, recorder = solver(store, locals_, 2)
+    try:
+        states = run.solve_all([*roots, None])
+    finally:
+        run.close()
+    assert states[2] == ()
+    for state in states[:2]:
+        assert read(store, state, "runs") == "ran\n"
+        assert read(store, state, "seen").split() == ["amd64", "arm64", "shared-runs"]
+    assert recorder.of("shared") == ["start", "done"]
+
+
 def test_a_step_starts_after_the_steps_it_reads_have_finished(
     store: Store, rootfs: tuple[dict[str, LocalDir], llb.FileOp]
 ) -> None:

@@ -32,7 +32,7 @@ class Images:
         self.configs = configs or {}
         self.resolved: list[str] = []
 
-    def __call__(self, ref: str) -> NamedSource:
+    def __call__(self, ref: str, platform: str = "linux/amd64") -> NamedSource:
         self.resolved.append(ref)
         if ref.startswith("missing"):
             raise DockerfileError(f"{ref}: not found")
@@ -41,7 +41,7 @@ class Images:
 
 
 def convert(text: str, images: Images | None = None, **options: Any) -> Definition:
-    return dockerfile_to_llb(text, ConvertOptions(**options), lambda name: None, images or Images())
+    return dockerfile_to_llb(text, ConvertOptions(**options), lambda name, platform: None, images or Images())
 
 
 def history(d: Definition) -> list[tuple[str, bool]]:
@@ -522,16 +522,88 @@ def test_empty_dockerfile_and_no_stages_are_errors() -> None:
         convert("ARG A=1\n")
 
 
-def test_from_platform_expands_build_platform_and_refuses_others() -> None:
-    d = convert("FROM --platform=$BUILDPLATFORM base AS b\nFROM --platform=linux/x86_64 base\n")
-    assert d.root is not None
-    with pytest.raises(
-        DockerfileError, match="linux/arm64: dockbuild builds for linux/amd64"
-    ) as err:
-        convert("FROM base\nFROM --platform=linux/arm64 base\n")
-    assert err.value.location is not None and err.value.location.start_line == 2
+def test_from_platform_pins_the_stage_platform_and_rejects_bad_values() -> None:
+    images = Images()
+    d = convert(
+        "FROM --platform=$BUILDPLATFORM base AS b\nFROM --platform=linux/aarch64 base\n",
+        images,
+        platform="linux/riscv64",
+    )
+    assert d.root is not None and isinstance(d.root, llb.SourceOp)
+    assert d.root.platform == "linux/arm64"
     with pytest.raises(DockerfileError, match="empty platform value"):
         convert("FROM --platform=$NOPE base\n")
+    with pytest.raises(DockerfileError, match="invalid platform") as err:
+        convert("FROM base\nFROM --platform=linux/ base\n")
+    assert err.value.location is not None and err.value.location.start_line == 2
+
+
+CROSS = (
+    "FROM --platform=$BUILDPLATFORM base AS tools\nRUN make-tools\n"
+    "FROM --platform=$BUILDPLATFORM base AS build\nARG TARGETARCH\nRUN cc -o /out/app-$TARGETARCH\n"
+    "FROM base\nARG TARGETPLATFORM\nCOPY --from=tools /t /t\nCOPY --from=build /out /out\nRUN ./test\n"
+)
+
+
+def _run_named(d: Definition, word: str) -> llb.ExecOp:
+    return next(o for o in ops(d) if isinstance(o, llb.ExecOp) and word in o.args[-1])
+
+
+def test_a_stage_that_does_not_depend_on_the_target_lowers_to_the_same_ops() -> None:
+    amd = convert(CROSS, platform="linux/amd64", multi_platform=True)
+    arm = convert(CROSS, platform="linux/arm64", multi_platform=True)
+    # tools: the same ops for both platforms (solved once); build reads TARGETARCH
+    assert _run_named(amd, "make-tools").digest == _run_named(arm, "make-tools").digest
+    assert _run_named(amd, "cc -o").digest != _run_named(arm, "cc -o").digest
+    assert "TARGETARCH=arm64" in _run_named(arm, "cc -o").env
+    # The build platform's RUN carries no platform; the target stage's foreign RUN does.
+    assert _run_named(arm, "make-tools").platform == ""
+    assert _run_named(arm, "./test").platform == "linux/arm64"
+    assert _run_named(amd, "./test").platform == ""
+
+
+def test_several_platforms_name_each_step_with_its_platform_as_buildkit() -> None:
+    arm = convert(CROSS, platform="linux/arm/v7", multi_platform=True)
+    names = {o.name for o in ops(arm)}  # type: ignore[attr-defined]
+    assert "[linux/amd64->arm/v7 build 2/2] RUN cc -o /out/app-$TARGETARCH" in names
+    assert "[linux/arm/v7 stage-2 4/4] RUN ./test" in names
+    single = convert(CROSS, platform="linux/arm64")
+    assert "[stage-2 4/4] RUN ./test" in {o.name for o in ops(single)}  # type: ignore[attr-defined]
+
+
+def test_platform_args_describe_the_build_and_the_target_platform() -> None:
+    d = convert(
+        "ARG TARGETARCH\nFROM base:$TARGETARCH\nARG TARGETPLATFORM\nARG TARGETVARIANT\nARG BUILDARCH\n"
+        "LABEL t=$TARGETPLATFORM v=$TARGETVARIANT b=$BUILDARCH\n",
+        platform="linux/arm/v7",
+        build_platform="linux/amd64",
+    )
+    assert config(d)["Labels"] == {"t": "linux/arm/v7", "v": "v7", "b": "amd64"}
+
+
+def test_images_resolve_for_their_stage_platform() -> None:
+    images = Images()
+    seen: list[tuple[str, str]] = []
+
+    def resolve(ref: str, platform: str) -> NamedSource:
+        seen.append((ref, platform))
+        return images(ref, platform)
+
+    dockerfile_to_llb(
+        "FROM --platform=$BUILDPLATFORM gcc AS b\nFROM --platform=linux/arm/v6 x AS c\nFROM run\n"
+        "COPY --from=b /a /a\nCOPY --from=c /a /a\n",
+        ConvertOptions(platform="linux/riscv64"),
+        lambda name, platform: None,
+        resolve,
+    )
+    assert sorted(seen) == [("gcc", "linux/amd64"), ("run", "linux/riscv64"), ("x", "linux/arm/v6")]
+
+
+def test_an_explicit_platform_sets_the_image_config_platform() -> None:
+    d = convert("FROM base\n", platform="linux/arm/v7", explicit_platform=True)
+    assert (d.image_config["architecture"], d.image_config["variant"]) == ("arm", "v7")
+    d = convert("FROM scratch\n", platform="linux/arm64")
+    assert d.image_config["architecture"] == "arm64" and "variant" not in d.image_config
 
 
 def test_heredoc_run_steps_are_named_after_their_first_line() -> None:
@@ -561,9 +633,9 @@ def test_stage_ops_are_each_stage_own_steps_by_name_and_index() -> None:
 class Unreachable(Images):
     """Resolves `base` only: no registry answers for any other name."""
 
-    def __call__(self, ref: str) -> NamedSource:
+    def __call__(self, ref: str, platform: str = "linux/amd64") -> NamedSource:
         if ref == "base":
-            return super().__call__(ref)
+            return super().__call__(ref, platform)
         raise RegistryUnreachableError(f"docker.io/library/{ref}:latest: cannot reach registry")
 
 

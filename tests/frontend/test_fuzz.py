@@ -33,7 +33,7 @@ WORDS = [
 ]  # fmt: skip
 
 
-def _image(ref: str) -> NamedSource:
+def _image(ref: str, platform: str) -> NamedSource:
     if "bad" in ref:
         raise DockbuildError(f"{ref}: not found")
     config = {
@@ -46,7 +46,7 @@ def _convert(text: str, **options: Any) -> None:
     with contextlib.suppress(DockbuildError):
         parser.dump(parser.parse(text))
     with contextlib.suppress(DockbuildError):
-        dockerfile_to_llb(text, ConvertOptions(**options), lambda name: None, _image)
+        dockerfile_to_llb(text, ConvertOptions(**options), lambda name, platform: None, _image)
 
 
 @st.composite

@@ -81,9 +81,12 @@ def test_meta_args_take_build_args_and_expand_their_defaults() -> None:
     specs, meta = parse_stages(parse("ARG V=1\nARG IMG=alpine:$V\nARG X\nFROM $IMG\n"))
     stages = [StageState(spec) for spec in specs]
 
-    scope = meta_arg_scope(meta, stages[0], "linux/arm64/v8", {"V": "2"}, Lex("\\"), Linter())
+    scope = meta_arg_scope(
+        meta, stages[0], ("linux/arm/v7", "linux/amd64"), {"V": "2"}, Lex("\\"), Linter()
+    )
 
     assert scope.scope["IMG"] == "alpine:2" and scope.scope["X"] is None
     assert scope.defaults["IMG"] == "alpine:1"
     assert scope.used == {"V"} and scope.names == {"V", "IMG", "X"}
-    assert (scope.scope["TARGETARCH"], scope.scope["TARGETVARIANT"]) == ("arm64", "v8")
+    assert (scope.scope["TARGETARCH"], scope.scope["TARGETVARIANT"]) == ("arm", "v7")
+    assert (scope.scope["BUILDPLATFORM"], scope.scope["BUILDVARIANT"]) == ("linux/amd64", "")

@@ -70,21 +70,24 @@ class ImageSources:
 
     # -- resolution (for the frontend) ---------------------------------------------
 
-    def resolve_registry(self, ref_text: str) -> ImageInfo:
-        """Pin a registry reference to a platform manifest; tags are cached unless --pull."""
+    def resolve_registry(self, ref_text: str, platform: str | None = None) -> ImageInfo:
+        """Pin a registry reference to the manifest for ``platform`` (the build's default
+        if None); tags are cached unless --pull."""
         from dockbuild.engine.registry.reference import parse_reference
 
         ref = parse_reference(ref_text)
+        platform = platform or self.platform
         manifest_digest = None
         if ref.digest is None and not self.pull:
-            manifest_digest = self.store.get_resolution(str(ref), self.platform)
+            manifest_digest = self.store.get_resolution(str(ref), platform)
         if manifest_digest is None or not self._have_image_meta(manifest_digest):
-            resolved = self._from_mirrors(ref, lambda c, r: c.resolve(r, self.platform))
+            resolved = self._from_mirrors(ref, lambda c, r: c.resolve(r, platform))
+            _check_platform(resolved.platform, platform, str(ref))
             self.store.put_blob_bytes(resolved.manifest)
             self.store.put_blob_bytes(resolved.config)
             manifest_digest = resolved.manifest_digest
             if ref.digest is None:
-                self.store.put_resolution(str(ref), self.platform, manifest_digest)
+                self.store.put_resolution(str(ref), platform, manifest_digest)
         name = f"{ref.repository}:{ref.tag}" if ref.tag else ref.repository
         return ImageInfo(
             identifier=f"docker-image://{name}@{manifest_digest}",
@@ -93,12 +96,18 @@ class ImageSources:
         )
 
     def resolve_layout(
-        self, name: str, tag: str | None = None, digest: str | None = None
+        self,
+        name: str,
+        tag: str | None = None,
+        digest: str | None = None,
+        platform: str | None = None,
     ) -> ImageInfo:
+        """The image for ``platform`` (the build's default if None) in a named layout."""
         from dockbuild.engine.sources import oci_layout
 
         path = self.layouts[name]
-        resolved = oci_layout.resolve_layout(path, tag, digest, self.platform)
+        resolved = oci_layout.resolve_layout(path, tag, digest, platform or self.platform)
+        _check_platform(resolved.platform, platform or self.platform, f"oci-layout://{name}")
         self.store.put_blob_bytes(resolved.manifest)
         self.store.put_blob_bytes(resolved.config)
         return ImageInfo(
@@ -244,6 +253,27 @@ class ImageSources:
             descriptor = Descriptor(desc["mediaType"], desc["digest"], desc["size"])
             self._from_mirrors(ref, lambda c, r: c.fetch_blob(r, descriptor, tmp))
         self.store.put_blob_file(tmp, desc["digest"])
+
+
+def _check_platform(offered: str, wanted: str, where: str) -> None:
+    """A single-platform image (no index to choose from) for another platform than the
+    one asked for is an error, as containerd's platform matcher makes it in BuildKit:
+    never a base of the wrong architecture silently."""
+    from dockbuild.engine.registry.manifest import _display_platform, parse_platform
+    from dockbuild.errors import RegistryError
+
+    try:
+        have, want = parse_platform(offered), parse_platform(wanted)
+    except DockbuildError:
+        return  # a config without a usable platform: nothing to compare
+    # Only OS and architecture: a variant of one image is no choice (an arm/v6 image runs
+    # on arm/v7, an amd64/v2 one where amd64 was asked).
+    if (have.os, have.architecture) != (want.os, want.architecture):
+        raise RegistryError(
+            f"{where}: no image for platform {_display_platform(want)} "
+            f"(available: {_display_platform(have)})",
+            hint="build for a platform the image has (--platform), or use a multi-platform base",
+        )
 
 
 def _strip_tag(location: str) -> str:
