@@ -191,12 +191,11 @@ class ExportedImage(NamedTuple):
     names: list[str]
 
 
-@dataclass(frozen=True)
-class ExportedIndex:
+class ExportedIndex(NamedTuple):
     """A multi-platform image output: its index (with one image per platform), and its
     names."""
 
-    index: IndexBlobs
+    blobs: IndexBlobs
     names: list[str]
     descriptor_annotations: dict[str, str]  # annotation-index-descriptor.*: in index.json
 

@@ -277,8 +277,8 @@ class OciExporter:
         blobs: ImageBlobs | IndexBlobs
         if run.multi_platform:
             index = export_index(run, spec)
-            blobs, names, notes = index.index, index.names, index.descriptor_annotations
-            created = index.index.images[0].config_doc.get("created")
+            blobs, names, notes = index.blobs, index.names, index.descriptor_annotations
+            created = index.blobs.images[0].config_doc.get("created")
         else:
             image = export_image(run, spec)
             blobs, names, notes = image.blobs, image.names, image.notes["manifest-descriptor"]

@@ -117,7 +117,7 @@ class RegistryExporter:
                 return
             sources = tuple(dict.fromkeys(s for image in run.images.values() for s in image.sources))
             origins = _layer_origins(run.store, sources)
-            self.pusher = _push(spec, index.index, index.names, run.progress, self.pusher, origins)
+            self.pusher = _push(spec, index.blobs, index.names, run.progress, self.pusher, origins)
             return
         image = export_image(run, spec)
         if not spec.push:
