@@ -361,6 +361,9 @@ class Converter:
                         before=spec.index,
                         platform=stage.platform,
                     )
+                    checks.check_base_platform(
+                        base_name, stage.platform, named.config, spec.location, self.linter
+                    )
                 stage.base = self._image_source(named, spec)
         stage.base_resolved = True
 
@@ -485,12 +488,7 @@ class Converter:
         if variant:
             image["variant"] = variant
         image.update(target.image)
-        if self.opts.explicit_platform:  # the platform asked for, as BuildKit
-            os_, arch, variant = platforms.split(self.opts.platform)
-            image.update(architecture=arch, os=os_)
-            image.pop("variant", None)
-            if variant:
-                image["variant"] = variant
+        _set_platform(image, self.opts.platform if self.opts.explicit_platform else None)
         image["config"] = config
         image["rootfs"] = {"type": "layers", "diff_ids": []}
         image["history"] = target.history
@@ -663,3 +661,30 @@ def _copy_json(value: Any) -> Any:
     if isinstance(value, list):
         return [_copy_json(v) for v in value]
     return value
+
+
+def _set_platform(image: dict[str, Any], asked: str | None) -> None:
+    """The image config's platform as BuildKit's dispatch ends: the platform asked for
+    (--platform) replaces the base's OS and architecture, and its variant and OS version
+    too unless the base has the same OS and architecture and the asked one names none (a
+    base of another platform keeps its own without --platform); then containerd's
+    normalisation (``aarch64`` -> ``arm64``, ``arm64/v8`` -> ``arm64``)."""
+    if asked is not None:
+        os_, arch, variant = platforms.split(asked)
+        same = (image.get("os"), image.get("architecture")) == (os_, arch)
+        image.update(os=os_, architecture=arch)
+        if variant or not same:
+            image.pop("variant", None)
+            if variant:
+                image["variant"] = variant
+        if not same:
+            image.pop("os.version", None)
+    if image.get("os") and image.get("architecture"):
+        arch, variant = platforms.normalize_arch(str(image["architecture"]), str(image.get("variant") or ""))
+        image["os"] = str(image["os"]).lower()
+        image["architecture"] = arch
+        image.pop("variant", None)
+        if variant:
+            image["variant"] = variant
+    if image.get("os.features"):
+        image["os.features"] = sorted(set(image["os.features"]))

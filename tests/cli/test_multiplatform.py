@@ -263,3 +263,26 @@ def test_a_pushed_index_is_a_multi_platform_base_and_a_missing_platform_is_named
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "no image for platform linux/riscv64 (available: linux/amd64, linux/arm64)" in missing.stderr
     assert f"FROM {name}" in missing.stderr
+
+
+def test_a_single_platform_base_of_another_architecture_is_a_warning_as_in_buildkit(
+    dockbuild: DockbuildCLI, registry: Registry, cross: Path, tmp_path: Path
+) -> None:
+    name = f"{registry.host}/multi/armonly:1"
+    dockbuild.build(cross, "--platform", "linux/arm64", "-t", name, "--push")
+    child = write_context(tmp_path / "child", {"Dockerfile": f"FROM {name}\nENV foo=bar\n"})
+    out = tmp_path / "implicit.tar"
+    run = dockbuild.build(child, "-o", f"type=oci,dest={out}")
+    assert (
+        f'InvalidBaseImagePlatform: Base image {name} was pulled with platform "linux/arm64", '
+        'expected "linux/amd64" for current build (line 1)'
+    ) in run.stderr
+    # Without --platform the image keeps its base's platform; with it, the one asked for.
+    config = json.loads(_skopeo("inspect", "--config", f"oci-archive:{out}"))
+    assert (config["architecture"], config["config"]["Env"][-1]) == ("arm64", "foo=bar")
+    dockbuild.build(child, "--platform", "linux/amd64", "-o", f"type=oci,dest={out}")
+    assert json.loads(_skopeo("inspect", "--config", f"oci-archive:{out}"))["architecture"] == "amd64"
+    checked = dockbuild("build", "--check", str(child), check=False)
+    assert "InvalidBaseImagePlatform" in checked.out + checked.stderr
+    skipped = dockbuild.build(child, "--build-arg", "BUILDKIT_DOCKERFILE_CHECK=skip=InvalidBaseImagePlatform")
+    assert "InvalidBaseImagePlatform" not in skipped.stderr

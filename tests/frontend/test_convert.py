@@ -657,3 +657,42 @@ def test_from_suggests_only_the_stages_above_it() -> None:
 
     assert caught.value.location is not None and caught.value.location.start_line == 1
     assert "did you mean" not in caught.value.message
+
+
+ARM64_BASE: dict[str, Any] = {**BASE_CONFIG, "architecture": "arm64", "variant": "v8"}
+
+
+def test_a_base_of_another_platform_is_a_build_check_warning_not_an_error() -> None:
+    images = Images({"armimg": ARM64_BASE})
+    text = "FROM --platform=linux/arm64 armimg AS same\nFROM armimg\nCOPY --from=same / /\n"
+    d = convert(text, images, platform="linux/amd64")
+    (warning,) = [w for w in d.checks if w.rule != "FromPlatformFlagConstDisallowed"]
+    assert warning.rule == "InvalidBaseImagePlatform" and warning.url == ""
+    assert warning.location is not None and warning.location.start_line == 2
+    assert warning.message == (
+        'Base image armimg was pulled with platform "linux/arm64", expected "linux/amd64" '
+        "for current build"
+    )
+    # The variant is not compared; a stage pinned to the base's platform is no mismatch.
+    assert rules(convert("FROM armimg\n", images, platform="linux/arm64/v8.2")) == []
+    assert rules(convert("# check=skip=InvalidBaseImagePlatform\n" + text, images)) == [
+        "FromPlatformFlagConstDisallowed"
+    ]
+    with pytest.raises(DockerfileError, match="lint violation found for rules: .*InvalidBaseImagePlatform"):
+        convert("# check=error=true\n" + text, images)
+
+
+def test_the_image_config_platform_follows_buildkit_for_a_foreign_base() -> None:
+    images = Images({"armimg": ARM64_BASE, "arm6": {**BASE_CONFIG, "architecture": "arm", "variant": "v6"}})
+    # Without --platform the base's platform stays, normalised (arm64/v8 is arm64).
+    d = convert("FROM armimg\n", images, platform="linux/amd64")
+    assert (d.image_config["architecture"], "variant" in d.image_config) == ("arm64", False)
+    # --platform replaces it, variant included when the architecture differs.
+    d = convert("FROM arm6\n", images, platform="linux/amd64", explicit_platform=True)
+    assert (d.image_config["architecture"], "variant" in d.image_config) == ("amd64", False)
+    # The same architecture asked without a variant keeps the base's.
+    v82 = Images({"a": {**BASE_CONFIG, "architecture": "arm64", "variant": "v8.2"}})
+    d = convert("FROM a\n", v82, platform="linux/arm64", explicit_platform=True)
+    assert d.image_config["variant"] == "v8.2"
+    d = convert("FROM arm6\n", images, platform="linux/arm/v7", explicit_platform=True)
+    assert d.image_config["variant"] == "v7"
