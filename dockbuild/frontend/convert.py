@@ -510,29 +510,22 @@ class Converter:
                 out[stage.spec.name] = out.get(stage.spec.name, ()) + ops
         return out
 
-    def step_name(self, stage: StageState, text: str, onbuild: bool = False) -> str:
-        """BuildKit's progress name: `[stage 2/5] RUN ...` (no stage in a one-stage file)."""
+    def step_name(
+        self, stage: StageState, text: str, onbuild: bool = False, from_step: bool = False
+    ) -> str:
+        """BuildKit's progress name: `[stage 2/5] RUN ...` (no stage in a one-stage file);
+        with several platforms (MultiPlatformRequested), the stage's platform first."""
         if stage.step_total == 0:
             return text
         stage.step_index += 1
         prefix = "" if len(self.stages) == 1 else stage.display_name + " "
         if self.opts.multi_platform:
-            prefix = self._platform_prefix(stage) + " " + prefix
+            # BuildKit names a FROM with no environment (emptyEnvs): never a `->` target.
+            env = {} if from_step else stage.env
+            prefix = stage.platform + _target_suffix(stage.platform, env) + " " + prefix
         width = len(str(stage.step_total))
         out = f"[{prefix}{stage.step_index:>{width}}/{stage.step_total}] "
         return out + ("ONBUILD " if onbuild else "") + text
-
-    def _platform_prefix(self, stage: StageState) -> str:
-        """BuildKit's prefixCommand platform: the stage's, with `->arch` when it builds
-        for another than the target (`linux/amd64->arm64` for a $BUILDPLATFORM stage)."""
-        out = stage.platform
-        if stage.platform != self.opts.platform:
-            os_, arch, variant = platforms.split(self.opts.platform)
-            if os_ == platforms.split(stage.platform)[0]:
-                out += "->" + "/".join(p for p in (arch, variant) if p)
-            else:
-                out += "->" + self.opts.platform
-        return out
 
     def _from_platform(self, stage: StageState) -> str:
         """FROM --platform, expanded with the global ARGs and normalised ("" if none)."""
@@ -576,7 +569,7 @@ class Converter:
             stage.state = llb.SourceOp(
                 base.identifier,
                 platform=stage.platform,
-                name=self.step_name(stage, f"FROM {base.name}"),
+                name=self.step_name(stage, f"FROM {base.name}", from_step=True),
             )
             self._from_image(stage, base.config or {})
         env_list = stage.config.setdefault("Env", []) or []
@@ -688,3 +681,37 @@ def _set_platform(image: dict[str, Any], asked: str | None) -> None:
             image["variant"] = variant
     if image.get("os.features"):
         image["os.features"] = sorted(set(image["os.features"]))
+
+
+def _target_suffix(platform: str, env: dict[str, str]) -> str:
+    """BuildKit's formatTargetPlatform over platformFromEnv: the target a step names in its
+    environment (TARGETPLATFORM, or TARGETOS/TARGETARCH/TARGETVARIANT, as ARG or ENV) when
+    it differs from the step's own platform: `->arm64`, `->arm/v7`, or the whole platform
+    for another OS. A step whose stage declares none of them gets none."""
+    os_, arch, _ = platforms.split(platform)
+    target: tuple[str, str, str] | None = None
+    parts = {"TARGETOS": "", "TARGETARCH": "", "TARGETVARIANT": ""}
+    named = False
+    for key, value in env.items():
+        if key == "TARGETPLATFORM":
+            try:
+                parsed = platforms.parse(value)
+            except DockbuildError:
+                continue
+            target = (parsed.os, parsed.architecture, parsed.variant)
+            break
+        if key in parts:
+            parts[key] = value
+            named = True
+    if target is None:
+        if not named:
+            return ""
+        target = (parts["TARGETOS"], parts["TARGETARCH"], parts["TARGETVARIANT"])
+    wanted = platforms.normalized(
+        platforms.Platform(target[0] or os_, target[1] or arch, target[2])
+    )
+    if wanted.os == os_ and wanted.architecture != arch:
+        return "->" + "/".join(p for p in (wanted.architecture, wanted.variant) if p)
+    if wanted.os != os_:
+        return "->" + str(wanted)
+    return ""

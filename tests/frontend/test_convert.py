@@ -567,6 +567,22 @@ def test_several_platforms_name_each_step_with_its_platform_as_buildkit() -> Non
     names = {o.name for o in ops(arm)}  # type: ignore[attr-defined]
     assert "[linux/amd64->arm/v7 build 2/2] RUN cc -o /out/app-$TARGETARCH" in names
     assert "[linux/arm/v7 stage-2 4/4] RUN ./test" in names
+    # The `->` target comes from the step's TARGET* variables (BuildKit's platformFromEnv):
+    # a build-platform stage that declares none has none, and a FROM never has one.
+    assert "[linux/amd64 tools 2/2] RUN make-tools" in names
+    assert "[linux/amd64 tools 1/2] FROM base" in names
+    other_os = convert(
+        "FROM --platform=$BUILDPLATFORM base\nENV TARGETPLATFORM=windows/amd64\nRUN a\n"
+        "ENV TARGETPLATFORM=linux/arm64/v8\nRUN b\nENV TARGETPLATFORM=linux/amd64/v3\nRUN c\n",
+        platform="linux/arm64",
+        multi_platform=True,
+    )
+    runs = [o.name for o in ops(other_os) if isinstance(o, llb.ExecOp)]  # type: ignore[attr-defined]
+    assert set(runs) == {
+        "[linux/amd64->windows/amd64 2/4] RUN a",
+        "[linux/amd64->arm64 3/4] RUN b",
+        "[linux/amd64 4/4] RUN c",  # the same architecture: no target named
+    }
     single = convert(CROSS, platform="linux/arm64")
     assert "[stage-2 4/4] RUN ./test" in {o.name for o in ops(single)}  # type: ignore[attr-defined]
 
