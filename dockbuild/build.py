@@ -198,8 +198,8 @@ def build(request: BuildRequest) -> BuildResult:
             pinned = _pinned(resolved)
             record_cache.put(key, _result(image, read, pinned, steps, result.warnings, solver.solved_keys()))
         ids = _write_outputs(request, store, images, outputs, progress)
-        if cache_to:  # a multi-platform build's is refused by _parse_specs
-            cacheio.export_cache(store, solver, result.root, cache_to, progress)
+        if cache_to:  # every platform's records in one cache manifest, as BuildKit
+            cacheio.export_cache(store, solver, [r.root for r in results], cache_to, progress)
         if store.grew:  # a build that added nothing cannot push the cache over a limit
             _collect_garbage(store, progress)
         _finish_record(record, progress, outputs, ids)
@@ -386,11 +386,6 @@ def _check_multi_platform(outputs: list[OutputSpec], request: BuildRequest, targ
                 hint="use -o type=oci,dest=FILE (or --push) for a multi-platform image, "
                 "or build one --platform for docker",
             )
-    if request.cache_to:
-        raise DockbuildError(
-            "--cache-to is not supported with several platforms yet",
-            hint="build one --platform at a time to export its cache",
-        )
 
 
 def _check_tags(tags: list[str]) -> None:

@@ -286,3 +286,31 @@ def test_a_single_platform_base_of_another_architecture_is_a_warning_as_in_build
     assert "InvalidBaseImagePlatform" in checked.out + checked.stderr
     skipped = dockbuild.build(child, "--build-arg", "BUILDKIT_DOCKERFILE_CHECK=skip=InvalidBaseImagePlatform")
     assert "InvalidBaseImagePlatform" not in skipped.stderr
+
+
+def test_cache_to_exports_every_platforms_steps_in_one_cache_manifest(
+    dockbuild: DockbuildCLI, registry: Registry, cross: Path, tmp_path: Path
+) -> None:
+    import re
+
+    epoch = {"SOURCE_DATE_EPOCH": "1700000000"}
+    local, ref = tmp_path / "exported-cache", f"{registry.host}/multi/cache:build"
+    both = ("--platform", "linux/amd64,linux/arm64")
+    dockbuild.build(
+        cross, *both, "-o", f"type=oci,dest={tmp_path / 'a.tar'}", "--cache-to", f"type=local,dest={local},mode=max",
+        "--cache-to", f"type=registry,ref={ref},mode=max", env=epoch,
+    )  # fmt: skip
+    index = json.loads((local / "index.json").read_text())
+    assert len(index["manifests"]) == 1  # one cache manifest, not one per platform
+    for source in (f"type=local,src={local}", f"type=registry,ref={ref}"):
+        shutil.rmtree(dockbuild.root)  # a fresh CI runner
+        out = tmp_path / f"b-{source[5:10]}.tar"
+        again = dockbuild.build(cross, *both, "-o", f"type=oci,dest={out}", "--cache-from", source, env=epoch)
+        names = dict(re.findall(r"^#(\d+) (\[.*\] (?:RUN|COPY) .*)$", again.stderr, re.M))
+        ends = dict(re.findall(r"^#(\d+) (CACHED|DONE)", again.stderr, re.M))
+        steps = {name: ends.get(n) for n, name in names.items()}
+        assert any("linux/arm64" in n for n in steps) and any("linux/amd64 stage-2" in n for n in steps)
+        assert set(steps.values()) == {"CACHED"}, again.stderr
+        assert _skopeo("inspect", "--raw", f"oci-archive:{out}") == _skopeo(
+            "inspect", "--raw", f"oci-archive:{tmp_path / 'a.tar'}"
+        )
