@@ -314,3 +314,34 @@ def test_cache_to_exports_every_platforms_steps_in_one_cache_manifest(
         assert _skopeo("inspect", "--raw", f"oci-archive:{out}") == _skopeo(
             "inspect", "--raw", f"oci-archive:{tmp_path / 'a.tar'}"
         )
+
+
+def test_a_no_op_multi_platform_rebuild_is_served_from_the_result_records(
+    dockbuild: DockbuildCLI, cross: Path, tmp_path: Path
+) -> None:
+    import sys
+
+    def build(platforms: str, name: str) -> tuple[bytes, bool, str]:
+        out = tmp_path / name
+        cmd = [
+            sys.executable, "-X", "importtime", "-m", "dockbuild", "--progress=plain", *dockbuild.base_context,
+            "--platform", platforms, "-o", f"type=oci,dest={out}", str(cross),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=dockbuild.env({"SOURCE_DATE_EPOCH": "1700000000"}), capture_output=True, timeout=300)
+        err = proc.stderr.decode()
+        assert proc.returncode == 0, err
+        return out.read_bytes(), "dockbuild.frontend.convert" not in err, err
+
+    first, served, _ = build("linux/amd64,linux/arm64", "a.tar")
+    assert not served
+    again, served, log = build("linux/amd64,linux/arm64", "b.tar")
+    assert served and again == first  # the frontend never loaded, the same index
+    assert "[linux/amd64->arm64 build 2/2] RUN mkdir /out" in log and "CACHED" in log
+    # Another platform list is another request: its own records.
+    _, served, _ = build("linux/arm64,linux/amd64", "c.tar")
+    assert not served
+    _, served, _ = build("linux/amd64", "d.tar")
+    assert not served
+    (cross / "arch-arm64").write_text("changed\n")  # a context file one platform reads
+    changed, served, _ = build("linux/amd64,linux/arm64", "e.tar")
+    assert not served and changed != first
