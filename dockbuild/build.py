@@ -302,17 +302,24 @@ def check(request: BuildRequest) -> list[CheckWarning]:
 
 
 def definition(request: BuildRequest) -> dict[str, object]:
-    """The LLB graph and image config a request means (``dockbuild debug llb``)."""
+    """The LLB graph and image config a request means (``dockbuild debug llb``); for
+    several platforms, each platform's under ``platforms`` (its name as key)."""
     from dockbuild import llb
     from dockbuild.engine.sources.image import ImageSources
     from dockbuild.engine.store import Store
 
+    targets = target_platforms(request)
     inputs = _resolve(request)
     store = Store()
     try:
-        sources = ImageSources(store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull)
-        result = _convert(request, inputs, sources)
-        return {"llb": llb.to_json(result.root), "config": result.image_config}
+        sources = ImageSources(
+            store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull, platform=targets[0]
+        )
+        graphs: dict[str, dict[str, object]] = {}
+        for platform in targets:
+            result = _convert(request, inputs, sources, platform=platform, multi_platform=len(targets) > 1)
+            graphs[platform] = {"llb": llb.to_json(result.root), "config": result.image_config}
+        return graphs[targets[0]] if len(targets) == 1 else {"platforms": graphs}
     finally:
         store.close()
 

@@ -345,3 +345,18 @@ def test_a_no_op_multi_platform_rebuild_is_served_from_the_result_records(
     (cross / "arch-arm64").write_text("changed\n")  # a context file one platform reads
     changed, served, _ = build("linux/amd64,linux/arm64", "e.tar")
     assert not served and changed != first
+
+
+def test_debug_llb_prints_each_platforms_graph(dockbuild: DockbuildCLI, cross: Path) -> None:
+    one = json.loads(dockbuild("debug", "llb", *dockbuild.base_context, "--platform", "arm64", str(cross)).out)
+    assert one["config"]["architecture"] == "arm64"
+    both = json.loads(
+        dockbuild("debug", "llb", *dockbuild.base_context, "--platform", "linux/amd64,arm64", str(cross)).out
+    )
+    graphs = both["platforms"]
+    assert list(graphs) == ["linux/amd64", "linux/arm64"]
+    assert [graphs[p]["config"]["architecture"] for p in graphs] == ["amd64", "arm64"]
+    names = {p: {op["name"]: op["digest"] for op in g["llb"]["ops"] if op.get("name")} for p, g in graphs.items()}
+    tool = "[linux/amd64 tools 2/2] RUN echo tool > /tool"
+    assert names["linux/amd64"][tool] == names["linux/arm64"][tool]  # shared, solved once
+    assert any(n.startswith("[linux/arm64 stage-2") for n in names["linux/arm64"])
