@@ -168,9 +168,11 @@ def normalize(text: str) -> str:
     return str(normalized(parse(text)))
 
 
-def normalize_parts(os_name: str, arch: str, variant: str = "", os_version: str = "") -> str:
+def normalize_parts(
+    os_name: str, arch: str, variant: str = "", os_version: str = "", os_features: tuple[str, ...] = ()
+) -> str:
     """An image config's or index entry's platform fields -> the canonical name."""
-    return str(normalized(Platform(os_name, arch, variant, os_version)))
+    return str(normalized(Platform(os_name, arch, variant, os_version, os_features)))
 
 
 def parse_list(text: str) -> list[str]:

@@ -457,8 +457,9 @@ def check_base_platform(
     name: str, expected: str, config: dict[str, Any] | None, location: Location, linter: Linter
 ) -> None:
     """BuildKit's validateBaseImagePlatform: a registry base whose config names another OS
-    or architecture than the stage's platform is a warning, not an error (the variant is
-    not compared); both are named as containerd normalises them."""
+    or architecture than the stage's platform is a warning, not an error. As there, the
+    config's fields are compared as written (the variant not at all) and both platforms
+    are named as containerd normalises them."""
     if not config or not config.get("os") or not config.get("architecture"):
         return
     actual = platforms.normalize_parts(
@@ -466,10 +467,10 @@ def check_base_platform(
         str(config["architecture"]),
         str(config.get("variant") or ""),
         str(config.get("os.version") or ""),
+        tuple(str(f) for f in config.get("os.features") or ()),
     )
     want_os, want_arch, _ = platforms.split(expected)
-    have_os, have_arch, _ = platforms.split(actual)
-    if (want_os, want_arch) != (have_os.partition("(")[0], have_arch):
+    if (config["os"], config["architecture"]) != (want_os, want_arch):
         linter.run(
             "InvalidBaseImagePlatform",
             f'Base image {name} was pulled with platform "{actual}", expected "{expected}" '

@@ -691,6 +691,10 @@ def test_a_base_of_another_platform_is_a_build_check_warning_not_an_error() -> N
     )
     # The variant is not compared; a stage pinned to the base's platform is no mismatch.
     assert rules(convert("FROM armimg\n", images, platform="linux/arm64/v8.2")) == []
+    # As in BuildKit the config's fields are compared as written: `aarch64` is no arm64.
+    odd = Images({"odd": {**BASE_CONFIG, "architecture": "aarch64", "os.version": "1.0"}})
+    (warning,) = convert("FROM odd\n", odd, platform="linux/arm64").checks
+    assert 'pulled with platform "linux(1.0)/arm64", expected "linux/arm64"' in warning.message
     assert rules(convert("# check=skip=InvalidBaseImagePlatform\n" + text, images)) == [
         "FromPlatformFlagConstDisallowed"
     ]
