@@ -295,10 +295,10 @@ class Converter:
         )
 
     def _from_name(self, ref: str, named: NamedSource) -> str:
-        """The progress name of an image a --from reads: `[linux/arm64 ref] FROM ...` when
-        several platforms are built."""
-        prefix = f"{self.opts.platform} " if self.opts.multi_platform else ""
-        return f"[{prefix}{ref}] FROM {named.name}"
+        """The progress name of an image a --from reads. No platform even when several are
+        built: BuildKit's implicit stage for it counts no steps, so its prefixCommand adds
+        no prefix; the pinned digest tells the platforms' images apart."""
+        return f"[{ref}] FROM {named.name}"
 
     # -- stage graph -------------------------------------------------------------------
 

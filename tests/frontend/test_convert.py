@@ -571,6 +571,8 @@ def test_several_platforms_name_each_step_with_its_platform_as_buildkit() -> Non
     # a build-platform stage that declares none has none, and a FROM never has one.
     assert "[linux/amd64 tools 2/2] RUN make-tools" in names
     assert "[linux/amd64 tools 1/2] FROM base" in names
+    copied = convert("FROM scratch\nCOPY --from=img /x /x\n", platform="linux/arm64", multi_platform=True)
+    assert "[img] FROM img" in {o.name for o in ops(copied)}  # type: ignore[attr-defined]
     other_os = convert(
         "FROM --platform=$BUILDPLATFORM base\nENV TARGETPLATFORM=windows/amd64\nRUN a\n"
         "ENV TARGETPLATFORM=linux/arm64/v8\nRUN b\nENV TARGETPLATFORM=linux/amd64/v3\nRUN c\n",
