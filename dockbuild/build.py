@@ -138,13 +138,12 @@ def build(request: BuildRequest) -> BuildResult:
         # The result record: a request whose inputs are all unchanged is its outputs only.
         record_cache = resultcache.ResultCache(root / "db.sqlite")
         cleanup.callback(record_cache.close)
-        # None: not kept (a multi-platform result is several images: always rebuilt from
-        # the step cache)
-        keep = not (cache_from or cache_to) and len(targets) == 1
-        key = _result_key(request, inputs, targets[0]) if keep else None
-        recorded = _recorded(request, key, record_cache, store, locals_, progress)
+        # One record per platform (a multi-platform build's keys name all its platforms);
+        # none with --cache-from / --cache-to.
+        keys = {} if cache_from or cache_to else {p: _result_key(request, inputs, p, targets) for p in targets}
+        recorded = _recorded(request, keys, record_cache, store, locals_, progress)
         if recorded is not None:
-            ids = _write_outputs(request, store, {targets[0]: recorded}, outputs, progress)
+            ids = _write_outputs(request, store, recorded, outputs, progress)
             _finish_record(record, progress, outputs, ids)
             return BuildResult(ids.image_id or ids.manifest_digest, any(spec.writes_stdout for spec in outputs))
         from dockbuild.engine import cacheio
@@ -170,7 +169,8 @@ def build(request: BuildRequest) -> BuildResult:
         check_run_platforms(run_platforms(results))
         result = results[0]
         # The contexts this build reads, digested before any step reads them.
-        read = resultcache.context_digests(locals_, _local_reads(result.root)) if key is not None else None
+        reads = sorted({name for r in results for name in _local_reads(r.root)})
+        read = resultcache.context_digests(locals_, reads) if keys else None
         options = SolveOptions(
             no_cache=request.no_cache,
             no_cache_ops=_no_cache_ops(request, results, progress),
@@ -192,14 +192,15 @@ def build(request: BuildRequest) -> BuildResult:
             p: _image(request, store, solver, r, state, cache_to, progress)
             for p, r, state in zip(targets, results, states, strict=True)
         }
-        image = images[targets[0]]
-        if key is not None and read is not None and not _reads_remote(result.root):
+        if keys and read is not None and not any(_reads_remote(r.root) for r in results):
             steps = [v.name for v in progress.vertices[first_step:]]
             pinned = _pinned(resolved)
-            record_cache.put(key, _result(image, read, pinned, steps, result.warnings, solver.solved_keys()))
+            warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
+            for p in targets:  # each holds the whole build's steps and warnings
+                record_cache.put(keys[p], _result(images[p], read, pinned, steps, warnings, solver.solved_keys()))
         ids = _write_outputs(request, store, images, outputs, progress)
-        if cache_to:  # a multi-platform build's is refused by _parse_specs
-            cacheio.export_cache(store, solver, result.root, cache_to, progress)
+        if cache_to:  # every platform's records in one cache manifest, as BuildKit
+            cacheio.export_cache(store, solver, [r.root for r in results], cache_to, progress)
         if store.grew:  # a build that added nothing cannot push the cache over a limit
             _collect_garbage(store, progress)
         _finish_record(record, progress, outputs, ids)
@@ -304,17 +305,24 @@ def check(request: BuildRequest) -> list[CheckWarning]:
 
 
 def definition(request: BuildRequest) -> dict[str, object]:
-    """The LLB graph and image config a request means (``dockbuild debug llb``)."""
+    """The LLB graph and image config a request means (``dockbuild debug llb``); for
+    several platforms, each platform's under ``platforms`` (its name as key)."""
     from dockbuild import llb
     from dockbuild.engine.sources.image import ImageSources
     from dockbuild.engine.store import Store
 
+    targets = target_platforms(request)
     inputs = _resolve(request)
     store = Store()
     try:
-        sources = ImageSources(store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull)
-        result = _convert(request, inputs, sources)
-        return {"llb": llb.to_json(result.root), "config": result.image_config}
+        sources = ImageSources(
+            store, {k: v.path for k, v in inputs.layouts.items()}, pull=request.pull, platform=targets[0]
+        )
+        graphs: dict[str, dict[str, object]] = {}
+        for platform in targets:
+            result = _convert(request, inputs, sources, platform=platform, multi_platform=len(targets) > 1)
+            graphs[platform] = {"llb": llb.to_json(result.root), "config": result.image_config}
+        return graphs[targets[0]] if len(targets) == 1 else {"platforms": graphs}
     finally:
         store.close()
 
@@ -389,11 +397,6 @@ def _check_multi_platform(outputs: list[OutputSpec], request: BuildRequest, targ
                 hint="use -o type=oci,dest=FILE (or --push) for a multi-platform image, "
                 "or build one --platform for docker",
             )
-    if request.cache_to:
-        raise DockbuildError(
-            "--cache-to is not supported with several platforms yet",
-            hint="build one --platform at a time to export its cache",
-        )
 
 
 def _check_tags(tags: list[str]) -> None:
@@ -557,7 +560,7 @@ def _write_outputs(
 # -- the result record (dockbuild/resultcache.py) ----------------------------------------
 
 
-def _result_key(request: BuildRequest, inputs: contexts.Inputs, platform: str) -> str:
+def _result_key(request: BuildRequest, inputs: contexts.Inputs, platform: str, targets: list[str]) -> str:
     """The record key: everything that decides the result and is known before the
     Dockerfile is converted (docs/cache.md, "The result record")."""
     import hashlib
@@ -602,6 +605,8 @@ def _result_key(request: BuildRequest, inputs: contexts.Inputs, platform: str) -
         "executor": request.executor or os.environ.get("DOCKBUILD_EXECUTOR"),
         "config": resultcache.file_digest(config_path()),
     }
+    if len(targets) > 1:  # a platform's record of a multi-platform build is its alone
+        fields["platforms"] = targets
     return resultcache.request_key(fields)
 
 
@@ -670,34 +675,39 @@ def _result(
 
 def _recorded(
     request: BuildRequest,
-    key: str | None,
+    keys: dict[str, str],
     results: resultcache.ResultCache,
     store: Store,
     locals_: dict[str, LocalDir],
     progress: Progress,
-) -> Image | None:
-    """The image the result record holds for ``key``, if it still holds (its steps then
-    shown as cached); None when the request runs its steps (--no-cache, --pull,
-    --no-cache-filter and --explain-cache always do)."""
+) -> dict[str, Image] | None:
+    """The image of each platform the result records hold for ``keys``, if all still
+    hold (the build's steps then shown as cached); None when the request runs its steps
+    (--no-cache, --pull, --no-cache-filter and --explain-cache always do)."""
     from dockbuild import resultcache
 
-    if key is None or request.no_cache or request.pull or request.no_cache_filter or request.explain_cache:
+    if not keys or request.no_cache or request.pull or request.no_cache_filter or request.explain_cache:
         return None
-    found = results.get(key)
-    if found is None or not resultcache.still_valid(found, store, locals_):
-        return None
-    store.touch_records(found.records)  # for GC, the steps were used as by a cached build
-    return _replay(found, progress)
+    found: dict[str, resultcache.Result] = {}
+    for platform, key in keys.items():
+        record = results.get(key)
+        if record is None or not resultcache.still_valid(record, store, locals_):
+            return None
+        found[platform] = record
+    first = next(iter(found.values()))
+    for name in first.steps:
+        progress.vertex(name).cached()
+    for warning in first.warnings:
+        progress.message(warning)
+    for record in found.values():
+        store.touch_records(record.records)  # for GC, the steps were used as by a cached build
+    return {platform: _replay(record) for platform, record in found.items()}
 
 
-def _replay(found: resultcache.Result, progress: Progress) -> Image:
-    """Show the recorded result's steps as cached and its warnings; its image."""
+def _replay(found: resultcache.Result) -> Image:
+    """The recorded result's image."""
     from dockbuild.outputs.exporter import Image
 
-    for name in found.steps:
-        progress.vertex(name).cached()
-    for warning in found.warnings:
-        progress.message(warning)
     fields = dict(found.image)
     fields["state"] = tuple(fields["state"])
     fields["sources"] = tuple(fields["sources"])

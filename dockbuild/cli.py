@@ -212,8 +212,10 @@ def debug_llb(
     target: str | None,
     build_arg: list[tuple[str, str | None]],
     build_context: list[tuple[str, str]],
+    platform: str | None = None,
 ) -> None:
-    """Print the LLB graph of a build as JSON (op digests are stable)."""
+    """Print the LLB graph of a build as JSON (op digests are stable); each platform's
+    under "platforms" when --platform names several."""
     import json
 
     from dockbuild.build import BuildRequest, definition
@@ -226,6 +228,7 @@ def debug_llb(
         build_args=dict(build_arg),
         build_contexts=dict(build_context),
         progress="quiet",
+        platform=platform,
     )
     print(json.dumps(definition(request), indent=2))
 
@@ -667,6 +670,7 @@ def _parser() -> Parser:
     llb = _command(debug_commands, "llb", debug_llb, "PATH")
     llb.add_argument("context", metavar="PATH", help="Build context directory.")
     _definition_flags(llb)
+    llb.add_argument("--platform", metavar="P[,P...]", help="Target platforms (default: this machine's); several print each one's graph under \"platforms\".")
     _command(debug_commands, "info", debug_info)
     check_cache = _command(debug_commands, "check-cache", debug_check_cache)
     check_cache.add_argument("--repair", action="store_true", help="Drop what is broken (the next build makes it again).")

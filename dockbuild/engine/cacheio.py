@@ -124,14 +124,16 @@ def _chain_ops(root: llb.Op | None) -> list[llb.Op]:
 
 
 def export_cache(
-    store: Store, solver: Any, root: llb.Op | None, specs: list[CacheSpec], progress: Progress
+    store: Store, solver: Any, roots: list[llb.Op | None], specs: list[CacheSpec], progress: Progress
 ) -> None:
+    """Write each --cache-to: one cache manifest holding the records of every root (one
+    per platform of a multi-platform build, as BuildKit exports all platforms' cache)."""
     for spec in specs:
         if spec.type == "inline":
             continue  # in the image config already (inline_metadata)
         vertex = progress.vertex(f"exporting cache to {spec.describe()}")
         try:
-            _export_one(store, solver, root, spec, vertex)
+            _export_one(store, solver, roots, spec, vertex)
         except (DockbuildError, OSError) as e:
             message = e.message if isinstance(e, DockbuildError) else str(e)
             if spec.ignore_error:
@@ -143,15 +145,21 @@ def export_cache(
         vertex.done()
 
 
-def _export_one(store: Store, solver: Any, root: llb.Op | None, spec: CacheSpec, vertex: Any) -> None:
-    ops = llb.walk(root) if spec.mode == "max" else _chain_ops(root)
+def _export_one(
+    store: Store, solver: Any, roots: list[llb.Op | None], spec: CacheSpec, vertex: Any
+) -> None:
+    ops = [op for root in roots for op in (llb.walk(root) if spec.mode == "max" else _chain_ops(root))]
     compression = spec.attrs.get("compression", "gzip")
     records = []
     layers: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()  # a step the platforms share (a $BUILDPLATFORM stage) once
     for op in ops:
         if isinstance(op, llb.SourceOp) and op.identifier.startswith("local://"):
             continue
         key = solver.solved_key(op)
+        if key in seen:
+            continue
+        seen.add(key)
         record = store.record(key)
         if record is None or not all(store.has_layer(lid) for lid in record.layers):
             continue

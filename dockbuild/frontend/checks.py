@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from dockbuild import platforms
 from dockbuild.errors import DockerfileError, Location
 from dockbuild.frontend.directives import CheckConfig, parse_check
 from dockbuild.frontend.instructions import EnvCommand, LabelCommand, MaintainerCommand
@@ -113,6 +114,11 @@ RULES: dict[str, Rule] = {
             "FromPlatformFlagConstDisallowed",
             "FROM --platform flag should not use a constant value",
             "from-platform-flag-const-disallowed",
+        ),
+        # BuildKit gives this rule no documentation page (linter/generate.go skips it).
+        Rule(
+            "InvalidBaseImagePlatform",
+            "Base image platform does not match expected target platform",
         ),
         Rule(
             "CopyIgnoredFile",
@@ -445,6 +451,32 @@ _REFERENCE_RE = re.compile(
     r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
     r"(?::[\w][\w.-]{0,127})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
 )
+
+
+def check_base_platform(
+    name: str, expected: str, config: dict[str, Any] | None, location: Location, linter: Linter
+) -> None:
+    """BuildKit's validateBaseImagePlatform: a registry base whose config names another OS
+    or architecture than the stage's platform is a warning, not an error. As there, the
+    config's fields are compared as written (the variant not at all) and both platforms
+    are named as containerd normalises them."""
+    if not config or not config.get("os") or not config.get("architecture"):
+        return
+    actual = platforms.normalize_parts(
+        str(config["os"]),
+        str(config["architecture"]),
+        str(config.get("variant") or ""),
+        str(config.get("os.version") or ""),
+        tuple(str(f) for f in config.get("os.features") or ()),
+    )
+    want_os, want_arch, _ = platforms.split(expected)
+    if (config["os"], config["architecture"]) != (want_os, want_arch):
+        linter.run(
+            "InvalidBaseImagePlatform",
+            f'Base image {name} was pulled with platform "{actual}", expected "{expected}" '
+            "for current build",
+            location,
+        )
 
 
 def valid_reference(name: str) -> bool:

@@ -295,10 +295,10 @@ class Converter:
         )
 
     def _from_name(self, ref: str, named: NamedSource) -> str:
-        """The progress name of an image a --from reads: `[linux/arm64 ref] FROM ...` when
-        several platforms are built."""
-        prefix = f"{self.opts.platform} " if self.opts.multi_platform else ""
-        return f"[{prefix}{ref}] FROM {named.name}"
+        """The progress name of an image a --from reads. No platform even when several are
+        built: BuildKit's implicit stage for it counts no steps, so its prefixCommand adds
+        no prefix; the pinned digest tells the platforms' images apart."""
+        return f"[{ref}] FROM {named.name}"
 
     # -- stage graph -------------------------------------------------------------------
 
@@ -360,6 +360,9 @@ class Converter:
                         f"FROM {base_name}",
                         before=spec.index,
                         platform=stage.platform,
+                    )
+                    checks.check_base_platform(
+                        base_name, stage.platform, named.config, spec.location, self.linter
                     )
                 stage.base = self._image_source(named, spec)
         stage.base_resolved = True
@@ -485,12 +488,7 @@ class Converter:
         if variant:
             image["variant"] = variant
         image.update(target.image)
-        if self.opts.explicit_platform:  # the platform asked for, as BuildKit
-            os_, arch, variant = platforms.split(self.opts.platform)
-            image.update(architecture=arch, os=os_)
-            image.pop("variant", None)
-            if variant:
-                image["variant"] = variant
+        _set_platform(image, self.opts.platform if self.opts.explicit_platform else None)
         image["config"] = config
         image["rootfs"] = {"type": "layers", "diff_ids": []}
         image["history"] = target.history
@@ -512,29 +510,22 @@ class Converter:
                 out[stage.spec.name] = out.get(stage.spec.name, ()) + ops
         return out
 
-    def step_name(self, stage: StageState, text: str, onbuild: bool = False) -> str:
-        """BuildKit's progress name: `[stage 2/5] RUN ...` (no stage in a one-stage file)."""
+    def step_name(
+        self, stage: StageState, text: str, onbuild: bool = False, from_step: bool = False
+    ) -> str:
+        """BuildKit's progress name: `[stage 2/5] RUN ...` (no stage in a one-stage file);
+        with several platforms (MultiPlatformRequested), the stage's platform first."""
         if stage.step_total == 0:
             return text
         stage.step_index += 1
         prefix = "" if len(self.stages) == 1 else stage.display_name + " "
         if self.opts.multi_platform:
-            prefix = self._platform_prefix(stage) + " " + prefix
+            # BuildKit names a FROM with no environment (emptyEnvs): never a `->` target.
+            env = {} if from_step else stage.env
+            prefix = stage.platform + _target_suffix(stage.platform, env) + " " + prefix
         width = len(str(stage.step_total))
         out = f"[{prefix}{stage.step_index:>{width}}/{stage.step_total}] "
         return out + ("ONBUILD " if onbuild else "") + text
-
-    def _platform_prefix(self, stage: StageState) -> str:
-        """BuildKit's prefixCommand platform: the stage's, with `->arch` when it builds
-        for another than the target (`linux/amd64->arm64` for a $BUILDPLATFORM stage)."""
-        out = stage.platform
-        if stage.platform != self.opts.platform:
-            os_, arch, variant = platforms.split(self.opts.platform)
-            if os_ == platforms.split(stage.platform)[0]:
-                out += "->" + "/".join(p for p in (arch, variant) if p)
-            else:
-                out += "->" + self.opts.platform
-        return out
 
     def _from_platform(self, stage: StageState) -> str:
         """FROM --platform, expanded with the global ARGs and normalised ("" if none)."""
@@ -578,7 +569,7 @@ class Converter:
             stage.state = llb.SourceOp(
                 base.identifier,
                 platform=stage.platform,
-                name=self.step_name(stage, f"FROM {base.name}"),
+                name=self.step_name(stage, f"FROM {base.name}", from_step=True),
             )
             self._from_image(stage, base.config or {})
         env_list = stage.config.setdefault("Env", []) or []
@@ -663,3 +654,64 @@ def _copy_json(value: Any) -> Any:
     if isinstance(value, list):
         return [_copy_json(v) for v in value]
     return value
+
+
+def _set_platform(image: dict[str, Any], asked: str | None) -> None:
+    """The image config's platform as BuildKit's dispatch ends: the platform asked for
+    (--platform) replaces the base's OS and architecture, and its variant and OS version
+    too unless the base has the same OS and architecture and the asked one names none (a
+    base of another platform keeps its own without --platform); then containerd's
+    normalisation (``aarch64`` -> ``arm64``, ``arm64/v8`` -> ``arm64``)."""
+    if asked is not None:
+        os_, arch, variant = platforms.split(asked)
+        same = (image.get("os"), image.get("architecture")) == (os_, arch)
+        image.update(os=os_, architecture=arch)
+        if variant or not same:
+            image.pop("variant", None)
+            if variant:
+                image["variant"] = variant
+        if not same:
+            image.pop("os.version", None)
+    if image.get("os") and image.get("architecture"):
+        arch, variant = platforms.normalize_arch(str(image["architecture"]), str(image.get("variant") or ""))
+        image["os"] = str(image["os"]).lower()
+        image["architecture"] = arch
+        image.pop("variant", None)
+        if variant:
+            image["variant"] = variant
+    if image.get("os.features"):
+        image["os.features"] = sorted(set(image["os.features"]))
+
+
+def _target_suffix(platform: str, env: dict[str, str]) -> str:
+    """BuildKit's formatTargetPlatform over platformFromEnv: the target a step names in its
+    environment (TARGETPLATFORM, or TARGETOS/TARGETARCH/TARGETVARIANT, as ARG or ENV) when
+    it differs from the step's own platform: `->arm64`, `->arm/v7`, or the whole platform
+    for another OS. A step whose stage declares none of them gets none."""
+    os_, arch, _ = platforms.split(platform)
+    target: tuple[str, str, str] | None = None
+    parts = {"TARGETOS": "", "TARGETARCH": "", "TARGETVARIANT": ""}
+    named = False
+    for key, value in env.items():
+        if key == "TARGETPLATFORM":
+            try:
+                parsed = platforms.parse(value)
+            except DockbuildError:
+                continue
+            target = (parsed.os, parsed.architecture, parsed.variant)
+            break
+        if key in parts:
+            parts[key] = value
+            named = True
+    if target is None:
+        if not named:
+            return ""
+        target = (parts["TARGETOS"], parts["TARGETARCH"], parts["TARGETVARIANT"])
+    wanted = platforms.normalized(
+        platforms.Platform(target[0] or os_, target[1] or arch, target[2])
+    )
+    if wanted.os == os_ and wanted.architecture != arch:
+        return "->" + "/".join(p for p in (wanted.architecture, wanted.variant) if p)
+    if wanted.os != os_:
+        return "->" + str(wanted)
+    return ""

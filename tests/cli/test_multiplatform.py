@@ -263,3 +263,100 @@ def test_a_pushed_index_is_a_multi_platform_base_and_a_missing_platform_is_named
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "no image for platform linux/riscv64 (available: linux/amd64, linux/arm64)" in missing.stderr
     assert f"FROM {name}" in missing.stderr
+
+
+def test_a_single_platform_base_of_another_architecture_is_a_warning_as_in_buildkit(
+    dockbuild: DockbuildCLI, registry: Registry, cross: Path, tmp_path: Path
+) -> None:
+    name = f"{registry.host}/multi/armonly:1"
+    dockbuild.build(cross, "--platform", "linux/arm64", "-t", name, "--push")
+    child = write_context(tmp_path / "child", {"Dockerfile": f"FROM {name}\nENV foo=bar\n"})
+    out = tmp_path / "implicit.tar"
+    run = dockbuild.build(child, "-o", f"type=oci,dest={out}")
+    assert (
+        f'InvalidBaseImagePlatform: Base image {name} was pulled with platform "linux/arm64", '
+        'expected "linux/amd64" for current build (line 1)'
+    ) in run.stderr
+    # Without --platform the image keeps its base's platform; with it, the one asked for.
+    config = json.loads(_skopeo("inspect", "--config", f"oci-archive:{out}"))
+    assert (config["architecture"], config["config"]["Env"][-1]) == ("arm64", "foo=bar")
+    dockbuild.build(child, "--platform", "linux/amd64", "-o", f"type=oci,dest={out}")
+    assert json.loads(_skopeo("inspect", "--config", f"oci-archive:{out}"))["architecture"] == "amd64"
+    checked = dockbuild("build", "--check", str(child), check=False)
+    assert "InvalidBaseImagePlatform" in checked.out + checked.stderr
+    skipped = dockbuild.build(child, "--build-arg", "BUILDKIT_DOCKERFILE_CHECK=skip=InvalidBaseImagePlatform")
+    assert "InvalidBaseImagePlatform" not in skipped.stderr
+
+
+def test_cache_to_exports_every_platforms_steps_in_one_cache_manifest(
+    dockbuild: DockbuildCLI, registry: Registry, cross: Path, tmp_path: Path
+) -> None:
+    import re
+
+    epoch = {"SOURCE_DATE_EPOCH": "1700000000"}
+    local, ref = tmp_path / "exported-cache", f"{registry.host}/multi/cache:build"
+    both = ("--platform", "linux/amd64,linux/arm64")
+    dockbuild.build(
+        cross, *both, "-o", f"type=oci,dest={tmp_path / 'a.tar'}", "--cache-to", f"type=local,dest={local},mode=max",
+        "--cache-to", f"type=registry,ref={ref},mode=max", env=epoch,
+    )  # fmt: skip
+    index = json.loads((local / "index.json").read_text())
+    assert len(index["manifests"]) == 1  # one cache manifest, not one per platform
+    for source in (f"type=local,src={local}", f"type=registry,ref={ref}"):
+        shutil.rmtree(dockbuild.root)  # a fresh CI runner
+        out = tmp_path / f"b-{source[5:10]}.tar"
+        again = dockbuild.build(cross, *both, "-o", f"type=oci,dest={out}", "--cache-from", source, env=epoch)
+        names = dict(re.findall(r"^#(\d+) (\[.*\] (?:RUN|COPY) .*)$", again.stderr, re.M))
+        ends = dict(re.findall(r"^#(\d+) (CACHED|DONE)", again.stderr, re.M))
+        steps = {name: ends.get(n) for n, name in names.items()}
+        assert any("linux/arm64" in n for n in steps) and any("linux/amd64 stage-2" in n for n in steps)
+        assert set(steps.values()) == {"CACHED"}, again.stderr
+        assert _skopeo("inspect", "--raw", f"oci-archive:{out}") == _skopeo(
+            "inspect", "--raw", f"oci-archive:{tmp_path / 'a.tar'}"
+        )
+
+
+def test_a_no_op_multi_platform_rebuild_is_served_from_the_result_records(
+    dockbuild: DockbuildCLI, cross: Path, tmp_path: Path
+) -> None:
+    import sys
+
+    def build(platforms: str, name: str) -> tuple[bytes, bool, str]:
+        out = tmp_path / name
+        cmd = [
+            sys.executable, "-X", "importtime", "-m", "dockbuild", "--progress=plain", *dockbuild.base_context,
+            "--platform", platforms, "-o", f"type=oci,dest={out}", str(cross),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=dockbuild.env({"SOURCE_DATE_EPOCH": "1700000000"}), capture_output=True, timeout=300)
+        err = proc.stderr.decode()
+        assert proc.returncode == 0, err
+        return out.read_bytes(), "dockbuild.frontend.convert" not in err, err
+
+    first, served, _ = build("linux/amd64,linux/arm64", "a.tar")
+    assert not served
+    again, served, log = build("linux/amd64,linux/arm64", "b.tar")
+    assert served and again == first  # the frontend never loaded, the same index
+    assert "[linux/amd64->arm64 build 2/2] RUN mkdir /out" in log and "CACHED" in log
+    # Another platform list is another request: its own records.
+    _, served, _ = build("linux/arm64,linux/amd64", "c.tar")
+    assert not served
+    _, served, _ = build("linux/amd64", "d.tar")
+    assert not served
+    (cross / "arch-arm64").write_text("changed\n")  # a context file one platform reads
+    changed, served, _ = build("linux/amd64,linux/arm64", "e.tar")
+    assert not served and changed != first
+
+
+def test_debug_llb_prints_each_platforms_graph(dockbuild: DockbuildCLI, cross: Path) -> None:
+    one = json.loads(dockbuild("debug", "llb", *dockbuild.base_context, "--platform", "arm64", str(cross)).out)
+    assert one["config"]["architecture"] == "arm64"
+    both = json.loads(
+        dockbuild("debug", "llb", *dockbuild.base_context, "--platform", "linux/amd64,arm64", str(cross)).out
+    )
+    graphs = both["platforms"]
+    assert list(graphs) == ["linux/amd64", "linux/arm64"]
+    assert [graphs[p]["config"]["architecture"] for p in graphs] == ["amd64", "arm64"]
+    names = {p: {op["name"]: op["digest"] for op in g["llb"]["ops"] if op.get("name")} for p, g in graphs.items()}
+    tool = "[linux/amd64 tools 2/2] RUN echo tool > /tool"
+    assert names["linux/amd64"][tool] == names["linux/arm64"][tool]  # shared, solved once
+    assert any(n.startswith("[linux/arm64 stage-2") for n in names["linux/arm64"])

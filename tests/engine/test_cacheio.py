@@ -78,7 +78,7 @@ def builds() -> Iterator[list[Build]]:
 
 def export(build: Build, root: llb.Op, dest: Path, mode: str) -> None:
     spec = cacheio.parse_cache_spec(f"type=local,dest={dest},mode={mode}", export=True)
-    cacheio.export_cache(build.store, build.solver, root, [spec], build.progress)
+    cacheio.export_cache(build.store, build.solver, [root], [spec], build.progress)
 
 
 def import_(build: Build, root: llb.Op, src: Path) -> int:

@@ -567,6 +567,24 @@ def test_several_platforms_name_each_step_with_its_platform_as_buildkit() -> Non
     names = {o.name for o in ops(arm)}  # type: ignore[attr-defined]
     assert "[linux/amd64->arm/v7 build 2/2] RUN cc -o /out/app-$TARGETARCH" in names
     assert "[linux/arm/v7 stage-2 4/4] RUN ./test" in names
+    # The `->` target comes from the step's TARGET* variables (BuildKit's platformFromEnv):
+    # a build-platform stage that declares none has none, and a FROM never has one.
+    assert "[linux/amd64 tools 2/2] RUN make-tools" in names
+    assert "[linux/amd64 tools 1/2] FROM base" in names
+    copied = convert("FROM scratch\nCOPY --from=img /x /x\n", platform="linux/arm64", multi_platform=True)
+    assert "[img] FROM img" in {o.name for o in ops(copied)}  # type: ignore[attr-defined]
+    other_os = convert(
+        "FROM --platform=$BUILDPLATFORM base\nENV TARGETPLATFORM=windows/amd64\nRUN a\n"
+        "ENV TARGETPLATFORM=linux/arm64/v8\nRUN b\nENV TARGETPLATFORM=linux/amd64/v3\nRUN c\n",
+        platform="linux/arm64",
+        multi_platform=True,
+    )
+    runs = [o.name for o in ops(other_os) if isinstance(o, llb.ExecOp)]  # type: ignore[attr-defined]
+    assert set(runs) == {
+        "[linux/amd64->windows/amd64 2/4] RUN a",
+        "[linux/amd64->arm64 3/4] RUN b",
+        "[linux/amd64 4/4] RUN c",  # the same architecture: no target named
+    }
     single = convert(CROSS, platform="linux/arm64")
     assert "[stage-2 4/4] RUN ./test" in {o.name for o in ops(single)}  # type: ignore[attr-defined]
 
@@ -657,3 +675,46 @@ def test_from_suggests_only_the_stages_above_it() -> None:
 
     assert caught.value.location is not None and caught.value.location.start_line == 1
     assert "did you mean" not in caught.value.message
+
+
+ARM64_BASE: dict[str, Any] = {**BASE_CONFIG, "architecture": "arm64", "variant": "v8"}
+
+
+def test_a_base_of_another_platform_is_a_build_check_warning_not_an_error() -> None:
+    images = Images({"armimg": ARM64_BASE})
+    text = "FROM --platform=linux/arm64 armimg AS same\nFROM armimg\nCOPY --from=same / /\n"
+    d = convert(text, images, platform="linux/amd64")
+    (warning,) = [w for w in d.checks if w.rule != "FromPlatformFlagConstDisallowed"]
+    assert warning.rule == "InvalidBaseImagePlatform" and warning.url == ""
+    assert warning.location is not None and warning.location.start_line == 2
+    assert warning.message == (
+        'Base image armimg was pulled with platform "linux/arm64", expected "linux/amd64" '
+        "for current build"
+    )
+    # The variant is not compared; a stage pinned to the base's platform is no mismatch.
+    assert rules(convert("FROM armimg\n", images, platform="linux/arm64/v8.2")) == []
+    # As in BuildKit the config's fields are compared as written: `aarch64` is no arm64.
+    odd = Images({"odd": {**BASE_CONFIG, "architecture": "aarch64", "os.version": "1.0"}})
+    (warning,) = convert("FROM odd\n", odd, platform="linux/arm64").checks
+    assert 'pulled with platform "linux(1.0)/arm64", expected "linux/arm64"' in warning.message
+    assert rules(convert("# check=skip=InvalidBaseImagePlatform\n" + text, images)) == [
+        "FromPlatformFlagConstDisallowed"
+    ]
+    with pytest.raises(DockerfileError, match="lint violation found for rules: .*InvalidBaseImagePlatform"):
+        convert("# check=error=true\n" + text, images)
+
+
+def test_the_image_config_platform_follows_buildkit_for_a_foreign_base() -> None:
+    images = Images({"armimg": ARM64_BASE, "arm6": {**BASE_CONFIG, "architecture": "arm", "variant": "v6"}})
+    # Without --platform the base's platform stays, normalised (arm64/v8 is arm64).
+    d = convert("FROM armimg\n", images, platform="linux/amd64")
+    assert (d.image_config["architecture"], "variant" in d.image_config) == ("arm64", False)
+    # --platform replaces it, variant included when the architecture differs.
+    d = convert("FROM arm6\n", images, platform="linux/amd64", explicit_platform=True)
+    assert (d.image_config["architecture"], "variant" in d.image_config) == ("amd64", False)
+    # The same architecture asked without a variant keeps the base's.
+    v82 = Images({"a": {**BASE_CONFIG, "architecture": "arm64", "variant": "v8.2"}})
+    d = convert("FROM a\n", v82, platform="linux/arm64", explicit_platform=True)
+    assert d.image_config["variant"] == "v8.2"
+    d = convert("FROM arm6\n", images, platform="linux/arm/v7", explicit_platform=True)
+    assert d.image_config["variant"] == "v7"

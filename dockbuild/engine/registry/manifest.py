@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dockbuild import platforms
 from dockbuild.engine.registry.reference import Reference
 from dockbuild.errors import DigestMismatchError, RegistryError
 
@@ -165,21 +166,36 @@ def select_manifest(index: Mapping[str, Any], platform: str, where: str) -> Desc
     """Choose the entry of an index (or manifest list) for `platform`.
 
     Attestation entries (`unknown/unknown`) and entries without a platform never match.
-    Among entries for the same OS and architecture, the variant must match after
-    defaults are made explicit (arm64 means v8, arm means v7, amd64 means v1).
+    As containerd's Only matcher (BuildKit's pull): the best entry of the platforms that
+    run where `platform` is asked (arm64 also runs arm/v8..v5, arm/v7 also v6 and v5,
+    amd64 also 386), the index's order among equals; entries with OS features never.
     """
     wanted = parse_platform(platform)
+    ranks = {name: rank for rank, name in enumerate(reversed(platforms.compatible(platform)))}
     entries = index.get("manifests")
     if not isinstance(entries, list):
         raise RegistryError(f"{where}: the index has no manifests list")
     available: list[str] = []
+    best: tuple[int, dict[str, Any]] | None = None
     for entry in entries:
         if not isinstance(entry, dict) or _is_attestation(entry) or not entry.get("platform"):
             continue
-        offered = platform_from_json(entry["platform"])
-        available.append(_display_platform(offered))
-        if offered == wanted:
-            return Descriptor.from_json(entry, where)
+        fields = entry["platform"]
+        available.append(_display_platform(platform_from_json(fields)))
+        if fields.get("os.features"):
+            continue
+        rank = ranks.get(
+            platforms.normalize_parts(
+                str(fields.get("os", "")),
+                str(fields.get("architecture", "")),
+                str(fields.get("variant", "")),
+            ),
+            -1,
+        )
+        if rank >= 0 and (best is None or rank > best[0]):
+            best = (rank, entry)
+    if best is not None:
+        return Descriptor.from_json(best[1], where)
     raise RegistryError(
         f"{where}: no image for platform {_display_platform(wanted)} "
         f"(available: {', '.join(available) or 'none'})"

@@ -82,7 +82,6 @@ class ImageSources:
             manifest_digest = self.store.get_resolution(str(ref), platform)
         if manifest_digest is None or not self._have_image_meta(manifest_digest):
             resolved = self._from_mirrors(ref, lambda c, r: c.resolve(r, platform))
-            _check_platform(resolved.platform, platform, str(ref))
             self.store.put_blob_bytes(resolved.manifest)
             self.store.put_blob_bytes(resolved.config)
             manifest_digest = resolved.manifest_digest
@@ -107,7 +106,6 @@ class ImageSources:
 
         path = self.layouts[name]
         resolved = oci_layout.resolve_layout(path, tag, digest, platform or self.platform)
-        _check_platform(resolved.platform, platform or self.platform, f"oci-layout://{name}")
         self.store.put_blob_bytes(resolved.manifest)
         self.store.put_blob_bytes(resolved.config)
         return ImageInfo(
@@ -253,27 +251,6 @@ class ImageSources:
             descriptor = Descriptor(desc["mediaType"], desc["digest"], desc["size"])
             self._from_mirrors(ref, lambda c, r: c.fetch_blob(r, descriptor, tmp))
         self.store.put_blob_file(tmp, desc["digest"])
-
-
-def _check_platform(offered: str, wanted: str, where: str) -> None:
-    """A single-platform image (no index to choose from) for another platform than the
-    one asked for is an error, as containerd's platform matcher makes it in BuildKit:
-    never a base of the wrong architecture silently."""
-    from dockbuild.engine.registry.manifest import _display_platform, parse_platform
-    from dockbuild.errors import RegistryError
-
-    try:
-        have, want = parse_platform(offered), parse_platform(wanted)
-    except DockbuildError:
-        return  # a config without a usable platform: nothing to compare
-    # Only OS and architecture: a variant of one image is no choice (an arm/v6 image runs
-    # on arm/v7, an amd64/v2 one where amd64 was asked).
-    if (have.os, have.architecture) != (want.os, want.architecture):
-        raise RegistryError(
-            f"{where}: no image for platform {_display_platform(want)} "
-            f"(available: {_display_platform(have)})",
-            hint="build for a platform the image has (--platform), or use a multi-platform base",
-        )
 
 
 def _strip_tag(location: str) -> str:
