@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
-from dockbuild import __version__
+from dockbuild import __version__, platforms
 from dockbuild.atomic import fsync_dir
 from dockbuild.engine.registry.auth import (
     Challenge,
@@ -32,8 +32,6 @@ from dockbuild.engine.registry.auth import (
 )
 from dockbuild.engine.registry.manifest import (  # noqa: F401 (re-exported)
     _ALGORITHMS,
-    _ARCH_ALIASES,
-    _DEFAULT_VARIANT,
     _DIGEST,
     CONFIG_TYPES,
     INDEX_TYPES,
@@ -49,15 +47,10 @@ from dockbuild.engine.registry.manifest import (  # noqa: F401 (re-exported)
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
     MEDIA_SCHEMA1,
-    Platform,
     ResolvedImage,
-    _display_platform,
     _is_attestation,
     config_platform,
-    normalize_platform,
     parse_image_manifest,
-    parse_platform,
-    platform_from_json,
     select_manifest,
     sniff_media_type,
     verify_digest,
@@ -219,7 +212,7 @@ class RegistryClient:
         manifest is checked against the registry's Docker-Content-Digest, the digest in
         `ref` and the digest in the index, and the config against the manifest.
         """
-        parse_platform(platform)  # reject a bad platform before any network traffic
+        platforms.normalize(platform)  # reject a bad platform before any network traffic
         where = str(ref)
         data, media_type, digest = self.fetch_manifest(ref)
         for _ in range(MAX_INDEX_DEPTH):

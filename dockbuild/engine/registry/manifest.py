@@ -96,64 +96,6 @@ class ResolvedImage:
     platform: str
 
 
-@dataclass(frozen=True)
-class Platform:
-    """A normalised platform: `linux/amd64`, `linux/arm64/v8`, `linux/arm/v7`."""
-
-    os: str
-    architecture: str
-    variant: str = ""
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-# Host CPU names -> OCI/Go names, and the variant each implies.
-_ARCH_ALIASES = {
-    "x86_64": ("amd64", ""),
-    "x86-64": ("amd64", ""),
-    "aarch64": ("arm64", ""),
-    "armhf": ("arm", "v7"),
-    "armel": ("arm", "v6"),
-    "i386": ("386", ""),
-    "i686": ("386", ""),
-}
-# The variant an architecture means when none is written.
-_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7", "amd64": "v1"}
-
-
-def normalize_platform(os_name: str, architecture: str, variant: str = "") -> Platform:
-    """Spell a platform the way OCI does and make default variants explicit."""
-    os_name = os_name.lower()
-    architecture = architecture.lower()
-    architecture, implied = _ARCH_ALIASES.get(architecture, (architecture, ""))
-    variant = (variant or implied).lower()
-    return Platform(os_name, architecture, variant or _DEFAULT_VARIANT.get(architecture, ""))
-
-
-def parse_platform(text: str) -> Platform:
-    """`linux/amd64`, `linux/arm64/v8`, `linux/arm/v7` -> a normalised Platform."""
-    parts = text.strip().split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise RegistryError(
-            f"invalid platform {text!r}", hint="expected OS/ARCH[/VARIANT], e.g. linux/amd64"
-        )
-    return normalize_platform(*parts)
-
-
-def platform_from_json(value: Mapping[str, Any]) -> Platform:
-    return normalize_platform(
-        str(value.get("os", "")), str(value.get("architecture", "")), str(value.get("variant", ""))
-    )
-
-
-def _display_platform(platform: Platform) -> str:
-    """Hide default variants in messages: `linux/amd64`, not `linux/amd64/v1`."""
-    if _DEFAULT_VARIANT.get(platform.architecture) == platform.variant:
-        return f"{platform.os}/{platform.architecture}"
-    return str(platform)
-
-
 def _is_attestation(entry: Mapping[str, Any]) -> bool:
     annotations = entry.get("annotations") or {}
     plat = entry.get("platform") or {}
@@ -170,7 +112,7 @@ def select_manifest(index: Mapping[str, Any], platform: str, where: str) -> Desc
     run where `platform` is asked (arm64 also runs arm/v8..v5, arm/v7 also v6 and v5,
     amd64 also 386), the index's order among equals; entries with OS features never.
     """
-    wanted = parse_platform(platform)
+    wanted = platforms.normalize(platform)
     ranks = {name: rank for rank, name in enumerate(reversed(platforms.compatible(platform)))}
     entries = index.get("manifests")
     if not isinstance(entries, list):
@@ -181,23 +123,19 @@ def select_manifest(index: Mapping[str, Any], platform: str, where: str) -> Desc
         if not isinstance(entry, dict) or _is_attestation(entry) or not entry.get("platform"):
             continue
         fields = entry["platform"]
-        available.append(_display_platform(platform_from_json(fields)))
+        name = platforms.normalize_parts(
+            str(fields.get("os", "")), str(fields.get("architecture", "")), str(fields.get("variant", ""))
+        )
+        available.append(name)
         if fields.get("os.features"):
             continue
-        rank = ranks.get(
-            platforms.normalize_parts(
-                str(fields.get("os", "")),
-                str(fields.get("architecture", "")),
-                str(fields.get("variant", "")),
-            ),
-            -1,
-        )
+        rank = ranks.get(name, -1)
         if rank >= 0 and (best is None or rank > best[0]):
             best = (rank, entry)
     if best is not None:
         return Descriptor.from_json(best[1], where)
     raise RegistryError(
-        f"{where}: no image for platform {_display_platform(wanted)} "
+        f"{where}: no image for platform {wanted} "
         f"(available: {', '.join(available) or 'none'})"
     )
 
