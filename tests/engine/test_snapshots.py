@@ -379,7 +379,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int, int, int, bytes]]:
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
-            data = open(path, "rb").read() if stat.S_ISREG(st.st_mode) else b""
+            data = Path(path).read_bytes() if stat.S_ISREG(st.st_mode) else b""
             out[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, data)
     return out
 
