@@ -27,14 +27,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import marshal
 import os
-import pickle
 import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from dockbuild.engine.archive import is_opaque_dir, make_whiteout, mark_opaque
 from dockbuild.engine.executor import PlainRootfs
@@ -45,7 +46,37 @@ KEPT_DIR = "rootfs"
 # Each kept rootfs is an image's size on disk: a few cover a stage or two being rebuilt.
 MAX_KEPT = 3
 
-State = dict[str, os.stat_result]
+
+class Rec(NamedTuple):
+    """What the stat walk compares of one path (os.stat_result's names, and a link's target)."""
+
+    st_mode: int
+    st_uid: int
+    st_gid: int
+    st_ino: int
+    st_size: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    st_rdev: int
+    link: str
+
+
+State = dict[str, Rec]
+
+
+def _rec(st: os.stat_result, path: str | Path) -> Rec:
+    link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
+    return Rec(
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_rdev,
+        link,
+    )
 
 
 @dataclass(eq=False)
@@ -87,14 +118,16 @@ class CopySnapshotter:
         for holder, meta in self._candidates(chain, work.parent):
             try:
                 return self._reuse(holder, meta, chain, layers, upper)
-            except (OSError, ValueError, EOFError, pickle.UnpicklingError):
+            except (OSError, ValueError, EOFError, TypeError):
                 shutil.rmtree(holder, ignore_errors=True)  # unreadable, or its layers gone
         holder = Path(tempfile.mkdtemp(prefix="chroot-", dir=work.parent))
         (holder / "root").mkdir(0o755)
         os.chmod(holder / "root", 0o755)
         return CopyStep(holder, materialize(layers, holder / "root"), set(), upper, self)
 
-    def _candidates(self, chain: list[str], tmp: Path) -> Iterator[tuple[Path, dict[str, list[str]]]]:
+    def _candidates(
+        self, chain: list[str], tmp: Path
+    ) -> Iterator[tuple[Path, dict[str, list[str]]]]:
         """Kept rootfs dirs sharing a chain prefix with ``chain``, the closest first, each
         taken (renamed into ``tmp``) as it is yielded."""
         try:
@@ -127,8 +160,9 @@ class CopySnapshotter:
         layers: tuple[Path, ...],
         upper: Path,
     ) -> CopyStep:
-        with open(holder / "state", "rb") as f:
-            before, drift = pickle.load(f)
+        records, drifted = marshal.loads((holder / "state").read_bytes())
+        before = {rel: Rec(*r) for rel, r in records.items()}
+        drift = set(drifted)
         if meta["ids"] != chain:
             common = _common(meta["ids"], chain)
             theirs = [Path(p) for p in meta["layers"][common:]]
@@ -142,13 +176,16 @@ class CopySnapshotter:
         """Keep ``holder`` as the rootfs of ``layers``, unless another build kept one
         already; then drop the least recently kept beyond :data:`MAX_KEPT`."""
         chain = chain_identity(layers)
-        with open(holder / "state", "wb") as f:
-            pickle.dump((state, drift), f, protocol=pickle.HIGHEST_PROTOCOL)
+        (holder / "state").write_bytes(
+            marshal.dumps(({rel: tuple(r) for rel, r in state.items()}, list(drift)))
+        )
         # Written last: a kept dir is looked at only once its chain file is there.
         (holder / "chain").write_text(json.dumps({"ids": chain, "layers": list(map(str, layers))}))
         self.kept.mkdir(exist_ok=True)
         try:
-            os.rename(holder, self.kept / hashlib.sha256("\n".join(chain).encode()).hexdigest()[:32])
+            os.rename(
+                holder, self.kept / hashlib.sha256("\n".join(chain).encode()).hexdigest()[:32]
+            )
         except OSError:
             shutil.rmtree(holder, ignore_errors=True)  # another build kept this chain
             return
@@ -250,7 +287,7 @@ def _copy_tree(entries: Iterable[tuple[str, Path]], dest: Path) -> State:
             continue
         if stat.S_ISDIR(st.st_mode):
             dirs.append((out, st))
-        placed[rel] = os.lstat(out)
+        placed[rel] = _rec(os.lstat(out), out)
     for out, st in reversed(dirs):
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
     return placed
@@ -324,7 +361,7 @@ def sync(
     }
     kept.update(new)
     for rel, _ in fixed:
-        kept[rel] = os.lstat(root / rel)
+        kept[rel] = _rec(os.lstat(root / rel), root / rel)
     return kept
 
 
@@ -334,15 +371,13 @@ def _ancestors(rel: str) -> Iterator[str]:
         yield rel
 
 
-def _same(a: os.stat_result, b: os.stat_result, link_a: str, link_b: str) -> bool:
-    if stat.S_IFMT(a.st_mode) != stat.S_IFMT(b.st_mode):
-        return False
+def _same(a: Rec, b: Rec) -> bool:
     if (a.st_mode, a.st_uid, a.st_gid) != (b.st_mode, b.st_uid, b.st_gid):
         return False
     if stat.S_ISDIR(a.st_mode):
         return True
     if stat.S_ISLNK(a.st_mode):
-        return link_a == link_b
+        return a.link == b.link
     # A file removed and made again is a new inode: a change, as overlayfs sees it.
     return (a.st_ino, a.st_size, a.st_mtime_ns, a.st_rdev) == (
         b.st_ino,
@@ -352,16 +387,15 @@ def _same(a: os.stat_result, b: os.stat_result, link_a: str, link_b: str) -> boo
     )
 
 
-def _made_again(
-    rel: str, st: os.stat_result, old: os.stat_result, before: State, path: Path
-) -> bool:
+def _made_again(st: Rec, old: Rec, old_names: set[str], path: str) -> bool:
     """Whether a directory was removed and made again: a new inode, or (the file system
     may hand the freed inode number straight back) none of its old entries left. Either
-    way an opaque directory with the new entries is the same tree as whiteouts for each."""
+    way an opaque directory with the new entries is the same tree as whiteouts for each.
+    An unchanged ctime means no entry was added or removed."""
     if st.st_ino != old.st_ino:
         return True
-    prefix = rel + "/"
-    old_names = {r[len(prefix) :].split("/", 1)[0] for r in before if r.startswith(prefix)}
+    if st.st_ctime_ns == old.st_ctime_ns:
+        return False
     return bool(old_names) and not old_names & set(os.listdir(path))
 
 
@@ -379,32 +413,42 @@ def diff(root: Path, before: State, upper: Path, drift: set[str] | None = None) 
     rootless = in_user_namespace()
     after: State = {}
     remade: list[str] = []  # directories made again: everything below them is new
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        fresh = rel_dir != "." and any(rel_dir == r or rel_dir.startswith(r + "/") for r in remade)
-        for name in sorted(dirnames) + sorted(filenames):
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            path = root / rel
-            st = os.lstat(path)
+    children: dict[str, set[str]] | None = None  # of ``before``: made when first needed
+    base = str(root)
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        fresh = bool(rel_dir) and any(rel_dir == r or rel_dir.startswith(r + "/") for r in remade)
+        with os.scandir(os.path.join(base, rel_dir) if rel_dir else base) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subdirs = []
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            st = _rec(entry.stat(follow_symlinks=False), entry.path)
             after[rel] = st
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if is_dir:
+                subdirs.append(rel)
             old = None if fresh else before.get(rel)
-            link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
             if old is not None:
-                if (
-                    stat.S_ISDIR(st.st_mode)
-                    and stat.S_ISDIR(old.st_mode)
-                    and _made_again(rel, st, old, before, path)
-                ):
-                    remade.append(rel)
-                    _copy_up(root, rel, upper)
-                    mark_opaque(upper / rel, rootless)
-                    continue
-                old_link = link if stat.S_ISLNK(old.st_mode) else ""
-                if _same(st, old, link, old_link):
+                if is_dir and stat.S_ISDIR(old.st_mode):
+                    if st.st_ino == old.st_ino and st.st_ctime_ns == old.st_ctime_ns:
+                        old_names: set[str] = set()
+                    else:
+                        if children is None:
+                            children = _children(before)
+                        old_names = children.get(rel, set())
+                    if _made_again(st, old, old_names, entry.path):
+                        remade.append(rel)
+                        _copy_up(root, rel, upper)
+                        mark_opaque(upper / rel, rootless)
+                        continue
+                if _same(st, old):
                     if drift is not None and st.st_mtime_ns != old.st_mtime_ns:
                         drift.add(rel)
                     continue
             _copy_up(root, rel, upper)
+        pending.extend(reversed(subdirs))
     for rel in sorted(set(before) - after.keys()):
         parent = os.path.dirname(rel)
         if parent and parent not in after:
@@ -417,6 +461,14 @@ def diff(root: Path, before: State, upper: Path, drift: set[str] | None = None) 
         except OSError as e:
             raise ExecutorError(f"cannot record the removal of /{rel}: {e.strerror}") from None
     return after
+
+
+def _children(state: State) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for rel in state:
+        parent, _, name = rel.rpartition("/")
+        out.setdefault(parent, set()).add(name)
+    return out
 
 
 def _ensure_parents(root: Path, rel: str, upper: Path) -> None:
