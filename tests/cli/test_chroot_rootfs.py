@@ -99,3 +99,39 @@ def test_a_rebuild_takes_the_kept_rootfs_back_to_its_base_and_gives_the_namespac
     assert b"\n2\n" in files["etc/passwd"] and b"1\n" not in files["etc/passwd"][-3:]
     dockbuild("prune", "--all", "--force")
     assert not any((dockbuild.root / "rootfs").iterdir())
+
+
+def test_a_rootfs_left_by_a_killed_build_is_never_reused(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from clitools import DOCKBUILD
+
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM busybox\nRUN echo x > /x\n"})
+    dockbuild.build(ctx, "--executor", "chroot")  # keeps the rootfs of busybox + /x
+    ctx.joinpath("Dockerfile").write_text(
+        "FROM busybox\nRUN echo x > /x\nRUN echo junk > /junk && sleep 60\n"
+    )
+    build = subprocess.Popen(
+        [DOCKBUILD, "build", "--progress=plain", *dockbuild.base_context, "--executor", "chroot", str(ctx)],
+        env=dockbuild.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # the step has written into the kept rootfs, which it took
+            if list(dockbuild.root.glob("tmp/*/chroot-*/root/junk")):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the step never started")
+        assert not any((dockbuild.root / "rootfs").iterdir())
+    finally:
+        os.killpg(build.pid, signal.SIGKILL)
+        build.wait()
+    ctx.joinpath("Dockerfile").write_text("FROM busybox\nRUN echo x > /x\nRUN ls / > /ls\n")
+    out = tmp_path / "out.tar"
+    dockbuild.build(ctx, "-o", f"type=oci,dest={out}", "--executor", "chroot")
+    files = layer_files(read_oci(out).layers)
+    assert b"junk" not in files["ls"] and b"x\n" in files["ls"]

@@ -455,3 +455,19 @@ def test_copy_snapshotter_never_hands_one_kept_rootfs_to_two_steps(tmp_path: Pat
     two.release(None)  # a failed step: its rootfs is not kept
     assert not Path(two.rootfs.path).exists()
     assert not any((cache / "rootfs").iterdir())
+
+
+def test_copy_snapshotter_sees_a_symlink_pointed_elsewhere(tmp_path: Path) -> None:
+    from dockbuild.engine.snapshotter import by_name
+
+    base = tmp_path / "base"
+    put(base, "etc/a", "a")
+    (base / "etc" / "link").symlink_to("a")
+    work = _work(tmp_path)
+    (tmp_path / "cache").mkdir()
+    step = by_name("copy", tmp_path / "cache").prepare((base,), work)
+    link = Path(step.rootfs.path) / "etc" / "link"
+    link.unlink()
+    link.symlink_to("b")  # the same owner and mode, maybe even the same inode
+    step.commit()
+    assert os.readlink(work / "upper" / "etc" / "link") == "b"
