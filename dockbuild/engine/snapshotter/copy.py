@@ -290,6 +290,8 @@ def _copy_tree(entries: Iterable[tuple[str, Path]], dest: Path) -> State:
         placed[rel] = _rec(os.lstat(out), out)
     for out, st in reversed(dirs):
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for out, _ in dirs:  # as the step will find them: their mtimes (and ctimes) set
+        placed[os.path.relpath(out, dest)] = _rec(os.lstat(out), out)
     return placed
 
 
