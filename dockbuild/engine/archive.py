@@ -157,8 +157,19 @@ def is_overlay_xattr(name: str) -> bool:
     return name.startswith(("trusted.overlay.", "user.overlay."))
 
 
+# The owner ("uid:gid") a file has in its layer where a single-ID user namespace could
+# not chown it on disk (engine/fileop.py): the layer tar's header carries it instead.
+OWNER_XATTR = "user.dockbuild.owner"
+
+
 def content_xattrs(path: str | os.PathLike[str]) -> dict[str, bytes]:
     """The xattrs of a path that belong in an image (no overlay ones), sorted by name."""
+    xattrs = _xattrs(path)
+    xattrs.pop(OWNER_XATTR, None)
+    return xattrs
+
+
+def _xattrs(path: str | os.PathLike[str]) -> dict[str, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
@@ -638,7 +649,10 @@ class TreeTarWriter:
         ti.uid, ti.gid = st.st_uid, st.st_gid
         ti.uname = ti.gname = ""
         ti.mtime = self.mtime(st.st_mtime)
-        xattrs = content_xattrs(path)
+        xattrs = _xattrs(path)
+        owner = xattrs.pop(OWNER_XATTR, None)
+        if owner is not None:
+            ti.uid, ti.gid = map(int, owner.split(b":"))
         ti.pax_headers = {
             _XATTR_PREFIX + k: v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
         }

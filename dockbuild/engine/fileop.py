@@ -197,13 +197,13 @@ class _Target:
             if st is not None and stat.S_ISDIR(st.st_mode):
                 os.mkdir(up)
                 os.chmod(up, stat.S_IMODE(st.st_mode))
-                os.lchown(up, st.st_uid, st.st_gid)
+                _chown(up, st.st_uid, st.st_gid)
                 self._dir_mtimes.setdefault(sub, st.st_mtime_ns)
             else:
                 os.mkdir(up)
                 os.chmod(up, mode)
                 if owner is not None:
-                    os.lchown(up, *owner)
+                    _chown(up, *owner)
 
     def clear(self, rel: str) -> None:
         """Remove whatever ``upper`` holds at ``rel`` (not what lies below it)."""
@@ -240,6 +240,36 @@ def _lstat(p: str | Path) -> os.stat_result | None:
 
 
 # -- owners and modes ------------------------------------------------------------------
+
+
+def _chown(target: str | Path | int, uid: int, gid: int) -> None:
+    """Set a new file's owner (a descriptor, or a path whose symlink is not followed).
+
+    In a user namespace with a single-ID mapping only root exists: an owner it cannot
+    map is recorded on the file instead (``archive.OWNER_XATTR``), and the layer's tar
+    headers carry it, as they would the owner on disk."""
+    try:
+        if isinstance(target, int):
+            os.fchown(target, uid, gid)
+        else:
+            os.lchown(target, uid, gid)
+        return
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: an id the user namespace does not map
+            raise
+    try:
+        if isinstance(target, int):
+            os.setxattr(target, archive.OWNER_XATTR, f"{uid}:{gid}".encode())
+        else:
+            os.setxattr(target, archive.OWNER_XATTR, f"{uid}:{gid}".encode(), follow_symlinks=False)
+    except OSError:
+        # A symlink takes no user.* xattr: its owner has nowhere to go.
+        raise DockbuildError(
+            f"cannot give a symlink the owner {uid}:{gid}: this rootless build maps a "
+            "single id (root), and a symlink has nowhere to record another owner",
+            hint="give the user a subordinate id range (usermod --add-subuids 100000-165535 "
+            "--add-subgids 100000-165535 USER, with the uidmap package installed), or run as root",
+        ) from None
 
 
 def _resolve_chown(chown: llb.Chown | None, target: _Target) -> tuple[int, int] | None:
@@ -525,7 +555,7 @@ def _unpack(archive: Path, dest_rel: str, copier: _Copier) -> None:
                     else:
                         os.mkdir(out)
                 os.chmod(out, mode)
-                os.lchown(out, uid, gid)
+                _chown(out, uid, gid)
                 target.keep_mtime(rel, mtime)
                 continue
             target.clear(rel)
@@ -547,7 +577,7 @@ def _unpack(archive: Path, dest_rel: str, copier: _Copier) -> None:
                 assert src is not None
                 with open(out, "wb") as f:
                     shutil.copyfileobj(src, f, 1 << 20)
-                os.lchown(out, uid, gid)  # before the mode: chown clears setuid bits
+                _chown(out, uid, gid)  # before the mode: chown clears setuid bits
                 os.chmod(out, mode)
             elif member.isfifo():
                 os.mkfifo(out, mode)
@@ -556,7 +586,7 @@ def _unpack(archive: Path, dest_rel: str, copier: _Copier) -> None:
                 os.mknod(out, kind | mode, os.makedev(member.devmajor, member.devminor))
             else:
                 continue
-            os.lchown(out, uid, gid)
+            _chown(out, uid, gid)
             os.utime(out, ns=(mtime, mtime), follow_symlinks=False)
 
 
@@ -624,7 +654,7 @@ class _Copier:
         dest = self.target.upper / out
         uid, gid = self.owner or ((0, 0) if self.view.reset_owner else (st.st_uid, st.st_gid))
         os.chmod(dest, stat.S_IMODE(st.st_mode))
-        os.lchown(dest, uid, gid)
+        _chown(dest, uid, gid)
         mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
         self.target.keep_mtime(out, mtime)
 
@@ -693,7 +723,7 @@ class _Copier:
                     os.mkdir(dest)
                     created = True
             os.chmod(dest, mode)
-            os.lchown(dest, uid, gid)
+            _chown(dest, uid, gid)
             self.children(src, out, created)
             self.target.keep_mtime(out, mtime)
             return
@@ -733,7 +763,7 @@ class _Copier:
             os.chmod(dest, mode)
         else:
             return
-        os.lchown(dest, uid, gid)
+        _chown(dest, uid, gid)
         os.utime(dest, ns=(mtime, mtime), follow_symlinks=False)
         if st.st_nlink > 1:
             self.links[link_key] = out
@@ -791,7 +821,7 @@ def _copy_regular(
         try:
             if size:
                 _copy_data(fin, fd, size)
-            os.fchown(fd, uid, gid)
+            _chown(fd, uid, gid)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
             if expect is None:
@@ -854,7 +884,7 @@ def _mkdir(action: llb.Mkdir, target: _Target) -> None:
     os.mkdir(p)
     os.chmod(p, action.mode)
     if owner is not None:
-        os.lchown(p, *owner)
+        _chown(p, *owner)
     if action.timestamp is not None:
         target.keep_mtime(rel, action.timestamp * 10**9)
 
@@ -869,7 +899,7 @@ def _mkfile(action: llb.Mkfile, target: _Target) -> None:
         f.write(action.data)
     os.chmod(p, action.mode)
     if owner is not None:
-        os.lchown(p, *owner)
+        _chown(p, *owner)
     if action.timestamp is not None:
         os.utime(p, ns=(action.timestamp * 10**9,) * 2)
 

@@ -392,6 +392,7 @@ def prune(
             idx.pinned = set()
         idx.sweep()
         _prune_rows(store, everything)
+        _prune_kept_rootfs(store, stale_only=False)
         store.checkpoint()
         return PruneResult(removed, max(0, before - _root_bytes(store)))
 
@@ -417,6 +418,14 @@ def _prune_rows(store: Store, everything: bool = False) -> None:
         pass  # no local export yet: no table
     finally:
         conn.close()
+
+
+def _prune_kept_rootfs(store: Store, *, stale_only: bool) -> None:
+    """The copy snapshotter's kept working rootfs dirs: all, or those whose layers went."""
+    from dockbuild.engine.snapshotter.copy import KEPT_DIR, prune_kept
+
+    if (store.root / KEPT_DIR).is_dir():
+        prune_kept(store.root, store.tempdir("k"), stale_only=stale_only)
 
 
 def _root_bytes(store: Store) -> int:
@@ -462,6 +471,7 @@ def collect(store: Store, config: GCConfig, *, wait: bool = False) -> PruneResul
         if removed:
             idx.sweep()
             _prune_rows(store)
+            _prune_kept_rootfs(store, stale_only=True)
             store.checkpoint()
         return PruneResult(removed, max(0, before - idx.used_bytes()))
 

@@ -200,6 +200,25 @@ def walk_merged(layers: Layers) -> Iterator[tuple[str, Path]]:
         yield from _walk(sources, "")
 
 
+def visible_entry(layers: Layers, rel: str) -> Path | None:
+    """The layer file shown at the relative path ``rel``, no symlink followed."""
+    return _visible(layers, _components(rel))
+
+
+def walk_subtree(layers: Layers, rel: str) -> Iterator[tuple[str, Path]]:
+    """:func:`walk_merged` for the entry at ``rel`` (no symlink followed) and below it,
+    ``rel`` itself first."""
+    top = visible_entry(layers, rel)
+    if top is None:
+        return
+    yield rel, top
+    sources = _root_sources(layers)
+    for name in _components(rel):
+        sources = _child_sources(sources, name)
+    if sources:
+        yield from _walk(sources, rel)
+
+
 def _walk(sources: list[str], rel: str) -> Iterator[tuple[str, Path]]:
     # name -> the entries of that name, topmost layer first
     merged: dict[str, list[os.DirEntry[str]]] = {}

@@ -260,3 +260,33 @@ def test_a_user_without_subuids_gets_one_id_and_a_warning(single_user: BuildUser
     files = {m.name: layer.extractfile(m).read() for m in layer.getmembers() if m.isfile()}  # type: ignore[union-attr]
     assert files["whoami"] == b"0\n"
     assert files["chown"] != b"0\n"  # uid 1000 does not exist in a single-ID namespace
+
+
+def test_copy_chown_with_a_single_id_mapping_keeps_the_owner_in_the_layer(
+    single_user: BuildUser,
+) -> None:
+    ctx = _context(
+        single_user, "chown-ctx",
+        "FROM scratch\nCOPY --chown=1000:1001 f d /app/\nCOPY --chown=65534 f /nobody\n",
+    )  # fmt: skip
+    for rel, text in (("f", "f"), ("d/g", "g")):
+        (ctx / rel).parent.mkdir(exist_ok=True)
+        (ctx / rel).write_text(text)
+    subprocess.run(["chown", "-R", str(single_user.uid), str(ctx)], check=True)
+    out = single_user.home / "chown.tar"
+    single_user.dockbuild("--progress=plain", "-o", f"type=oci,dest={out}", str(ctx))
+    owners = {
+        m.name: (m.uid, m.gid, m.pax_headers.get("SCHILY.xattr.user.dockbuild.owner"))
+        for layer in read_oci(out).layers
+        for m in layer.getmembers()
+    }
+    assert owners["app/f"] == owners["app/g"] == (1000, 1001, None)
+    assert owners["nobody"] == (65534, 65534, None)
+    # A symlink has nowhere to keep another owner: a clear error, no traceback.
+    (ctx / "d" / "link").symlink_to("g")
+    os.lchown(ctx / "d" / "link", single_user.uid, -1)
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY --chown=1000 d /d\n")
+    failed = single_user.dockbuild("--progress=plain", "-o", f"type=oci,dest={out}", str(ctx), check=False)
+    assert failed.returncode != 0
+    assert "cannot give a symlink the owner 1000:1000" in failed.stderr
+    assert "usermod --add-subuids" in failed.stderr and "Traceback" not in failed.stderr

@@ -203,7 +203,7 @@ def test_overlay_snapshotter_gives_the_chain_top_first_and_an_empty_lower_for_sc
     from dockbuild.engine.executor import OverlayRootfs
     from dockbuild.engine.snapshotter import by_name
 
-    snapshotter = by_name("overlay")
+    snapshotter = by_name("overlay", tmp_path)
     assert snapshotter.name == "overlay"
     work = _work(tmp_path)
     bottom, top = put(tmp_path, "l1"), put(tmp_path, "l2")
@@ -223,7 +223,7 @@ def test_copy_snapshotter_copies_the_merged_view_and_commits_changes_as_overlay_
     from dockbuild.engine.executor import PlainRootfs
     from dockbuild.engine.snapshotter import by_name
 
-    snapshotter = by_name("copy")
+    snapshotter = by_name("copy", tmp_path / "cache")
     assert snapshotter.name == "copy"
     base, over = tmp_path / "base", tmp_path / "over"
     put(base, "etc/keep", "k")
@@ -258,7 +258,7 @@ def test_copy_snapshotter_records_a_directory_made_again_as_opaque_like_overlayf
     put(base, "d/opq/sub/z", "z")
     put(base, "d/keep", "k")
     work = _work(tmp_path)
-    step = by_name("copy").prepare((base,), work)
+    step = by_name("copy", tmp_path / "cache").prepare((base,), work)
     root = Path(step.rootfs.path)
     import shutil
 
@@ -354,7 +354,7 @@ def test_fuse_overlay_snapshotter_leaves_the_changes_in_overlay_format(tmp_path:
     put(base, "d/opq/x", "x")
     put(base, "d/gone", "g")
     work = _work(tmp_path)
-    step = by_name("fuse-overlayfs").prepare((base,), work)
+    step = by_name("fuse-overlayfs", tmp_path).prepare((base,), work)
     try:
         root = Path(step.rootfs.path)
         assert (root / "d" / "opq" / "x").read_text() == "x"
@@ -370,3 +370,104 @@ def test_fuse_overlay_snapshotter_leaves_the_changes_in_overlay_format(tmp_path:
     assert is_opaque_dir(upper / "d" / "opq"), os.listxattr(upper / "d" / "opq")
     assert os.listdir(upper / "d" / "opq") == ["y"]  # no marker files of its own
     assert (base / "d" / "gone").exists()  # the lower layer is untouched
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, int, int, bytes]]:
+    """Every entry below ``root``: type and mode, owner, mtime, contents."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            data = Path(path).read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            out[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, data)
+    return out
+
+
+def _run_step(snapshotter: object, layers: tuple[Path, ...], work: Path, change: object, layer: Path) -> Path:
+    """Prepare, change the rootfs, commit the upper dir as ``layer``, release."""
+    step = snapshotter.prepare(layers, work)  # type: ignore[attr-defined]  # a Snapshotter
+    root = Path(step.rootfs.path)
+    change(root)  # type: ignore[operator]  # a callable
+    step.commit()
+    os.rename(work / "upper", layer)
+    step.release((*layers, layer))
+    return root
+
+
+def test_copy_snapshotter_keeps_a_rootfs_across_builds_and_brings_it_back_to_an_ancestor(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    from dockbuild.engine.snapshotter import by_name
+    from dockbuild.engine.snapshotter.copy import materialize
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    base = tmp_path / "base"
+    for i in range(5):
+        put(base, f"usr/share/d{i}/f", str(i))
+    put(base, "etc/passwd", "root")
+    os.utime(base / "etc", ns=(10**18, 10**18))
+
+    def step(root: Path) -> None:
+        (root / "etc" / "passwd").write_text("root\nuser")  # changed in place
+        shutil.rmtree(root / "usr" / "share" / "d1")  # a whiteout
+        shutil.rmtree(root / "usr" / "share" / "d2")
+        put(root, "usr/share/d2/g", "new")  # made again: opaque
+        os.chmod(root / "usr" / "share" / "d3", 0o700)
+        put(root, "opt/app/x", "x")  # new
+
+    first = by_name("copy", cache)  # one build
+    root = _run_step(first, (base,), _work(tmp_path / "w1"), step, tmp_path / "l1")
+    assert not root.exists()  # moved into the cache root: kept
+    untouched = os.lstat(next((cache / "rootfs").iterdir()) / "root" / "usr/share/d0/f").st_ino
+    # The next build changes that step: its parent, the base, comes from the kept rootfs.
+    work = _work(tmp_path / "w2")
+    again = by_name("copy", cache).prepare((base,), work)
+    got = Path(again.rootfs.path)
+    assert os.lstat(got / "usr/share/d0/f").st_ino == untouched  # not copied again
+    fresh = tmp_path / "fresh"
+    materialize((base,), fresh)
+    assert _tree(got) == _tree(fresh)
+    # and the step's changes on it are found as on a fresh copy
+    step(got)
+    again.commit()
+    def shape(tree: dict[str, tuple[int, int, int, int, bytes]]) -> dict[str, tuple[int, bytes]]:
+        return {rel: (mode, data) for rel, (mode, _, _, _, data) in tree.items()}
+
+    assert shape(_tree(work / "upper")) == shape(_tree(tmp_path / "l1"))
+
+
+def test_copy_snapshotter_never_hands_one_kept_rootfs_to_two_steps(tmp_path: Path) -> None:
+    from dockbuild.engine.snapshotter import by_name
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    base = tmp_path / "base"
+    put(base, "etc/passwd", "root")
+    _run_step(by_name("copy", cache), (base,), _work(tmp_path / "w1"), lambda r: put(r, "a", "a"), tmp_path / "l1")
+    one = by_name("copy", cache).prepare((base,), _work(tmp_path / "w2"))
+    two = by_name("copy", cache).prepare((base,), _work(tmp_path / "w3"))
+    assert one.rootfs.path != two.rootfs.path
+    assert sorted(os.listdir(one.rootfs.path)) == sorted(os.listdir(two.rootfs.path)) == ["etc"]
+    two.release(None)  # a failed step: its rootfs is not kept
+    assert not Path(two.rootfs.path).exists()
+    assert not any((cache / "rootfs").iterdir())
+
+
+def test_copy_snapshotter_sees_a_symlink_pointed_elsewhere(tmp_path: Path) -> None:
+    from dockbuild.engine.snapshotter import by_name
+
+    base = tmp_path / "base"
+    put(base, "etc/a", "a")
+    (base / "etc" / "link").symlink_to("a")
+    work = _work(tmp_path)
+    (tmp_path / "cache").mkdir()
+    step = by_name("copy", tmp_path / "cache").prepare((base,), work)
+    link = Path(step.rootfs.path) / "etc" / "link"
+    link.unlink()
+    link.symlink_to("b")  # the same owner and mode, maybe even the same inode
+    step.commit()
+    assert os.readlink(work / "upper" / "etc" / "link") == "b"

@@ -51,10 +51,11 @@ def for_executor(executor: Executor, root: Path) -> Snapshotter:
     probed there (:mod:`.probe`): overlay, else fuse-overlayfs, else copy."""
     from dockbuild.engine.snapshotter.probe import verdict
 
-    return by_name(verdict(root, executor.mounts).name)
+    return by_name(verdict(root, executor.mounts).name, root)
 
 
-def by_name(name: str) -> Snapshotter:
+def by_name(name: str, root: Path) -> Snapshotter:
+    """The snapshotter ``name`` for the cache root ``root``."""
     if name == "overlay":
         from dockbuild.engine.snapshotter.overlay import OverlaySnapshotter
 
@@ -65,4 +66,4 @@ def by_name(name: str) -> Snapshotter:
         return FuseOverlaySnapshotter()
     from dockbuild.engine.snapshotter.copy import CopySnapshotter
 
-    return CopySnapshotter()
+    return CopySnapshotter(root)
