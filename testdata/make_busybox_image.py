@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -122,10 +123,10 @@ def build_layer_tar(busybox: Path, epoch: int) -> bytes:
     return buffer.getvalue()
 
 
-def gzip_bytes(data: bytes) -> bytes:
+def gzip_bytes(data: bytes, level: int = 9) -> bytes:
     """Deterministic gzip: no file name, mtime 0, fixed level (zlib's bytes for it)."""
     buffer = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as gz:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=level, mtime=0) as gz:
         gz.write(data)
     return buffer.getvalue()
 
@@ -216,13 +217,13 @@ def build_layout(root: Path, busybox: Path, epoch: int) -> None:
         fsync_dir(directory)
 
 
-def make_image(dest: Path, busybox: Path = BUSYBOX) -> None:
-    """Build the layout beside dest, then swap it in with renames."""
+def swap_into_place(dest: Path, build: Callable[[Path], None]) -> None:
+    """Run build(tmp) on an empty directory beside dest, then swap it in with renames."""
     dest = dest.absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        build_layout(tmp, busybox, source_date_epoch())
+        build(tmp)
         if dest.exists():
             # A directory cannot be renamed over a non-empty one: move the old aside first.
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
@@ -234,6 +235,11 @@ def make_image(dest: Path, busybox: Path = BUSYBOX) -> None:
         fsync_dir(dest.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_image(dest: Path, busybox: Path = BUSYBOX) -> None:
+    """Build the layout beside dest, then swap it in with renames."""
+    swap_into_place(dest, lambda tmp: build_layout(tmp, busybox, source_date_epoch()))
 
 
 def main(argv: list[str]) -> int:
