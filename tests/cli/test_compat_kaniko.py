@@ -223,3 +223,66 @@ def _file_in_layout(layout: Path, name: str) -> bytes:
                 if member.name.lstrip("./") == name:
                     found = tar.extractfile(member).read()  # type: ignore[union-attr]
     return found
+
+
+def test_registry_mirror_serves_docker_hub_names(job: dict[str, str], private: Registry) -> None:
+    """`FROM busybox` (Docker Hub) pulled from `--registry-mirror`: no internet needed."""
+    Path(job["context"], "Dockerfile").write_text("FROM busybox:latest\nRUN echo mirrored > /m.txt\n")
+    out = Path(job["out"])
+    run_case(Case("mirror", "kaniko", (
+        "--context", job["context"], "--no-push", "--registry-mirror", private.host,
+        "--tar-path", f"{out}/m.tar",
+    )), job)  # fmt: skip
+    assert (out / "m.tar").stat().st_size > 0
+
+
+def test_tls_registry_needs_skip_tls_verify_or_its_certificate(
+    job: dict[str, str], registry_tls: Registry
+) -> None:
+    dest = f"{registry_tls.host}/tls/app:1"
+    refused = executor("--context", job["context"], "--destination", dest, job=job)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    run_case(Case("skip-tls", "kaniko", ("--context", "{context}", "--destination", dest, "--skip-tls-verify")), job)
+    assert registry_tls.ca is not None
+    run_case(Case("ca", "kaniko", (
+        "--context", "{context}", "--destination", f"{registry_tls.host}/tls/app:2",
+        "--registry-certificate", f"{registry_tls.host}={registry_tls.ca}",
+        "--digest-file", "{out}/tls-digest",
+    )), job)  # fmt: skip
+    done = subprocess.run(["skopeo", "inspect", "--cert-dir", str(registry_tls.certs_d / registry_tls.host),
+                           f"docker://{registry_tls.host}/tls/app:2"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(done.stdout)["Digest"] == Path(job["out"], "tls-digest").read_text()
+
+
+def test_git_context_is_cloned_over_http_with_git_pull_method(
+    job: dict[str, str], tmp_path: Path, private: Registry
+) -> None:
+    """`--context git://HOST/REPO.git#REF` as kaniko clones it (GIT_PULL_METHOD=http), served
+    here as a plain-HTTP git repository."""
+    import functools
+    import http.server
+    import threading
+
+    work = write_context(tmp_path / "repo", files(private.host))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=work, check=True)
+    subprocess.run([*git, "add", "."], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], cwd=work, check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(tmp_path / "www/r.git")], check=True)
+    subprocess.run(["git", "update-server-info"], cwd=tmp_path / "www/r.git", check=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        env = dict(os.environ, GIT_PULL_METHOD="http", DOCKBUILD_ROOT=job["root"], DOCKER_CONFIG=job["docker_config"])
+        out = Path(job["out"], "git.tar")
+        proc = subprocess.run([EXECUTOR, "--context", f"git://{host}/r.git#refs/heads/main", "--no-push",
+                               "--tar-path", str(out)], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert out.stat().st_size > 0
+    finally:
+        server.shutdown()
+        server.server_close()
