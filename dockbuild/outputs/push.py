@@ -53,6 +53,7 @@ def _push(
     so a second repository mounts the blobs the first one received; a layer of an image
     the build pulled from the same registry is mounted from the repository it came from."""
     from dockbuild.engine.registry.client import RegistryClient
+    from dockbuild.engine.registry.hosts import load_hosts
     from dockbuild.engine.registry.push import PushBlob, Pusher
     from dockbuild.engine.registry.reference import Reference, parse_reference
 
@@ -62,7 +63,8 @@ def _push(
         known = pusher.known if pusher is not None else {}
         if pusher is not None:
             pusher.client.close()
-        client = RegistryClient(insecure={r.domain for r in refs} if insecure else set())
+        # config.toml's insecure registries, and with registry.insecure=true the ones named.
+        client = RegistryClient(insecure=load_hosts().insecure | ({r.domain for r in refs} if insecure else set()))
         pusher = Pusher(client)
         pusher.known.update(known)
     for digest, origin in origins:
