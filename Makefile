@@ -7,7 +7,7 @@ MULTI := testdata/images/busybox-multi
 DOCKBUILD := $(VENV)/bin/dockbuild
 PY311 := import sys; sys.exit(sys.version_info < (3, 11))
 
-.PHONY: demo test setup deps lint bench clean
+.PHONY: demo test setup deps lint bench clean image
 
 setup: deps $(VENV)/.installed $(BUSYBOX)/index.json $(MULTI)/index.json
 	@# bytecode, as `pip install .` makes it (PYTHONDONTWRITEBYTECODE may be set)
@@ -48,6 +48,31 @@ lint: setup
 test: lint
 	DOCKBUILD_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# dockbuild's own image (image/Dockerfile), built by dockbuild from wheels made here (its
+# RUN steps need no network) on the local Debian base, reproducibly (the last commit's
+# time): OCI tars in build/, loaded into docker as dockbuild:dev and dockbuild:dev-rootless.
+DEBIAN := testdata/images/debian
+IMAGE_WHEELS := build/image-wheels
+IMAGE_EPOCH = $$(git log -1 --format=%ct 2>/dev/null || echo 0)
+
+$(DEBIAN)/index.json: testdata/make_debian_base.py
+	$(VENV)/bin/python testdata/make_debian_base.py $(DEBIAN)
+
+image: setup $(DEBIAN)/index.json
+	@# a stale build/lib would end up in the wheel
+	rm -rf build/lib $(IMAGE_WHEELS)
+	$(VENV)/bin/pip wheel -q --disable-pip-version-check -w $(IMAGE_WHEELS) . pip
+	for variant in image:dev rootless:dev-rootless; do \
+	  target=$${variant%%:*}; tag=$${variant#*:}; epoch=$(IMAGE_EPOCH); \
+	  SOURCE_DATE_EPOCH=$$epoch $(DOCKBUILD) build --progress=plain --target $$target \
+	    --build-arg SOURCE_DATE_EPOCH=$$epoch --build-arg BASE=base \
+	    --build-context base=oci-layout://$(DEBIAN) --build-context wheels=$(IMAGE_WHEELS) \
+	    -t dockbuild:$$tag -o type=oci,rewrite-timestamp=true,dest=build/dockbuild-$$tag.tar \
+	    -o type=docker,rewrite-timestamp=true,dest=build/dockbuild-$$tag.docker.tar image \
+	  && docker load -i build/dockbuild-$$tag.docker.tar && rm build/dockbuild-$$tag.docker.tar \
+	  || exit 1; \
+	done
 
 bench: setup
 	$(VENV)/bin/python bench/startup_and_rebuild.py

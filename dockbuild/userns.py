@@ -172,9 +172,17 @@ def reexec(argv: list[str]) -> None:
     privileges, or when user namespaces are refused here (the executor probe reports
     that later, with the flags that fix it).
     """
-    if not needed() or not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in COMMANDS:
         return
     if "-h" in argv or "--help" in argv:
+        return
+    reexec_module("dockbuild", argv)
+
+
+def reexec_module(module: str, argv: list[str]) -> None:
+    """Run ``python -m module argv`` again inside a user namespace, if this is needed and
+    possible (the kaniko and buildctl front ends re-run themselves this way)."""
+    if not needed():
         return
     if os.geteuid() == 0:
         enter_as_root()  # if refused, the executor probe explains (chroot or an error)
@@ -203,4 +211,4 @@ def reexec(argv: list[str]) -> None:
     env = dict(os.environ, **{CHILD_ENV: str(info["map"])})
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(command[0], [*command, "--", sys.executable, "-m", "dockbuild", *argv], env)
+    os.execve(command[0], [*command, "--", sys.executable, "-m", module, *argv], env)

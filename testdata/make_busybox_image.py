@@ -125,10 +125,10 @@ def build_layer_tar(busybox: Path, epoch: int, applets: list[str] | None = None)
     return buffer.getvalue()
 
 
-def gzip_bytes(data: bytes) -> bytes:
+def gzip_bytes(data: bytes, level: int = 9) -> bytes:
     """Deterministic gzip: no file name, mtime 0, fixed level (zlib's bytes for it)."""
     buffer = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as gz:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=level, mtime=0) as gz:
         gz.write(data)
     return buffer.getvalue()
 

@@ -54,6 +54,7 @@ def _push(
     the build pulled from the same registry is mounted from the repository it came from.
     An index goes after the images it lists, each pushed by its digest."""
     from dockbuild.engine.registry.client import RegistryClient
+    from dockbuild.engine.registry.hosts import load_hosts
     from dockbuild.engine.registry.push import PushBlob, Pusher
     from dockbuild.engine.registry.reference import Reference, parse_reference
     from dockbuild.outputs.image import IndexBlobs
@@ -64,7 +65,8 @@ def _push(
         known = pusher.known if pusher is not None else {}
         if pusher is not None:
             pusher.client.close()
-        client = RegistryClient(insecure={r.domain for r in refs} if insecure else set())
+        # config.toml's insecure registries, and with registry.insecure=true the ones named.
+        client = RegistryClient(insecure=load_hosts().insecure | ({r.domain for r in refs} if insecure else set()))
         pusher = Pusher(client)
         pusher.known.update(known)
     for digest, origin in origins:

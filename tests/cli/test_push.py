@@ -190,6 +190,17 @@ def test_push_over_tls_trusts_a_ca_from_certs_d(
     assert _manifest(registry_tls, "tls/insecure", "1")[0].startswith("sha256:")
 
 
+def test_push_to_an_insecure_registry_of_config_toml(
+    dockbuild: DockbuildCLI, registry_tls: Registry, app: Path, tmp_path: Path
+) -> None:
+    """`[registry."HOST"] insecure = true` (buildkitd.toml's key) covers pushes as it covers pulls."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[registry."{registry_tls.host}"]\ninsecure = true\n')
+    name = f"{registry_tls.host}/tls/configured:1"
+    dockbuild.build(app, "-t", name, "--push", env={"DOCKBUILD_CONFIG": str(config)})
+    assert _manifest(registry_tls, "tls/configured", "1")[0].startswith("sha256:")
+
+
 def test_push_needs_a_name(dockbuild: DockbuildCLI, app: Path) -> None:
     run = dockbuild.build(app, "--push", check=False)
     assert run.returncode == 2

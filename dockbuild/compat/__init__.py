@@ -1,0 +1,1 @@
+"""Command-line front ends for CI pipelines written for other builders (kaniko, buildctl)."""
