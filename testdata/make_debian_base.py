@@ -42,8 +42,8 @@ from make_busybox_image import (  # noqa: E402  (the sibling script, not a packa
     digest_of,
     fsync_dir,
     gzip_bytes,
-    source_date_epoch,
     replace_dir,
+    source_date_epoch,
     write_file,
 )
 
