@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from dockbuild.compat.goflags import LIST, SWITCH, VALUE, Flag, FlagError, Parsed, kv_list, parse
-from dockbuild.compat.launch import Plan, run, usage_error
+from dockbuild.compat.launch import Plan, leave, run, usage_error
 
 PROGRAM = "buildctl"
 
@@ -302,5 +302,10 @@ def _tls_context(value: str, plan: Plan) -> None:
         plan.certificates[host] = attrs["ca"]
 
 
+def script() -> None:
+    """The console script: main(), then the fast exit of dockbuild's own command."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

@@ -13,7 +13,7 @@ import os
 import sys
 
 from dockbuild.compat.goflags import LIST, SWITCH, VALUE, Flag, FlagError, Parsed, parse
-from dockbuild.compat.launch import Plan, run, scratch_dir, usage_error
+from dockbuild.compat.launch import Plan, leave, run, scratch_dir, usage_error
 
 PROGRAM = "executor"
 
@@ -384,5 +384,10 @@ def _docker_config(plan: Plan) -> None:
         plan.env["DOCKER_CONFIG"] = "/kaniko/.docker"
 
 
+def script() -> None:
+    """The console script: main(), then the fast exit of dockbuild's own command."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()
