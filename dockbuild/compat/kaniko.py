@@ -153,7 +153,7 @@ def translate(p: Parsed) -> Plan:
         argv.append("--squash")  # base layers + one layer, as kaniko's single snapshot
     image_keys = _image_keys(p)
     names = ",".join(destinations)
-    if destinations:
+    if destinations and not (no_push and (p.text("tar-path") or p.text("oci-layout-path"))):
         push = "true" if not no_push else "false"
         argv += ["-o", f'type=image,"name={names}",push={push}{image_keys}']
     if p.text("tar-path"):
