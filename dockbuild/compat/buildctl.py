@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 
 from dockbuild.compat.goflags import LIST, SWITCH, VALUE, Flag, FlagError, Parsed, kv_list, parse
-from dockbuild.compat.launch import Plan, leave, run, usage_error
+from dockbuild.compat.launch import Plan, run, usage_error
+from dockbuild.compat.launch import script as console_script
 
 PROGRAM = "buildctl"
 
@@ -303,8 +304,8 @@ def _tls_context(value: str, plan: Plan) -> None:
 
 
 def script() -> None:
-    """The console script: main(), then the fast exit of dockbuild's own command."""
-    leave(main())
+    """The console script (``dockbuild-buildctl``)."""
+    console_script(main)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import os
 import sys
 
 from dockbuild.compat.goflags import LIST, SWITCH, VALUE, Flag, FlagError, Parsed, parse
-from dockbuild.compat.launch import Plan, leave, run, scratch_dir, usage_error
+from dockbuild.compat.launch import Plan, run, scratch_dir, usage_error
+from dockbuild.compat.launch import script as console_script
 
 PROGRAM = "executor"
 
@@ -385,8 +386,8 @@ def _docker_config(plan: Plan) -> None:
 
 
 def script() -> None:
-    """The console script: main(), then the fast exit of dockbuild's own command."""
-    leave(main())
+    """The console script (``dockbuild-kaniko``)."""
+    console_script(main)
 
 
 if __name__ == "__main__":

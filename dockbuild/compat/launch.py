@@ -77,11 +77,17 @@ def run(module: str, args: list[str], plan: Plan, notes: list[str]) -> int:
     return 0
 
 
-def leave(code: int) -> None:
-    """End the process as ``dockbuild`` does: exit handlers and a flush, no teardown of
-    the build's heap (tens of milliseconds of a cached build)."""
+def script(main: Callable[[], int]) -> None:
+    """A console script: ``main()``, then the end of dockbuild's own command (exit
+    handlers and a flush, no teardown of the build's heap: tens of milliseconds of a
+    cached build). A reader of stdout that went away (``| head``) ends it quietly."""
     from dockbuild.__main__ import _leave
 
+    try:
+        code = main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     _leave(code)
 
 
