@@ -129,7 +129,7 @@ def translate(p: Parsed) -> Plan:
     plan = Plan()
     env_no_push = os.environ.get("KANIKO_NO_PUSH")
     no_push = p.switch("no-push")
-    if env_no_push is not None and not p.values.get("no-push"):
+    if env_no_push is not None:  # kaniko lets the variable override the flag
         from dockbuild.compat.goflags import GO_BOOLS
 
         if env_no_push not in GO_BOOLS:
