@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from dockbuild.compat.goflags import LIST, SWITCH, VALUE, Flag, FlagError, Parsed, kv_list, parse
 from dockbuild.compat.launch import Plan, run, usage_error
+from dockbuild.compat.launch import script as console_script
 
 PROGRAM = "buildctl"
 
@@ -302,5 +303,10 @@ def _tls_context(value: str, plan: Plan) -> None:
         plan.certificates[host] = attrs["ca"]
 
 
+def script() -> None:
+    """The console script (``dockbuild-buildctl``)."""
+    console_script(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

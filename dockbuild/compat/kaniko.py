@@ -14,6 +14,7 @@ import sys
 
 from dockbuild.compat.goflags import LIST, SWITCH, VALUE, Flag, FlagError, Parsed, parse
 from dockbuild.compat.launch import Plan, run, scratch_dir, usage_error
+from dockbuild.compat.launch import script as console_script
 
 PROGRAM = "executor"
 
@@ -128,7 +129,7 @@ def translate(p: Parsed) -> Plan:
     plan = Plan()
     env_no_push = os.environ.get("KANIKO_NO_PUSH")
     no_push = p.switch("no-push")
-    if env_no_push is not None and not p.values.get("no-push"):
+    if env_no_push is not None:  # kaniko lets the variable override the flag
         from dockbuild.compat.goflags import GO_BOOLS
 
         if env_no_push not in GO_BOOLS:
@@ -153,7 +154,7 @@ def translate(p: Parsed) -> Plan:
         argv.append("--squash")  # base layers + one layer, as kaniko's single snapshot
     image_keys = _image_keys(p)
     names = ",".join(destinations)
-    if destinations:
+    if destinations and not (no_push and (p.text("tar-path") or p.text("oci-layout-path"))):
         push = "true" if not no_push else "false"
         argv += ["-o", f'type=image,"name={names}",push={push}{image_keys}']
     if p.text("tar-path"):
@@ -384,5 +385,10 @@ def _docker_config(plan: Plan) -> None:
         plan.env["DOCKER_CONFIG"] = "/kaniko/.docker"
 
 
+def script() -> None:
+    """The console script (``dockbuild-kaniko``)."""
+    console_script(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

@@ -141,3 +141,28 @@ def test_bad_command_lines_and_other_subcommands_exit_2_naming_what_to_use(
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_secret_ssh_free_build_with_a_local_cache_exported_then_imported(
+    job: dict[str, str], tmp_path: Path
+) -> None:
+    """`--secret id=,src=` reaches RUN --mount=type=secret; `--export-cache type=local,dest=`
+    and `--import-cache type=local,src=` carry the steps to a fresh builder."""
+    Path(job["context"], "Dockerfile").write_text(
+        f"FROM {job['registry']}/library/busybox:latest\n"
+        'RUN --mount=type=secret,id=token test "$(cat /run/secrets/token)" = s3cr3t && echo ok > /checked\n'
+    )
+    token = tmp_path / "token"
+    token.write_text("s3cr3t")
+    cache = tmp_path / "bk-cache"
+    base = ("build", "--frontend", "dockerfile.v0", "--local", "context={context}",
+            "--local", "dockerfile={context}", "--secret", f"id=token,src={token}", "--progress", "plain")  # fmt: skip
+    run_case(Case("secret", "buildctl", (*base, "--output", "type=local,dest={out}/one",
+                                         "--export-cache", f"type=local,dest={cache},mode=max")), job)  # fmt: skip
+    assert Path(job["out"], "one", "checked").read_text() == "ok\n"
+    second = run_case(Case("import", "buildctl", (*base, "--output", "type=local,dest={out}/two",
+                                                  "--import-cache", f"type=local,src={cache}")),
+                      job, root=str(tmp_path / "fresh"))  # fmt: skip
+    (step,) = {line.split()[0] for line in second.stderr.splitlines() if "RUN --mount" in line}
+    assert f"{step} CACHED" in second.stderr.splitlines(), second.stderr
+    assert Path(job["out"], "two", "checked").read_text() == "ok\n"
