@@ -42,6 +42,7 @@ from dockbuild.engine.executor.forkserver.container import (
 from dockbuild.engine.executor.forkserver.mounts import MASKED_PATHS, READONLY_PATHS, is_opaque
 from dockbuild.engine.executor.forkserver.syscalls import SetupError
 from dockbuild.engine.executor.forkserver.users import User, resolve_user
+from dockbuild.engine.network import BuildNetwork, StepNetwork
 from dockbuild.errors import ExecutorError
 
 CAPABILITY_NAMES = {
@@ -74,6 +75,7 @@ class _Bundle:
     script: list[str] = field(default_factory=list)
     # One pipe per secret: the shell reads it into a tmpfs, we write the bytes.
     secret_pipes: list[tuple[int, int, bytes]] = field(default_factory=list)  # (r, w, data)
+    network: StepNetwork | None = None  # the isolated default's namespace
 
 
 class RuncExecutor:
@@ -111,6 +113,7 @@ class RuncExecutor:
         self._runs: set[_Run] = set()
         self._closed = False
         self._count = 0
+        self._network = BuildNetwork()
 
     # -- the Executor protocol ----------------------------------------------------------
 
@@ -125,6 +128,8 @@ class RuncExecutor:
             self._runs.add(run)
         bundle = _Bundle(Path(tempfile.mkdtemp(prefix="b", dir=self.state)))
         try:
+            if request.network == "default":
+                bundle.network = self._network.step(output)
             spec, targets = self._spec(request, bundle)
             (bundle.path / "config.json").write_text(json.dumps(spec))
             return self._execute(run, request, bundle, output)
@@ -138,6 +143,8 @@ class RuncExecutor:
             with contextlib.suppress(OSError):
                 _clean_stubs(request.rootfs, targets if "targets" in locals() else [])
             shutil.rmtree(bundle.path, ignore_errors=True)
+            if bundle.network is not None:
+                bundle.network.release()
 
     def start(self) -> None:
         pass  # runc is started for each run: nothing runs ahead
@@ -149,6 +156,7 @@ class RuncExecutor:
         for run in runs:
             self._kill(run)
         self._finalizer()
+        self._network.close()
 
     # -- internals ----------------------------------------------------------------------
 
@@ -225,7 +233,9 @@ class RuncExecutor:
         env.setdefault("HOME", user.home)
         env.setdefault("PATH", DEFAULT_PATH)
         (b / "hosts").write_text(hosts_file(request.hostname, list(request.extra_hosts)))
-        (b / "resolv.conf").write_text(resolv_conf(request.network))
+        (b / "resolv.conf").write_text(
+            bundle.network.resolv_conf if bundle.network is not None else resolv_conf(request.network)
+        )
         insecure = request.security == "insecure"
         caps = [
             CAPABILITY_NAMES[c]
@@ -260,6 +270,9 @@ class RuncExecutor:
         namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
         if request.network == "none":
             namespaces.append({"type": "network"})
+        elif bundle.network is not None:
+            # The isolated default: the namespace the main process made ahead, by path.
+            namespaces.append({"type": "network", "path": bundle.network.path})
         if request.network not in ("default", "none", "host"):
             raise ExecutorError(f"unsupported network mode {request.network!r}")
         spec = {
