@@ -172,13 +172,16 @@ def _without_loopback(text: str) -> tuple[list[str], bool]:
     return kept, dropped
 
 
-def describe(settings_: Settings) -> dict[str, object]:
+def describe(settings_: Settings, executor: str | None) -> dict[str, object]:
     """What ``dockbuild debug info`` shows: the default mode, the bridge, NAT and why."""
     from dockbuild.userns import in_user_namespace, mode
 
     info: dict[str, object] = {"default": settings_.default}
     if settings_.default == "host":
-        info["reason"] = "config.toml sets network.default = \"host\""
+        info.update(mode="host", reason="config.toml sets network.default = \"host\"")
+        return info
+    if executor in ("chroot", None):
+        info.update(mode="host", reason=f"the {executor or 'missing'} executor cannot isolate RUN steps")
         return info
     if in_user_namespace() or mode() == "none":
         from dockbuild.engine.network.slirp import find_tool

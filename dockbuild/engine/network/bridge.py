@@ -70,10 +70,12 @@ class BridgeNetworks:
                 from pyroute2 import IPRoute
 
                 with IPRoute() as ipr:
-                    subnet = _ensure_bridge(ipr, configured)
+                    subnet, created = _ensure_bridge(ipr, configured)
                     sweep_veths(ipr)
-                nat_kind = nat.install(BRIDGE, str(subnet))
-                _enable_forwarding(BRIDGE)
+                    if created:  # else a build still running (or a dead one) made both
+                        nat.install(BRIDGE, str(subnet))
+                        _enable_forwarding(ipr, BRIDGE)
+                nat_kind = nat.backend()[0] or "none"
             except BaseException:
                 os.close(users)
                 raise
@@ -187,14 +189,17 @@ class BridgeNetworks:
                 os.close(fd)
 
 
-def _ensure_bridge(ipr: Any, configured: str | None) -> ipaddress.IPv4Network:
+def _ensure_bridge(ipr: Any, configured: str | None) -> tuple[ipaddress.IPv4Network, bool]:
+    """The bridge's range, and whether the bridge was made now."""
     found = ipr.link_lookup(ifname=BRIDGE)
     if found:
         for msg in ipr.get_addr(index=found[0], family=2):
-            net = ipaddress.ip_network(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}", strict=False)
+            net = ipaddress.IPv4Network(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}", strict=False)
             if configured is None or str(net) == configured:
-                return net  # type: ignore[return-value]  # family 2: IPv4 only
-        ipr.link("del", index=found[0])  # a stale bridge with another range
+                return net, False
+        # A bridge with another range (config.toml changed while no build ran): anew.
+        ipr.link("del", index=found[0])
+        nat.remove(BRIDGE, configured or DEFAULT_SUBNETS[0])
     subnet = ipaddress.IPv4Network(configured) if configured else _free_subnet(ipr)
     try:
         ipr.link("add", ifname=BRIDGE, kind="bridge")
@@ -203,7 +208,7 @@ def _ensure_bridge(ipr: Any, configured: str | None) -> ipaddress.IPv4Network:
     index = ipr.link_lookup(ifname=BRIDGE)[0]
     ipr.addr("add", index=index, address=str(next(subnet.hosts())), prefixlen=subnet.prefixlen)
     ipr.link("set", index=index, state="up")
-    return subnet
+    return subnet, True
 
 
 def _free_subnet(ipr: Any) -> ipaddress.IPv4Network:
@@ -223,11 +228,19 @@ def _free_subnet(ipr: Any) -> ipaddress.IPv4Network:
     )
 
 
-def _enable_forwarding(bridge: str) -> None:
-    """Forwarding for packets from the bridge; for the replies, on the uplinks too (the
-    interfaces of the default routes) when the host does not forward already."""
-    with open(f"/proc/sys/net/ipv4/conf/{bridge}/forwarding", "w") as f:
-        f.write("1")
+def _enable_forwarding(ipr: Any, bridge: str) -> None:
+    """Forwarding for packets from the bridge; where the host does not forward already,
+    also on the interfaces of its default routes, which receive the replies."""
+    names = [bridge]
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        if f.read().strip() == "0":
+            for route in ipr.get_default_routes(family=2):
+                index = route.get_attr("RTA_OIF")
+                if index is not None:
+                    names += [link.get_attr("IFLA_IFNAME") for link in ipr.get_links(index)]
+    for name in names:
+        with open(f"/proc/sys/net/ipv4/conf/{name}/forwarding", "w") as f:
+            f.write("1")
 
 
 def sweep_veths(ipr: Any) -> None:
