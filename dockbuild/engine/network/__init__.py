@@ -79,15 +79,32 @@ def open_networks(settings_: Settings) -> Networks:
     """The isolated networks for this build; NetworkUnavailable says why there are none."""
     from dockbuild.userns import in_user_namespace
 
+    reason = unavailable_reason()
+    if reason is not None:
+        raise NetworkUnavailable(reason)
     if in_user_namespace():
         from dockbuild.engine.network.slirp import SlirpNetwork
 
         return SlirpNetwork.open()
-    if not _has_net_admin():
-        raise NetworkUnavailable("no CAP_NET_ADMIN (a container's root)")
     from dockbuild.engine.network.bridge import BridgeNetworks
 
     return BridgeNetworks.open(settings_.subnet)
+
+
+def unavailable_reason() -> str | None:
+    """Why this process (where builds run) cannot isolate RUN steps, if it can tell now."""
+    from dockbuild.userns import in_user_namespace
+
+    if in_user_namespace():
+        from dockbuild.engine.network.slirp import find_tool
+
+        return None if find_tool() else "rootless, and neither slirp4netns nor pasta is installed"
+    if not _has_net_admin():
+        return "no CAP_NET_ADMIN (a container's root)"
+    from dockbuild.engine.network.nat import backend
+
+    nat, why = backend()
+    return None if nat else why
 
 
 def _has_net_admin() -> bool:
@@ -225,6 +242,9 @@ class BuildNetwork:
             if self._settings.default == "host" or self._failed or self._closed:
                 return None
             if self._networks is None:
+                if unavailable_reason() is not None:
+                    self._failed = True  # the executor's warning said so already
+                    return None
                 try:
                     self._networks = open_networks(self._settings)
                 except (NetworkUnavailable, OSError) as e:
@@ -244,12 +264,14 @@ class BuildNetwork:
 
 
 def fallback_warning(executor: str) -> str | None:
-    """The one-line warning for an executor that cannot isolate RUN steps' network."""
+    """The one-line warning for a build whose RUN steps cannot have their own network
+    (a step that asks for the isolated default gets the host's instead)."""
+    try:
+        if settings().default == "host":
+            return None  # the user's choice
+    except DockbuildError:
+        return None  # said where the build reads the config
     if executor == "chroot":
-        try:
-            if settings().default == "host":
-                return None
-        except DockbuildError:
-            pass
         return "RUN steps use the host's network (the chroot executor cannot isolate it)"
-    return None
+    reason = unavailable_reason()
+    return None if reason is None else f"RUN steps use the host's network: {reason}"
