@@ -6,18 +6,20 @@ every build using them, so the last one out (the one that gets it exclusively) r
 them. A step's address is derived from its host-side veth's interface index, unique on
 the host while the veth exists, so concurrent builds need no address bookkeeping.
 
-One worker thread does all netlink work (pyroute2 sockets belong to the thread that
-made them): it keeps a few namespaces ready (``POOL``) while steps run, and deletes a
-finished step's veth off the step's path.
+One worker thread makes the namespaces (it unshares, then builds each with batched
+netlink requests, :mod:`.rtnl`): it keeps a few ready (``POOL``) while steps run. A
+finished step only closes its descriptor: the kernel removes the namespace and its veth.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import os
 import queue
+import socket
 import threading
 from typing import Any
 
@@ -34,6 +36,10 @@ from dockbuild.engine.network import (
 STATE_DIR = "/run/dockbuild"
 POOL = 2
 VETH_PREFIX = "dbv"
+# Host-side veths get interface index SLOT_INDEX + slot (far above what the kernel hands
+# out by itself); at most MAX_SLOTS steps at once share the bridge.
+SLOT_INDEX = 0x10000000
+MAX_SLOTS = 1 << 16
 
 
 def _lock(name: str, how: int) -> int:
@@ -53,13 +59,17 @@ class BridgeNetworks:
         self._users_fd = users_fd
         self._resolv = resolv_conf()
         self._ready: queue.Queue[StepNetwork | BaseException] = queue.Queue()
-        self._garbage: list[tuple[str, int]] = []  # (host veth, netns fd) to delete
         self._wake = threading.Condition()
         self._wanted = POOL
         self._closed = False
-        self._serial = 0
+        # Where this build starts looking for free addresses (see _make).
+        self._next = int.from_bytes(os.urandom(4), "big") % self._slots
         self._worker = threading.Thread(target=self._work, name="dockbuild-network", daemon=True)
         self._worker.start()
+
+    @property
+    def _slots(self) -> int:
+        return min(self.subnet.num_addresses - 3, MAX_SLOTS)
 
     @classmethod
     def open(cls, configured: str | None) -> BridgeNetworks:
@@ -103,66 +113,73 @@ class BridgeNetworks:
             except queue.Empty:
                 break
             if isinstance(got, StepNetwork):
-                got.release()  # only closes the descriptor now that the worker is gone
-        for _veth, fd in self._garbage:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        os.close(self._users_fd)
+                got.release()
+        try:
+            # The kernel removes a veth when its namespace goes, but in the background:
+            # this build's are deleted now, so none is seen after it ends.
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                sweep_veths(ipr, own=True)
+        finally:
+            os.close(self._users_fd)
         teardown(only_if_unused=True)
 
     # -- the worker ----------------------------------------------------------------------
 
     def _work(self) -> None:
-        from pyroute2 import IPRoute
+        from dockbuild.engine.network import rtnl
 
         host_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with IPRoute() as host:
-                bridge = host.link_lookup(ifname=BRIDGE)[0]
+            with rtnl.open_socket() as host:
+                bridge = socket.if_nametoindex(BRIDGE)
                 while True:
                     with self._wake:
-                        while not self._closed and not self._garbage and self._wanted <= 0:
+                        while not self._closed and self._wanted <= 0:
                             self._wake.wait()
                         if self._closed:
-                            garbage, self._garbage = self._garbage, []
-                            self._delete(host, garbage)
                             return
-                        garbage, self._garbage = self._garbage, []
-                        make = self._wanted > 0
-                        if make:
-                            self._wanted -= 1
-                    self._delete(host, garbage)
-                    if make:
-                        try:
-                            self._ready.put(self._make(host, host_fd, bridge))
-                        except Exception as e:
-                            self._ready.put(e)
+                        self._wanted -= 1
+                    try:
+                        self._ready.put(self._make(host, host_fd, bridge))
+                    except Exception as e:
+                        self._ready.put(e)
         except Exception as e:  # the bridge vanished under us, ...
             for _ in range(POOL + 8):
                 self._ready.put(e)
         finally:
             os.close(host_fd)
 
-    def _make(self, host: Any, host_fd: int, bridge: int) -> StepNetwork:
-        from pyroute2 import IPRoute
+    def _make(self, host: socket.socket, host_fd: int, bridge: int) -> StepNetwork:
+        """A namespace with ``lo`` up and ``eth0`` on the bridge, made by this thread.
 
+        The step's address is the bridge's range + 2 + slot, and the host end's interface
+        index is SLOT_INDEX + slot: an index is unique on the host, so builds running at
+        once never share an address (a taken index fails with EEXIST: the next slot).
+        """
         from dockbuild.engine.executor.forkserver.syscalls import CLONE_NEWNET, setns, unshare
+        from dockbuild.engine.network import rtnl
 
-        self._serial += 1
-        veth = f"{VETH_PREFIX}{os.getpid():x}.{self._serial:x}"[:15]
         unshare(CLONE_NEWNET)  # this thread only: it returns to the host's below
         fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with IPRoute() as inside:  # its socket is made now, in the new namespace
-                inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
-                inside.link("add", ifname="eth0", kind="veth", peer={"ifname": veth, "net_ns_fd": host_fd})
-                index = host.link_lookup(ifname=veth)[0]
-                address = self.subnet.network_address + 2 + index % (self.subnet.num_addresses - 3)
-                eth0 = inside.link_lookup(ifname="eth0")[0]
-                inside.addr("add", index=eth0, address=str(address), prefixlen=self.subnet.prefixlen)
-                inside.link("set", index=eth0, state="up")
-                inside.route("add", dst="0.0.0.0/0", gateway=self.gateway)
-            host.link("set", index=index, master=bridge, state="up")
+            with rtnl.open_socket() as inside:  # made now, so in the new namespace
+                rtnl.check(rtnl.request(inside, [rtnl.link_up(1)]), ["lo up"])
+                for _attempt in range(64):
+                    slot = self._next
+                    self._next = (self._next + 1) % self._slots
+                    veth = f"{VETH_PREFIX}{os.getpid():x}.{slot:x}"
+                    ip = str(self.subnet.network_address + 2 + slot)
+                    failed = rtnl.request(inside, [
+                        rtnl.veth(2, "eth0", SLOT_INDEX + slot, veth, host_fd),
+                        rtnl.address(2, ip, self.subnet.prefixlen),
+                        rtnl.default_route(2, self.gateway),
+                    ])  # fmt: skip
+                    if not failed or failed[0] != (0, errno.EEXIST):
+                        break
+                rtnl.check(failed, ["veth " + veth, "address " + ip, "default route"])
+            rtnl.check(rtnl.request(host, [rtnl.link_up(SLOT_INDEX + slot, bridge)]), ["bridge port"])
         except BaseException:
             os.close(fd)
             raise
@@ -170,23 +187,12 @@ class BridgeNetworks:
             setns(host_fd, CLONE_NEWNET)
 
         def release() -> None:
-            with self._wake:
-                if self._closed and not self._worker.is_alive():
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                    return
-                self._garbage.append((veth, fd))
-                self._wake.notify()
-
-        return StepNetwork(fd_path(fd), self._resolv, release)
-
-    @staticmethod
-    def _delete(host: Any, garbage: list[tuple[str, int]]) -> None:
-        for veth, fd in garbage:
-            with contextlib.suppress(Exception):
-                host.link("del", ifname=veth)
+            # The namespace (and with it both ends of the veth) goes with its last
+            # holder: the step's processes are gone, this descriptor is the last.
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+        return StepNetwork(fd_path(fd), self._resolv, release)
 
 
 def _ensure_bridge(ipr: Any, configured: str | None) -> tuple[ipaddress.IPv4Network, bool]:
@@ -243,15 +249,16 @@ def _enable_forwarding(ipr: Any, bridge: str) -> None:
             f.write("1")
 
 
-def sweep_veths(ipr: Any) -> None:
-    """Delete the veths of builds that died (their owner pid is in the name)."""
+def sweep_veths(ipr: Any, own: bool = False) -> None:
+    """Delete the veths of builds that died (their owner pid is in the name), or with
+    ``own`` this process's."""
     for link in ipr.get_links():
         name = link.get_attr("IFLA_IFNAME") or ""
         if not name.startswith(VETH_PREFIX):
             continue
-        owner = name[len(VETH_PREFIX):].split(".")[0]
         with contextlib.suppress(ValueError):
-            if not os.path.exists(f"/proc/{int(owner, 16)}"):
+            owner = int(name[len(VETH_PREFIX) :].split(".")[0], 16)
+            if owner == os.getpid() if own else not os.path.exists(f"/proc/{owner}"):
                 with contextlib.suppress(Exception):
                     ipr.link("del", index=link["index"])
 
