@@ -451,6 +451,10 @@ def prune_cmd(
         for record, size in result.removed if verbose else []:
             print(f"deleted: {gc.short_id(record.key):<27}{record.type:<17}{gc.human_size(size):>10}  {record.description}")
         print(f"Total:\t{gc.human_size(result.freed)} reclaimed ({len(result.removed)} records)")
+        if all_:
+            from dockbuild.engine.network import remove_unused
+
+            remove_unused()  # the bridge and NAT rules, when no build uses them
     finally:
         store.close()
 

@@ -102,20 +102,38 @@ def _fetch(url: str, dest: str) -> str:
     return f"RUN wget -q -O {dest} {url} || echo refused > {dest}\n"  # (-T: a crash in this busybox)
 
 
-def _leftovers() -> list[str]:
-    """What a build may leave on the host: bridge, veths, named namespaces, rules."""
+def _leftovers(pids: tuple[int, ...] = ()) -> list[str]:
+    """What builds may leave on the host: the veths of ``pids`` (or of any build) and
+    named namespaces; unless another build is running (it holds network.users), the
+    bridge and the rules too."""
+    import fcntl
+
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
-    found = [line.split(":")[1].strip() for line in links.splitlines()
-             if ": dockbuild0" in line or ": dbv" in line]  # fmt: skip
+    prefixes = tuple(f": dbv{pid:x}." for pid in pids) or (": dbv",)
+    found = [line.split(":")[1].strip() for line in links.splitlines() if any(p in line for p in prefixes)]
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     found += [f"netns {line}" for line in netns.splitlines() if "dockbuild" in line]
-    if shutil.which("nft"):
-        ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
-        found += [f"nft: {line.strip()}" for line in ruleset.splitlines() if "dockbuild" in line]
-    if shutil.which("iptables"):
-        for table in ("filter", "nat"):
-            rules = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True, check=False).stdout
-            found += [f"iptables: {line}" for line in rules.splitlines() if "dockbuild" in line]
+    try:
+        users = os.open("/run/dockbuild/network.users", os.O_RDONLY)
+    except FileNotFoundError:
+        users = None
+    try:
+        if users is not None:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return found  # a build of someone else's uses the bridge now
+    try:
+        found += [line.split(":")[1].strip() for line in links.splitlines() if ": dockbuild0" in line]
+        if shutil.which("nft"):
+            ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+            found += [f"nft: {line.strip()}" for line in ruleset.splitlines() if "dockbuild" in line]
+        if shutil.which("iptables"):
+            for table in ("filter", "nat"):
+                rules = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True, check=False).stdout
+                found += [f"iptables: {line}" for line in rules.splitlines() if "dockbuild" in line]
+    finally:
+        if users is not None:
+            os.close(users)
     return found
 
 
@@ -202,7 +220,7 @@ def test_two_concurrent_builds_both_bind_port_8080(dockbuild: DockbuildCLI, tmp_
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err.decode()
         assert layer_files(read_oci(out).layers)["served"] == f"{name}\n".encode()
-    assert _leftovers() == []
+    assert _leftovers(tuple(p.pid for _, _, p in builds)) == []
 
 
 def test_nothing_is_left_after_a_build_killed_mid_run(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
@@ -225,7 +243,7 @@ def test_nothing_is_left_after_a_build_killed_mid_run(dockbuild: DockbuildCLI, t
     # The next build sweeps what the dead one left, and removes the bridge when done.
     after = write_context(tmp_path / "after", {"Dockerfile": "FROM busybox\nRUN true\n"})
     dockbuild.build(after, "--no-cache", "-o", "type=tar,dest=/dev/null")
-    assert _leftovers() == []
+    assert _leftovers((process.pid,)) == []
 
 
 def _tun_usable_by_users() -> bool:

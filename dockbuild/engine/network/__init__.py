@@ -263,6 +263,18 @@ class BuildNetwork:
             networks.close()
 
 
+def remove_unused() -> None:
+    """``dockbuild prune --all``: remove the bridge, the nftables table and the iptables
+    rules of RUN networks if no build is using them (as root; nothing to do rootless)."""
+    from dockbuild.userns import in_user_namespace
+
+    if os.geteuid() != 0 or in_user_namespace() or not os.path.isdir("/run/dockbuild"):
+        return
+    from dockbuild.engine.network.bridge import teardown
+
+    teardown(rules_anyway=True)
+
+
 def fallback_warning(executor: str) -> str | None:
     """The one-line warning for a build whose RUN steps cannot have their own network
     (a step that asks for the isolated default gets the host's instead)."""

@@ -21,7 +21,6 @@ import os
 import queue
 import socket
 import threading
-from typing import Any
 
 from dockbuild.engine.network import (
     BRIDGE,
@@ -73,18 +72,18 @@ class BridgeNetworks:
 
     @classmethod
     def open(cls, configured: str | None) -> BridgeNetworks:
+        from dockbuild.engine.network import rtnl
+
         setup = _lock("network.lock", fcntl.LOCK_EX)
         try:
             users = _lock("network.users", fcntl.LOCK_SH)
             try:
-                from pyroute2 import IPRoute
-
-                with IPRoute() as ipr:
-                    subnet, created = _ensure_bridge(ipr, configured)
-                    sweep_veths(ipr)
-                    if created:  # else a build still running (or a dead one) made both
-                        nat.install(BRIDGE, str(subnet))
-                        _enable_forwarding(ipr, BRIDGE)
+                with rtnl.open_socket() as sock:
+                    subnet, created = _ensure_bridge(sock, configured)
+                    sweep_veths(sock)
+                if created:  # else a build still running (or a dead one) made both
+                    nat.install(BRIDGE, str(subnet))
+                    _enable_forwarding(BRIDGE)
                 nat_kind = nat.backend()[0] or "none"
             except BaseException:
                 os.close(users)
@@ -117,13 +116,13 @@ class BridgeNetworks:
         try:
             # The kernel removes a veth when its namespace goes, but in the background:
             # this build's are deleted now, so none is seen after it ends.
-            from pyroute2 import IPRoute
+            from dockbuild.engine.network import rtnl
 
-            with IPRoute() as ipr:
-                sweep_veths(ipr, own=True)
+            with rtnl.open_socket() as sock:
+                sweep_veths(sock, own=True)
         finally:
             os.close(self._users_fd)
-        teardown(only_if_unused=True)
+        teardown()
 
     # -- the worker ----------------------------------------------------------------------
 
@@ -195,35 +194,55 @@ class BridgeNetworks:
         return StepNetwork(fd_path(fd), self._resolv, release)
 
 
-def _ensure_bridge(ipr: Any, configured: str | None) -> tuple[ipaddress.IPv4Network, bool]:
-    """The bridge's range, and whether the bridge was made now."""
-    found = ipr.link_lookup(ifname=BRIDGE)
-    if found:
-        for msg in ipr.get_addr(index=found[0], family=2):
-            net = ipaddress.IPv4Network(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}", strict=False)
-            if configured is None or str(net) == configured:
-                return net, False
-        # A bridge with another range (config.toml changed while no build ran): anew.
-        ipr.link("del", index=found[0])
-        nat.remove(BRIDGE, configured or DEFAULT_SUBNETS[0])
-    subnet = ipaddress.IPv4Network(configured) if configured else _free_subnet(ipr)
+def _ensure_bridge(sock: socket.socket, configured: str | None) -> tuple[ipaddress.IPv4Network, bool]:
+    """The bridge's range, and whether the bridge was made now (the caller holds the
+    setup lock; the range is kept beside it, in STATE_DIR)."""
+    from dockbuild.engine.network import rtnl
+
+    record = os.path.join(STATE_DIR, "network.subnet")
+    index = rtnl.link_index(BRIDGE)
+    if index is not None:
+        try:
+            with open(record) as f:
+                subnet = ipaddress.IPv4Network(f.read().strip())
+        except (OSError, ValueError):
+            subnet = None
+        if subnet is not None and (configured is None or str(subnet) == configured):
+            return subnet, False
+        # Another range (config.toml changed while no build ran) or none known: anew.
+        rtnl.check(rtnl.request(sock, [rtnl.delete_link(index)]), ["delete " + BRIDGE])
+        nat.remove(BRIDGE, str(subnet or configured or DEFAULT_SUBNETS[0]))
+    subnet = ipaddress.IPv4Network(configured) if configured else _free_subnet()
     try:
-        ipr.link("add", ifname=BRIDGE, kind="bridge")
-    except Exception as e:
-        raise NetworkUnavailable(f"cannot create the bridge {BRIDGE}: {e}") from None
-    index = ipr.link_lookup(ifname=BRIDGE)[0]
-    ipr.addr("add", index=index, address=str(next(subnet.hosts())), prefixlen=subnet.prefixlen)
-    ipr.link("set", index=index, state="up")
+        rtnl.check(rtnl.request(sock, [rtnl.bridge(BRIDGE)]), ["create " + BRIDGE])
+        index = rtnl.link_index(BRIDGE)
+        assert index is not None
+        rtnl.check(rtnl.request(sock, [
+            rtnl.address(index, str(next(subnet.hosts())), subnet.prefixlen),
+            rtnl.link_up(index),
+        ]), ["address of " + BRIDGE, BRIDGE + " up"])  # fmt: skip
+    except OSError as e:
+        raise NetworkUnavailable(f"cannot create the bridge {BRIDGE}: {e.strerror}") from None
+    atomic_write(record, str(subnet))
     return subnet, True
 
 
-def _free_subnet(ipr: Any) -> ipaddress.IPv4Network:
-    """The first of DEFAULT_SUBNETS that overlaps none of the host's routes."""
+def atomic_write(path: str, text: str) -> None:
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """The first of DEFAULT_SUBNETS that overlaps none of the host's IPv4 routes."""
     taken = []
-    for route in ipr.get_routes(family=2):
-        dst = route.get_attr("RTA_DST")
-        if dst:
-            taken.append(ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False))
+    with open("/proc/net/route") as f:  # little-endian hex: destination, mask
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            dst, mask = (ipaddress.IPv4Address(int(x, 16).to_bytes(4, "little")) for x in (fields[1], fields[7]))
+            if int(mask):
+                taken.append(ipaddress.IPv4Network(f"{dst}/{mask}", strict=False))
     for candidate in DEFAULT_SUBNETS:
         net = ipaddress.IPv4Network(candidate)
         if not any(net.overlaps(t) for t in taken):
@@ -234,40 +253,44 @@ def _free_subnet(ipr: Any) -> ipaddress.IPv4Network:
     )
 
 
-def _enable_forwarding(ipr: Any, bridge: str) -> None:
+def _enable_forwarding(bridge: str) -> None:
     """Forwarding for packets from the bridge; where the host does not forward already,
     also on the interfaces of its default routes, which receive the replies."""
     names = [bridge]
     with open("/proc/sys/net/ipv4/ip_forward") as f:
         if f.read().strip() == "0":
-            for route in ipr.get_default_routes(family=2):
-                index = route.get_attr("RTA_OIF")
-                if index is not None:
-                    names += [link.get_attr("IFLA_IFNAME") for link in ipr.get_links(index)]
+            with open("/proc/net/route") as routes:
+                names += [line.split()[0] for line in routes.readlines()[1:]
+                          if line.split()[1] == "00000000" and line.split()[7] == "00000000"]  # fmt: skip
     for name in names:
         with open(f"/proc/sys/net/ipv4/conf/{name}/forwarding", "w") as f:
             f.write("1")
 
 
-def sweep_veths(ipr: Any, own: bool = False) -> None:
+def sweep_veths(sock: socket.socket, own: bool = False) -> None:
     """Delete the veths of builds that died (their owner pid is in the name), or with
     ``own`` this process's."""
-    for link in ipr.get_links():
-        name = link.get_attr("IFLA_IFNAME") or ""
+    from dockbuild.engine.network import rtnl
+
+    doomed = []
+    for name in os.listdir("/sys/class/net"):
         if not name.startswith(VETH_PREFIX):
             continue
         with contextlib.suppress(ValueError):
             owner = int(name[len(VETH_PREFIX) :].split(".")[0], 16)
             if owner == os.getpid() if own else not os.path.exists(f"/proc/{owner}"):
-                with contextlib.suppress(Exception):
-                    ipr.link("del", index=link["index"])
+                index = rtnl.link_index(name)
+                if index is not None:
+                    doomed.append(rtnl.delete_link(index))
+    if doomed:
+        rtnl.request(sock, doomed)  # one gone meanwhile (its namespace ended) is fine
 
 
-def teardown(only_if_unused: bool) -> bool:
-    """Remove the bridge and the NAT rules when no build uses them (or in any case);
-    whether they were removed."""
-    if not os.path.isdir(STATE_DIR) and not only_if_unused:
-        os.makedirs(STATE_DIR, exist_ok=True)
+def teardown(rules_anyway: bool = False) -> bool:
+    """Remove the bridge and its NAT rules if no build uses them; whether it could.
+    ``rules_anyway``: look for rules also when there is no bridge (prune --all)."""
+    from dockbuild.engine.network import rtnl
+
     setup = _lock("network.lock", fcntl.LOCK_EX)
     try:
         users = os.open(os.path.join(STATE_DIR, "network.users"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -275,18 +298,21 @@ def teardown(only_if_unused: bool) -> bool:
             try:
                 fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if only_if_unused:
-                    return False
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                subnets = []
-                for index in ipr.link_lookup(ifname=BRIDGE):
-                    for msg in ipr.get_addr(index=index, family=2):
-                        subnets.append(str(ipaddress.ip_network(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}", strict=False)))
-                    ipr.link("del", index=index)
-                sweep_veths(ipr)
-            for subnet in subnets or [DEFAULT_SUBNETS[0]]:
+                return False
+            subnets = []
+            with rtnl.open_socket() as sock:
+                index = rtnl.link_index(BRIDGE)
+                if index is not None:
+                    try:
+                        with open(os.path.join(STATE_DIR, "network.subnet")) as f:
+                            subnets.append(f.read().strip())
+                    except OSError:
+                        subnets.append(DEFAULT_SUBNETS[0])
+                    rtnl.request(sock, [rtnl.delete_link(index)])
+                sweep_veths(sock)
+            if rules_anyway and not subnets:
+                subnets = [DEFAULT_SUBNETS[0]]
+            for subnet in subnets:
                 nat.remove(BRIDGE, subnet)
             return True
         finally:
