@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import ipaddress
+import json
 import os
 import queue
 import socket
@@ -33,6 +34,8 @@ from dockbuild.engine.network import (
 )
 
 STATE_DIR = "/run/dockbuild"
+SUBNET_RECORD = os.path.join(STATE_DIR, "network.subnet")  # the bridge's range
+NAT_RECORD = os.path.join(STATE_DIR, "network.nat")  # the commands that undo the NAT
 POOL = 2
 VETH_PREFIX = "dbv"
 # Host-side veths get interface index SLOT_INDEX + slot (far above what the kernel hands
@@ -82,7 +85,9 @@ class BridgeNetworks:
                     subnet, created = _ensure_bridge(sock, configured)
                     sweep_veths(sock)
                 if created:  # else a build still running (or a dead one) made both
-                    nat.install(BRIDGE, str(subnet))
+                    if os.path.exists(NAT_RECORD):  # a build killed while removing them
+                        _remove_rules(str(subnet))
+                    atomic_write(NAT_RECORD, json.dumps(nat.install(BRIDGE, str(subnet))))
                     _enable_forwarding(BRIDGE)
                 nat_kind = nat.backend()[0] or "none"
             except BaseException:
@@ -199,7 +204,7 @@ def _ensure_bridge(sock: socket.socket, configured: str | None) -> tuple[ipaddre
     setup lock; the range is kept beside it, in STATE_DIR)."""
     from dockbuild.engine.network import rtnl
 
-    record = os.path.join(STATE_DIR, "network.subnet")
+    record = SUBNET_RECORD
     index = rtnl.link_index(BRIDGE)
     if index is not None:
         try:
@@ -211,7 +216,7 @@ def _ensure_bridge(sock: socket.socket, configured: str | None) -> tuple[ipaddre
             return subnet, False
         # Another range (config.toml changed while no build ran) or none known: anew.
         rtnl.check(rtnl.request(sock, [rtnl.delete_link(index)]), ["delete " + BRIDGE])
-        nat.remove(BRIDGE, str(subnet or configured or DEFAULT_SUBNETS[0]))
+        _remove_rules(str(subnet or configured or DEFAULT_SUBNETS[0]))
     subnet = ipaddress.IPv4Network(configured) if configured else _free_subnet()
     try:
         rtnl.check(rtnl.request(sock, [rtnl.bridge(BRIDGE)]), ["create " + BRIDGE])
@@ -225,6 +230,22 @@ def _ensure_bridge(sock: socket.socket, configured: str | None) -> tuple[ipaddre
         raise NetworkUnavailable(f"cannot create the bridge {BRIDGE}: {e.strerror}") from None
     atomic_write(record, str(subnet))
     return subnet, True
+
+
+def _remove_rules(subnet: str, thorough: bool = False) -> None:
+    """The NAT rules as recorded when they were made, or (no record, or ``thorough``)
+    whatever of ours can be found."""
+    try:
+        with open(NAT_RECORD) as f:
+            commands = json.load(f)
+    except (OSError, ValueError):
+        commands = None
+    if commands is not None:
+        nat.undo(commands)
+    if commands is None or thorough:
+        nat.remove(BRIDGE, subnet)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(NAT_RECORD)
 
 
 def atomic_write(path: str, text: str) -> None:
@@ -299,21 +320,18 @@ def teardown(rules_anyway: bool = False) -> bool:
                 fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False
-            subnets = []
             with rtnl.open_socket() as sock:
                 index = rtnl.link_index(BRIDGE)
                 if index is not None:
-                    try:
-                        with open(os.path.join(STATE_DIR, "network.subnet")) as f:
-                            subnets.append(f.read().strip())
-                    except OSError:
-                        subnets.append(DEFAULT_SUBNETS[0])
                     rtnl.request(sock, [rtnl.delete_link(index)])
                 sweep_veths(sock)
-            if rules_anyway and not subnets:
-                subnets = [DEFAULT_SUBNETS[0]]
-            for subnet in subnets:
-                nat.remove(BRIDGE, subnet)
+            if index is not None or rules_anyway:
+                try:
+                    with open(SUBNET_RECORD) as f:
+                        subnet = f.read().strip()
+                except OSError:
+                    subnet = DEFAULT_SUBNETS[0]
+                _remove_rules(subnet, thorough=rules_anyway)
             return True
         finally:
             os.close(users)

@@ -53,14 +53,15 @@ def _nat_rule(bridge: str, subnet: str) -> list[str]:
     return ["POSTROUTING", "-s", subnet, "!", "-o", bridge, "-m", "comment", "--comment", COMMENT, "-j", "MASQUERADE"]
 
 
-def install(bridge: str, subnet: str) -> str:
-    """Masquerade ``subnet`` leaving by any interface but ``bridge``; the backend used."""
+def install(bridge: str, subnet: str) -> list[list[str]]:
+    """Masquerade ``subnet`` leaving by any interface but ``bridge``; the commands that
+    undo it (for :func:`undo`)."""
     kind, why = backend()
     if kind is None:
         from dockbuild.engine.network import NetworkUnavailable
 
         raise NetworkUnavailable(why)
-    remove(bridge, subnet)  # a table or rules a killed build left: start clean
+    undo_commands: list[list[str]] = []
     if kind == "nftables":
         _run(["nft", "-f", "-"], (
             f"table ip {TABLE} {{\n"
@@ -76,16 +77,26 @@ def install(bridge: str, subnet: str) -> str:
             "  }\n"
             "}\n"
         ))  # fmt: skip
+        undo_commands.append(["nft", "delete", "table", "ip", TABLE])
     else:
         _run(["iptables", "-w", "-t", "nat", "-A", *_nat_rule(bridge, subnet)])
+        undo_commands.append(["iptables", "-w", "-t", "nat", "-D", *_nat_rule(bridge, subnet)])
     if _forward_drops():
         for rule in _forward_rules(bridge):
             _run(["iptables", "-w", "-I", *rule])
-    return kind
+            undo_commands.append(["iptables", "-w", "-D", *rule])
+    return undo_commands
+
+
+def undo(commands: list[list[str]]) -> None:
+    """Run what :func:`install` said undoes it (what is gone already is fine)."""
+    for command in commands:
+        _run(command, check=False)
 
 
 def remove(bridge: str, subnet: str) -> None:
-    """Remove dockbuild's table and rules (whatever exists of them)."""
+    """Remove dockbuild's table and every rule of ours, whatever exists of them (for a
+    bridge whose record of its rules is lost, and prune --all)."""
     if shutil.which("nft"):
         _run(["nft", "delete", "table", "ip", TABLE], check=False)
     if shutil.which("iptables"):
