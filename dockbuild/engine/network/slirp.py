@@ -23,6 +23,7 @@ from dockbuild.engine.network import (
 )
 
 SLIRP_RESOLVER = "10.0.2.3"
+PASTA_RESOLVER = "169.254.1.1"  # pasta forwards it to the host's first resolver
 TAP = "tap0"
 
 
@@ -66,50 +67,59 @@ class SlirpNetwork:
             resolver = SLIRP_RESOLVER
             pass_fds: tuple[int, ...] = (fd, ready_w, exit_r)
         else:
-            # pasta stays in the foreground (-f) so that it dies with the pipe's writer.
-            command = [binary, "--config-net", "--quiet", "--foreground", "--no-map-gw",
-                       "--netns", path, "--dns-forward", "169.254.1.1"]  # fmt: skip
-            resolver = "169.254.1.1"
+            # pasta has no exit descriptor: it stays in the foreground and is killed with
+            # the thread that started it (setpriv --pdeathsig), or by close().
+            setpriv = shutil.which("setpriv")
+            command = [*([setpriv, "--pdeathsig", "KILL"] if setpriv else []),
+                       binary, "--config-net", "--quiet", "--foreground", "--no-map-gw",
+                       "--netns", path, "--dns-forward", PASTA_RESOLVER]  # fmt: skip
+            resolver = PASTA_RESOLVER
             pass_fds = (fd,)
-        try:
-            process = subprocess.Popen(
-                command, pass_fds=pass_fds, stdin=exit_r if kind == "pasta" else subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            )  # fmt: skip
-        except OSError as e:
-            for x in (fd, ready_r, ready_w, exit_r, exit_w):
+        import tempfile
+
+        # Its messages go to a file, read if it fails: a pipe nobody reads would block it.
+        with tempfile.TemporaryFile() as log:
+            try:
+                process = subprocess.Popen(
+                    command, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                )  # fmt: skip
+            except OSError as e:
+                for x in (fd, ready_r, ready_w, exit_r, exit_w):
+                    os.close(x)
+                raise NetworkUnavailable(f"cannot start {kind}: {e}") from None
+            os.set_inheritable(fd, False)
+            for x in (ready_w, exit_r):
                 os.close(x)
-            raise NetworkUnavailable(f"cannot start {kind}: {e}") from None
-        os.set_inheritable(fd, False)
-        for x in (ready_w, exit_r):
-            os.close(x)
-        try:
-            if kind == "slirp4netns":
-                ready = os.read(ready_r, 1)
-            else:
-                ready = b"1" if _wait_for_tap(fd) else b""
-        finally:
-            os.close(ready_r)
-        if not ready:
-            process.kill()
-            err = process.communicate()[1].decode(errors="replace").strip()
-            os.close(fd)
-            os.close(exit_w)
-            raise NetworkUnavailable(f"{kind} did not start: {err or process.returncode}")
+            try:
+                if kind == "slirp4netns":
+                    ready = os.read(ready_r, 1)
+                else:
+                    ready = b"1" if _wait_for_tap(fd) else b""
+            finally:
+                os.close(ready_r)
+            if not ready:
+                process.kill()
+                process.wait()
+                log.seek(0)
+                err = log.read().decode(errors="replace").strip()
+                os.close(fd)
+                os.close(exit_w)
+                raise NetworkUnavailable(f"{kind} did not start: {err or process.returncode}")
         return cls(kind, fd, process, exit_w, resolver)
 
     def take(self) -> StepNetwork:
         return self._step
 
     def close(self) -> None:
-        os.close(self._exit_w)  # EOF: it exits
+        os.close(self._exit_w)  # EOF: slirp4netns exits
+        if self.kind == "pasta":
+            self._process.terminate()
         with contextlib.suppress(Exception):
             self._process.wait(2)
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait()
-        if self._process.stderr is not None:
-            self._process.stderr.close()
         os.close(self._fd)
 
 
