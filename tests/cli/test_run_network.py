@@ -17,9 +17,10 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from clitools import DOCKBUILD, DockbuildCLI, layer_files, read_oci, write_context
+from clitools import DOCKBUILD, REPO, DockbuildCLI, layer_files, read_oci, write_context
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("busybox") is None,
@@ -253,41 +254,77 @@ def _tun_usable_by_users() -> bool:
         return False
 
 
-def test_a_rootless_build_reaches_the_outside_but_not_the_hosts_loopback(
-    busybox_layout: Path, outside: str, host_port: int
-) -> None:
-    from test_run_rootless import _give, _make_user
+@pytest.fixture(scope="module")
+def rootless_user() -> Iterator[object]:
+    from test_run_rootless import _make_user
 
-    if shutil.which("slirp4netns") is None and shutil.which("pasta") is None:
-        pytest.skip("neither slirp4netns nor pasta is installed (.ci/install-deps installs them)")
     if not _tun_usable_by_users():
         if os.environ.get("CI"):
             raise AssertionError("/dev/net/tun is not usable by users (.ci/install-deps fixes it)")
         pytest.skip("/dev/net/tun is not usable by users (Debian's default mode 0666 fixes it)")
-    for user in _make_user(f"dbnw{SUFFIX}", ranged=True):
-        layout = _give(user, busybox_layout, "busybox")
-        ctx = user.home / "ctx"
-        ctx.mkdir()
-        (ctx / "Dockerfile").write_text(
-            "FROM busybox\n"
-            + _fetch(f"http://{outside}:8000/hello", "/outside")
-            + _fetch(f"http://127.0.0.1:{host_port}/secret", "/loopback")
-            + _fetch(f"http://10.0.2.2:{host_port}/secret", "/gateway")
-            + "RUN ip -o link | cut -d: -f2 | tr -d ' ' > /links\n"
-        )
-        subprocess.run(["chown", "-R", str(user.uid), str(ctx)], check=True)
-        out = user.home / "out.tar"
-        run = user.dockbuild("build", "--progress=plain", "--build-context",
-                             f"busybox=oci-layout://{layout}", "-o", f"type=oci,dest={out}", str(ctx))  # fmt: skip
-        assert "WARNING" not in run.stderr
-        files = layer_files(read_oci(out).layers)
-        assert files["outside"] == b"hello from outside\n"
-        assert files["loopback"] == b"refused\n"
-        assert files["gateway"] == b"refused\n"  # slirp's way to the host's loopback is shut
-        info = json.loads(user.dockbuild("debug", "info").stdout)["network"]
-        assert info["mode"] == "rootless" and info["tool"] in ("slirp4netns", "pasta")
-        if info["tool"] == "slirp4netns":
-            assert files["links"].decode().split() == ["lo", "tap0"]  # one of its own
-        leftover = subprocess.run(["pgrep", "-u", str(user.uid), "-f", "slirp4netns|pasta"],
-                                  capture_output=True, text=True, check=False).stdout  # fmt: skip
-        assert leftover == ""
+    yield from _make_user(f"dbnw{SUFFIX}", ranged=True)
+
+
+def _rootless_build(user: Any, busybox_layout: Path, outside: str, host_port: int, tool: str,
+                    path: str | None = None) -> tuple[dict[str, bytes], str]:
+    """A build as ``user`` (PATH ``path``, for a machine with only pasta); its files and stderr."""
+    from test_run_rootless import SITE, _give, _system_python
+
+    layout = user.home / "busybox"
+    if not layout.exists():
+        _give(user, busybox_layout, "busybox")
+    ctx = user.home / f"ctx-{tool}"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        "FROM busybox\n"
+        + _fetch(f"http://{outside}:8000/hello", "/outside")
+        + _fetch(f"http://127.0.0.1:{host_port}/secret", "/loopback")
+        + (_fetch(f"http://10.0.2.2:{host_port}/secret", "/gateway") if tool == "slirp4netns" else "")
+        + "RUN ip -o link | cut -d: -f2 | tr -d ' ' > /links\n"
+    )
+    subprocess.run(["chown", "-R", str(user.uid), str(ctx)], check=True)
+    out = user.home / f"out-{tool}.tar"
+    env = {"PATH": path or "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(user.home),
+           "DOCKBUILD_ROOT": str(user.home / "cache"), "PYTHONPATH": f"{REPO}:{SITE}"}  # fmt: skip
+    command = ["-m", "dockbuild", "build", "--progress=plain", "--build-context",
+               f"busybox=oci-layout://{layout}", "-o", f"type=oci,dest={out}", str(ctx)]  # fmt: skip
+    done = subprocess.run([shutil.which("runuser") or "runuser", "-u", user.name, "--", _system_python(), *command],
+                          env=env, cwd=user.home, capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    leftover = subprocess.run(["pgrep", "-u", str(user.uid), "-f", "slirp4netns|pasta"],
+                              capture_output=True, text=True, check=False).stdout  # fmt: skip
+    assert leftover == ""  # the tool ended with the build
+    return layer_files(read_oci(out).layers), done.stderr
+
+
+def test_a_rootless_build_reaches_the_outside_by_slirp4netns_but_not_the_hosts_loopback(
+    rootless_user: Any, busybox_layout: Path, outside: str, host_port: int
+) -> None:
+    if shutil.which("slirp4netns") is None:
+        pytest.skip("slirp4netns is not installed (.ci/install-deps installs it)")
+    files, stderr = _rootless_build(rootless_user, busybox_layout, outside, host_port, "slirp4netns")
+    assert "WARNING" not in stderr
+    assert files["outside"] == b"hello from outside\n"
+    assert files["loopback"] == b"refused\n"
+    assert files["gateway"] == b"refused\n"  # slirp's way to the host's loopback is shut
+    assert files["links"].decode().split() == ["lo", "tap0"]  # a network of its own
+    info = json.loads(rootless_user.dockbuild("debug", "info").stdout)["network"]
+    assert info["mode"] == "rootless" and info["tool"] == "slirp4netns"
+
+
+def test_a_rootless_build_uses_pasta_where_slirp4netns_is_missing(
+    rootless_user: Any, busybox_layout: Path, outside: str, host_port: int
+) -> None:
+    if shutil.which("pasta") is None:
+        pytest.skip("pasta is not installed (.ci/install-deps installs passt)")
+    only = rootless_user.home / "pasta-bin"  # a PATH with what a rootless build runs, and pasta
+    only.mkdir()
+    for name in ("unshare", "newuidmap", "newgidmap", "pasta", "setpriv", "true"):
+        found = shutil.which(name)
+        assert found is not None, name
+        (only / name).symlink_to(found)
+    files, stderr = _rootless_build(rootless_user, busybox_layout, outside, host_port, "pasta", str(only))
+    assert "WARNING" not in stderr
+    assert files["outside"] == b"hello from outside\n"
+    assert files["loopback"] == b"refused\n"
+    assert files["links"].decode().split() == ["lo", "eth0"]  # pasta's copy of the host's
