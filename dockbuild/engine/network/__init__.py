@@ -145,20 +145,28 @@ def fd_path(fd: int) -> str:
 
 
 def resolv_conf(replacement: tuple[str, ...] | None = None) -> str:
-    """/etc/resolv.conf as docker writes it for a bridge network: the host's, without
-    nameservers on the host's loopback (unreachable from the step's namespace). With none
-    left: ``replacement`` (the slirp/pasta resolver), else systemd-resolved's upstream
-    servers, else docker's fallback (8.8.8.8, 8.8.4.4)."""
-    text = _read("/etc/resolv.conf")
-    kept, dropped = _without_loopback(text)
+    """/etc/resolv.conf for a step's own network (see :func:`step_resolv_conf`)."""
+    return step_resolv_conf(
+        _read("/etc/resolv.conf"), _read("/run/systemd/resolve/resolv.conf"), replacement
+    )
+
+
+def step_resolv_conf(host: str, upstream: str, replacement: tuple[str, ...] | None) -> str:
+    """The host's resolv.conf as docker rewrites it for a bridge network: nameservers on
+    the host's loopback (unreachable from the step's namespace) dropped. With none left:
+    ``replacement`` (the slirp/pasta resolver), else the ``upstream`` file's servers
+    (systemd-resolved's), else docker's fallback (8.8.8.8, 8.8.4.4)."""
+    kept, dropped = _without_loopback(host)
     if not dropped:
-        return text
+        return host
     if any(line.split()[:1] == ["nameserver"] for line in kept):
         return "\n".join(kept) + "\n"
-    servers: tuple[str, ...] | None = replacement
+    servers = replacement
     if servers is None:
-        upstream, _ = _without_loopback(_read("/run/systemd/resolve/resolv.conf"))
-        servers = tuple(line.split()[1] for line in upstream if line.split()[:1] == ["nameserver"] and len(line.split()) > 1)
+        found, _ = _without_loopback(upstream)
+        servers = tuple(
+            line.split()[1] for line in found if line.split()[:1] == ["nameserver"] and len(line.split()) > 1
+        )
     servers = servers or FALLBACK_NAMESERVERS
     return "\n".join([*kept, *(f"nameserver {s}" for s in servers)]) + "\n"
 
