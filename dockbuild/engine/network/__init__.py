@@ -98,7 +98,11 @@ def unavailable_reason() -> str | None:
     if in_user_namespace():
         from dockbuild.engine.network.slirp import find_tool
 
-        return None if find_tool() else "rootless, and neither slirp4netns nor pasta is installed"
+        if find_tool() is None:
+            return "rootless, and neither slirp4netns nor pasta is installed"
+        if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+            return "rootless, and /dev/net/tun is missing or not usable by this user"
+        return None
     if not _has_net_admin():
         return "no CAP_NET_ADMIN (a container's root)"
     from dockbuild.engine.network.nat import backend
