@@ -216,10 +216,13 @@ def describe(settings_: Settings, executor: str | None) -> dict[str, object]:
         from dockbuild.engine.network.slirp import find_tool
 
         tool = find_tool()
-        info.update(mode="rootless", tool=tool[0] if tool else None)
+        why_not = unavailable_reason() if in_user_namespace() else None
+        if tool is not None and why_not is None and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+            why_not = "/dev/net/tun is missing or not usable by this user"
+        info.update(mode="rootless" if tool and not why_not else "host", tool=tool[0] if tool else None)
         info["reason"] = (
-            f"rootless: one namespace per build, connected by {tool[0]}" if tool
-            else "rootless, and neither slirp4netns nor pasta is installed: steps use the host's network"
+            f"rootless: one namespace per build, connected by {tool[0]}" if tool and not why_not
+            else f"{why_not or 'rootless, and neither slirp4netns nor pasta is installed'}: steps use the host's network"
         )
         return info
     if not _has_net_admin():
