@@ -339,12 +339,12 @@ def debug_info() -> None:
 
     from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.executor.choice import choose
-    from dockbuild.engine.network import describe, settings
+    from dockbuild.engine.network import describe, settings_or_defaults
 
     root = default_root()
     choice = choose()
     info = {"cache_root": str(root), "executor": choice.info(root)}
-    print(json.dumps({**info, "network": describe(settings(), choice.name)}, indent=2))
+    print(json.dumps({**info, "network": describe(settings_or_defaults()[0], choice.name)}, indent=2))
 
 
 def du_cmd(verbose: bool, filter_: list[str]) -> None:

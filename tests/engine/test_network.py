@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dockbuild.engine.network import Settings, settings, step_resolv_conf
@@ -45,3 +47,15 @@ def test_config_network_keys() -> None:
         settings({"network": {"default": "bridge"}})
     with pytest.raises(DockbuildError, match="network.subnet"):
         settings({"network": {"subnet": "10.1.2.3/33"}})
+
+
+def test_a_bad_network_value_is_a_warning_with_the_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dockbuild.engine.network import settings_or_defaults
+
+    config = tmp_path / "config.toml"
+    config.write_text('[network]\ndefault = "bridge"\n')
+    monkeypatch.setenv("DOCKBUILD_CONFIG", str(config))
+    got, warning = settings_or_defaults()
+    assert got == Settings() and warning is not None and "network.default" in warning
+    config.write_text("[network\n")  # not TOML: the build says so already, once
+    assert settings_or_defaults() == (Settings(), None)

@@ -58,6 +58,16 @@ def settings(data: dict[str, Any] | None = None) -> Settings:
     return Settings(default, subnet)
 
 
+def settings_or_defaults() -> tuple[Settings, str | None]:
+    """The settings, or the defaults and why (a broken config is a warning, not a failed
+    build; the warning is None for an unreadable file, which the build reports already)."""
+    try:
+        return settings(), None
+    except DockbuildError as e:
+        said = e.message.startswith(("invalid config", "cannot read config"))
+        return Settings(), None if said else f"{e.message}; RUN steps get the isolated network"
+
+
 @dataclass(frozen=True)
 class StepNetwork:
     """A network namespace ready for one step: join ``path``; ``release`` when done."""
@@ -253,7 +263,9 @@ class BuildNetwork:
     def step(self, output: Callable[[str, bytes], None]) -> StepNetwork | None:
         with self._lock:
             if self._settings is None:
-                self._settings = settings()
+                self._settings, warning = settings_or_defaults()
+                if warning is not None:
+                    output("stderr", f"WARNING: {warning}\n".encode())
             if self._settings.default == "host" or self._failed or self._closed:
                 return None
             if self._networks is None:
@@ -293,11 +305,8 @@ def remove_unused() -> None:
 def fallback_warning(executor: str) -> str | None:
     """The one-line warning for a build whose RUN steps cannot have their own network
     (a step that asks for the isolated default gets the host's instead)."""
-    try:
-        if settings().default == "host":
-            return None  # the user's choice
-    except DockbuildError:
-        return None  # said where the build reads the config
+    if settings_or_defaults()[0].default == "host":
+        return None  # the user's choice
     if executor == "chroot":
         return "RUN steps use the host's network (the chroot executor cannot isolate it)"
     reason = unavailable_reason()
