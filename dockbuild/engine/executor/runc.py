@@ -6,7 +6,9 @@ then ``exec runc run``. When runc exits, or is killed, the namespace and every m
 it vanish with it, so nothing stays mounted on the host. The OCI runtime spec is what
 BuildKit's runc worker generates: docker's default capabilities (all of them with
 ``--security=insecure``), masked and read-only /proc paths, a fresh PID/IPC/UTS/mount
-namespace (plus network for ``--network=none``; runc brings ``lo`` up), hostname
+namespace, a network namespace (the isolated default's, made ahead by
+``engine.network`` and given by path; a fresh one for ``--network=none``, where runc
+brings ``lo`` up), hostname
 ``buildkitsandbox``, and our own /etc/hosts and /etc/resolv.conf.
 
 runc creates missing mount points in the rootfs; they are removed from the upper dir
