@@ -1,12 +1,15 @@
 """Per-RUN overhead through the real CLI: a Dockerfile of 50 ``RUN true`` steps, cold.
 
     .venv/bin/python bench/run_overhead.py [--steps 50] [--rounds 3] [--executor namespace]
-                                           [--user NAME]
+                                           [--user NAME] [--networks default,none]
 
 Each round uses a fresh cache root: a first build of ``FROM busybox`` alone, exported
 to a directory, unpacks the base image, a cached rebuild of it measures the fixed cost (start-up, resolving, export),
 then the build with the RUN steps runs every step cold. Per step = (build - fixed) / steps.
 ``--user`` runs dockbuild as that (unprivileged) user, for the rootless figure.
+``--networks`` builds the steps once per ``--network`` mode in each round, interleaved
+(default: the isolated ``default`` and ``none``), and prints what the first adds per step
+over each other one.
 
 Wall time is the goal's measure; the CPU time per step (every process of the build,
 fork server and containers included) is printed beside it, with the load average: on a
@@ -54,6 +57,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--executor", default=None)
     parser.add_argument("--user", default=None, help="run dockbuild as this user (rootless)")
+    parser.add_argument("--networks", default="default,none", help="--network modes, compared")
     options = parser.parse_args()
     base = tempfile.mkdtemp(prefix="dockbuild-bench-")
     os.chmod(base, 0o755)
@@ -63,8 +67,9 @@ def main() -> None:
         for ctx, body in ((empty, ""), (steps, "RUN true\n" * options.steps)):
             ctx.mkdir()
             (ctx / "Dockerfile").write_text("FROM busybox\n" + body)
-        per_step = []
-        cpu_per_step = []
+        networks = options.networks.split(",")
+        per_step: dict[str, list[float]] = {n: [] for n in networks}
+        cpu_per_step: dict[str, list[float]] = {n: [] for n in networks}
         for round_ in range(options.rounds):
             root = Path(base, f"root{round_}")
             prefix: list[str] = []
@@ -102,20 +107,35 @@ def main() -> None:
             timed([*cmd, "-o", f"type=local,dest={warm / 'rootfs'}", str(empty)], env)
             fixed_runs = [timed([*cmd, str(empty)], env) for _ in range(3)]
             fixed, fixed_cpu = min(w for w, _ in fixed_runs), min(c for _, c in fixed_runs)
-            total, total_cpu = timed([*cmd, str(steps)], env)
-            per_step.append((total - fixed) / options.steps * 1000)
-            cpu_per_step.append((total_cpu - fixed_cpu) / options.steps * 1000)
-            print(
-                f"round {round_ + 1}: {options.steps} steps in {total * 1000:.0f} ms, "
-                f"fixed {fixed * 1000:.0f} ms -> {per_step[-1]:.1f} ms per RUN "
-                f"(CPU {cpu_per_step[-1]:.1f} ms per RUN; load average {os.getloadavg()[0]:.1f})"
-            )
+            for network in networks:
+                # Cold every time: --no-cache, so the modes share the unpacked base.
+                total, total_cpu = timed(
+                    [*cmd, "--no-cache", f"--network={network}", str(steps)], env
+                )
+                per_step[network].append((total - fixed) / options.steps * 1000)
+                cpu_per_step[network].append((total_cpu - fixed_cpu) / options.steps * 1000)
+                print(
+                    f"round {round_ + 1} --network={network}: {options.steps} steps in "
+                    f"{total * 1000:.0f} ms, fixed {fixed * 1000:.0f} ms -> "
+                    f"{per_step[network][-1]:.1f} ms per RUN (CPU {cpu_per_step[network][-1]:.1f} "
+                    f"ms per RUN; load average {os.getloadavg()[0]:.1f})"
+                )
         who = f"as {options.user}" if options.user else f"as uid {os.geteuid()}"
-        print(
-            f"executor={options.executor or 'auto'} {who}: per RUN median "
-            f"{statistics.median(per_step):.1f} ms (min {min(per_step):.1f}, max {max(per_step):.1f}); "
-            f"CPU per RUN median {statistics.median(cpu_per_step):.1f} ms"
-        )
+        for network in networks:
+            wall, cpu = per_step[network], cpu_per_step[network]
+            print(
+                f"executor={options.executor or 'auto'} {who} --network={network}: per RUN "
+                f"median {statistics.median(wall):.1f} ms (min {min(wall):.1f}, max "
+                f"{max(wall):.1f}); CPU per RUN median {statistics.median(cpu):.1f} ms"
+            )
+        first = networks[0]
+        for other in networks[1:]:
+            # Paired by round: both builds ran back to back under the same load.
+            added = [a - b for a, b in zip(per_step[first], per_step[other], strict=True)]
+            print(
+                f"--network={first} adds {statistics.median(added):.1f} ms per RUN over "
+                f"--network={other} (median of rounds; {', '.join(f'{x:.1f}' for x in added)})"
+            )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

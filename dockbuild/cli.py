@@ -241,9 +241,16 @@ def debug_info() -> None:
     from dockbuild.engine.cacheroot import default_root
     from dockbuild.engine.executor.choice import choose
     from dockbuild.engine.executor.emulation import machine_info
+    from dockbuild.engine.network import describe, settings_or_defaults
 
     root = default_root()
-    info = {"cache_root": str(root), "executor": choose().info(root), "platforms": machine_info()}
+    choice = choose()
+    info = {
+        "cache_root": str(root),
+        "executor": choice.info(root),
+        "network": describe(settings_or_defaults()[0], choice.name),
+        "platforms": machine_info(),
+    }
     print(json.dumps(info, indent=2))
 
 
@@ -351,6 +358,10 @@ def prune_cmd(
         for record, size in result.removed if verbose else []:
             print(f"deleted: {gc.short_id(record.key):<27}{record.type:<17}{gc.human_size(size):>10}  {record.description}")
         print(f"Total:\t{gc.human_size(result.freed)} reclaimed ({len(result.removed)} records)")
+        if all_:
+            from dockbuild.engine.network import remove_unused
+
+            remove_unused()  # the bridge and NAT rules, when no build uses them
     finally:
         store.close()
 

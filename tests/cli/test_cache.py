@@ -115,7 +115,8 @@ def test_prune_waits_for_a_running_build_and_never_pulls_its_layers_away(
             pass
 
     # The RUN step goes on only once a server on loopback answers, which the test starts
-    # after prune has said it waits: the build is surely running while prune looks.
+    # after prune has said it waits: the build is surely running while prune looks. The
+    # step reaches the host's loopback only on the host's network (--network=host).
     gate = http.server.HTTPServer(("127.0.0.1", 0), Answer, bind_and_activate=False)
     gate.server_bind()
     port = gate.server_address[1]
@@ -123,7 +124,7 @@ def test_prune_waits_for_a_running_build_and_never_pulls_its_layers_away(
     dockerfile = f"FROM busybox\nRUN {wait} && echo built > /built.txt\nCOPY app.txt /app.txt\n"
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": dockerfile, "app.txt": "v1\n"})
     build = subprocess.Popen(
-        [DOCKBUILD, "--progress=plain", *dockbuild.base_context, "-o", f"type=local,dest={tmp_path / 'out'}", str(ctx)],
+        [DOCKBUILD, "--progress=plain", "--network=host", *dockbuild.base_context, "-o", f"type=local,dest={tmp_path / 'out'}", str(ctx)],
         env=dockbuild.env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -155,6 +155,7 @@ def test_root_in_a_default_container_falls_back_to_chroot_with_a_warning(
     assert run.returncode == 0, run.stderr
     assert "bare chroot without any sandbox" in run.stderr
     assert "--security-opt seccomp=unconfined" in run.stderr
+    assert "RUN steps use the host's network" in run.stderr  # no isolation without namespaces
     _check_image(vol)
 
 

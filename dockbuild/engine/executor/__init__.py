@@ -80,7 +80,9 @@ class RunRequest:
     rootfs: OverlayRootfs | PlainRootfs
     user: str = ""  # "" = root; "name[:group]" or "uid[:gid]", resolved in the rootfs
     mounts: tuple[ExecMount, ...] = ()
-    network: str = "default"  # "default" (host network, own hosts/resolv.conf) | "none" | "host"
+    # "default": a network of its own with outbound NAT (engine.network; the host's where
+    # that is impossible or config.toml says so) | "none" | "host"
+    network: str = "default"
     hostname: str = "buildkitsandbox"
     extra_hosts: tuple[str, ...] = ()  # "name:ip" lines for /etc/hosts (--add-host)
     shm_size: int = 0  # bytes of /dev/shm; 0 = 64 MiB, as docker's default
@@ -108,8 +110,8 @@ NON_ROOT_HINT = (
     "container.apparmor.security.beta.kubernetes.io/<container>: unconfined before 1.30)"
 )
 
-# What ``--add-host NAME:host-gateway`` names: RUN steps share the host's network (or
-# have none of their own), so the host is reached at its loopback address.
+# What ``--add-host NAME:host-gateway`` names: the host's loopback address, which is the
+# host only for a step on the host's network (--network=host, or a fallback to it).
 HOST_GATEWAY_IP = "127.0.0.1"
 
 

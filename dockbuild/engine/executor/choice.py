@@ -240,7 +240,10 @@ def get_executor(name: str | None = None) -> Executor:
         from dockbuild.engine.executor.runc import RuncExecutor
 
         executor = RuncExecutor()
-    executor.warning = choice.warning
+    from dockbuild.engine.network import fallback_warning
+
+    warnings = [w for w in (choice.warning, fallback_warning(executor.name)) if w]
+    executor.warning = "; ".join(warnings) or None
     return executor
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dockbuild.engine.executor import OutputSink, OverlayRootfs, PlainRootfs, RunRequest
+from dockbuild.engine.network import BuildNetwork, StepNetwork
 from dockbuild.errors import ExecutorError
 
 FORKSERVER = Path(__file__).with_name("forkserver") / "__main__.py"
@@ -131,6 +132,7 @@ class ForkServerExecutor:
         self._resources = _ServerResources()
         self._runs: set[_Run] = set()
         self._closed = False
+        self._network = BuildNetwork()
         # An engine that forgets close() must still not leave a fork server behind.
         self._finalizer = weakref.finalize(self, _shutdown, self._resources)
 
@@ -140,7 +142,24 @@ class ForkServerExecutor:
         secrets = [i for i, m in enumerate(request.mounts) if m.type == "secret"]
         if len(secrets) > MAX_SECRETS:
             raise ExecutorError(f"a RUN step may mount at most {MAX_SECRETS} secrets")
+        step: StepNetwork | None = None
+        if request.network == "default" and self.sandbox == "namespace":
+            step = self._network.step(output)
+        try:
+            return self._run(request, output, secrets, step)
+        finally:
+            if step is not None:
+                step.release()
+
+    def _run(
+        self, request: RunRequest, output: OutputSink, secrets: list[int], step: StepNetwork | None
+    ) -> int:
         spec = self._spec(request, {i: n for n, i in enumerate(secrets)})
+        if step is not None:
+            spec["netns"] = step.path
+            spec["resolv_conf"] = step.resolv_conf
+        elif request.network == "default":
+            spec["network"] = "host"  # isolation impossible here, or config.toml's choice
         # Secret bytes go to the server as memfds: memory only, never in a message.
         memfds = [_memfd(request.mounts[i].data) for i in secrets]
         out_r, out_w = os.pipe()
@@ -196,6 +215,7 @@ class ForkServerExecutor:
         for run in runs:
             run.kill()
         self._finalizer()
+        self._network.close()
 
     # -- internals ----------------------------------------------------------------------
 

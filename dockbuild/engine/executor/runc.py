@@ -6,7 +6,9 @@ then ``exec runc run``. When runc exits, or is killed, the namespace and every m
 it vanish with it, so nothing stays mounted on the host. The OCI runtime spec is what
 BuildKit's runc worker generates: docker's default capabilities (all of them with
 ``--security=insecure``), masked and read-only /proc paths, a fresh PID/IPC/UTS/mount
-namespace (plus network for ``--network=none``; runc brings ``lo`` up), hostname
+namespace, a network namespace (the isolated default's, made ahead by
+``engine.network`` and given by path; a fresh one for ``--network=none``, where runc
+brings ``lo`` up), hostname
 ``buildkitsandbox``, and our own /etc/hosts and /etc/resolv.conf.
 
 runc creates missing mount points in the rootfs; they are removed from the upper dir
@@ -42,6 +44,7 @@ from dockbuild.engine.executor.forkserver.container import (
 from dockbuild.engine.executor.forkserver.mounts import MASKED_PATHS, READONLY_PATHS, is_opaque
 from dockbuild.engine.executor.forkserver.syscalls import SetupError
 from dockbuild.engine.executor.forkserver.users import User, resolve_user
+from dockbuild.engine.network import BuildNetwork, StepNetwork
 from dockbuild.errors import ExecutorError
 
 CAPABILITY_NAMES = {
@@ -74,6 +77,7 @@ class _Bundle:
     script: list[str] = field(default_factory=list)
     # One pipe per secret: the shell reads it into a tmpfs, we write the bytes.
     secret_pipes: list[tuple[int, int, bytes]] = field(default_factory=list)  # (r, w, data)
+    network: StepNetwork | None = None  # the isolated default's namespace
 
 
 class RuncExecutor:
@@ -111,6 +115,7 @@ class RuncExecutor:
         self._runs: set[_Run] = set()
         self._closed = False
         self._count = 0
+        self._network = BuildNetwork()
 
     # -- the Executor protocol ----------------------------------------------------------
 
@@ -125,6 +130,8 @@ class RuncExecutor:
             self._runs.add(run)
         bundle = _Bundle(Path(tempfile.mkdtemp(prefix="b", dir=self.state)))
         try:
+            if request.network == "default":
+                bundle.network = self._network.step(output)
             spec, targets = self._spec(request, bundle)
             (bundle.path / "config.json").write_text(json.dumps(spec))
             return self._execute(run, request, bundle, output)
@@ -138,6 +145,8 @@ class RuncExecutor:
             with contextlib.suppress(OSError):
                 _clean_stubs(request.rootfs, targets if "targets" in locals() else [])
             shutil.rmtree(bundle.path, ignore_errors=True)
+            if bundle.network is not None:
+                bundle.network.release()
 
     def start(self) -> None:
         pass  # runc is started for each run: nothing runs ahead
@@ -149,6 +158,7 @@ class RuncExecutor:
         for run in runs:
             self._kill(run)
         self._finalizer()
+        self._network.close()
 
     # -- internals ----------------------------------------------------------------------
 
@@ -225,7 +235,9 @@ class RuncExecutor:
         env.setdefault("HOME", user.home)
         env.setdefault("PATH", DEFAULT_PATH)
         (b / "hosts").write_text(hosts_file(request.hostname, list(request.extra_hosts)))
-        (b / "resolv.conf").write_text(resolv_conf(request.network))
+        (b / "resolv.conf").write_text(
+            bundle.network.resolv_conf if bundle.network is not None else resolv_conf(request.network)
+        )
         insecure = request.security == "insecure"
         caps = [
             CAPABILITY_NAMES[c]
@@ -260,6 +272,9 @@ class RuncExecutor:
         namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
         if request.network == "none":
             namespaces.append({"type": "network"})
+        elif bundle.network is not None:
+            # The isolated default: the namespace the main process made ahead, by path.
+            namespaces.append({"type": "network", "path": bundle.network.path})
         if request.network not in ("default", "none", "host"):
             raise ExecutorError(f"unsupported network mode {request.network!r}")
         spec = {

@@ -32,6 +32,7 @@ from .syscalls import (
     remove_capabilities,
     set_capabilities,
     set_no_new_privs,
+    setns,
     unshare,
 )
 from .users import resolve_user
@@ -216,6 +217,18 @@ def enter_container_root(spec: dict[str, Any], stubs: list[dict[str, Any]]) -> N
             unshare(CLONE_NEWNET)
         except OSError as e:
             raise SetupError(f"cannot create the container's network: {e.strerror}") from None
+    own_network = network == "none" or "netns" in spec
+    if "netns" in spec:
+        # The isolated default: a namespace the main process made ahead (veth, address
+        # and routes set), held there by a descriptor; joined by its /proc path.
+        try:
+            fd = os.open(spec["netns"], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                setns(fd, CLONE_NEWNET)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise SetupError(f"cannot join the step's network namespace: {e.strerror}") from None
     scratch = spec["scratch"]
     root = os.path.join(scratch, "root")
     rootfs = spec["rootfs"]
@@ -243,7 +256,7 @@ def enter_container_root(spec: dict[str, Any], stubs: list[dict[str, Any]]) -> N
         shm_flags = MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC
         mount("tmpfs", os.path.join(dev, "shm"), None, shm_flags, f"mode=1777,size={spec['shm_size']}")
     sys_dir = place.directory("/sys")
-    if insecure or network == "none":
+    if insecure or own_network:
         mount_sys(sys_dir, insecure)
     else:
         mount(os.path.join(prepared, "sys"), sys_dir, None, MS_MOVE)
@@ -252,7 +265,7 @@ def enter_container_root(spec: dict[str, Any], stubs: list[dict[str, Any]]) -> N
     _write(hosts, hosts_file(spec["hostname"], spec.get("extra_hosts", [])))
     mount(hosts, place.file("/etc/hosts"), None, MS_BIND)
     resolv = os.path.join(scratch, "resolv.conf")
-    _write(resolv, resolv_conf(network))
+    _write(resolv, spec["resolv_conf"] if "resolv_conf" in spec else resolv_conf(network))
     mount(resolv, place.file("/etc/resolv.conf"), None, MS_BIND)
 
     for index, m in enumerate(spec["mounts"]):

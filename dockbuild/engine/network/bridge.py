@@ -1,0 +1,339 @@
+"""The root network: a veth pair per step on the ``dockbuild0`` bridge, NAT to the outside.
+
+Builds running at once share the bridge: ``/run/dockbuild/network.lock`` is held
+exclusively while the bridge and NAT are made or removed, and ``network.users`` shared by
+every build using them, so the last one out (the one that gets it exclusively) removes
+them. A step's address is derived from its host-side veth's interface index, unique on
+the host while the veth exists, so concurrent builds need no address bookkeeping.
+
+One worker thread makes the namespaces (it unshares, then builds each with batched
+netlink requests, :mod:`.rtnl`): it keeps a few ready (``POOL``) while steps run. A
+finished step only closes its descriptor: the kernel removes the namespace and its veth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import queue
+import socket
+import threading
+
+from dockbuild.engine.network import (
+    BRIDGE,
+    DEFAULT_SUBNETS,
+    NetworkUnavailable,
+    StepNetwork,
+    fd_path,
+    nat,
+    resolv_conf,
+)
+
+STATE_DIR = "/run/dockbuild"
+SUBNET_RECORD = os.path.join(STATE_DIR, "network.subnet")  # the bridge's range
+NAT_RECORD = os.path.join(STATE_DIR, "network.nat")  # the commands that undo the NAT
+POOL = 2
+VETH_PREFIX = "dbv"
+# Host-side veths get interface index SLOT_INDEX + slot (far above what the kernel hands
+# out by itself); at most MAX_SLOTS steps at once share the bridge.
+SLOT_INDEX = 0x10000000
+MAX_SLOTS = 1 << 16
+
+
+def _lock(name: str, how: int) -> int:
+    os.makedirs(STATE_DIR, mode=0o755, exist_ok=True)
+    fd = os.open(os.path.join(STATE_DIR, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, how)
+    return fd
+
+
+class BridgeNetworks:
+    kind = "bridge"
+
+    def __init__(self, subnet: ipaddress.IPv4Network, users_fd: int, nat_kind: str) -> None:
+        self.subnet = subnet
+        self.gateway = str(next(subnet.hosts()))
+        self.nat = nat_kind
+        self._users_fd = users_fd
+        self._resolv = resolv_conf()
+        self._ready: queue.Queue[StepNetwork | BaseException] = queue.Queue()
+        self._wake = threading.Condition()
+        self._wanted = POOL
+        self._closed = False
+        # Where this build starts looking for free addresses (see _make).
+        self._next = int.from_bytes(os.urandom(4), "big") % self._slots
+        self._worker = threading.Thread(target=self._work, name="dockbuild-network", daemon=True)
+        self._worker.start()
+
+    @property
+    def _slots(self) -> int:
+        return min(self.subnet.num_addresses - 3, MAX_SLOTS)
+
+    @classmethod
+    def open(cls, configured: str | None) -> BridgeNetworks:
+        from dockbuild.engine.network import rtnl
+
+        setup = _lock("network.lock", fcntl.LOCK_EX)
+        try:
+            users = _lock("network.users", fcntl.LOCK_SH)
+            try:
+                with rtnl.open_socket() as sock:
+                    subnet, created = _ensure_bridge(sock, configured)
+                    sweep_veths(sock)
+                if created:  # else a build still running (or a dead one) made both
+                    if os.path.exists(NAT_RECORD):  # a build killed while removing them
+                        _remove_rules(str(subnet))
+                    atomic_write(NAT_RECORD, json.dumps(nat.install(BRIDGE, str(subnet))))
+                    _enable_forwarding(BRIDGE)
+                nat_kind = nat.backend()[0] or "none"
+            except BaseException:
+                os.close(users)
+                raise
+        finally:
+            os.close(setup)
+        return cls(subnet, users, nat_kind)
+
+    def take(self) -> StepNetwork:
+        with self._wake:
+            self._wanted += 1
+            self._wake.notify()
+        got = self._ready.get()
+        if isinstance(got, BaseException):
+            raise NetworkUnavailable(f"cannot make the step's network: {got}")
+        return got
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._worker.join(10)
+        while True:
+            try:
+                got = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(got, StepNetwork):
+                got.release()
+        try:
+            # The kernel removes a veth when its namespace goes, but in the background:
+            # this build's are deleted now, so none is seen after it ends.
+            from dockbuild.engine.network import rtnl
+
+            with rtnl.open_socket() as sock:
+                sweep_veths(sock, own=True)
+        finally:
+            os.close(self._users_fd)
+        teardown()
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        from dockbuild.engine.network import rtnl
+
+        host_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with rtnl.open_socket() as host:
+                bridge = socket.if_nametoindex(BRIDGE)
+                while True:
+                    with self._wake:
+                        while not self._closed and self._wanted <= 0:
+                            self._wake.wait()
+                        if self._closed:
+                            return
+                        self._wanted -= 1
+                    try:
+                        self._ready.put(self._make(host, host_fd, bridge))
+                    except Exception as e:
+                        self._ready.put(e)
+        except Exception as e:  # the bridge vanished under us, ...
+            for _ in range(POOL + 8):
+                self._ready.put(e)
+        finally:
+            os.close(host_fd)
+
+    def _make(self, host: socket.socket, host_fd: int, bridge: int) -> StepNetwork:
+        """A namespace with ``lo`` up and ``eth0`` on the bridge, made by this thread.
+
+        The step's address is the bridge's range + 2 + slot, and the host end's interface
+        index is SLOT_INDEX + slot: an index is unique on the host, so builds running at
+        once never share an address (a taken index fails with EEXIST: the next slot).
+        """
+        from dockbuild.engine.executor.forkserver.syscalls import CLONE_NEWNET, setns, unshare
+        from dockbuild.engine.network import rtnl
+
+        unshare(CLONE_NEWNET)  # this thread only: it returns to the host's below
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with rtnl.open_socket() as inside:  # made now, so in the new namespace
+                rtnl.check(rtnl.request(inside, [rtnl.link_up(1)]), ["lo up"])
+                for _attempt in range(64):
+                    slot = self._next
+                    self._next = (self._next + 1) % self._slots
+                    veth = f"{VETH_PREFIX}{os.getpid():x}.{slot:x}"
+                    ip = str(self.subnet.network_address + 2 + slot)
+                    failed = rtnl.request(inside, [
+                        rtnl.veth(2, "eth0", SLOT_INDEX + slot, veth, host_fd),
+                        rtnl.address(2, ip, self.subnet.prefixlen),
+                        rtnl.default_route(2, self.gateway),
+                    ])  # fmt: skip
+                    if not failed or failed[0] != (0, errno.EEXIST):
+                        break
+                rtnl.check(failed, ["veth " + veth, "address " + ip, "default route"])
+            rtnl.check(rtnl.request(host, [rtnl.link_up(SLOT_INDEX + slot, bridge)]), ["bridge port"])
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            setns(host_fd, CLONE_NEWNET)
+
+        def release() -> None:
+            # The namespace (and with it both ends of the veth) goes with its last
+            # holder: the step's processes are gone, this descriptor is the last.
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+        return StepNetwork(fd_path(fd), self._resolv, release)
+
+
+def _ensure_bridge(sock: socket.socket, configured: str | None) -> tuple[ipaddress.IPv4Network, bool]:
+    """The bridge's range, and whether the bridge was made now (the caller holds the
+    setup lock; the range is kept beside it, in STATE_DIR)."""
+    from dockbuild.engine.network import rtnl
+
+    record = SUBNET_RECORD
+    index = rtnl.link_index(BRIDGE)
+    if index is not None:
+        try:
+            with open(record) as f:
+                subnet = ipaddress.IPv4Network(f.read().strip())
+        except (OSError, ValueError):
+            subnet = None
+        if subnet is not None and (configured is None or str(subnet) == configured):
+            return subnet, False
+        # Another range (config.toml changed while no build ran) or none known: anew.
+        rtnl.check(rtnl.request(sock, [rtnl.delete_link(index)]), ["delete " + BRIDGE])
+        _remove_rules(str(subnet or configured or DEFAULT_SUBNETS[0]))
+    subnet = ipaddress.IPv4Network(configured) if configured else _free_subnet()
+    try:
+        rtnl.check(rtnl.request(sock, [rtnl.bridge(BRIDGE)]), ["create " + BRIDGE])
+        index = rtnl.link_index(BRIDGE)
+        assert index is not None
+        rtnl.check(rtnl.request(sock, [
+            rtnl.address(index, str(next(subnet.hosts())), subnet.prefixlen),
+            rtnl.link_up(index),
+        ]), ["address of " + BRIDGE, BRIDGE + " up"])  # fmt: skip
+    except OSError as e:
+        raise NetworkUnavailable(f"cannot create the bridge {BRIDGE}: {e.strerror}") from None
+    atomic_write(record, str(subnet))
+    return subnet, True
+
+
+def _remove_rules(subnet: str, thorough: bool = False) -> None:
+    """The NAT rules as recorded when they were made, or (no record, or ``thorough``)
+    whatever of ours can be found."""
+    try:
+        with open(NAT_RECORD) as f:
+            commands = json.load(f)
+    except (OSError, ValueError):
+        commands = None
+    if commands is not None:
+        nat.undo(commands)
+    if commands is None or thorough:
+        nat.remove(BRIDGE, subnet)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(NAT_RECORD)
+
+
+def atomic_write(path: str, text: str) -> None:
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """The first of DEFAULT_SUBNETS that overlaps none of the host's IPv4 routes."""
+    taken = []
+    with open("/proc/net/route") as f:  # little-endian hex: destination, mask
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            dst, mask = (ipaddress.IPv4Address(int(x, 16).to_bytes(4, "little")) for x in (fields[1], fields[7]))
+            if int(mask):
+                taken.append(ipaddress.IPv4Network(f"{dst}/{mask}", strict=False))
+    for candidate in DEFAULT_SUBNETS:
+        net = ipaddress.IPv4Network(candidate)
+        if not any(net.overlaps(t) for t in taken):
+            return net
+    raise NetworkUnavailable(
+        "every default range for the bridge overlaps a route of this host",
+        hint="set network.subnet in config.toml",
+    )
+
+
+def _enable_forwarding(bridge: str) -> None:
+    """Forwarding for packets from the bridge; where the host does not forward already,
+    also on the interfaces of its default routes, which receive the replies."""
+    names = [bridge]
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        if f.read().strip() == "0":
+            with open("/proc/net/route") as routes:
+                names += [line.split()[0] for line in routes.readlines()[1:]
+                          if line.split()[1] == "00000000" and line.split()[7] == "00000000"]  # fmt: skip
+    for name in names:
+        with open(f"/proc/sys/net/ipv4/conf/{name}/forwarding", "w") as f:
+            f.write("1")
+
+
+def sweep_veths(sock: socket.socket, own: bool = False) -> None:
+    """Delete the veths of builds that died (their owner pid is in the name), or with
+    ``own`` this process's."""
+    from dockbuild.engine.network import rtnl
+
+    doomed = []
+    for name in os.listdir("/sys/class/net"):
+        if not name.startswith(VETH_PREFIX):
+            continue
+        with contextlib.suppress(ValueError):
+            owner = int(name[len(VETH_PREFIX) :].split(".")[0], 16)
+            if owner == os.getpid() if own else not os.path.exists(f"/proc/{owner}"):
+                index = rtnl.link_index(name)
+                if index is not None:
+                    doomed.append(rtnl.delete_link(index))
+    if doomed:
+        rtnl.request(sock, doomed)  # one gone meanwhile (its namespace ended) is fine
+
+
+def teardown(rules_anyway: bool = False) -> bool:
+    """Remove the bridge and its NAT rules if no build uses them; whether it could.
+    ``rules_anyway``: look for rules also when there is no bridge (prune --all)."""
+    from dockbuild.engine.network import rtnl
+
+    setup = _lock("network.lock", fcntl.LOCK_EX)
+    try:
+        users = os.open(os.path.join(STATE_DIR, "network.users"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            with rtnl.open_socket() as sock:
+                index = rtnl.link_index(BRIDGE)
+                if index is not None:
+                    rtnl.request(sock, [rtnl.delete_link(index)])
+                sweep_veths(sock)
+            if index is not None or rules_anyway:
+                try:
+                    with open(SUBNET_RECORD) as f:
+                        subnet = f.read().strip()
+                except OSError:
+                    subnet = DEFAULT_SUBNETS[0]
+                _remove_rules(subnet, thorough=rules_anyway)
+            return True
+        finally:
+            os.close(users)
+    finally:
+        os.close(setup)
