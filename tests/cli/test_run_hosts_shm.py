@@ -40,10 +40,24 @@ def test_add_host_lines_reach_etc_hosts_in_run(
     assert "etc/hosts" not in files  # bound for the run, never in the layer
 
 
-def test_add_host_gateway_names_the_host(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
-    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM busybox\nRUN grep gw /etc/hosts > /gw\n"})
+def test_add_host_gateway_names_the_host_as_the_steps_network_reaches_it(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    # The isolated default: the step's gateway (the host's end of the bridge), as docker's
+    # bridge gateway; on the host's network: its loopback.
+    dockerfile = "FROM busybox\nRUN grep gw /etc/hosts > /gw && ip route > /route\n"
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": dockerfile})
     out = tmp_path / "out.tar"
     dockbuild.build(ctx, "--add-host", "gw:host-gateway", "-o", f"type=oci,dest={out}")
+    files = layer_files(read_oci(out).layers)
+    route = next(line for line in files["route"].decode().splitlines() if line.startswith("default"))
+    gateway = route.split()[2]  # "default via 10.88.0.1 dev eth0"
+    assert files["gw"] == f"{gateway}\tgw\n".encode()
+    assert not gateway.startswith("127.")
+    dockbuild.build(
+        ctx, "--add-host", "gw:host-gateway", "--network=host", "--allow", "network.host",
+        "-o", f"type=oci,dest={out}",
+    )  # fmt: skip
     assert layer_files(read_oci(out).layers)["gw"] == b"127.0.0.1\tgw\n"
 
 

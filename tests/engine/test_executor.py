@@ -502,7 +502,7 @@ def test_executor_choice_by_name_and_probe(tmp_path: Path) -> None:
         ("v6:fd00::1", "v6:fd00::1"),
         ("v6=fd00::1", "v6:fd00::1"),
         ("v6=[fd00::1]", "v6:fd00::1"),
-        ("gw:host-gateway", "gw:127.0.0.1"),
+        ("gw:host-gateway", "gw:host-gateway"),  # resolved by the executor, per network
     ],
 )
 def test_parse_extra_host_accepts_dockers_forms(value: str, expected: str) -> None:

@@ -8,7 +8,7 @@ how a container is made.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -110,9 +110,11 @@ NON_ROOT_HINT = (
     "container.apparmor.security.beta.kubernetes.io/<container>: unconfined before 1.30)"
 )
 
-# What ``--add-host NAME:host-gateway`` names: the host's loopback address, which is the
-# host only for a step on the host's network (--network=host, or a fallback to it).
-HOST_GATEWAY_IP = "127.0.0.1"
+# ``--add-host NAME:host-gateway`` stays symbolic in the graph (and so in cache keys): the
+# executor names the host as the step's network reaches it (``host_gateway``).
+HOST_GATEWAY = "host-gateway"
+# The host as a step on the host's network (--network=host, or a fallback to it) reaches it.
+HOST_LOOPBACK_IP = "127.0.0.1"
 
 
 def parse_extra_host(value: str) -> str:
@@ -125,8 +127,8 @@ def parse_extra_host(value: str) -> str:
         name, sep, address = value.partition(":")
     if not sep or not name or any(c.isspace() for c in name):
         raise ValueError(f"bad format for add-host: {value!r} (expected HOST:IP or HOST=IP)")
-    if address == "host-gateway":
-        return f"{name}:{HOST_GATEWAY_IP}"
+    if address == HOST_GATEWAY:
+        return f"{name}:{HOST_GATEWAY}"
     if len(address) > 2 and address[0] == "[" and address[-1] == "]":
         address = address[1:-1]
     try:
@@ -134,6 +136,13 @@ def parse_extra_host(value: str) -> str:
     except ValueError:
         raise ValueError(f"invalid IP address in add-host: {address!r}") from None
     return f"{name}:{address}"
+
+
+def host_gateway(extra_hosts: Sequence[str], address: str) -> list[str]:
+    """``--add-host`` lines with ``host-gateway`` replaced by ``address``, the host as
+    the step's network reaches it (docker's bridge gateway, as ``docker build`` does)."""
+    suffix = ":" + HOST_GATEWAY
+    return [h[: -len(suffix)] + ":" + address if h.endswith(suffix) else h for h in extra_hosts]
 
 
 # Receives ("stdout" | "stderr", bytes) chunks as the process writes them.
@@ -177,4 +186,5 @@ __all__ = [
     "PlainRootfs",
     "RunRequest",
     "parse_extra_host",
+    "host_gateway",
 ]

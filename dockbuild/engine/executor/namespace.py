@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dockbuild.engine.executor import OutputSink, OverlayRootfs, PlainRootfs, RunRequest
+from dockbuild.engine.executor import (
+    HOST_LOOPBACK_IP,
+    OutputSink,
+    OverlayRootfs,
+    PlainRootfs,
+    RunRequest,
+    host_gateway,
+)
 from dockbuild.engine.network import BuildNetwork, StepNetwork
 from dockbuild.errors import ExecutorError
 
@@ -155,6 +162,8 @@ class ForkServerExecutor:
         self, request: RunRequest, output: OutputSink, secrets: list[int], step: StepNetwork | None
     ) -> int:
         spec = self._spec(request, {i: n for n, i in enumerate(secrets)})
+        gateway = step.host_address if step is not None else HOST_LOOPBACK_IP
+        spec["extra_hosts"] = host_gateway(request.extra_hosts, gateway)
         if step is not None:
             spec["netns"] = step.path
             spec["resolv_conf"] = step.resolv_conf

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dockbuild.engine.executor import ExecMount, OutputSink, OverlayRootfs, RunRequest
+from dockbuild.engine.executor import (
+    HOST_LOOPBACK_IP,
+    ExecMount,
+    OutputSink,
+    OverlayRootfs,
+    RunRequest,
+    host_gateway,
+)
 from dockbuild.engine.executor.forkserver.container import (
     DEFAULT_CAPABILITIES,
     DEFAULT_PATH,
@@ -234,7 +241,9 @@ class RuncExecutor:
         env = environ(list(request.env))
         env.setdefault("HOME", user.home)
         env.setdefault("PATH", DEFAULT_PATH)
-        (b / "hosts").write_text(hosts_file(request.hostname, list(request.extra_hosts)))
+        gateway = bundle.network.host_address if bundle.network is not None else HOST_LOOPBACK_IP
+        extra_hosts = host_gateway(request.extra_hosts, gateway)
+        (b / "hosts").write_text(hosts_file(request.hostname, extra_hosts))
         (b / "resolv.conf").write_text(
             bundle.network.resolv_conf if bundle.network is not None else resolv_conf(request.network)
         )

@@ -74,6 +74,7 @@ class StepNetwork:
 
     path: str
     resolv_conf: str
+    host_address: str  # the host as the step reaches it (``--add-host NAME:host-gateway``)
     release: Callable[[], None] = field(repr=False)
 
 

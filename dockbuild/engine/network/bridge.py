@@ -196,7 +196,7 @@ class BridgeNetworks:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-        return StepNetwork(fd_path(fd), self._resolv, release)
+        return StepNetwork(fd_path(fd), self._resolv, self.gateway, release)
 
 
 def _ensure_bridge(sock: socket.socket, configured: str | None) -> tuple[ipaddress.IPv4Network, bool]:

@@ -42,7 +42,9 @@ class SlirpNetwork:
         self._fd = netns_fd
         self._process = process
         self._exit_w = exit_w
-        self._step = StepNetwork(fd_path(netns_fd), resolv_conf((resolver,)), lambda: None)
+        self._step = StepNetwork(
+            fd_path(netns_fd), resolv_conf((resolver,)), host_address(), lambda: None
+        )
 
     @classmethod
     def open(cls) -> SlirpNetwork:
@@ -146,3 +148,18 @@ def _wait_for_tap(netns_fd: int) -> bool:
     thread.start()
     thread.join()
     return found[0]
+
+
+def host_address() -> str:
+    """The host's address on its default route: what a step behind slirp4netns or pasta
+    reaches the host by (their gateway addresses are not the host: its loopback is
+    closed to them). A UDP connect sends nothing; without a route, slirp4netns' host
+    address (which --disable-host-loopback refuses, but names the intent)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never a real destination
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "10.0.2.2"
