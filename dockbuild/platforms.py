@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform as _host
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from dockbuild.errors import DockbuildError
@@ -43,9 +43,9 @@ _ARM64_RUNS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class Platform:
-    """One platform as OCI's platform object has it."""
+class Platform(NamedTuple):
+    """One platform as OCI's platform object has it (a named tuple: a no-op rebuild
+    loads this module, and the dataclasses module is a large part of its start-up)."""
 
     os: str
     architecture: str
