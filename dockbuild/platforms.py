@@ -8,7 +8,7 @@ Stdlib only: the frontend, the engine and the CLI read it alike.
 
 from __future__ import annotations
 
-import platform as _host
+import os
 import re
 from typing import NamedTuple
 from urllib.parse import unquote
@@ -105,7 +105,7 @@ def normalized(p: Platform) -> Platform:
 
 
 def _host_platform() -> Platform:
-    machine = (_host.machine() or "amd64").lower()
+    machine = (os.uname().machine or "amd64").lower()  # platform.machine(), without loading platform
     arch, variant = _UNAME.get(machine, (machine, ""))
     return normalized(Platform("linux", arch, variant))
 
