@@ -23,7 +23,6 @@ Other engineers may add their own sections (registry mirrors, ...); each reads i
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import re
@@ -52,6 +51,8 @@ def load() -> dict[str, Any]:
     except OSError as e:
         raise DockbuildError(f"cannot read config {path}: {e.strerror}") from e
     # A build asks several times; parse once per version of the file.
+    import copy  # loaded only when there is a config file
+
     return copy.deepcopy(_parse(path, st.st_mtime_ns, st.st_size))
 
 

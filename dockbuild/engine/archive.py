@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,6 +338,8 @@ class _Unpacker:
         os.setxattr(self.path(parts), self.opaque_xattr, b"y", follow_symlinks=False)
 
     def remove(self, parts: tuple[str, ...]) -> None:
+        import shutil
+
         p = self.path(parts)
         st = os.lstat(p)
         if stat.S_ISDIR(st.st_mode):
@@ -449,6 +450,8 @@ class _Unpacker:
             self.whiteouts.add(parts)
 
     def write_file(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, p: str) -> None:
+        import shutil
+
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with open(fd, "wb", buffering=0, closefd=True) as out:
             src = tf.extractfile(ti)
