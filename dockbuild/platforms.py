@@ -26,8 +26,9 @@ _KNOWN_ARCH = frozenset(
      "riscv", "riscv64", "s390", "s390x", "sparc", "sparc64", "wasm")
 )
 # containerd's specifierRe and osRe (platforms.go): an OS may carry (version+feature+...).
-_PART_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_OS_RE = re.compile(r"([A-Za-z0-9_-]+)(?:\(([A-Za-z0-9_.%-]*)((?:\+[A-Za-z0-9_.%-]+)*)\))?")
+# Patterns, compiled by re when a platform is first parsed (a no-op rebuild parses none).
+_PART_RE = r"[A-Za-z0-9_.-]+"
+_OS_RE = r"([A-Za-z0-9_-]+)(?:\(([A-Za-z0-9_.%-]*)((?:\+[A-Za-z0-9_.%-]+)*)\))?"
 _HINT = "expected OS/ARCH[/VARIANT], e.g. linux/amd64, linux/arm64, linux/arm/v7"
 # What the kernel calls this machine's CPU -> Go's architecture and variant (Go knows its
 # own GOARCH; Python reads uname, whose 32-bit ARM and x86 names containerd never sees).
@@ -133,8 +134,8 @@ def parse(text: str) -> Platform:
     if "*" in raw:
         raise DockbuildError(f"invalid platform {text!r}: wildcards not yet supported", hint=_HINT)
     parts = raw.split("/")
-    head = _OS_RE.fullmatch(parts[0])
-    if head is None or len(parts) > 3 or not all(_PART_RE.fullmatch(p) for p in parts[1:]):
+    head = re.fullmatch(_OS_RE, parts[0])
+    if head is None or len(parts) > 3 or not all(re.fullmatch(_PART_RE, p) for p in parts[1:]):
         raise DockbuildError(f"invalid platform {text!r}", hint=_HINT)
     os_name = head.group(1).lower()
     os_name = "darwin" if os_name == "macos" else os_name

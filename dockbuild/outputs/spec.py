@@ -61,7 +61,9 @@ _BOOLS = {
     "store",
     "platform-split",
 }
-_ANNOTATION = re.compile(
+# A pattern, compiled by re (and cached there) when first used: every build with an
+# output loads this module, few name an annotation.
+_ANNOTATION = (
     r"annotation(?:-(manifest|manifest-descriptor|index|index-descriptor))?"
     r"(?:\[([^\]]*)\])?\.(.+)"
 )
@@ -154,7 +156,7 @@ def parse_outputs(
             )
         for key, value in attrs.items():
             if key.startswith("annotation") and kind in ("image", "registry", "docker", "oci"):
-                match = _ANNOTATION.fullmatch(key)
+                match = re.fullmatch(_ANNOTATION, key)
                 if not match:
                     raise DockbuildError(f"invalid output {text!r}: bad annotation key {key!r}")
                 if match.group(1) in ("index", "index-descriptor") and not multi_platform:
@@ -285,7 +287,7 @@ def image_annotations(spec: OutputSpec, platform: str) -> dict[str, dict[str, st
         "index-descriptor": {},
     }
     for key, value in spec.attrs.items():
-        match = _ANNOTATION.fullmatch(key)
+        match = re.fullmatch(_ANNOTATION, key)
         if not match:
             continue
         where, plat, name = match.group(1) or "manifest", match.group(2), match.group(3)
