@@ -14,7 +14,6 @@ import contextlib
 import errno
 import functools
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,6 +254,7 @@ def atomic_dir(dest: Path, *, durable: bool = True) -> Iterator[Path]:
     the old tree or the new one, never a mix. ``durable=False``: no sync, as in
     :func:`atomic_file`.
     """
+    import shutil
     import tempfile
 
     dest = Path(dest)
@@ -273,6 +273,8 @@ def atomic_dir(dest: Path, *, durable: bool = True) -> Iterator[Path]:
 def replace_dir(src: Path, dest: Path, *, durable: bool = True) -> None:
     """Rename the directory ``src`` to ``dest``, removing what ``dest`` held (and sync
     the rename, unless ``durable=False``)."""
+    import shutil
+
     if not os.path.lexists(dest):
         os.rename(src, dest)
     else:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from dockbuild import contexts
 from dockbuild.errors import DockbuildError
 
 TYPE_CHECKING = False  # typing and the heavy modules load only for the type checker
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping, Sequence
     from contextlib import ExitStack
     from pathlib import Path
 
@@ -43,33 +43,37 @@ if TYPE_CHECKING:
 
 
 
-@dataclass
-class BuildRequest:
+# Named tuples, not dataclasses: a no-op rebuild loads this module, and the dataclasses
+# module (inspect, ast, dis) is a large part of its start-up. The request is never
+# changed: its sequences are tuples, its mappings read only.
+
+
+class BuildRequest(NamedTuple):
     context: str
     dockerfile: str | None = None
     dockerfile_text: bytes | None = None  # `-f -`: the Dockerfile the CLI read from stdin
-    tags: list[str] = field(default_factory=list)
+    tags: tuple[str, ...] = ()
     target: str | None = None
-    build_args: dict[str, str | None] = field(default_factory=dict)
-    build_contexts: dict[str, str] = field(default_factory=dict)
-    outputs: list[str] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=dict)
+    build_args: Mapping[str, str | None] = {}
+    build_contexts: Mapping[str, str] = {}
+    outputs: tuple[str, ...] = ()
+    labels: Mapping[str, str] = {}
     progress: str = "auto"
     quiet: bool = False
     no_cache: bool = False
     pull: bool = False
-    no_cache_filter: list[str] = field(default_factory=list)  # stage names
+    no_cache_filter: tuple[str, ...] = ()  # stage names
     explain_cache: bool = False
-    cache_from: list[str] = field(default_factory=list)  # --cache-from specs
-    cache_to: list[str] = field(default_factory=list)  # --cache-to specs
+    cache_from: tuple[str, ...] = ()  # --cache-from specs
+    cache_to: tuple[str, ...] = ()  # --cache-to specs
     platform: str | None = None  # --platform: comma-separated; None = this machine's
     executor: str | None = None
     network: str = "default"
     add_hosts: tuple[str, ...] = ()  # --add-host, each "HOST:IP"
     shm_size: int | None = None  # --shm-size in bytes; None: the executor's default
-    secrets: list[str] = field(default_factory=list)  # --secret values
-    ssh: list[str] = field(default_factory=list)  # --ssh values
-    allow: list[str] = field(default_factory=list)  # --allow entitlements
+    secrets: tuple[str, ...] = ()  # --secret values
+    ssh: tuple[str, ...] = ()  # --ssh values
+    allow: tuple[str, ...] = ()  # --allow entitlements
     iidfile: str | None = None
     metadata_file: str | None = None
     check: bool = False  # --check: run the build checks only
@@ -78,16 +82,14 @@ class BuildRequest:
     squash: bool = False
 
 
-@dataclass(frozen=True)
-class BuildResult:
+class BuildResult(NamedTuple):
     """What a finished build reports back to the CLI."""
 
     image_id: str | None  # the config digest (an index's digest for several platforms); None when no output made an image
     wrote_stdout: bool  # an output (`-o -`, the default on a pipe) wrote to stdout
 
 
-@dataclass(frozen=True)
-class RunOptions:
+class RunOptions(NamedTuple):
     """--secret, --ssh and --allow, checked (engine/mounts.py uses them)."""
 
     secrets: dict[str, SecretSource]
@@ -399,7 +401,7 @@ def _check_multi_platform(outputs: list[OutputSpec], request: BuildRequest, targ
             )
 
 
-def _check_tags(tags: list[str]) -> None:
+def _check_tags(tags: Sequence[str]) -> None:
     """-t names, each a valid image reference (every output that names the image uses it)."""
     if not tags:
         return
@@ -458,7 +460,7 @@ def _convert(
     options = convert.ConvertOptions(
         target=request.target,
         build_args=build_args,
-        labels=request.labels,
+        labels=dict(request.labels),
         platform=platform or target_platforms(request)[0],
         build_platform=platforms.host(),
         explicit_platform=request.platform is not None,
@@ -569,7 +571,7 @@ def _result_key(request: BuildRequest, inputs: contexts.Inputs, platform: str, t
     from dockbuild import resultcache
     from dockbuild.config import config_path
 
-    def ids(specs: list[str], parse: Callable[[str], SecretSource | SSHSource]) -> list[str]:
+    def ids(specs: Sequence[str], parse: Callable[[str], SecretSource | SSHSource]) -> list[str]:
         """The ids of --secret or --ssh specs (never their values: as in BuildKit, a
         secret does not decide a cached result)."""
         return sorted(parse(spec).id for spec in specs)
@@ -664,11 +666,9 @@ def _result(
     warnings: list[str],
     records: list[str],
 ) -> resultcache.Result:
-    from dataclasses import asdict
-
     from dockbuild import resultcache
 
-    fields = asdict(image)
+    fields = image._asdict()
     fields["history_times"] = [[k, v] for k, v in image.history_times.items()]
     return resultcache.Result(fields, read, pinned, steps, [str(w) for w in warnings], records)
 

@@ -23,7 +23,6 @@ Other engineers may add their own sections (registry mirrors, ...); each reads i
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import re
@@ -52,6 +51,8 @@ def load() -> dict[str, Any]:
     except OSError as e:
         raise DockbuildError(f"cannot read config {path}: {e.strerror}") from e
     # A build asks several times; parse once per version of the file.
+    import copy  # loaded only when there is a config file
+
     return copy.deepcopy(_parse(path, st.st_mtime_ns, st.st_size))
 
 
@@ -121,7 +122,7 @@ def parse_size(value: Any, what: str = "size") -> Size:
     return Size(int(float(m.group(1)) * _UNITS[m.group(2)]))
 
 
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)")
+_DURATION = r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)"  # compiled by re when first used
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -135,7 +136,7 @@ def parse_duration(value: Any, what: str = "duration") -> float:
     if text.isdigit():
         return float(text)
     pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
+    for m in re.finditer(_DURATION, text):
         if m.start() != pos:
             break
         total += float(m.group(1)) * _SECONDS[m.group(2)]

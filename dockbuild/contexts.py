@@ -17,7 +17,7 @@ from dockbuild.errors import DockbuildError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from dockbuild.engine.sources.local import FileDigests, LocalDir
 
@@ -67,7 +67,7 @@ def context_name(name: str, inputs: Inputs) -> str:
 def resolve(
     context: str,
     dockerfile: str | None,
-    build_contexts: dict[str, str],
+    build_contexts: Mapping[str, str],
     *,
     stdin_dockerfile: bytes | None = None,
     keep_git: bool = False,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -143,6 +142,8 @@ class Record(Sink):
             os.unlink(self._tmp / ".lock")  # still held: the directory is renamed next
             os.replace(self._tmp, self._dir / self.id)
         except OSError:
+            import shutil  # loaded only to clean up: a build that writes its record never needs it
+
             shutil.rmtree(self._tmp, ignore_errors=True)
         finally:
             os.close(self._lock_fd)
@@ -274,6 +275,8 @@ def plain_log(root: Path, record: dict[str, Any], step: int | None, out: IO[str]
 
 def remove(root: Path, record_id: str) -> None:
     """Remove a record; another process removing it too is no error."""
+    import shutil
+
     directory = history_dir(root)
     gone = directory / f"{_GONE}{record_id}-{new_id()[:8]}"
     try:
@@ -326,6 +329,8 @@ def collect(root: Path, keep: int | None = None, max_age: float | None = None) -
             remove(root, entry.name)
             removed.append(entry.name)
     for leftover in leftovers(root):
+        import shutil
+
         shutil.rmtree(leftover, ignore_errors=True)
     return removed
 
@@ -366,6 +371,8 @@ def leftovers(root: Path) -> list[Path]:
 
 def check(root: Path, repair: bool) -> list[str]:
     """``debug check-cache``: the records' leftovers (removed with ``repair``)."""
+    import shutil
+
     problems = []
     for path in leftovers(root):
         problems.append(f"build record leftover {path}")

@@ -8,9 +8,9 @@ Stdlib only: the frontend, the engine and the CLI read it alike.
 
 from __future__ import annotations
 
-import platform as _host
+import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from dockbuild.errors import DockbuildError
@@ -26,8 +26,9 @@ _KNOWN_ARCH = frozenset(
      "riscv", "riscv64", "s390", "s390x", "sparc", "sparc64", "wasm")
 )
 # containerd's specifierRe and osRe (platforms.go): an OS may carry (version+feature+...).
-_PART_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_OS_RE = re.compile(r"([A-Za-z0-9_-]+)(?:\(([A-Za-z0-9_.%-]*)((?:\+[A-Za-z0-9_.%-]+)*)\))?")
+# Patterns, compiled by re when a platform is first parsed (a no-op rebuild parses none).
+_PART_RE = r"[A-Za-z0-9_.-]+"
+_OS_RE = r"([A-Za-z0-9_-]+)(?:\(([A-Za-z0-9_.%-]*)((?:\+[A-Za-z0-9_.%-]+)*)\))?"
 _HINT = "expected OS/ARCH[/VARIANT], e.g. linux/amd64, linux/arm64, linux/arm/v7"
 # What the kernel calls this machine's CPU -> Go's architecture and variant (Go knows its
 # own GOARCH; Python reads uname, whose 32-bit ARM and x86 names containerd never sees).
@@ -43,9 +44,9 @@ _ARM64_RUNS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class Platform:
-    """One platform as OCI's platform object has it."""
+class Platform(NamedTuple):
+    """One platform as OCI's platform object has it (a named tuple: a no-op rebuild
+    loads this module, and the dataclasses module is a large part of its start-up)."""
 
     os: str
     architecture: str
@@ -105,7 +106,7 @@ def normalized(p: Platform) -> Platform:
 
 
 def _host_platform() -> Platform:
-    machine = (_host.machine() or "amd64").lower()
+    machine = (os.uname().machine or "amd64").lower()  # platform.machine(), without loading platform
     arch, variant = _UNAME.get(machine, (machine, ""))
     return normalized(Platform("linux", arch, variant))
 
@@ -133,8 +134,8 @@ def parse(text: str) -> Platform:
     if "*" in raw:
         raise DockbuildError(f"invalid platform {text!r}: wildcards not yet supported", hint=_HINT)
     parts = raw.split("/")
-    head = _OS_RE.fullmatch(parts[0])
-    if head is None or len(parts) > 3 or not all(_PART_RE.fullmatch(p) for p in parts[1:]):
+    head = re.fullmatch(_OS_RE, parts[0])
+    if head is None or len(parts) > 3 or not all(re.fullmatch(_PART_RE, p) for p in parts[1:]):
         raise DockbuildError(f"invalid platform {text!r}", hint=_HINT)
     os_name = head.group(1).lower()
     os_name = "darwin" if os_name == "macos" else os_name

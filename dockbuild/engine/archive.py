@@ -26,20 +26,21 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-import bz2
 import errno
-import gzip
 import io
-import lzma
 import os
-import shutil
 import stat
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, cast
 
 from dockbuild.errors import DockbuildError, SecurityError
+
+# tarfile and the decompressors load where a tar is read or written: every build opens
+# the store (which imports this module), a no-op rebuild reads no tar.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import tarfile
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -224,6 +225,8 @@ def decompressed(raw: BinaryIO) -> BinaryIO:
     )
     kind = detect_compression(buffered.peek(6)[:6])
     if kind == "gzip":
+        import gzip
+
         return cast(BinaryIO, gzip.GzipFile(fileobj=buffered, mode="rb"))
     if kind == "zstd":
         import zstandard  # imported lazily: only zstd layers need it
@@ -231,8 +234,12 @@ def decompressed(raw: BinaryIO) -> BinaryIO:
         reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
         return io.BufferedReader(reader, _COPY_BUFSIZE)
     if kind == "bzip2":
+        import bz2
+
         return cast(BinaryIO, bz2.BZ2File(buffered, mode="rb"))
     if kind == "xz":
+        import lzma
+
         return cast(BinaryIO, lzma.LZMAFile(buffered, mode="rb"))
     return cast(BinaryIO, buffered)
 
@@ -342,6 +349,8 @@ class _Unpacker:
         os.setxattr(self.path(parts), self.opaque_xattr, b"y", follow_symlinks=False)
 
     def remove(self, parts: tuple[str, ...]) -> None:
+        import shutil
+
         p = self.path(parts)
         st = os.lstat(p)
         if stat.S_ISDIR(st.st_mode):
@@ -452,6 +461,8 @@ class _Unpacker:
             self.whiteouts.add(parts)
 
     def write_file(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, p: str) -> None:
+        import shutil
+
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with open(fd, "wb", buffering=0, closefd=True) as out:
             src = tf.extractfile(ti)
@@ -548,6 +559,8 @@ def unpack_layer(fileobj: BinaryIO, dest: Path, *, rootless: bool = False) -> No
     absolute names are taken relative to ``dest`` as tar does. The stream is read to its
     end, so a hashing wrapper around it sees every byte.
     """
+    import tarfile
+
     unpacker = _Unpacker(Path(dest), rootless)
     try:
         with tarfile.open(
@@ -596,6 +609,8 @@ class TreeTarWriter:
     """
 
     def __init__(self, out: BinaryIO, *, clamp_mtime: int | None = None) -> None:
+        import tarfile
+
         self.clamp_mtime = clamp_mtime
         self.links: dict[tuple[int, int], str] = {}
         # Mode "w" on a position-counting wrapper rather than the "w|" stream mode: the
@@ -630,6 +645,8 @@ class TreeTarWriter:
 
     def add_marker(self, name: str, mtime: float) -> None:
         """An empty regular file with mode 0 owned by 0:0 (a whiteout or opaque marker)."""
+        import tarfile
+
         ti = tarfile.TarInfo(name)
         ti.type = tarfile.REGTYPE
         ti.mode = 0
@@ -641,6 +658,8 @@ class TreeTarWriter:
         self, name: str, path: str | os.PathLike[str], st: os.stat_result | None = None
     ) -> None:
         """Add the file at ``path`` under ``name`` (relative, no leading ``./``)."""
+        import tarfile
+
         if st is None:
             st = os.lstat(path)
         mode = st.st_mode

@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from dockbuild.engine.archive import is_opaque_dir, is_whiteout
 from dockbuild.errors import DockbuildError
@@ -31,9 +31,9 @@ MAX_SYMLINKS = 40
 Layers = Sequence[Path]
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """A filesystem as a chain of layer directories, bottom first."""
+class Snapshot(NamedTuple):
+    """A filesystem as a chain of layer directories, bottom first (a named tuple: a
+    cached tar or local export loads this module, and no dataclasses module then)."""
 
     layers: tuple[Path, ...]
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sqlite3
 import struct
 import sys
@@ -713,6 +712,11 @@ _FS_TOPDIR_FL = 0x00020000
 
 def remove_tree(path: Path) -> None:
     """Remove a directory tree, including dirs that an overlay left unreadable (mode 000)."""
+    if not path.is_dir() or path.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    import shutil  # here: most builds have no tree to remove
 
     retried: set[str] = set()
 
@@ -729,11 +733,7 @@ def remove_tree(path: Path) -> None:
         elif not isinstance(exc_info[1], FileNotFoundError):
             raise exc_info[1]
 
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, onerror=fix_and_retry)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    shutil.rmtree(path, onerror=fix_and_retry)
 
 
 def tree_size(path: Path) -> int:

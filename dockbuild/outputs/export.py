@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dockbuild.engine.store import Store
@@ -83,7 +83,7 @@ def base_layer_count(config: dict[str, Any], history_ops: list[Any], layers: int
     return min(count, layers)
 
 
-def source_date_epoch(build_args: dict[str, str | None]) -> int | None:
+def source_date_epoch(build_args: Mapping[str, str | None]) -> int | None:
     """SOURCE_DATE_EPOCH from ``--build-arg`` (a bare name reads the environment), else env."""
     value: str | None
     if "SOURCE_DATE_EPOCH" in build_args:

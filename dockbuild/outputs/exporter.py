@@ -6,18 +6,22 @@ One module per output type implements it (``local``, ``tar``, ``docker``, ``oci`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from dockbuild.engine.store import Store
     from dockbuild.outputs.spec import OutputSpec
     from dockbuild.progress import Progress
 
 
-@dataclass
-class Image:
+# Named tuples and a plain class, not dataclasses: a cached export loads this module, and
+# the dataclasses module is a large part of its start-up.
+
+
+class Image(NamedTuple):
     """The solved result: the final state's layers and the image config."""
 
     state: tuple[str, ...]
@@ -30,28 +34,30 @@ class Image:
     sources: tuple[str, ...] = ()
     # The `created` time of each history entry the build added, by index (None: the
     # export's own time); SOURCE_DATE_EPOCH overrides them (see export.history_times).
-    history_times: dict[int, str | None] = field(default_factory=dict)
+    history_times: Mapping[int, str | None] = {}  # never changed: no default is shared writably
 
 
-@dataclass
-class ExportIds:
+class ExportIds(NamedTuple):
     """What the image outputs made: for ``--iidfile``, ``--metadata-file`` and ``-q``."""
 
     image_id: str | None = None  # config digest
     manifest_digest: str | None = None
     descriptor: dict[str, Any] | None = None
-    names: list[str] = field(default_factory=list)
+    names: Sequence[str] = ()
 
 
-@dataclass
 class ExportRun:
-    """One build's exports: what every exporter gets, and the ids they found."""
+    """One build's exports: what every exporter gets, and the ids they found (set by
+    the image exporters)."""
 
-    store: Store
-    images: dict[str, Image]  # by platform (normalised), in the order asked for
-    progress: Progress
-    now: str  # one `created` time for every output of the build: the same image
-    ids: ExportIds = field(default_factory=ExportIds)
+    __slots__ = ("store", "images", "progress", "now", "ids")
+
+    def __init__(self, store: Store, images: dict[str, Image], progress: Progress, now: str) -> None:
+        self.store = store
+        self.images = images  # by platform (normalised), in the order asked for
+        self.progress = progress
+        self.now = now  # one `created` time for every output of the build: the same image
+        self.ids = ExportIds()
 
     @property
     def image(self) -> Image:

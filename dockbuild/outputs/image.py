@@ -17,9 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dockbuild.engine.compression import (
     DOCKER_MANIFEST_LIST,
@@ -149,14 +148,17 @@ _index = _struct(
 # --- documents ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Descriptor:
+# Named tuples, not frozen dataclasses: a cached export loads this module, and the
+# dataclasses module is a large part of its start-up.
+
+
+class Descriptor(NamedTuple):
     """An OCI content descriptor."""
 
     media_type: str
     digest: str
     size: int
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = {}  # read only: the default is never written
     platform: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -236,16 +238,14 @@ def platform_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
-class LayerBlob:
+class LayerBlob(NamedTuple):
     """A compressed layer in the cache store: its descriptor and where to read it."""
 
     descriptor: Descriptor
     path: Path
 
 
-@dataclass(frozen=True)
-class ImageBlobs:
+class ImageBlobs(NamedTuple):
     """One single-platform image, ready for an exporter: documents and blob locations.
 
     ``blobs`` maps each layer digest to the file holding it (the cache store's
@@ -289,8 +289,7 @@ class ImageBlobs:
         )
 
 
-@dataclass(frozen=True)
-class IndexBlobs:
+class IndexBlobs(NamedTuple):
     """A multi-platform image: its index (or Docker manifest list) and one image per
     platform, in the order the platforms were asked for."""
 

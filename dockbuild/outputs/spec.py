@@ -6,9 +6,12 @@ Also what a spec says about the image it writes: its names and its annotations.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from dockbuild.errors import DockbuildError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 _TYPES = ("docker", "oci", "local", "tar", "image", "registry")
 _IMAGE_KEYS = {
@@ -58,21 +61,39 @@ _BOOLS = {
     "store",
     "platform-split",
 }
-_ANNOTATION = re.compile(
+# A pattern, compiled by re (and cached there) when first used: every build with an
+# output loads this module, few name an annotation.
+_ANNOTATION = (
     r"annotation(?:-(manifest|manifest-descriptor|index|index-descriptor))?"
     r"(?:\[([^\]]*)\])?\.(.+)"
 )
 
 
-@dataclass
 class OutputSpec:
-    """One output: its type, where it goes (``dest``), its other keys and the image names."""
+    """One output: its type, where it goes (``dest``), its other keys and the image names.
 
-    type: str
-    dest: str | None = None  # None or "-" = stdout (docker, oci, tar)
-    attrs: dict[str, str] = field(default_factory=dict)
-    names: list[str] = field(default_factory=list)
-    load: bool = False  # docker: `docker load` it rather than writing a file
+    A plain class, not a dataclass: every build with an output loads this module, and
+    the dataclasses module costs a no-op rebuild more than the rest of its start-up;
+    ``--push`` sets ``push=true`` in ``attrs`` after parsing."""
+
+    __slots__ = ("type", "dest", "attrs", "names", "load")
+
+    def __init__(
+        self,
+        kind: str,
+        dest: str | None = None,  # None or "-" = stdout (docker, oci, tar)
+        attrs: dict[str, str] | None = None,
+        names: list[str] | None = None,
+        load: bool = False,  # docker: `docker load` it rather than writing a file
+    ) -> None:
+        self.type = kind
+        self.dest = dest
+        self.attrs = {} if attrs is None else attrs
+        self.names = [] if names is None else names
+        self.load = load
+
+    def __repr__(self) -> str:
+        return f"OutputSpec({self.type!r}, {self.dest!r}, {self.attrs!r}, {self.names!r}, load={self.load!r})"
 
     def flag(self, key: str, default: bool = False) -> bool:
         value = self.attrs.get(key)
@@ -97,9 +118,9 @@ def _bool(value: str, key: str) -> bool:
 
 
 def parse_outputs(
-    raw: list[str],
+    raw: Sequence[str],
     *,
-    tags: list[str],
+    tags: Sequence[str],
     stdout_is_tty: bool,
     push: bool = False,
     load: bool = False,
@@ -135,7 +156,7 @@ def parse_outputs(
             )
         for key, value in attrs.items():
             if key.startswith("annotation") and kind in ("image", "registry", "docker", "oci"):
-                match = _ANNOTATION.fullmatch(key)
+                match = re.fullmatch(_ANNOTATION, key)
                 if not match:
                     raise DockbuildError(f"invalid output {text!r}: bad annotation key {key!r}")
                 if match.group(1) in ("index", "index-descriptor") and not multi_platform:
@@ -266,7 +287,7 @@ def image_annotations(spec: OutputSpec, platform: str) -> dict[str, dict[str, st
         "index-descriptor": {},
     }
     for key, value in spec.attrs.items():
-        match = _ANNOTATION.fullmatch(key)
+        match = re.fullmatch(_ANNOTATION, key)
         if not match:
             continue
         where, plat, name = match.group(1) or "manifest", match.group(2), match.group(3)

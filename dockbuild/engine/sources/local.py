@@ -19,7 +19,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -282,7 +281,6 @@ _RACY_NS = 2 * 10**9
 _SHARED_ABOVE = 256
 
 
-@dataclass
 class LocalDir:
     """A directory on this host offered to the build under a name.
 
@@ -290,36 +288,35 @@ class LocalDir:
     modes and, per entry, the file's content digest, the link's target or the
     subdirectory's hash, so a directory's hash can be reused as long as every entry below
     it stats the same. Within a process a context is assumed not to change.
+
+    A plain class, not a dataclass: a no-op rebuild makes one per local context, and
+    the dataclasses module is a large part of its start-up.
     """
 
-    path: Path
-    excludes: tuple[str, ...] = ()
-    digests: FileDigests | None = None  # the persistent tables, when there is a cache
-    _rules: tuple[IgnoreRule, ...] = field(init=False, repr=False)
-    _rules_key: str = field(init=False, repr=False)
-    _known: dict[str, tuple[Any, ...]] | None = field(init=False, repr=False)
-    _trees: dict[str, tuple[bytes, str]] = field(init=False, repr=False)
-    _hashed: dict[str, str] = field(init=False, repr=False)
-    _copies: dict[tuple[int, int, int], str] | None = field(init=False, repr=False)
-    _written: dict[tuple[int, int, int], str] = field(init=False, repr=False)
-    _may_reinclude: bool = field(init=False, repr=False)
-    _lock: threading.RLock = field(init=False, repr=False)
-    _prefetch: list[tuple[int, int]] | None = field(init=False, repr=False)  # (pid, pipe) of each child
+    __slots__ = (
+        "path", "excludes", "digests", "_rules", "_rules_key", "_known", "_trees", "_hashed",
+        "_copies", "_written", "_may_reinclude", "_lock", "_prefetch",
+    )  # fmt: skip
 
-    def __post_init__(self) -> None:
-        self.path = Path(self.path).absolute()
+    def __init__(self, path: Path, excludes: tuple[str, ...] = (), digests: FileDigests | None = None) -> None:
+        self.path = Path(path).absolute()
+        self.excludes = excludes
+        self.digests = digests  # the persistent tables, when there is a cache
         self._rules = ignore_rules(self.excludes)
         self._may_reinclude = any(r.exclusion for r in self._rules)
         self._rules_key = hashlib.sha256(
             repr([(r.pattern, r.exclusion) for r in self._rules]).encode()
         ).hexdigest()[:32]
-        self._known = None if self.digests is not None else {}  # loaded when first needed
-        self._trees = self.digests.trees(self.path, self._rules_key) if self.digests is not None else {}
-        self._hashed = {}  # relative dir -> its tree hash, this process
-        self._copies = None  # layer files earlier copies wrote, loaded when first needed
-        self._written = {}  # the layer files copies of this process wrote or reused
+        self._known: dict[str, tuple[Any, ...]] | None = None if digests is not None else {}  # loaded when first needed
+        self._trees: dict[str, tuple[bytes, str]] = digests.trees(self.path, self._rules_key) if digests is not None else {}
+        self._hashed: dict[str, str] = {}  # relative dir -> its tree hash, this process
+        self._copies: dict[tuple[int, int, int], str] | None = None  # layer files earlier copies wrote, loaded when first needed
+        self._written: dict[tuple[int, int, int], str] = {}  # the layer files copies of this process wrote or reused
         self._lock = threading.RLock()
-        self._prefetch = None
+        self._prefetch: list[tuple[int, int]] | None = None  # (pid, pipe) of each child
+
+    def __repr__(self) -> str:
+        return f"LocalDir(path={self.path!r}, excludes={self.excludes!r}, digests={self.digests!r})"
 
     def ignored(self, rel: str) -> bool:
         return bool(self._rules) and is_ignored(self._rules, rel)
