@@ -2,7 +2,9 @@
 
 A cache export is an OCI image manifest whose layers are the layer blobs of the exported
 steps and whose config (media type :data:`CONFIG_MEDIA_TYPE`) lists the records: each
-step's cache key, its layer chain, its description and type. ``type=local`` writes it
+step's cache key, its layer chain, its description, type and creation time, and each
+layer's creation time (the history ``created`` of its step, so an import gives the same
+image digest; a cache without the times still imports). ``type=local`` writes it
 into an OCI layout directory (``index.json`` entry named by ``tag``); ``type=registry``
 pushes it under ``ref``. Keys are content-addressed (op definitions, base image manifest
 digests, context file contents), so they mean the same on every machine.
@@ -166,6 +168,11 @@ def _export_one(
         for lid in record.layers:
             if lid not in layers:
                 layers[lid] = _layer_blob(store, lid, compression)
+                # When the layer was made: the history time of its step, so a build
+                # from the imported cache gives the exporter's image digest.
+                made = store.layer_created(lid)
+                if made is not None:
+                    layers[lid]["created"] = made
         inputs = record.inputs
         if inputs and any(len(f.get("entries", {})) > 2000 for f in inputs.get("files", [])):
             inputs = {**inputs, "files": []}  # keep the cache manifest small
@@ -178,6 +185,7 @@ def _export_one(
                 "owns": record.owns,
                 "refs": record.refs,
                 "inputs": inputs,
+                "created": record.created,
             }
         )
     mounts = []
@@ -596,8 +604,19 @@ def _import_layer(store: Store, source: _Source, layer: dict[str, Any]) -> None:
             source.fetch(layer, tmp)  # verified against the digest on the way in
             store.put_blob_file(tmp, layer["digest"])
         store.add_packed_layer(
-            BlobInfo(lid, layer["compression"], layer["digest"], layer["size"]), layer["diff_id"]
+            BlobInfo(lid, layer["compression"], layer["digest"], layer["size"]),
+            layer["diff_id"],
+            created=_created(layer),
         )
+
+
+def _created(entry: dict[str, Any]) -> float | None:
+    """An exported layer's or record's creation time (seconds since the epoch); None when
+    the cache has none (an export older than the field) or a value that is not a time."""
+    value = entry.get("created")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 <= value < 1e11 else None
 
 
 def _inline_as_export(image: Any) -> dict[str, Any]:
@@ -641,5 +660,6 @@ def _import_record(store: Store, source: _Source, record: dict[str, Any], progre
         owns=record.get("owns", []),
         refs=record.get("refs", []),
         inputs=record.get("inputs"),
+        created=_created(record),
     )
     return True

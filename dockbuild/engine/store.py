@@ -190,11 +190,12 @@ class Store:
                 return BlobInfo(layer_id, compression, digest, size)
         return None
 
-    def add_packed_layer(self, blob: BlobInfo, diff_id: str) -> None:
+    def add_packed_layer(self, blob: BlobInfo, diff_id: str, created: float | None = None) -> None:
         """Record a layer by its blob, already verified against its digest, without
         unpacking it: a build whose steps are all cached, exported as an image, never
         needs its files. :meth:`unpacked_paths` unpacks it (checking ``diff_id``) once
-        a step or an export reads them."""
+        a step or an export reads them. ``created`` is when the layer was first made (an
+        imported cache's time, so history times match the exporter's); default now."""
         self.grew = True
         now = time.time()
         with self._db_lock:
@@ -204,7 +205,7 @@ class Store:
                     "INSERT INTO layers(id, diff_id, size, created, last_used) VALUES (?,?,0,?,?)"
                     " ON CONFLICT(id) DO UPDATE SET last_used=excluded.last_used,"
                     " diff_id=COALESCE(layers.diff_id, excluded.diff_id)",
-                    (blob.layer_id, diff_id, now, now),
+                    (blob.layer_id, diff_id, now if created is None else created, now),
                 )
                 self._db.execute(
                     "INSERT OR REPLACE INTO layer_blobs(layer_id, compression, digest, size)"
@@ -336,9 +337,11 @@ class Store:
         owns: list[str] | None = None,
         refs: list[str] | None = None,
         inputs: dict[str, Any] | None = None,
+        created: float | None = None,
     ) -> None:
         """Record (or replace) what ``key`` solved to; one transaction, so a killed
-        process leaves either the old record or the new one."""
+        process leaves either the old record or the new one. ``created`` is when the
+        record was first made (an imported cache's time); default now."""
         self.grew = True
         now = time.time()
         with self._db_lock:
@@ -349,7 +352,7 @@ class Store:
                     key,
                     json.dumps(layers),
                     description,
-                    now,
+                    now if created is None else created,
                     now,
                     type,
                     json.dumps(owns or []),

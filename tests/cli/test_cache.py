@@ -207,10 +207,34 @@ def test_kill_9_at_any_moment_leaves_a_cache_the_next_build_uses(
     again = dockbuild.build(ctx, "-o", f"type=oci,dest={tmp_path / 'out.tar'}")
     assert "ERROR" not in again.stderr
     assert oci_manifest_digest(tmp_path / "out.tar").startswith("sha256:")
-    check = dockbuild("debug", "check-cache")
-    assert check.out.strip() == "cache OK", check.out
+    check = dockbuild("debug", "check-cache", check=False)
+    assert check.returncode == 0 and check.out.strip() == "cache OK", check.out
     third = dockbuild.build(ctx, "-o", f"type=oci,dest={tmp_path / 'out2.tar'}")
     assert third.stderr.count("CACHED") >= 3  # FROM, RUN, COPY all reused
+
+
+def test_kill_9_while_the_snapshotter_is_probed_leaves_nothing_the_next_build_keeps(
+    dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    # A fresh cache root: the first RUN probes which snapshotter works there, in a folder
+    # under tmp/. A build killed meanwhile must leave a folder the next build sweeps.
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM busybox\nRUN echo hi > /hi\n"})
+    proc = subprocess.Popen(
+        [DOCKBUILD, "--progress=plain", *dockbuild.base_context, "-o", f"type=oci,dest={tmp_path / 'killed.tar'}", str(ctx)],
+        env=dockbuild.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    probing: list[Path] = []
+    while proc.poll() is None and not probing:
+        probing = list((dockbuild.root / "tmp").glob("*probe*")) if (dockbuild.root / "tmp").is_dir() else []
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert probing and proc.returncode == -signal.SIGKILL, "the probe ended before it could be killed"
+    dockbuild.build(ctx, "-o", f"type=oci,dest={tmp_path / 'out.tar'}")
+    check = dockbuild("debug", "check-cache", check=False)
+    assert check.returncode == 0 and check.out.strip() == "cache OK", check.out
 
 
 def test_kill_9_during_a_registry_pull_leaves_a_cache_the_next_build_uses(

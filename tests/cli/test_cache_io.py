@@ -9,7 +9,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from clitools import DockbuildCLI, write_context
+import pytest
+from clitools import DockbuildCLI, read_oci, write_context
 
 EPOCH = {"SOURCE_DATE_EPOCH": "1700000000"}
 
@@ -184,3 +185,67 @@ def test_inline_cache_in_a_pushed_image_is_enough_for_a_fresh_runner(
     assert json.loads(meta2.read_text())["containerimage.digest"] == pushed
     bad = dockbuild("--cache-from", "type=inline", str(ctx), check=False)
     assert bad.returncode == 2 and "type=registry,ref=IMAGE" in bad.stderr
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("local", "min"), ("local", "max"), ("registry", "min"), ("registry", "max")])
+def test_a_fresh_runner_importing_the_cache_gets_the_exporters_image_digest(
+    dockbuild: DockbuildCLI, tmp_path: Path, request: pytest.FixtureRequest, kind: str, mode: str
+) -> None:
+    # No SOURCE_DATE_EPOCH: the history times are when each layer was made, and the
+    # cache carries them to the next runner.
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": APP.format(base="busybox"), "src/main.txt": "v1\n"})
+    if kind == "local":
+        to, source = f"type=local,dest={tmp_path / 'exported'},mode={mode}", f"type=local,src={tmp_path / 'exported'}"
+    else:
+        ref = f"{request.getfixturevalue('registry').host}/cache/times-{mode}:1"
+        to, source = f"type=registry,ref={ref},mode={mode}", f"type=registry,ref={ref}"
+    dockbuild.build(ctx, "--cache-to", to, "-o", f"type=oci,dest={tmp_path / 'a.tar'}")
+    shutil.rmtree(dockbuild.root)  # a fresh CI runner, a moment later
+    again = dockbuild.build(ctx, "--cache-from", source, "-o", f"type=oci,dest={tmp_path / 'b.tar'}")
+    steps = {n: s for n, s in step_lines(again.stderr).items() if re.match(r"\[\S* ?\d", n)}
+    assert steps and all(s == "CACHED" for s in steps.values()), again.stderr
+    a, b = read_oci(tmp_path / "a.tar"), read_oci(tmp_path / "b.tar")
+    assert [h.get("created") for h in b.history] == [h.get("created") for h in a.history]
+    assert manifest_digest(tmp_path / "a.tar") == manifest_digest(tmp_path / "b.tar")
+
+
+def test_a_cache_exported_without_times_still_imports(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": APP.format(base="busybox"), "src/main.txt": "v1\n"})
+    cache = tmp_path / "exported"
+    dockbuild.build(ctx, "--cache-to", f"type=local,dest={cache}", "-o", f"type=oci,dest={tmp_path / 'a.tar'}")
+    _strip_times(cache)  # as an older dockbuild wrote it
+    shutil.rmtree(dockbuild.root)
+    again = dockbuild.build(ctx, "--cache-from", f"type=local,src={cache}", "-o", f"type=oci,dest={tmp_path / 'b.tar'}")
+    steps = {n: s for n, s in step_lines(again.stderr).items() if re.match(r"\[\S* ?\d", n)}
+    assert steps and all(s == "CACHED" for s in steps.values()), again.stderr
+    a, b = read_oci(tmp_path / "a.tar"), read_oci(tmp_path / "b.tar")
+    assert b.manifest["layers"] == a.manifest["layers"]
+    # Without the times, the imported layers are dated by the import.
+    assert b.history[-1]["created"] != a.history[-1]["created"]
+    assert dockbuild("debug", "check-cache").out.strip() == "cache OK"
+
+
+def _strip_times(layout: Path) -> None:
+    """Rewrite a local cache export without its records' and layers' ``created``."""
+    import hashlib
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (layout / "blobs" / "sha256" / digest).write_bytes(data)
+        return "sha256:" + digest
+
+    def blob(digest: str) -> bytes:
+        return (layout / "blobs" / "sha256" / digest.partition(":")[2]).read_bytes()
+
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(blob(index["manifests"][0]["digest"]))
+    config = json.loads(blob(manifest["config"]["digest"]))
+    data = config["dockbuild.cache.v1"]
+    assert all("created" in r for r in data["records"]) and all("created" in x for x in data["layers"])
+    for entry in [*data["records"], *data["layers"]]:
+        del entry["created"]
+    config_bytes = json.dumps(config).encode()
+    manifest["config"] = {**manifest["config"], "digest": put(config_bytes), "size": len(config_bytes)}
+    manifest_bytes = json.dumps(manifest).encode()
+    index["manifests"][0] = {**index["manifests"][0], "digest": put(manifest_bytes), "size": len(manifest_bytes)}
+    (layout / "index.json").write_text(json.dumps(index))

@@ -111,6 +111,26 @@ def test_an_exported_cache_makes_every_step_a_hit_in_a_fresh_store(
     assert fresh.files(state, "app/built") == b"from the side\n"
 
 
+def test_an_imported_record_and_its_layers_keep_the_exporters_creation_times(
+    tmp_path: Path, ctx: Path, builds: list[Build]
+) -> None:
+    root = graph()
+    first = Build(tmp_path / "first", ctx)
+    builds.append(first)
+    state = first.solver.solve(root)
+    export(first, root, tmp_path / "cache", "max")
+
+    fresh = Build(tmp_path / "fresh", ctx)
+    builds.append(fresh)
+    import_(fresh, root, tmp_path / "cache")
+    assert state and [fresh.store.layer_created(lid) for lid in state] == [first.store.layer_created(lid) for lid in state]
+    key = first.solver.keys.key(root)
+    made, got = first.store.record(key), fresh.store.record(key)
+    assert made is not None and got is not None and got.created == made.created
+    assert fresh.solver.solve(root) == state
+    assert [fresh.solver.layer_made(op) for op in (root, root.base)] == [first.solver.layer_made(op) for op in (root, root.base)]
+
+
 def test_min_mode_leaves_out_steps_the_result_is_not_built_on(
     tmp_path: Path, ctx: Path, builds: list[Build]
 ) -> None:

@@ -123,7 +123,9 @@ def _probe(root: Path, wrap: bool) -> Verdict:
 
 def _run_probe(root: Path, wrap: bool, kind: str) -> str:
     """ "ok", or why a ``kind`` mount fails, tried in a child process as the build would."""
-    base = root / "tmp" / f"probe-{os.getpid()}-{os.urandom(4).hex()}"
+    # Named like a process's temp area (its pid first), so a build killed while it probes
+    # leaves a folder the next Store sweeps (Store._sweep_tmp), not one it never removes.
+    base = root / "tmp" / f"{os.getpid()}-probe-{os.urandom(4).hex()}"
     base.mkdir(parents=True)
     try:
         # In a user namespace of its own (root mapped), as the build would be.
