@@ -91,7 +91,12 @@ class Store:
         self._db = sqlite3.connect(
             self.root / "db.sqlite", timeout=60, check_same_thread=False, isolation_level=None
         )
+        # SQLite answers a second process switching a new database to WAL with "database
+        # is locked" at once (no busy wait): processes that open a fresh root together
+        # take turns here.
+        init_fd = os.open(self.root / "locks" / "db-init", os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            fcntl.flock(init_fd, fcntl.LOCK_EX)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             _open_schema(self._db, self.root)
@@ -101,6 +106,8 @@ class Store:
                 f"cache database {self.root / 'db.sqlite'} cannot be read: {e}",
                 hint=f"move {self.root} aside (or set DOCKBUILD_ROOT to another directory) and build again",
             ) from e
+        finally:
+            os.close(init_fd)  # and with it the lock
         # Every process holds the GC lock shared while it uses the cache; prune and GC
         # take it exclusively, so they never delete what a running build reads.
         self._gc_fd = os.open(self.root / "locks" / "gc", os.O_RDWR | os.O_CREAT, 0o600)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -293,3 +294,32 @@ def test_gc_drops_the_result_records_whose_image_lost_a_layer(store: Store) -> N
     assert results.get("key-gone") is None
     assert results.get("key-kept") is not None
     results.close()
+
+
+def _open_store(root: str, barrier: Any, results: Any) -> None:
+    barrier.wait()
+    try:
+        Store(Path(root))
+        results.put("ok")
+    except DockbuildError as e:
+        results.put(e.message)
+
+
+def test_processes_opening_a_fresh_cache_root_together_all_get_it(tmp_path: Path) -> None:
+    # Concurrent builds on a new cache root: SQLite refused all but one switch of the new
+    # database to WAL with "database is locked" (5 of 30 rounds of 6 processes failed; this test failed twice of two).
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for round_ in range(30):
+        root = tmp_path / f"root{round_}"
+        barrier, results = context.Barrier(6), context.Queue()
+        processes = [context.Process(target=_open_store, args=(str(root), barrier, results)) for _ in range(6)]
+        for process in processes:
+            process.start()
+        answers = [results.get(timeout=60) for _ in processes]
+        for process in processes:
+            process.join()
+        failures += [a for a in answers if a != "ok"]
+    assert failures == []
