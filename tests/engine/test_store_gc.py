@@ -245,7 +245,7 @@ def test_a_step_lock_excludes_threads_and_processes_per_key_and_makes_no_file(st
         assert not done.wait(0.3)  # (a slow child makes this pass too, never fail)
     assert done.wait(60)
     process.join(60)
-    assert sorted(p.name for p in (store.root / "locks").iterdir()) == ["gc", "steps"]
+    assert sorted(p.name for p in (store.root / "locks").iterdir()) == ["db-init", "gc", "steps"]
 
 
 def test_remove_tree_retries_a_directory_it_could_not_open(
