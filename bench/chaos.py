@@ -39,19 +39,20 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKBUILD = str(Path(sys.executable).with_name("dockbuild"))
 BUSYBOX = REPO / "testdata" / "images" / "busybox"
 EPOCH = "1700000000"
-# In the environment of every RUN of the scenarios: a step's processes are found by it.
-MARKER = "DOCKBUILD_CHAOS=step"
+# In the environment of every RUN of the scenarios: a step's processes are found by it
+# (by this process's pid: another run of the scenarios on the machine is not ours).
+MARKER = f"DOCKBUILD_CHAOS=step-{os.getpid()}"
 
-MULTI_STAGE = """\
+MULTI_STAGE = f"""\
 FROM busybox AS deps
-ENV DOCKBUILD_CHAOS=step
+ENV {MARKER}
 RUN seq 1 300000 > /deps.txt && sleep 0.3
 FROM busybox AS app
-ENV DOCKBUILD_CHAOS=step
+ENV {MARKER}
 COPY src/ /src/
 RUN cat /src/* | sort > /app.txt && sleep 0.3
 FROM busybox
-ENV DOCKBUILD_CHAOS=step
+ENV {MARKER}
 COPY --from=deps /deps.txt /opt/
 COPY --from=app /app.txt /opt/
 RUN cd /opt && sha256sum deps.txt app.txt > sums && sleep 0.2
