@@ -187,7 +187,12 @@ def image_blobs(
             ],
         }
     )
-    manifest = canonical_json(
+    return layer, config, image_manifest(config, layer)
+
+
+def image_manifest(config: bytes, layer: bytes) -> bytes:
+    """The manifest of a one-layer image (the layer gzipped)."""
+    return canonical_json(
         {
             "schemaVersion": 2,
             "mediaType": MEDIA_MANIFEST,
@@ -197,14 +202,18 @@ def image_blobs(
             ],
         }
     )
-    return layer, config, manifest
 
 
 def build_layout(root: Path, busybox: Path, epoch: int) -> None:
     """Write oci-layout, index.json and the blobs of the image into the empty dir root."""
     arch = host_arch()
     layer, config, manifest = image_blobs(busybox, epoch, arch)
-    index = canonical_json(
+    write_layout(root, [layer, config, manifest], single_image_index(manifest, arch))
+
+
+def single_image_index(manifest: bytes, arch: str) -> bytes:
+    """index.json of a layout holding one image, tagged latest."""
+    return canonical_json(
         {
             "schemaVersion": 2,
             "mediaType": MEDIA_INDEX,
@@ -219,8 +228,6 @@ def build_layout(root: Path, busybox: Path, epoch: int) -> None:
             ],
         }
     )
-
-    write_layout(root, [layer, config, manifest], index)
 
 
 def write_layout(root: Path, blobs_: list[bytes], index: bytes) -> None:

@@ -34,17 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_busybox_image import (  # noqa: E402  (the sibling script, not a package)
     GOARCH,
-    MEDIA_CONFIG,
-    MEDIA_INDEX,
-    MEDIA_LAYER_GZIP,
-    MEDIA_MANIFEST,
     canonical_json,
     digest_of,
-    fsync_dir,
     gzip_bytes,
+    image_manifest,
     replace_dir,
+    single_image_index,
     source_date_epoch,
-    write_file,
+    write_layout,
 )
 
 DEFAULT_DEST = Path(__file__).resolve().parent / "images" / "debian"
@@ -257,40 +254,8 @@ def build_layout(root: Path, epoch: int) -> None:
             ],
         }
     )
-    manifest = canonical_json(
-        {
-            "schemaVersion": 2,
-            "mediaType": MEDIA_MANIFEST,
-            "config": {"mediaType": MEDIA_CONFIG, "digest": digest_of(config), "size": len(config)},
-            "layers": [
-                {"mediaType": MEDIA_LAYER_GZIP, "digest": digest_of(layer), "size": len(layer)}
-            ],
-        }
-    )
-    index = canonical_json(
-        {
-            "schemaVersion": 2,
-            "mediaType": MEDIA_INDEX,
-            "manifests": [
-                {
-                    "mediaType": MEDIA_MANIFEST,
-                    "digest": digest_of(manifest),
-                    "size": len(manifest),
-                    "platform": {"architecture": arch, "os": "linux"},
-                    "annotations": {"org.opencontainers.image.ref.name": "latest"},
-                }
-            ],
-        }
-    )
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    for blob in (layer, config, manifest):
-        write_file(blobs / digest_of(blob).removeprefix("sha256:"), blob)
-    write_file(root / "oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"}))
-    write_file(root / "index.json", index)
-    for directory in (blobs, blobs.parent, root):
-        directory.chmod(0o755)
-        fsync_dir(directory)
+    manifest = image_manifest(config, layer)
+    write_layout(root, [layer, config, manifest], single_image_index(manifest, arch))
 
 
 def main(argv: list[str]) -> int:
