@@ -146,6 +146,7 @@ def image_blobs(
     annotations by where they go."""
     from dockbuild.outputs.image import Descriptor, LayerBlob, build_image, platform_of
     from dockbuild.outputs.spec import image_annotations
+    from dockbuild.platforms import format_platform
 
     level = spec.attrs.get("compression-level")
     epoch = image.epoch
@@ -178,7 +179,9 @@ def image_blobs(
         for b in made
     ]
     plat = platform_of(config)
-    platform = "/".join(str(plat[k]) for k in ("os", "architecture", "variant") if plat.get(k))
+    platform = format_platform(
+        str(plat.get("os") or ""), str(plat.get("architecture") or ""), str(plat.get("variant") or "")
+    )
     notes = image_annotations(spec, platform)
     return build_image(config, blobs, oci_mediatypes=oci, annotations=notes["manifest"]), notes
 

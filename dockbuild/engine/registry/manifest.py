@@ -208,8 +208,9 @@ def config_platform(config: bytes, where: str, fallback: str) -> str:
         raise RegistryError(f"{where}: the image config is not valid JSON") from e
     if not isinstance(document, dict) or not document.get("architecture"):
         return fallback
-    parts = (document.get("os", "linux"), document["architecture"], document.get("variant", ""))
-    return "/".join(str(p) for p in parts if p)
+    return platforms.format_platform(
+        str(document.get("os", "linux")), str(document["architecture"]), str(document.get("variant", ""))
+    )
 
 
 # ---------------------------------------------------------------------------------------
