@@ -159,6 +159,35 @@ def test_a_run_step_reaches_the_outside_through_nat_but_not_the_hosts_loopback(
     assert _leftovers() == []
 
 
+def test_iptables_masquerades_where_nft_is_missing(
+    dockbuild: DockbuildCLI, tmp_path: Path, outside: str, host_port: int
+) -> None:
+    if shutil.which("iptables") is None:
+        pytest.skip("iptables is not installed")
+    # This machine's PATH without nft: one directory of links to every other program.
+    tools = tmp_path / "without-nft"
+    tools.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if os.path.isdir(directory):
+            for name in os.listdir(directory):
+                if name != "nft" and not (tools / name).exists():
+                    (tools / name).symlink_to(Path(directory, name))
+    env = {"PATH": str(tools)}
+    assert json.loads(dockbuild("debug", "info", env=env).stdout)["network"]["nat"] == "iptables"
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": (
+        "FROM busybox\n"
+        + _fetch(f"http://{outside}:8000/hello", "/outside")
+        + _fetch(f"http://127.0.0.1:{host_port}/secret", "/loopback")
+    )})  # fmt: skip
+    out = tmp_path / "out.tar"
+    run = dockbuild.build(ctx, "-o", f"type=oci,dest={out}", env=env)
+    assert "WARNING" not in run.stderr
+    files = layer_files(read_oci(out).layers)
+    assert files["outside"] == b"hello from outside\n"  # the outside has no route back but the NAT
+    assert files["loopback"] == b"refused\n"
+    assert _leftovers() == []
+
+
 def test_network_host_still_reaches_the_hosts_loopback(
     dockbuild: DockbuildCLI, tmp_path: Path, host_port: int, executor: str
 ) -> None:

@@ -22,6 +22,7 @@ import os
 import queue
 import socket
 import threading
+from collections.abc import Callable
 
 from dockbuild.engine.network import (
     BRIDGE,
@@ -42,6 +43,11 @@ VETH_PREFIX = "dbv"
 # out by itself); at most MAX_SLOTS steps at once share the bridge.
 SLOT_INDEX = 0x10000000
 MAX_SLOTS = 1 << 16
+# Device groups (IFLA_GROUP) of builds' veths: a random one each, far from the small
+# numbers people give groups by hand. A build's veths, and at the end the bridge with
+# them, are deleted by group: one request, one wait of the kernel's.
+GROUP_FIRST = 0x64620000
+GROUP_COUNT = 0x10000000
 
 
 def _lock(name: str, how: int) -> int:
@@ -59,6 +65,8 @@ class BridgeNetworks:
         self.gateway = str(next(subnet.hosts()))
         self.nat = nat_kind
         self._users_fd = users_fd
+        # The device group of this build's host-side veths: removed in one request.
+        self.group = GROUP_FIRST + int.from_bytes(os.urandom(4), "big") % GROUP_COUNT
         self._resolv = resolv_conf()
         self._ready: queue.Queue[StepNetwork | BaseException] = queue.Queue()
         self._wake = threading.Condition()
@@ -83,7 +91,7 @@ class BridgeNetworks:
             try:
                 with rtnl.open_socket() as sock:
                     subnet, created = _ensure_bridge(sock, configured)
-                    sweep_veths(sock)
+                    sweep_veths(sock, _dead)
                 if created:  # else a build still running (or a dead one) made both
                     if os.path.exists(NAT_RECORD):  # a build killed while removing them
                         _remove_rules(str(subnet))
@@ -118,16 +126,7 @@ class BridgeNetworks:
                 break
             if isinstance(got, StepNetwork):
                 got.release()
-        try:
-            # The kernel removes a veth when its namespace goes, but in the background:
-            # this build's are deleted now, so none is seen after it ends.
-            from dockbuild.engine.network import rtnl
-
-            with rtnl.open_socket() as sock:
-                sweep_veths(sock, own=True)
-        finally:
-            os.close(self._users_fd)
-        teardown()
+        teardown(self.group, self._users_fd)
 
     # -- the worker ----------------------------------------------------------------------
 
@@ -176,7 +175,7 @@ class BridgeNetworks:
                     veth = f"{VETH_PREFIX}{os.getpid():x}.{slot:x}"
                     ip = str(self.subnet.network_address + 2 + slot)
                     failed = rtnl.request(inside, [
-                        rtnl.veth(2, "eth0", SLOT_INDEX + slot, veth, host_fd),
+                        rtnl.veth(2, "eth0", SLOT_INDEX + slot, veth, host_fd, self.group),
                         rtnl.address(2, ip, self.subnet.prefixlen),
                         rtnl.default_route(2, self.gateway),
                     ])  # fmt: skip
@@ -240,9 +239,7 @@ def _remove_rules(subnet: str, thorough: bool = False) -> None:
             commands = json.load(f)
     except (OSError, ValueError):
         commands = None
-    if commands is not None:
-        nat.undo(commands)
-    if commands is None or thorough:
+    if commands is None or not nat.undo(commands) or thorough:
         nat.remove(BRIDGE, subnet)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(NAT_RECORD)
@@ -288,52 +285,82 @@ def _enable_forwarding(bridge: str) -> None:
             f.write("1")
 
 
-def sweep_veths(sock: socket.socket, own: bool = False) -> None:
-    """Delete the veths of builds that died (their owner pid is in the name), or with
-    ``own`` this process's."""
+def _dead(owner: int) -> bool:
+    return not os.path.exists(f"/proc/{owner}")
+
+
+def sweep_veths(sock: socket.socket, doomed: Callable[[int], bool], group: int = GROUP_FIRST - 1,
+                also: tuple[int, ...] = ()) -> None:
+    """Delete the veths whose owner pid (in their name) is ``doomed``, and the devices
+    ``also`` (indexes): moved into ``group``, then the group deleted, in one request."""
     from dockbuild.engine.network import rtnl
 
-    doomed = []
+    indexes = list(also)
     for name in os.listdir("/sys/class/net"):
         if not name.startswith(VETH_PREFIX):
             continue
         with contextlib.suppress(ValueError):
-            owner = int(name[len(VETH_PREFIX) :].split(".")[0], 16)
-            if owner == os.getpid() if own else not os.path.exists(f"/proc/{owner}"):
+            if doomed(int(name[len(VETH_PREFIX) :].split(".")[0], 16)):
                 index = rtnl.link_index(name)
                 if index is not None:
-                    doomed.append(rtnl.delete_link(index))
-    if doomed:
-        rtnl.request(sock, doomed)  # one gone meanwhile (its namespace ended) is fine
+                    indexes.append(index)
+    if indexes:  # one gone meanwhile (its namespace ended) is fine
+        rtnl.request(sock, [*(rtnl.set_group(i, group) for i in indexes), rtnl.delete_group(group)])
 
 
-def teardown(rules_anyway: bool = False) -> bool:
-    """Remove the bridge and its NAT rules if no build uses them; whether it could.
-    ``rules_anyway``: look for rules also when there is no bridge (prune --all)."""
+def teardown(group: int | None = None, users_fd: int | None = None, rules_anyway: bool = False) -> bool:
+    """A build's end (``group``: its veths' group, ``users_fd``: its hold on the bridge):
+    if it was the last build using the bridge, remove the bridge, every veth and the NAT
+    rules (the rules side by side with the kernel's work), else only its veths. Whether
+    it was the last. ``rules_anyway``: look for rules also when there is no bridge
+    (prune --all)."""
     from dockbuild.engine.network import rtnl
 
+    group = GROUP_FIRST - 1 if group is None else group
     setup = _lock("network.lock", fcntl.LOCK_EX)
     try:
+        if users_fd is not None:
+            os.close(users_fd)  # under the setup lock: no build joins meanwhile
         users = os.open(os.path.join(STATE_DIR, "network.users"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return False
-            with rtnl.open_socket() as sock:
+                last = False
+            else:
+                last = True
                 index = rtnl.link_index(BRIDGE)
-                if index is not None:
-                    rtnl.request(sock, [rtnl.delete_link(index)])
-                sweep_veths(sock)
-            if index is not None or rules_anyway:
-                try:
-                    with open(SUBNET_RECORD) as f:
-                        subnet = f.read().strip()
-                except OSError:
-                    subnet = DEFAULT_SUBNETS[0]
-                _remove_rules(subnet, thorough=rules_anyway)
-            return True
+                failed: list[BaseException] = []
+                undoing = None
+                if index is not None or rules_anyway:
+                    try:
+                        with open(SUBNET_RECORD) as f:
+                            subnet = f.read().strip()
+                    except OSError:
+                        subnet = DEFAULT_SUBNETS[0]
+
+                    def undo() -> None:
+                        try:
+                            _remove_rules(subnet, rules_anyway)
+                        except BaseException as e:
+                            failed.append(e)
+
+                    undoing = threading.Thread(target=undo, name="dockbuild-nat-undo")
+                    undoing.start()
+                with rtnl.open_socket() as sock:
+                    # No build runs: every veth left is a dead build's, or this one's.
+                    sweep_veths(sock, lambda _owner: True, group, () if index is None else (index,))
+                if undoing is not None:
+                    undoing.join()
+                if failed:
+                    raise failed[0]
         finally:
             os.close(users)
     finally:
         os.close(setup)
+    if not last and users_fd is not None:
+        from dockbuild.engine.network import rtnl
+
+        with rtnl.open_socket() as sock:
+            rtnl.request(sock, [rtnl.delete_group(group)])
+    return last

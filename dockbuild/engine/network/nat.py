@@ -3,16 +3,22 @@
 Both are made when the first build needs them and removed with the bridge by the last
 (or by ``dockbuild prune --all``). Where iptables' FORWARD chain drops by default
 (dockerd sets that), forwarded packets are accepted there too: a drop in any base chain
-of the hook would win over an accept in ours.
+of the hook would win over an accept in ours. iptables rules are added and removed by one
+``iptables-restore --noflush`` each time, and the commands run side by side: every one
+of them costs milliseconds (iptables reads the whole ruleset first).
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from typing import Any
 
 TABLE = "dockbuild"
 COMMENT = "dockbuild"
+
+# A command to run: its arguments and what it reads on stdin.
+Command = tuple[list[str], str]
 
 
 def backend() -> tuple[str | None, str]:
@@ -24,36 +30,48 @@ def backend() -> tuple[str | None, str]:
     return None, "neither nft nor iptables is installed: no NAT, steps use the host's network"
 
 
-def _run(args: list[str], stdin: str | None = None, check: bool = True) -> bool:
-    done = subprocess.run(args, input=stdin, capture_output=True, text=True, check=False)
-    if check and done.returncode != 0:
-        from dockbuild.engine.network import NetworkUnavailable
-
-        raise NetworkUnavailable(f"{args[0]} failed: {done.stderr.strip() or done.returncode}")
-    return done.returncode == 0
-
-
-def _forward_drops() -> bool:
-    """Whether iptables' filter FORWARD chain drops by default."""
-    if not shutil.which("iptables"):
-        return False
-    done = subprocess.run(["iptables", "-w", "-S", "FORWARD"], capture_output=True, text=True, check=False)
-    return "-P FORWARD DROP" in done.stdout
+def run_all(commands: list[Command]) -> list[tuple[int, str, str]]:
+    """Run the commands side by side: each one's exit status, output and errors."""
+    started = [
+        (subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), stdin)
+        for args, stdin in commands
+    ]
+    done = []
+    for process, stdin in started:
+        out, err = process.communicate(stdin)
+        done.append((process.returncode, out, err))
+    return done
 
 
-def _forward_rules(bridge: str) -> list[list[str]]:
+def _check(commands: list[Command], done: list[tuple[int, str, str]]) -> None:
+    for (args, _), (status, _, err) in zip(commands, done, strict=True):
+        if status != 0:
+            from dockbuild.engine.network import NetworkUnavailable
+
+            raise NetworkUnavailable(f"{args[0]} failed: {err.strip() or status}")
+
+
+def _forward_rules(bridge: str) -> list[str]:
     return [
-        ["FORWARD", "-i", bridge, "-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"],
-        ["FORWARD", "-o", bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
-         "-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"],
-    ]  # fmt: skip
+        f"FORWARD -i {bridge} -m comment --comment {COMMENT} -j ACCEPT",
+        f"FORWARD -o {bridge} -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment {COMMENT} -j ACCEPT",
+    ]
 
 
-def _nat_rule(bridge: str, subnet: str) -> list[str]:
-    return ["POSTROUTING", "-s", subnet, "!", "-o", bridge, "-m", "comment", "--comment", COMMENT, "-j", "MASQUERADE"]
+def _nat_rule(bridge: str, subnet: str) -> str:
+    return f"POSTROUTING -s {subnet} ! -o {bridge} -m comment --comment {COMMENT} -j MASQUERADE"
 
 
-def install(bridge: str, subnet: str) -> list[list[str]]:
+def _restore(how: str, nat: list[str], forward: list[str]) -> Command:
+    """iptables-restore input that applies ``how`` (-A, -I, -D) to the rules."""
+    lines = []
+    for table, rules in (("nat", nat), ("filter", forward)):
+        if rules:
+            lines += [f"*{table}", *(f"{how} {rule}" for rule in rules), "COMMIT"]
+    return ["iptables-restore", "-w", "--noflush"], "\n".join(lines) + "\n"
+
+
+def install(bridge: str, subnet: str) -> list[Command]:
     """Masquerade ``subnet`` leaving by any interface but ``bridge``; the commands that
     undo it (for :func:`undo`)."""
     kind, why = backend()
@@ -61,9 +79,11 @@ def install(bridge: str, subnet: str) -> list[list[str]]:
         from dockbuild.engine.network import NetworkUnavailable
 
         raise NetworkUnavailable(why)
-    undo_commands: list[list[str]] = []
+    table: list[Command] = []
+    nat_rules: list[str] = []
+    undo_commands: list[Command] = []
     if kind == "nftables":
-        _run(["nft", "-f", "-"], (
+        table.append((["nft", "-f", "-"], (
             f"table ip {TABLE} {{\n"
             "  chain postrouting {\n"
             "    type nat hook postrouting priority srcnat; policy accept;\n"
@@ -76,32 +96,35 @@ def install(bridge: str, subnet: str) -> list[list[str]]:
             f"    oifname \"{bridge}\" drop\n"
             "  }\n"
             "}\n"
-        ))  # fmt: skip
-        undo_commands.append(["nft", "delete", "table", "ip", TABLE])
+        )))  # fmt: skip
+        undo_commands.append((["nft", "delete", "table", "ip", TABLE], ""))
     else:
-        _run(["iptables", "-w", "-t", "nat", "-A", *_nat_rule(bridge, subnet)])
-        undo_commands.append(["iptables", "-w", "-t", "nat", "-D", *_nat_rule(bridge, subnet)])
-    if _forward_drops():
-        for rule in _forward_rules(bridge):
-            _run(["iptables", "-w", "-I", *rule])
-            undo_commands.append(["iptables", "-w", "-D", *rule])
+        nat_rules.append(_nat_rule(bridge, subnet))
+    # The table is made while iptables tells whether FORWARD drops.
+    looking: list[Command] = [(["iptables", "-w", "-S", "FORWARD"], "")] if shutil.which("iptables") else []
+    done = run_all([*table, *looking])
+    _check(table, done[: len(table)])
+    forward = _forward_rules(bridge) if looking and "-P FORWARD DROP" in done[-1][1] else []
+    if nat_rules or forward:
+        adding = [_restore("-I", nat_rules, forward)]
+        _check(adding, run_all(adding))
+        undo_commands.append(_restore("-D", nat_rules, forward))
     return undo_commands
 
 
-def undo(commands: list[list[str]]) -> None:
-    """Run what :func:`install` said undoes it (what is gone already is fine)."""
-    for command in commands:
-        _run(command, check=False)
+def undo(commands: list[Any]) -> bool:
+    """Run what :func:`install` said undoes it, side by side; whether all of it could
+    be undone (a record of an older dockbuild holds argument lists only)."""
+    todo: list[Command] = [(c, "") if isinstance(c[0], str) else (c[0], c[1]) for c in commands]
+    return all(status == 0 for status, _, _ in run_all(todo))
 
 
 def remove(bridge: str, subnet: str) -> None:
     """Remove dockbuild's table and every rule of ours, whatever exists of them (for a
-    bridge whose record of its rules is lost, and prune --all)."""
+    bridge whose record of its rules is lost, an undo that failed, and prune --all)."""
     if shutil.which("nft"):
-        _run(["nft", "delete", "table", "ip", TABLE], check=False)
+        run_all([(["nft", "delete", "table", "ip", TABLE], "")])
     if shutil.which("iptables"):
-        while _run(["iptables", "-w", "-t", "nat", "-D", *_nat_rule(bridge, subnet)], check=False):
-            pass
-        for rule in _forward_rules(bridge):
-            while _run(["iptables", "-w", "-D", *rule], check=False):
+        for table, rule in [("nat", _nat_rule(bridge, subnet)), *(("filter", r) for r in _forward_rules(bridge))]:
+            while run_all([(["iptables", "-w", "-t", table, "-D", *rule.split()], "")])[0][0] == 0:
                 pass
