@@ -190,6 +190,7 @@ def build(request: BuildRequest) -> BuildResult:
                 cacheio.import_cache(store, solver, each.root, opened, progress)
         first_step = len(progress.vertices)
         states = solver.solve_all([r.root for r in results])
+        solver.runs_done()
         images = {
             p: _image(request, store, solver, r, state, cache_to, progress)
             for p, r, state in zip(targets, results, states, strict=True)

@@ -32,6 +32,7 @@ from dockbuild.progress import Progress
 if TYPE_CHECKING:  # the executor and file ops load only when a step really runs
     from dockbuild.engine import fileop, snapshotter
     from dockbuild.engine.executor import Executor
+    from dockbuild.engine.network import BuildNetwork
 
 State = tuple[str, ...]  # layer ids, bottom first
 
@@ -137,6 +138,7 @@ class Solver:
         self._executor_factory = executor
         self._executor: Executor | None = None
         self._executor_starting = False
+        self._network: BuildNetwork | None = None  # the build's isolated networks
         self._executor_lock = threading.Lock()
         self.options = options or SolveOptions()
         self.keys = cachekeys.CacheKeys(locals_, store)
@@ -227,11 +229,20 @@ class Solver:
         cache import's, a base image's) are unpacked now."""
         return self.store.unpacked_paths(state)
 
+    def runs_done(self) -> None:
+        """No step of this build will run any more: its networks are released while the
+        build exports; close() waits for that."""
+        with self._executor_lock:
+            if self._network is not None:
+                self._network.finish()
+
     def close(self) -> None:
         self._failed.set()
         with self._executor_lock:
             if self._executor is not None:
                 self._executor.close()
+            if self._network is not None:
+                self._network.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- scheduling -------------------------------------------------------------------
@@ -289,7 +300,7 @@ class Solver:
             self._report_cached(op)
             return tuple(hit)
         if isinstance(op, llb.ExecOp):
-            self._start_executor()
+            self._start_executor(op.network)
         with self.store.lock(key):
             # Another process may have solved the same step while we waited for the lock.
             if not ignore and (hit := self.store.get_record(key)) is not None:
@@ -434,10 +445,16 @@ class Solver:
 
     # -- ops -----------------------------------------------------------------------
 
-    def _start_executor(self) -> None:
+    def _start_executor(self, network: str) -> None:
         """A RUN step will run: probe and start the executor beside the rest of the work
-        (its inputs, the steps before it), not when the step gets there."""
+        (its inputs, the steps before it), not when the step gets there; for a step of
+        the isolated ``network``, open the build's networks beside that too."""
         with self._executor_lock:
+            if network == "default" and self._network is None:
+                from dockbuild.engine.network import BuildNetwork
+
+                self._network = BuildNetwork()
+                self._network.prepare()
             if self._executor is not None or self._executor_starting:
                 return
             self._executor_starting = True
@@ -456,6 +473,11 @@ class Solver:
                 self._executor = self._executor_factory()
                 if self._executor.warning:
                     self.progress.message(f"WARNING: {self._executor.warning}")
+                if self._network is None:
+                    from dockbuild.engine.network import BuildNetwork
+
+                    self._network = BuildNetwork()
+                self._executor.network = self._network
             return self._executor
 
     def _run_exec(self, op: llb.ExecOp, key: str, name: str) -> State:

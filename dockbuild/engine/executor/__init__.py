@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from dockbuild.engine.network import BuildNetwork
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,9 @@ class Executor(Protocol):
     mounts: bool
     # Set when this executor was chosen as a fallback the user should hear about.
     warning: str | None
+    # The isolated networks of ``--network=default`` steps: the build's, which the solver
+    # opens and releases (an executor used on its own makes its own); close() releases them.
+    network: BuildNetwork
 
     def run(self, request: RunRequest, output: OutputSink) -> int:
         """Run the process to completion; return its exit status (128+N for signal N).

@@ -139,7 +139,7 @@ class ForkServerExecutor:
         self._resources = _ServerResources()
         self._runs: set[_Run] = set()
         self._closed = False
-        self._network = BuildNetwork()
+        self.network = BuildNetwork()
         # An engine that forgets close() must still not leave a fork server behind.
         self._finalizer = weakref.finalize(self, _shutdown, self._resources)
 
@@ -151,7 +151,9 @@ class ForkServerExecutor:
             raise ExecutorError(f"a RUN step may mount at most {MAX_SECRETS} secrets")
         step: StepNetwork | None = None
         if request.network == "default" and self.sandbox == "namespace":
-            step = self._network.step(output)
+            if self._closed:  # checked again, under the lock, when the run starts
+                raise ExecutorError("the executor was closed; the build is being cancelled")
+            step = self.network.step(output)
         try:
             return self._run(request, output, secrets, step)
         finally:
@@ -224,7 +226,7 @@ class ForkServerExecutor:
         for run in runs:
             run.kill()
         self._finalizer()
-        self._network.close()
+        self.network.close()
 
     # -- internals ----------------------------------------------------------------------
 

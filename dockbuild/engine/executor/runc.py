@@ -122,7 +122,7 @@ class RuncExecutor:
         self._runs: set[_Run] = set()
         self._closed = False
         self._count = 0
-        self._network = BuildNetwork()
+        self.network = BuildNetwork()
 
     # -- the Executor protocol ----------------------------------------------------------
 
@@ -138,7 +138,7 @@ class RuncExecutor:
         bundle = _Bundle(Path(tempfile.mkdtemp(prefix="b", dir=self.state)))
         try:
             if request.network == "default":
-                bundle.network = self._network.step(output)
+                bundle.network = self.network.step(output)
             spec, targets = self._spec(request, bundle)
             (bundle.path / "config.json").write_text(json.dumps(spec))
             return self._execute(run, request, bundle, output)
@@ -165,7 +165,7 @@ class RuncExecutor:
         for run in runs:
             self._kill(run)
         self._finalizer()
-        self._network.close()
+        self.network.close()
 
     # -- internals ----------------------------------------------------------------------
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from dockbuild.errors import DockbuildError
 
@@ -28,8 +27,7 @@ class NetworkUnavailable(DockbuildError):
     """Isolation is impossible here; the message says why (the step falls back to host)."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """config.toml's ``[network]``: ``default`` ("isolated" or "host"), ``subnet``."""
 
     default: str = "isolated"
@@ -68,14 +66,13 @@ def settings_or_defaults() -> tuple[Settings, str | None]:
         return Settings(), None if said else f"{e.message}; RUN steps get the isolated network"
 
 
-@dataclass(frozen=True)
-class StepNetwork:
+class StepNetwork(NamedTuple):
     """A network namespace ready for one step: join ``path``; ``release`` when done."""
 
     path: str
     resolv_conf: str
     host_address: str  # the host as the step reaches it (``--add-host NAME:host-gateway``)
-    release: Callable[[], None] = field(repr=False)
+    release: Callable[[], None]
 
 
 class Networks(Protocol):
@@ -247,7 +244,11 @@ def describe(settings_: Settings, executor: str | None) -> dict[str, object]:
 
 
 class BuildNetwork:
-    """The executors' side: the build's networks, opened by the first isolated step.
+    """A build's networks, held by a thread of their own from when the solver finds an
+    isolated step that will run (``prepare``: opened beside the executor's probe and the
+    step's inputs) until the last step ran (``finish``: released beside the export). One
+    thread for both: pasta dies with the thread that started it. Executors take each
+    step's network from it (``step``).
 
     ``step`` gives None where the step must use the host's network: config.toml's
     ``network.default = "host"``, or isolation impossible here (said once, as a warning
@@ -256,39 +257,79 @@ class BuildNetwork:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._opened = threading.Event()
+        self._finishing = threading.Event()
         self._networks: Networks | None = None
-        self._settings: Settings | None = None
-        self._failed = False
-        self._closed = False
+        self._warnings: list[str] = []
+        self._open_error: BaseException | None = None  # raised by every step
+        self._error: BaseException | None = None  # raised by close
+
+    def prepare(self) -> None:
+        """A step that wants the isolated network will run: open the networks now."""
+        with self._lock:
+            if self._thread is None and not self._finishing.is_set():
+                self._thread = threading.Thread(target=self._hold, name="dockbuild-network", daemon=True)
+                self._thread.start()
 
     def step(self, output: Callable[[str, bytes], None]) -> StepNetwork | None:
+        self.prepare()
+        if self._thread is not None:
+            self._opened.wait()
         with self._lock:
-            if self._settings is None:
-                self._settings, warning = settings_or_defaults()
-                if warning is not None:
-                    output("stderr", f"WARNING: {warning}\n".encode())
-            if self._settings.default == "host" or self._failed or self._closed:
-                return None
-            if self._networks is None:
-                if unavailable_reason() is not None:
-                    self._failed = True  # the executor's warning said so already
-                    return None
-                try:
-                    self._networks = open_networks(self._settings)
-                except (NetworkUnavailable, OSError) as e:
-                    self._failed = True
-                    reason = e.message if isinstance(e, DockbuildError) else str(e)
-                    output("stderr", f"WARNING: RUN steps use the host's network: {reason}\n".encode())
-                    return None
+            if self._open_error is not None:
+                raise self._open_error
+            if self._finishing.is_set():  # never the host's network by mistake
+                raise DockbuildError("the build's RUN networks were released; the build is ending")
+            warnings, self._warnings = self._warnings, []
             networks = self._networks
-        return networks.take()
+        for warning in warnings:
+            output("stderr", f"WARNING: {warning}\n".encode())
+        return networks.take() if networks is not None else None
+
+    def finish(self) -> None:
+        """No step will run any more: release the networks in the background."""
+        with self._lock:
+            self._finishing.set()
 
     def close(self) -> None:
+        """Release the networks (if ``finish`` has not begun it) and wait until they are."""
+        self.finish()
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _hold(self) -> None:
+        try:
+            self._open_networks()
+        except BaseException as e:  # raised by step(), in the step's thread
+            self._open_error = e
+        finally:
+            self._opened.set()
+        self._finishing.wait()
         with self._lock:
-            self._closed = True
             networks, self._networks = self._networks, None
-        if networks is not None:
-            networks.close()
+        try:
+            if networks is not None:
+                networks.close()
+        except BaseException as e:  # raised by close(), in the build's thread
+            self._error = e
+
+    def _open_networks(self) -> None:
+        settings_, warning = settings_or_defaults()
+        warnings = [warning] if warning is not None else []
+        networks: Networks | None = None
+        # Isolation impossible here: the executor's warning said so already.
+        if settings_.default != "host" and unavailable_reason() is None:
+            try:
+                networks = open_networks(settings_)
+            except (NetworkUnavailable, OSError) as e:
+                reason = e.message if isinstance(e, DockbuildError) else str(e)
+                warnings.append(f"RUN steps use the host's network: {reason}")
+        with self._lock:
+            self._networks, self._warnings = networks, warnings
 
 
 def remove_unused() -> None:
