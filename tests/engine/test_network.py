@@ -59,3 +59,21 @@ def test_a_bad_network_value_is_a_warning_with_the_defaults(tmp_path: Path, monk
     assert got == Settings() and warning is not None and "network.default" in warning
     config.write_text("[network\n")  # not TOML: the build says so already, once
     assert settings_or_defaults() == (Settings(), None)
+
+
+def test_pyroute2_stays_whole_for_its_other_users_after_the_message_classes_load() -> None:
+    """rtnl loads pyroute2's message classes without the package's __init__ (which loads
+    every API it has); an ``import pyroute2`` afterwards, in the same process, must still
+    get the whole package."""
+    import subprocess
+    import sys
+
+    code = (
+        "from dockbuild.engine.network import rtnl\n"
+        "msg, kind, flags = rtnl.address(2, '10.88.0.7', 16)\n"
+        "msg.encode()\n"
+        "import pyroute2\n"
+        "print(len(msg.data), hasattr(pyroute2, 'IPRoute'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["40", "True"]  # header, ifaddrmsg, two addresses
