@@ -155,7 +155,8 @@ def translate(p: Parsed) -> Plan:
     image_keys = _image_keys(p)
     names = ",".join(destinations)
     if destinations and not (no_push and (p.text("tar-path") or p.text("oci-layout-path"))):
-        push = "true" if not no_push else "false"
+        # --no-push alone: built, digests reported, kept nowhere, as the user asked.
+        push = "true" if not no_push else "false,store=false"
         argv += ["-o", f'type=image,"name={names}",push={push}{image_keys}']
     if p.text("tar-path"):
         # kaniko tags an untagged --no-push tarball with a placeholder name.
@@ -164,7 +165,7 @@ def translate(p: Parsed) -> Plan:
     if p.text("oci-layout-path"):
         argv += ["-o", f"type=oci,tar=false,dest={p.text('oci-layout-path')}{image_keys}"]
     if not (destinations or p.text("tar-path") or p.text("oci-layout-path")):
-        argv += ["-o", f"type=image,push=false{image_keys}"]  # built, its digest reported
+        argv += ["-o", f"type=image,push=false,store=false{image_keys}"]  # built, its digest reported
     if p.switch("reproducible"):
         argv += ["--build-arg", "SOURCE_DATE_EPOCH=0"]
     argv += _cache_flags(p, destinations)

@@ -24,6 +24,13 @@ _NOT_STORED = (
 )
 
 
+def _say_not_stored(spec: OutputSpec, progress: Progress) -> None:
+    """The warning for an image kept nowhere, unless ``store=false`` says that is the wish
+    (BuildKit's key for "not into the image store"; kaniko's --no-push)."""
+    if spec.flag("store", True):
+        progress.message(_NOT_STORED)
+
+
 def _layer_origins(store: Store, sources: tuple[str, ...]) -> list[tuple[str, Any]]:
     """(layer digest, the repository it was pulled from) for each registry image read:
     BuildKit's distribution-source labels, taken from the pinned manifests in the cache."""
@@ -115,7 +122,7 @@ class RegistryExporter:
         if run.multi_platform:
             index = export_index(run, spec)
             if not spec.push:
-                run.progress.message(_NOT_STORED)
+                _say_not_stored(spec, run.progress)
                 return
             sources = tuple(dict.fromkeys(s for image in run.images.values() for s in image.sources))
             origins = _layer_origins(run.store, sources)
@@ -123,7 +130,7 @@ class RegistryExporter:
             return
         image = export_image(run, spec)
         if not spec.push:
-            run.progress.message(_NOT_STORED)
+            _say_not_stored(spec, run.progress)
             return
         origins = _layer_origins(run.store, run.image.sources)
         self.pusher = _push(spec, image.blobs, image.names, run.progress, self.pusher, origins)

@@ -105,6 +105,20 @@ def test_cache_repo_is_filled_and_a_fresh_runner_builds_from_it(
     assert inspect(private, f"{private.host}/group/cached:main")["Layers"] == pushed
 
 
+def test_no_push_alone_builds_reports_the_digest_and_warns_of_nothing(
+    job: dict[str, str], private: Registry
+) -> None:
+    """kaniko's --no-push without a tarball is a build check: the image is kept nowhere,
+    as asked, so dockbuild's advice for a type=image output kept nowhere is not printed."""
+    argv = list(KANIKO_TAR.argv(**job))
+    del argv[argv.index("--tar-path") : argv.index("--tar-path") + 2]
+    done = executor(*argv, job=job)
+    assert done.returncode == 0, done.stderr
+    assert "WARNING" not in done.stderr and "Traceback" not in done.stderr
+    assert (Path(job["out"]) / "digest").read_text().startswith("sha256:")
+    assert not _tags(private, "group/project") & {"mr-1"}  # nothing was pushed
+
+
 def test_no_push_writes_the_tarball_and_digest_files_of_the_image_a_push_gives(
     job: dict[str, str], private: Registry
 ) -> None:

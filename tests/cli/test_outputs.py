@@ -264,6 +264,15 @@ def test_image_output_without_push_warns_that_nothing_keeps_it(
     assert json.loads(meta.read_text())["containerimage.digest"].startswith("sha256:")
 
 
+def test_image_output_with_store_false_is_kept_nowhere_without_a_warning(
+    dockbuild: DockbuildCLI, app: Path, tmp_path: Path
+) -> None:
+    meta = tmp_path / "meta.json"
+    run = dockbuild.build(app, "-o", "type=image,name=checked:1,store=false", "--metadata-file", str(meta))
+    assert "WARNING" not in run.stderr
+    assert json.loads(meta.read_text())["containerimage.digest"].startswith("sha256:")
+
+
 def test_bad_output_options_are_clear_errors_before_building(
     dockbuild: DockbuildCLI, app: Path
 ) -> None:
