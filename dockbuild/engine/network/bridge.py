@@ -358,9 +358,7 @@ def teardown(group: int | None = None, users_fd: int | None = None, rules_anyway
             os.close(users)
     finally:
         os.close(setup)
-    if not last and users_fd is not None:
-        from dockbuild.engine.network import rtnl
-
+    if not last and users_fd is not None:  # the others' bridge stays: only this build's veths go
         with rtnl.open_socket() as sock:
             rtnl.request(sock, [rtnl.delete_group(group)])
     return last
