@@ -159,14 +159,14 @@ def test_a_run_step_reaches_the_outside_through_nat_but_not_the_hosts_loopback(
     assert _leftovers() == []
 
 
-def test_iptables_masquerades_where_nft_is_missing(
-    dockbuild: DockbuildCLI, tmp_path: Path, outside: str, host_port: int
-) -> None:
+@pytest.fixture
+def without_nft(tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH has every program of this machine's but nft (one
+    directory of links), for the iptables backend."""
     if shutil.which("iptables-restore") is None:
         if os.environ.get("CI"):
             raise AssertionError("iptables is not installed (.ci/install-deps installs it)")
         pytest.skip("iptables is not installed (Debian's iptables package has it)")
-    # This machine's PATH without nft: one directory of links to every other program.
     tools = tmp_path / "without-nft"
     tools.mkdir()
     for directory in os.environ.get("PATH", "").split(os.pathsep):
@@ -174,7 +174,13 @@ def test_iptables_masquerades_where_nft_is_missing(
             for name in os.listdir(directory):
                 if name != "nft" and not (tools / name).exists():
                     (tools / name).symlink_to(Path(directory, name))
-    env = {"PATH": str(tools)}
+    return {"PATH": str(tools)}
+
+
+def test_iptables_masquerades_where_nft_is_missing(
+    dockbuild: DockbuildCLI, tmp_path: Path, outside: str, host_port: int, without_nft: dict[str, str]
+) -> None:
+    env = without_nft
     assert json.loads(dockbuild("debug", "info", env=env).stdout)["network"]["nat"] == "iptables"
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": (
         "FROM busybox\n"
@@ -253,6 +259,28 @@ def test_two_concurrent_builds_both_bind_port_8080(dockbuild: DockbuildCLI, tmp_
         assert process.returncode == 0, err.decode()
         assert layer_files(read_oci(out).layers)["served"] == f"{name}\n".encode()
     assert _leftovers(tuple(p.pid for _, _, p in builds)) == []
+
+
+def test_the_last_build_out_removes_the_nat_the_first_made_whatever_its_path(
+    dockbuild: DockbuildCLI, tmp_path: Path, without_nft: dict[str, str]
+) -> None:
+    """Builds share the bridge and its NAT: the one that ends last removes what the one
+    that made them recorded, even where its own PATH has no nft."""
+    first = write_context(tmp_path / "first", {"Dockerfile": "FROM busybox\nRUN sleep 1\n"})
+    last = write_context(tmp_path / "last", {"Dockerfile": "FROM busybox\nRUN sleep 4\n"})
+    command = [DOCKBUILD, "build", "--progress=plain", "--no-cache", *dockbuild.base_context,
+               "-o", "type=tar,dest=/dev/null"]  # fmt: skip
+    making = subprocess.Popen([*command, str(first)], env=dockbuild.env(), stderr=subprocess.PIPE)
+    for _ in range(600):  # until the first build has made the bridge and its NAT
+        if os.path.exists("/sys/class/net/dockbuild0") or making.poll() is not None:
+            break
+        time.sleep(0.01)
+    ending = subprocess.Popen([*command, str(last)], env=dockbuild.env(without_nft), stderr=subprocess.PIPE)
+    for process in (making, ending):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()
+        assert b"Traceback" not in err and b"internal error" not in err
+    assert _leftovers() == []
 
 
 def test_nothing_is_left_after_a_build_killed_mid_run(dockbuild: DockbuildCLI, tmp_path: Path) -> None:

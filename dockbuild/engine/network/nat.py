@@ -31,16 +31,30 @@ def backend() -> tuple[str | None, str]:
 
 
 def run_all(commands: list[Command]) -> list[tuple[int, str, str]]:
-    """Run the commands side by side: each one's exit status, output and errors."""
-    started = [
-        (subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), stdin)
-        for args, stdin in commands
-    ]
+    """Run the commands side by side: each one's exit status, output and errors (127 for
+    a program that cannot be started)."""
+    started: list[tuple[subprocess.Popen[str] | OSError, str]] = []
+    for args, stdin in commands:
+        try:
+            started.append((subprocess.Popen(
+                args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ), stdin))  # fmt: skip
+        except OSError as e:
+            started.append((e, stdin))
     done = []
     for process, stdin in started:
+        if isinstance(process, OSError):
+            done.append((127, "", str(process)))
+            continue
         out, err = process.communicate(stdin)
         done.append((process.returncode, out, err))
     return done
+
+
+def _tool(name: str) -> str:
+    """The program's full path: a record of the commands that undo the NAT is run by the
+    build that ends last, whose PATH may differ."""
+    return shutil.which(name) or name
 
 
 def _check(commands: list[Command], done: list[tuple[int, str, str]]) -> None:
@@ -68,7 +82,7 @@ def _restore(how: str, nat: list[str], forward: list[str]) -> Command:
     for table, rules in (("nat", nat), ("filter", forward)):
         if rules:
             lines += [f"*{table}", *(f"{how} {rule}" for rule in rules), "COMMIT"]
-    return ["iptables-restore", "-w", "--noflush"], "\n".join(lines) + "\n"
+    return [_tool("iptables-restore"), "-w", "--noflush"], "\n".join(lines) + "\n"
 
 
 def install(bridge: str, subnet: str) -> list[Command]:
@@ -83,7 +97,7 @@ def install(bridge: str, subnet: str) -> list[Command]:
     nat_rules: list[str] = []
     undo_commands: list[Command] = []
     if kind == "nftables":
-        table.append((["nft", "-f", "-"], (
+        table.append(([_tool("nft"), "-f", "-"], (
             f"table ip {TABLE} {{\n"
             "  chain postrouting {\n"
             "    type nat hook postrouting priority srcnat; policy accept;\n"
@@ -97,7 +111,7 @@ def install(bridge: str, subnet: str) -> list[Command]:
             "  }\n"
             "}\n"
         )))  # fmt: skip
-        undo_commands.append((["nft", "delete", "table", "ip", TABLE], ""))
+        undo_commands.append(([_tool("nft"), "delete", "table", "ip", TABLE], ""))
     else:
         nat_rules.append(_nat_rule(bridge, subnet))
     # The table is made while iptables tells whether FORWARD drops.
