@@ -168,7 +168,6 @@ def build(request: BuildRequest) -> BuildResult:
             progress.message(warning)
         for result in results:
             check_entitlements(result.root, run_options.allow)
-        check_run_platforms(run_platforms(results))
         result = results[0]
         # The contexts this build reads, digested before any step reads them.
         reads = sorted({name for r in results for name in _local_reads(r.root)})
@@ -222,28 +221,6 @@ def target_platforms(request: BuildRequest) -> list[str]:
         from dockbuild.errors import UsageError
 
         raise UsageError(f"--platform: {e.message}", hint=e.hint) from None
-
-
-def run_platforms(results: list[Definition]) -> frozenset[str]:
-    """The platforms other than this machine's whose RUN steps the build has (a RUN of a
-    foreign platform carries it: ``ExecOp.platform``)."""
-    from dockbuild import llb
-
-    return frozenset(
-        op.platform
-        for r in results
-        for op in llb.walk(r.root)
-        if isinstance(op, llb.ExecOp) and op.platform
-    )
-
-
-def check_run_platforms(platforms: frozenset[str]) -> None:
-    """The emulation check (binfmt_misc/QEMU), called once before any step runs with the
-    platforms of ``run_platforms``: one that needs an emulator this machine lacks is an
-    error naming it (``engine.executor.emulation``)."""
-    from dockbuild.engine.executor.emulation import require_runnable
-
-    require_runnable(platforms)
 
 
 def _secret_values(run_options: RunOptions) -> list[bytes]:

@@ -140,6 +140,7 @@ class Solver:
         self._executor_starting = False
         self._network: BuildNetwork | None = None  # the build's isolated networks
         self._executor_lock = threading.Lock()
+        self._platform_lock = threading.Lock()  # the emulation probe, one at a time
         self.options = options or SolveOptions()
         self.keys = cachekeys.CacheKeys(locals_, store)
         self.keys.secrets = dict(self.options.secrets)
@@ -300,6 +301,8 @@ class Solver:
             self._report_cached(op)
             return tuple(hit)
         if isinstance(op, llb.ExecOp):
+            if op.platform:
+                self._require_platform(op.platform)
             self._start_executor(op.network)
         with self.store.lock(key):
             # Another process may have solved the same step while we waited for the lock.
@@ -444,6 +447,17 @@ class Solver:
         raise DockbuildError(f"unsupported op {type(op).__name__}")
 
     # -- ops -----------------------------------------------------------------------
+
+    def _require_platform(self, platform: str) -> None:
+        """A RUN step of a foreign ``platform`` will run: this machine must run its binaries
+        (binfmt_misc/QEMU), or the step fails before it starts, naming what is missing.
+        A cached step needs no emulator, as in BuildKit."""
+        from dockbuild.engine.executor.emulation import require_runnable
+
+        # The answer is kept (emulation.support_of); steps of one platform that start
+        # together wait for the first one's probe instead of each probing.
+        with self._platform_lock:
+            require_runnable(platform)
 
     def _start_executor(self, network: str) -> None:
         """A RUN step will run: probe and start the executor beside the rest of the work

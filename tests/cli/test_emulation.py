@@ -1,6 +1,7 @@
 """RUN steps of foreign platforms (arm64, arm/v7, riscv64) through binfmt_misc and QEMU user
-mode, through the real CLI: with every executor and rootless, listed by `debug info`, and
-refused before any step runs when the emulator is missing, disabled or lacks the F flag.
+mode, through the real CLI: with every executor and rootless, listed by `debug info`,
+refused before the foreign step starts when the emulator is missing, disabled or lacks the
+F flag, and built without one when every foreign step is served from the cache.
 
 The refusals use a binfmt_misc instance of their own (Linux 6.7+: a user namespace that
 mounts binfmt_misc gets an empty one, seen by nothing else), so the host's registrations
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,15 +142,19 @@ def _in_own_binfmt(multi: DockbuildCLI, setup: str, *args: str) -> subprocess.Co
 
 
 def _refused(done: subprocess.CompletedProcess[str], out: Path) -> str:
-    """The error of a build refused before its first step, with nothing written."""
+    """The error of a build refused before its foreign RUN step started, pointing at the
+    step's Dockerfile line, with nothing written."""
     assert done.returncode == 1, done.stderr
-    assert "RUN uname" not in done.stderr  # no step started
+    # the foreign step never started (a native one beside it may have, and is stopped)
+    started = re.findall(r"^#\d+ \[(.*)\] RUN uname", done.stderr, re.MULTILINE)
+    assert all(name.startswith("linux/amd64 ") for name in started), started
+    assert ">>> RUN uname" in done.stderr  # the step that needs the emulator
     assert "Traceback" not in done.stderr
     assert not out.exists()
     return done.stderr
 
 
-def test_a_missing_emulator_fails_before_any_step_naming_it_and_its_package(
+def test_a_missing_emulator_fails_before_the_foreign_step_naming_it_and_its_package(
     multi: DockbuildCLI, tmp_path: Path
 ) -> None:
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": RUN_UNAME})
@@ -204,6 +211,53 @@ def test_a_fully_native_build_needs_no_emulator(dockbuild: DockbuildCLI, tmp_pat
     done = _in_own_binfmt(DockbuildCLI(dockbuild.root, dockbuild.busybox), ":", "--platform",
                           "linux/arm64", "-o", f"type=oci,dest={out}", str(ctx))  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+# A foreign RUN between two COPY steps: a change to `before` makes it run again, a change
+# to `after` leaves it cached.
+RUN_BETWEEN = "FROM busybox\nCOPY before /\nRUN uname -m > /machine\nCOPY after /\n"
+BOTH = ("--platform", "linux/amd64,linux/arm64")
+
+
+@pytest.mark.parametrize("cache", ["rebuild", "cache-from"])
+def test_a_build_whose_foreign_run_steps_are_all_cached_needs_no_emulator(
+    multi: DockbuildCLI, tmp_path: Path, cache: str
+) -> None:
+    """As BuildKit asks for the emulator only for the steps it runs: a rebuild, or a CI
+    runner without QEMU importing the cache (--cache-from), serves the arm64 RUN from the
+    cache and builds (its changed COPY runs) where the emulator is missing."""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": RUN_BETWEEN, "before": "b\n", "after": "1\n"})
+    exported = tmp_path / "exported-cache"
+    multi.build(ctx, *BOTH, "--cache-to", f"type=local,dest={exported},mode=max",
+                "-o", f"type=local,dest={tmp_path / 'first'}")  # fmt: skip  # with the host's emulators
+    (ctx / "after").write_text("2\n")
+    builder, args = multi, ()
+    if cache == "cache-from":  # a runner of its own: an empty cache root
+        builder = DockbuildCLI(tmp_path / "runner-cache", multi.busybox)
+        args = ("--cache-from", f"type=local,src={exported}")
+    out = tmp_path / "out.tar"  # a tar: the namespace maps one id, busybox's files have more
+    done = _in_own_binfmt(builder, ":", *BOTH, *args, "-o", f"type=tar,dest={out}", str(ctx))
+    assert done.returncode == 0, done.stderr
+    (step,) = re.findall(r"^#(\d+) \[linux/arm64 3/4\] RUN uname", done.stderr, re.MULTILINE)
+    assert f"\n#{step} CACHED\n" in done.stderr
+    with tarfile.open(out) as tar:
+        for platform, machine in (("linux_amd64", "x86_64"), ("linux_arm64", "aarch64")):
+            assert tar.extractfile(f"{platform}/machine").read() == f"{machine}\n".encode()  # type: ignore[union-attr]
+            assert tar.extractfile(f"{platform}/after").read() == b"2\n"  # type: ignore[union-attr]
+
+
+def test_a_foreign_run_step_that_must_run_again_fails_where_the_emulator_is_missing(
+    multi: DockbuildCLI, tmp_path: Path
+) -> None:
+    """The step's cached result is stale (`before` changed): it must run, so the missing
+    emulator is the error, naming the platform, before that step starts."""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": RUN_BETWEEN, "before": "b\n", "after": "1\n"})
+    multi.build(ctx, *BOTH, "-o", f"type=local,dest={tmp_path / 'first'}")
+    (ctx / "before").write_text("changed\n")
+    out = tmp_path / "out.tar"
+    err = _refused(_in_own_binfmt(multi, ":", *BOTH, "-o", f"type=tar,dest={out}", str(ctx)), out)
+    assert "RUN steps for linux/arm64 cannot run" in err
+    assert "apt-get install qemu-user-static" in err
 
 
 CROSS_AND_EMULATED = """\

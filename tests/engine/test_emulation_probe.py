@@ -66,8 +66,8 @@ def test_an_extension_entry_is_not_a_magic_entry() -> None:
 def test_the_host_platform_always_runs_and_other_oses_never() -> None:
     from dockbuild import platforms
 
-    emulation.require_runnable([platforms.host()])
+    emulation.require_runnable(platforms.host())
     with pytest.raises(ExecutorError, match="runs Linux binaries only"):
-        emulation.require_runnable(["windows/amd64"])
+        emulation.require_runnable("windows/amd64")
     with pytest.raises(ExecutorError, match="knows no emulator for the sparc64"):
-        emulation.require_runnable(["linux/sparc64"])
+        emulation.require_runnable("linux/sparc64")

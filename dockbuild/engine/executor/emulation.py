@@ -2,9 +2,10 @@
 
 A RUN step of a foreign platform (``--platform linux/arm64`` on an amd64 host) executes the
 image's own binaries; the kernel runs them through the interpreter binfmt_misc has for their
-ELF header (QEMU user mode). :func:`require_runnable` is called once per build, before any
-step runs, so that a missing emulator is one clear error rather than ``exec format error``
-in the middle of a build.
+ELF header (QEMU user mode). The solver calls :func:`require_runnable` when a step of a
+foreign platform misses the cache, before that step starts (a cached one needs no emulator,
+as in BuildKit), so that a missing emulator is one clear error rather than ``exec format
+error`` in the step.
 
 How a platform is judged (``support``):
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,17 +105,16 @@ class Support:
         return out
 
 
-def require_runnable(wanted: Iterable[str]) -> None:
-    """Raise a clear error, before any step runs, when one of the platforms whose RUN steps
-    a build has cannot run here (``wanted``: normalised names, as ``dockbuild.platforms``)."""
-    for platform in sorted(set(wanted)):
-        support = support_of(platform)
-        if not support.runs:
-            raise ExecutorError(
-                f"RUN steps for {platform} cannot run on this {platforms.host()} machine: "
-                f"{support.reason}",
-                hint=_hint(platform, support),
-            )
+def require_runnable(platform: str) -> None:
+    """Raise a clear error when RUN steps of ``platform`` (a normalised name, as
+    ``dockbuild.platforms``) cannot run here: what is missing, and how to get it."""
+    support = support_of(platform)
+    if not support.runs:
+        raise ExecutorError(
+            f"RUN steps for {platform} cannot run on this {platforms.host()} machine: "
+            f"{support.reason}",
+            hint=_hint(platform, support),
+        )
 
 
 def machine_info() -> dict[str, object]:
