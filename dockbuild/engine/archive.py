@@ -163,6 +163,23 @@ def is_overlay_xattr(name: str) -> bool:
 OWNER_XATTR = "user.dockbuild.owner"
 
 
+def layer_owner(path: str | os.PathLike[str], st: os.stat_result) -> tuple[int, int]:
+    """The owner the file at ``path`` (lstat ``st``) has in its layer: the one
+    ``OWNER_XATTR`` records, else the one on disk."""
+    try:
+        recorded = os.getxattr(path, OWNER_XATTR, follow_symlinks=False)
+    except OSError:
+        return st.st_uid, st.st_gid  # ENODATA; a symlink or a file system without xattrs
+    return _recorded_owner(recorded, st)
+
+
+def _recorded_owner(value: bytes, st: os.stat_result) -> tuple[int, int]:
+    uid, _, gid = value.partition(b":")
+    if uid.isdigit() and gid.isdigit():
+        return int(uid), int(gid)
+    return st.st_uid, st.st_gid  # not a value dockbuild wrote
+
+
 def content_xattrs(path: str | os.PathLike[str]) -> dict[str, bytes]:
     """The xattrs of a path that belong in an image (no overlay ones), sorted by name."""
     xattrs = _xattrs(path)
@@ -671,7 +688,7 @@ class TreeTarWriter:
         xattrs = _xattrs(path)
         owner = xattrs.pop(OWNER_XATTR, None)
         if owner is not None:
-            ti.uid, ti.gid = map(int, owner.split(b":"))
+            ti.uid, ti.gid = _recorded_owner(owner, st)
         ti.pax_headers = {
             _XATTR_PREFIX + k: v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
         }
