@@ -26,6 +26,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -171,6 +172,22 @@ def layer_owner(path: str | os.PathLike[str], st: os.stat_result) -> tuple[int, 
     except OSError:
         return st.st_uid, st.st_gid  # ENODATA; a symlink or a file system without xattrs
     return _recorded_owner(recorded, st)
+
+
+def copy_owner_record(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, replace: bool = False
+) -> None:
+    """Give the directory ``dst`` the owner ``OWNER_XATTR`` records on ``src``, if any
+    (``replace``: and drop the one ``dst`` has when ``src`` has none). A regular file's
+    travels with its other xattrs where shutil.copy2 copies it."""
+    try:
+        value = os.getxattr(src, OWNER_XATTR, follow_symlinks=False)
+    except OSError:
+        if replace:
+            with contextlib.suppress(OSError):  # ENODATA: it had none
+                os.removexattr(dst, OWNER_XATTR, follow_symlinks=False)
+        return
+    os.setxattr(dst, OWNER_XATTR, value, follow_symlinks=False)
 
 
 def _recorded_owner(value: bytes, st: os.stat_result) -> tuple[int, int]:
