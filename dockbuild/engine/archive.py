@@ -26,6 +26,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -161,6 +162,39 @@ def is_overlay_xattr(name: str) -> bool:
 # The owner ("uid:gid") a file has in its layer where a single-ID user namespace could
 # not chown it on disk (engine/fileop.py): the layer tar's header carries it instead.
 OWNER_XATTR = "user.dockbuild.owner"
+
+
+def layer_owner(path: str | os.PathLike[str], st: os.stat_result) -> tuple[int, int]:
+    """The owner the file at ``path`` (lstat ``st``) has in its layer: the one
+    ``OWNER_XATTR`` records, else the one on disk."""
+    try:
+        recorded = os.getxattr(path, OWNER_XATTR, follow_symlinks=False)
+    except OSError:
+        return st.st_uid, st.st_gid  # ENODATA; a symlink or a file system without xattrs
+    return _recorded_owner(recorded, st)
+
+
+def copy_owner_record(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, replace: bool = False
+) -> None:
+    """Give the directory ``dst`` the owner ``OWNER_XATTR`` records on ``src``, if any
+    (``replace``: and drop the one ``dst`` has when ``src`` has none). A regular file's
+    travels with its other xattrs where shutil.copy2 copies it."""
+    try:
+        value = os.getxattr(src, OWNER_XATTR, follow_symlinks=False)
+    except OSError:
+        if replace:
+            with contextlib.suppress(OSError):  # ENODATA: it had none
+                os.removexattr(dst, OWNER_XATTR, follow_symlinks=False)
+        return
+    os.setxattr(dst, OWNER_XATTR, value, follow_symlinks=False)
+
+
+def _recorded_owner(value: bytes, st: os.stat_result) -> tuple[int, int]:
+    uid, _, gid = value.partition(b":")
+    if uid.isdigit() and gid.isdigit():
+        return int(uid), int(gid)
+    return st.st_uid, st.st_gid  # not a value dockbuild wrote
 
 
 def content_xattrs(path: str | os.PathLike[str]) -> dict[str, bytes]:
@@ -671,7 +705,7 @@ class TreeTarWriter:
         xattrs = _xattrs(path)
         owner = xattrs.pop(OWNER_XATTR, None)
         if owner is not None:
-            ti.uid, ti.gid = map(int, owner.split(b":"))
+            ti.uid, ti.gid = _recorded_owner(owner, st)
         ti.pax_headers = {
             _XATTR_PREFIX + k: v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
         }

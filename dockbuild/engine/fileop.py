@@ -194,10 +194,10 @@ class _Target:
                 up.unlink()
             below = LayersView(self.base).host(sub)
             st = os.lstat(below) if below is not None else None
-            if st is not None and stat.S_ISDIR(st.st_mode):
+            if below is not None and st is not None and stat.S_ISDIR(st.st_mode):
                 os.mkdir(up)
                 os.chmod(up, stat.S_IMODE(st.st_mode))
-                _chown(up, st.st_uid, st.st_gid)
+                _chown(up, *archive.layer_owner(below, st))
                 self._dir_mtimes.setdefault(sub, st.st_mtime_ns)
             else:
                 os.mkdir(up)
@@ -247,7 +247,8 @@ def _chown(target: str | Path | int, uid: int, gid: int) -> None:
 
     In a user namespace with a single-ID mapping only root exists: an owner it cannot
     map is recorded on the file instead (``archive.OWNER_XATTR``), and the layer's tar
-    headers carry it, as they would the owner on disk."""
+    headers carry it, as they would the owner on disk. A copy of such a file takes that
+    owner (``archive.layer_owner``) and records it again."""
     try:
         if isinstance(target, int):
             os.fchown(target, uid, gid)
@@ -648,15 +649,23 @@ class _Copier:
 
     def dir_metadata(self, src: str, out: str) -> None:
         """Give the directory ``out`` the mode, owner and mtime of the source dir ``src``."""
-        st = self.view.lstat(self.view.resolve(src))
-        if st is None or not stat.S_ISDIR(st.st_mode):
+        host = self.view.host(self.view.resolve(src))
+        if host is None:
+            return
+        st = os.lstat(host)
+        if not stat.S_ISDIR(st.st_mode):
             return
         dest = self.target.upper / out
-        uid, gid = self.owner or ((0, 0) if self.view.reset_owner else (st.st_uid, st.st_gid))
+        uid, gid = self.owner or self._source_owner(host, st)
         os.chmod(dest, stat.S_IMODE(st.st_mode))
         _chown(dest, uid, gid)
         mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
         self.target.keep_mtime(out, mtime)
+
+    def _source_owner(self, host: str | Path, st: os.stat_result) -> tuple[int, int]:
+        """The owner a copy keeps without --chown: root for a local context's file, else
+        the owner the file has in its layer, also one only recorded there (see _chown)."""
+        return (0, 0) if self.view.reset_owner else archive.layer_owner(host, st)
 
     def into_dir(self, src: str, st: os.stat_result, dest_rel: str) -> None:
         """The contents of the directory ``src`` into the directory ``dest_rel``. As
@@ -707,7 +716,7 @@ class _Copier:
         if st is None:
             st = os.lstat(host)
         dest = os.path.join(self.target.upper, out)
-        uid, gid = self.owner or ((0, 0) if self.view.reset_owner else (st.st_uid, st.st_gid))
+        uid, gid = self.owner or self._source_owner(host, st)
         mode = _apply_mode(self.mode, stat.S_IMODE(st.st_mode), stat.S_ISDIR(st.st_mode))
         mtime = self.timestamp * 10**9 if self.timestamp is not None else st.st_mtime_ns
         if stat.S_ISDIR(st.st_mode):
@@ -787,7 +796,7 @@ class _Copier:
                     and cst.st_size == st.st_size
                     and cst.st_mtime_ns == mtime
                     and stat.S_IMODE(cst.st_mode) == mode
-                    and (cst.st_uid, cst.st_gid) == (uid, gid)
+                    and archive.layer_owner(os.path.join(layer, out), cst) == (uid, gid)
                     and local.copied_digest(cst) == digest
                 ):
                     try:

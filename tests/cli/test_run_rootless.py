@@ -290,3 +290,38 @@ def test_copy_chown_with_a_single_id_mapping_keeps_the_owner_in_the_layer(
     assert failed.returncode != 0
     assert "cannot give a symlink the owner 1000:1000" in failed.stderr
     assert "usermod --add-subuids" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_copy_from_with_a_single_id_mapping_keeps_the_recorded_owners(
+    single_user: BuildUser,
+) -> None:
+    ctx = _context(
+        single_user, "from-ctx",
+        "FROM scratch AS base\n"
+        "COPY --chown=1000:1001 f d /app/\n"
+        "FROM scratch\n"
+        "COPY --from=base /app/f /f\n"
+        "COPY --link --from=base /app/f /linked\n"
+        "COPY --from=base /app/ /copied/\n"
+        "COPY --from=base --chown=65534 /app/f /nobody\n"
+        "COPY --parents --from=base /app/f /\n"
+        "COPY f /app/h\n",
+    )  # fmt: skip
+    for rel, text in (("f", "f"), ("d/g", "g")):
+        (ctx / rel).parent.mkdir(exist_ok=True)
+        (ctx / rel).write_text(text)
+    subprocess.run(["chown", "-R", str(single_user.uid), str(ctx)], check=True)
+    out = single_user.home / "from.tar"
+    single_user.dockbuild("--progress=plain", "-o", f"type=oci,dest={out}", str(ctx))
+    layers = [
+        {m.name: (m.uid, m.gid, m.pax_headers.get("SCHILY.xattr.user.dockbuild.owner")) for m in layer.getmembers()}
+        for layer in read_oci(out).layers
+    ]
+    owners = {name: owner for members in layers for name, owner in members.items()}
+    kept = (1000, 1001, None)
+    assert owners["f"] == owners["linked"] == owners["copied/f"] == owners["copied/g"] == kept
+    assert owners["copied"] == (0, 0, None)  # made by the copy, as BuildKit does
+    assert owners["nobody"] == (65534, 65534, None)  # --chown wins
+    # /app: made with its source's owner by --parents, then copied up by the last COPY.
+    assert [members["app"] for members in layers if "app" in members] == [kept, kept]
+    assert owners["app/f"] == kept and owners["app/h"] == (0, 0, None)

@@ -440,6 +440,30 @@ def test_copy_snapshotter_keeps_a_rootfs_across_builds_and_brings_it_back_to_an_
     assert shape(_tree(work / "upper")) == shape(_tree(tmp_path / "l1"))
 
 
+def test_copy_snapshotter_keeps_the_owner_a_single_id_build_recorded_on_a_directory(
+    tmp_path: Path,
+) -> None:
+    from dockbuild.engine.archive import OWNER_XATTR
+    from dockbuild.engine.snapshotter import by_name
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    base = tmp_path / "base"
+    put(base, "app/f", "f")
+    os.setxattr(base / "app", OWNER_XATTR, b"1000:1001")  # COPY --chown=1000:1001 f /app/
+
+    def step(root: Path) -> None:
+        (root / "app" / "new").write_text("n")  # /app copied up into the step's layer
+
+    _run_step(by_name("copy", cache), (base,), _work(tmp_path / "w1"), step, tmp_path / "l1")
+    assert os.getxattr(tmp_path / "l1" / "app", OWNER_XATTR) == b"1000:1001"
+    # The kept rootfs brought to another chain, whose /app has no recorded owner.
+    over = tmp_path / "over"
+    put(over, "app")
+    _run_step(by_name("copy", cache), (base, over), _work(tmp_path / "w2"), step, tmp_path / "l2")
+    assert OWNER_XATTR not in os.listxattr(tmp_path / "l2" / "app")
+
+
 def test_copy_snapshotter_never_hands_one_kept_rootfs_to_two_steps(tmp_path: Path) -> None:
     from dockbuild.engine.snapshotter import by_name
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from dockbuild.engine.archive import is_opaque_dir, make_whiteout, mark_opaque
+from dockbuild.engine.archive import copy_owner_record, is_opaque_dir, make_whiteout, mark_opaque
 from dockbuild.engine.executor import PlainRootfs
 from dockbuild.engine.snapshots import visible_entry, walk_merged, walk_subtree
 from dockbuild.errors import ExecutorError
@@ -253,6 +253,7 @@ def _place(src: Path, out: Path, st: os.stat_result) -> bool:
     """Copy one entry of a merged view (a directory empty, its mtime set later)."""
     if stat.S_ISDIR(st.st_mode):
         out.mkdir()
+        copy_owner_record(src, out)
     elif stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(src), out)
     elif stat.S_ISREG(st.st_mode):
@@ -341,8 +342,9 @@ def sync(
             and stat.S_ISDIR(have.st_mode)
         )
         if both_dirs and not touched.deep[rel]:
-            assert want is not None
+            assert want is not None and src is not None
             os.lchown(path, want.st_uid, want.st_gid)
+            copy_owner_record(src, path, replace=True)
             os.chmod(path, stat.S_IMODE(want.st_mode))
             fixed.append((rel, want))
             continue
@@ -493,6 +495,7 @@ def _copy_entry(src: Path, dst: Path, directory_only: bool) -> None:
     st = os.lstat(src)
     if stat.S_ISDIR(st.st_mode):
         dst.mkdir()
+        copy_owner_record(src, dst)
     elif directory_only:
         return
     elif stat.S_ISLNK(st.st_mode):
