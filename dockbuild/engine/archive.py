@@ -20,7 +20,9 @@ Decisions worth knowing:
 - Ownership is applied when running as (namespace) root. In rootless mode a uid that is
   not mapped cannot be set; such chown and xattr failures are ignored there.
 - ``*.overlay.*`` xattrs arriving in a tar are dropped: honouring a ``trusted.overlay.
-  redirect`` from an image would let a layer point overlayfs at other paths.
+  redirect`` from an image would let a layer point overlayfs at other paths. So is
+  ``user.dockbuild.owner`` (OWNER_XATTR): dockbuild's own record of an owner, which the
+  tar header carries; from an image it would give a file another owner than its header.
 - Missing parent directories are created (0755, root), as tar does.
 """
 
@@ -415,7 +417,7 @@ class _Unpacker:
             if not key.startswith(_XATTR_PREFIX):
                 continue
             name = key[len(_XATTR_PREFIX) :]
-            if is_overlay_xattr(name):
+            if is_overlay_xattr(name) or name == OWNER_XATTR:  # ours: the tar header has the owner
                 continue
             value = ti.pax_headers[key].encode("utf-8", "surrogateescape")
             try:

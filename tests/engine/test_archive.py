@@ -19,6 +19,7 @@ from dockbuild.engine.archive import (
     OPAQUE_XATTR_ROOTLESS,
     is_opaque_dir,
     layer_is_empty,
+    layer_owner,
     open_blob,
     unpack_layer,
     write_layer_tar,
@@ -286,6 +287,14 @@ def test_overlay_xattrs_from_a_tar_are_ignored(tmp_path: Path) -> None:
     dest = unpack(data, tmp_path / "dest")
     assert not is_opaque_dir(dest / "d")
     assert all(".overlay." not in x for x in os.listxattr(dest / "d"))
+
+
+@needs_root
+def test_an_owner_record_from_a_tar_is_ignored_the_header_owns_the_file(tmp_path: Path) -> None:
+    data = make_tar(("f", "file", {"xattrs": {"user.dockbuild.owner": b"1000:1000", "user.kept": b"1"}}))
+    dest = unpack(data, tmp_path / "dest")
+    assert os.listxattr(dest / "f") == ["user.kept"]
+    assert layer_owner(dest / "f", os.lstat(dest / "f")) == (0, 0)
 
 
 # --- writing ------------------------------------------------------------------------------------
