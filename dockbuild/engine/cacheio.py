@@ -4,10 +4,11 @@ A cache export is an OCI image manifest whose layers are the layer blobs of the 
 steps and whose config (media type :data:`CONFIG_MEDIA_TYPE`) lists the records: each
 step's cache key, its layer chain, its description, type and creation time, and each
 layer's creation time (the history ``created`` of its step, so an import gives the same
-image digest; a cache without the times still imports). ``type=local`` writes it
-into an OCI layout directory (``index.json`` entry named by ``tag``); ``type=registry``
-pushes it under ``ref``. Keys are content-addressed (op definitions, base image manifest
-digests, context file contents), so they mean the same on every machine.
+image digest; a cache without the times still imports; an inline cache reads them from
+the image's history). ``type=local`` writes it into an OCI layout directory
+(``index.json`` entry named by ``tag``); ``type=registry`` pushes it under ``ref``. Keys
+are content-addressed (op definitions, base image manifest digests, context file
+contents), so they mean the same on every machine.
 
 Import is lazy in BuildKit's spirit: the manifests are read while the frontend works;
 before solving, the graph is walked from the result down, and only the records the build
@@ -631,13 +632,44 @@ def _inline_as_export(image: Any) -> dict[str, Any]:
     ids = inline.get("layers", [])
     if len(ids) != len(image.layers) or len(diff_ids) != len(ids):
         raise DockbuildError("the image's inline cache does not match its layers (squashed?)")
+    made = _layer_times(config, len(ids))
     layers = [
         {"id": lid, "digest": d.digest, "size": d.size, "mediaType": d.media_type,
-         "diff_id": diff_ids[i], "compression": compression_of(d.media_type)}
+         "diff_id": diff_ids[i], "compression": compression_of(d.media_type), "created": made[i]}
         for i, (lid, d) in enumerate(zip(ids, image.layers, strict=True))
     ]  # fmt: skip
-    records = [{**r, "layers": ids[: int(r["layers"])]} for r in inline.get("records", [])]
+    records = []
+    for r in inline.get("records", []):
+        count = int(r["layers"])
+        # A record is dated by its last layer: the step's own, or the one it was built on.
+        records.append({**r, "layers": ids[:count], "created": made[count - 1] if 0 < count <= len(made) else None})
     return {_CACHE_KEY: {"records": records, "layers": layers}}
+
+
+def _layer_times(config: dict[str, Any], count: int) -> list[float | None]:
+    """When each of an image's layers was made: the ``created`` of the history entries that
+    add a layer (those without ``empty_layer``), in order. They are the times the exporting
+    build gave its steps, so a build from its inline cache writes the same history; all None
+    when the history does not line up with the layers."""
+    history = config.get("history")
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        return [None] * count
+    times = [_rfc3339(entry.get("created")) for entry in history if not entry.get("empty_layer")]
+    return times if len(times) == count else [None] * count
+
+
+def _rfc3339(value: Any) -> float | None:
+    """Seconds since the epoch of an RFC 3339 time (a history ``created``); None when it is
+    not one. Digits past the microsecond are dropped: dockbuild writes microseconds."""
+    import datetime
+
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
 
 
 def _import_record(store: Store, source: _Source, record: dict[str, Any], progress: Progress) -> bool:

@@ -187,6 +187,43 @@ def test_inline_cache_in_a_pushed_image_is_enough_for_a_fresh_runner(
     assert bad.returncode == 2 and "type=registry,ref=IMAGE" in bad.stderr
 
 
+def test_a_fresh_runner_building_from_an_inline_cache_pushes_the_exporters_image_digest(
+    dockbuild: DockbuildCLI, tmp_path: Path, registry, busybox_ref: str  # type: ignore[no-untyped-def]
+) -> None:
+    # No SOURCE_DATE_EPOCH: the history times are when each layer was made; the image's
+    # own history carries them to the next runner. ENV and a RUN that changes nothing
+    # add history entries without a layer.
+    dockerfile = APP.format(base=busybox_ref).replace("WORKDIR /app\n", "ENV MODE=prod\nWORKDIR /app\nRUN true\n")
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": dockerfile, "src/main.txt": "v1\n"})
+    image = f"{registry.host}/inline/times:1"
+    dockbuild("--progress=plain", "-t", image, "--push", "--cache-to", "type=inline",
+              "--metadata-file", str(tmp_path / "a.json"), str(ctx))  # fmt: skip
+    pushed = json.loads((tmp_path / "a.json").read_text())["containerimage.digest"]
+    exported = _pushed_config(registry, "inline/times", pushed)
+    assert any(h.get("empty_layer") for h in exported["history"])
+    shutil.rmtree(dockbuild.root)  # a fresh CI runner, a moment later
+    again = dockbuild("--progress=plain", "-t", f"{registry.host}/inline/times:2", "--push", "--cache-to",
+                      "type=inline", "--cache-from", image, "--metadata-file", str(tmp_path / "b.json"), str(ctx))  # fmt: skip
+    steps = {n: s for n, s in step_lines(again.stderr).items() if re.match(r"\[\S* ?\d", n)}
+    assert steps and all(s == "CACHED" for s in steps.values()), again.stderr
+    rebuilt = json.loads((tmp_path / "b.json").read_text())["containerimage.digest"]
+    history = _pushed_config(registry, "inline/times", rebuilt)["history"]
+    assert [h.get("created") for h in history] == [h.get("created") for h in exported["history"]]
+    assert rebuilt == pushed
+    assert dockbuild("debug", "check-cache").out.strip() == "cache OK"
+
+
+def _pushed_config(registry, repository: str, digest: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """The config of an image in the test registry."""
+    accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+    got = registry.session.get(f"{registry.url}/v2/{repository}/manifests/{digest}", headers={"Accept": accept}, timeout=30)
+    got.raise_for_status()
+    config = got.json()["config"]["digest"]
+    blob = registry.session.get(f"{registry.url}/v2/{repository}/blobs/{config}", timeout=30)
+    blob.raise_for_status()
+    return blob.json()  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize(("kind", "mode"), [("local", "min"), ("local", "max"), ("registry", "min"), ("registry", "max")])
 def test_a_fresh_runner_importing_the_cache_gets_the_exporters_image_digest(
     dockbuild: DockbuildCLI, tmp_path: Path, request: pytest.FixtureRequest, kind: str, mode: str

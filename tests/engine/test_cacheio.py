@@ -11,6 +11,7 @@ import pytest
 
 from dockbuild import llb
 from dockbuild.engine import cacheio
+from dockbuild.engine.registry.manifest import Descriptor, ResolvedImage
 from dockbuild.engine.solver import Solver
 from dockbuild.engine.sources.image import ImageSources
 from dockbuild.engine.sources.local import LocalDir
@@ -188,3 +189,51 @@ def test_a_tampered_layer_blob_is_refused_and_nothing_is_recorded(
     with pytest.raises(DockbuildError, match="is corrupt"):
         import_(fresh, root, tmp_path / "cache")
     assert fresh.store.records() == []
+
+
+def _inline_image(history: list[dict[str, object]]) -> ResolvedImage:
+    """An image of two layers whose config carries an inline cache of two records."""
+    import json
+
+    ids, diff_ids = ["a" * 20, "b" * 20], ["sha256:" + "1" * 64, "sha256:" + "2" * 64]
+    config = {
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": history,
+        "dockbuild.cache.inline.v1": {
+            "layers": ids,
+            "records": [{"key": "k1", "layers": 1, "description": "FROM", "type": "regular", "owns": [], "refs": []},
+                        {"key": "k2", "layers": 2, "description": "RUN", "type": "regular", "owns": [ids[1]], "refs": []}],
+        },
+    }  # fmt: skip
+    layers = tuple(Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", "sha256:" + c * 64, 10) for c in "cd")
+    return ResolvedImage(None, "sha256:" + "e" * 64, b"{}", "", "sha256:" + "f" * 64, json.dumps(config).encode(), layers, "linux/amd64")
+
+
+def test_an_inline_cache_dates_its_layers_and_records_by_the_images_history() -> None:
+    history: list[dict[str, object]] = [
+        {"created": "2024-01-02T03:04:05Z"},
+        {"created": "2026-12-06T10:00:00.25Z", "empty_layer": True},  # ENV: no layer
+        {"created": "2026-12-06T10:00:01.123456Z"},
+    ]
+    data = cacheio._inline_as_export(_inline_image(history))["dockbuild.cache.v1"]
+    assert [layer["created"] for layer in data["layers"]] == [1704164645.0, 1796551201.123456]
+    assert [record["created"] for record in data["records"]] == [1704164645.0, 1796551201.123456]
+    assert [record["layers"] for record in data["records"]] == [["a" * 20], ["a" * 20, "b" * 20]]
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [{"created": "2024-01-02T03:04:05Z"}],  # fewer entries with a layer than layers
+        [{"created": "2024-01-02T03:04:05Z"}, {"created": "yesterday"}],
+        [{"created": "2024-01-02T03:04:05Z"}, {"created": "2026-12-06T10:00:01"}],  # no time zone
+        [],
+    ],
+)
+def test_an_inline_cache_whose_history_does_not_give_the_times_still_imports_undated(
+    history: list[dict[str, object]],
+) -> None:
+    data = cacheio._inline_as_export(_inline_image(history))["dockbuild.cache.v1"]
+    assert len(data["records"]) == 2 and len(data["layers"]) == 2
+    times = [cacheio._created(entry) for entry in [*data["layers"], *data["records"]]]
+    assert times[1] is None and times[3] is None  # dated by the import
