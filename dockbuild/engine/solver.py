@@ -239,12 +239,14 @@ class Solver:
 
     def close(self) -> None:
         self._failed.set()
-        with self._executor_lock:
-            if self._executor is not None:
-                self._executor.close()
-            if self._network is not None:
-                self._network.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            with self._executor_lock:
+                if self._executor is not None:
+                    self._executor.close()
+                if self._network is not None:  # opened, or being opened, with no executor yet
+                    self._network.close()
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- scheduling -------------------------------------------------------------------
 
@@ -464,11 +466,8 @@ class Solver:
         (its inputs, the steps before it), not when the step gets there; for a step of
         the isolated ``network``, open the build's networks beside that too."""
         with self._executor_lock:
-            if network == "default" and self._network is None:
-                from dockbuild.engine.network import BuildNetwork
-
-                self._network = BuildNetwork()
-                self._network.prepare()
+            if network == "default":
+                self._build_network().prepare()
             if self._executor is not None or self._executor_starting:
                 return
             self._executor_starting = True
@@ -487,12 +486,17 @@ class Solver:
                 self._executor = self._executor_factory()
                 if self._executor.warning:
                     self.progress.message(f"WARNING: {self._executor.warning}")
-                if self._network is None:
-                    from dockbuild.engine.network import BuildNetwork
-
-                    self._network = BuildNetwork()
-                self._executor.network = self._network
+                self._executor.network = self._build_network()
             return self._executor
+
+    def _build_network(self) -> BuildNetwork:
+        """The build's networks, made on first use (the caller holds the executor lock):
+        the executor gets them, whichever of the two comes first."""
+        if self._network is None:
+            from dockbuild.engine.network import BuildNetwork
+
+            self._network = BuildNetwork()
+        return self._network
 
     def _run_exec(self, op: llb.ExecOp, key: str, name: str) -> State:
         from dockbuild.engine import mounts
