@@ -104,14 +104,18 @@ def _fetch(url: str, dest: str) -> str:
 
 
 def _leftovers(pids: tuple[int, ...] = ()) -> list[str]:
-    """What builds may leave on the host: the veths of ``pids`` (or of any build) and
-    named namespaces; unless another build is running (it holds network.users), the
-    bridge and the rules too."""
+    """What builds may leave on the host: the veths of ``pids`` (or of any build that
+    ended: a build running beside the test, another suite's, has its own) and named
+    namespaces; unless another build is running (it holds network.users), the bridge
+    and the rules too."""
     import fcntl
 
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
-    prefixes = tuple(f": dbv{pid:x}." for pid in pids) or (": dbv",)
-    found = [line.split(":")[1].strip() for line in links.splitlines() if any(p in line for p in prefixes)]
+    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+    if pids:
+        found = [n for n in names if any(n.startswith(f"dbv{pid:x}.") for pid in pids)]
+    else:  # the owner's pid is in the name: dbv<pid hex>.<slot hex>
+        found = [n for n in names if n.startswith("dbv") and not os.path.exists(f"/proc/{int(n[3:].split('.')[0], 16)}")]
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     found += [f"netns {line}" for line in netns.splitlines() if "dockbuild" in line]
     try:
