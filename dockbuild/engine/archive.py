@@ -17,8 +17,11 @@ Decisions worth knowing:
 - Device nodes other than 0:0 need CAP_MKNOD. Without it (rootless, or a container that
   drops it) they are skipped silently, as moby does in a user namespace: a rootfs can
   live without ``/dev/console`` but a build cannot live with a failed pull.
-- Ownership is applied when running as (namespace) root. In rootless mode a uid that is
-  not mapped cannot be set; such chown and xattr failures are ignored there.
+- Ownership is applied when running as (namespace) root. An owner the user namespace
+  does not map (a single-ID mapping maps root only) cannot be set: it is recorded in
+  ``user.dockbuild.owner`` as a COPY --chown's is (:func:`set_owner`), so that what
+  copies the file keeps it; a symlink's is lost (no user.* xattr on symlinks). xattr
+  failures are ignored in rootless mode.
 - ``*.overlay.*`` xattrs arriving in a tar are dropped: honouring a ``trusted.overlay.
   redirect`` from an image would let a layer point overlayfs at other paths. So is
   ``user.dockbuild.owner`` (OWNER_XATTR): dockbuild's own record of an owner, which the
@@ -164,6 +167,35 @@ def is_overlay_xattr(name: str) -> bool:
 # The owner ("uid:gid") a file has in its layer where a single-ID user namespace could
 # not chown it on disk (engine/fileop.py): the layer tar's header carries it instead.
 OWNER_XATTR = "user.dockbuild.owner"
+
+
+def set_owner(target: str | os.PathLike[str] | int, uid: int, gid: int) -> bool:
+    """Give a new file (a descriptor, or a path whose symlink is not followed) the owner
+    ``uid:gid`` in its layer; False where it can be neither set nor recorded.
+
+    In a user namespace with a single-ID mapping only root exists: an owner it cannot
+    map is recorded on the file instead (``OWNER_XATTR``), and the layer's tar headers
+    carry it, as they would the owner on disk. A copy of such a file takes that owner
+    (:func:`layer_owner`) and records it again. A symlink takes no user.* xattr: its
+    owner has nowhere to go (False)."""
+    try:
+        if isinstance(target, int):
+            os.fchown(target, uid, gid)
+        else:
+            os.lchown(target, uid, gid)
+        return True
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: an id the user namespace does not map
+            raise
+    value = f"{uid}:{gid}".encode()
+    try:
+        if isinstance(target, int):
+            os.setxattr(target, OWNER_XATTR, value)
+        else:
+            os.setxattr(target, OWNER_XATTR, value, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def layer_owner(path: str | os.PathLike[str], st: os.stat_result) -> tuple[int, int]:
@@ -403,13 +435,11 @@ class _Unpacker:
         if not self.as_root:
             return
         try:
-            if isinstance(target, int):
-                os.chown(target, ti.uid, ti.gid)
-            else:
-                os.chown(target, ti.uid, ti.gid, follow_symlinks=False)
+            # An id the user namespace does not map is recorded instead; a symlink's is
+            # lost (it takes no user.* xattr), as an image must unpack all the same.
+            set_owner(target, ti.uid, ti.gid)
         except OSError as exc:
-            # An unmapped id in a user namespace: keep the file, lose the owner.
-            if not (self.rootless and exc.errno in (errno.EINVAL, errno.EPERM)):
+            if not (self.rootless and exc.errno == errno.EPERM):
                 raise
 
     def set_xattrs(self, target: str | int, ti: tarfile.TarInfo) -> None:
@@ -465,6 +495,10 @@ class _Unpacker:
         if ti.isdir():
             if st is None:
                 self.make_dir(parts, 0o700)
+            else:
+                # An entry again: its header's owner replaces any recorded before.
+                with contextlib.suppress(OSError):  # ENODATA: none was
+                    os.removexattr(p, OWNER_XATTR, follow_symlinks=False)
             self.chown(p, ti)
             self.set_xattrs(p, ti)
             self.dir_meta[parts] = (ti.mode & 0o7777, int(ti.mtime))

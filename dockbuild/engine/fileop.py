@@ -243,34 +243,15 @@ def _lstat(p: str | Path) -> os.stat_result | None:
 
 
 def _chown(target: str | Path | int, uid: int, gid: int) -> None:
-    """Set a new file's owner (a descriptor, or a path whose symlink is not followed).
-
-    In a user namespace with a single-ID mapping only root exists: an owner it cannot
-    map is recorded on the file instead (``archive.OWNER_XATTR``), and the layer's tar
-    headers carry it, as they would the owner on disk. A copy of such a file takes that
-    owner (``archive.layer_owner``) and records it again."""
-    try:
-        if isinstance(target, int):
-            os.fchown(target, uid, gid)
-        else:
-            os.lchown(target, uid, gid)
-        return
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # EINVAL: an id the user namespace does not map
-            raise
-    try:
-        if isinstance(target, int):
-            os.setxattr(target, archive.OWNER_XATTR, f"{uid}:{gid}".encode())
-        else:
-            os.setxattr(target, archive.OWNER_XATTR, f"{uid}:{gid}".encode(), follow_symlinks=False)
-    except OSError:
-        # A symlink takes no user.* xattr: its owner has nowhere to go.
+    """Set a new file's owner (a descriptor, or a path whose symlink is not followed),
+    recording one the user namespace cannot map (``archive.set_owner``)."""
+    if not archive.set_owner(target, uid, gid):
         raise DockbuildError(
             f"cannot give a symlink the owner {uid}:{gid}: this rootless build maps a "
             "single id (root), and a symlink has nowhere to record another owner",
             hint="give the user a subordinate id range (usermod --add-subuids 100000-165535 "
             "--add-subgids 100000-165535 USER, with the uidmap package installed), or run as root",
-        ) from None
+        )
 
 
 def _resolve_chown(chown: llb.Chown | None, target: _Target) -> tuple[int, int] | None:
@@ -664,7 +645,7 @@ class _Copier:
 
     def _source_owner(self, host: str | Path, st: os.stat_result) -> tuple[int, int]:
         """The owner a copy keeps without --chown: root for a local context's file, else
-        the owner the file has in its layer, also one only recorded there (see _chown)."""
+        the owner the file has in its layer, also one only recorded there (see archive.set_owner)."""
         return (0, 0) if self.view.reset_owner else archive.layer_owner(host, st)
 
     def into_dir(self, src: str, st: os.stat_result, dest_rel: str) -> None:

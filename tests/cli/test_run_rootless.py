@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from clitools import REPO, layer_files, read_oci
+from clitools import REPO, DockbuildCLI, layer_files, read_oci
 
 needs = pytest.mark.skipif(
     os.geteuid() != 0
@@ -325,3 +325,39 @@ def test_copy_from_with_a_single_id_mapping_keeps_the_recorded_owners(
     # /app: made with its source's owner by --parents, then copied up by the last COPY.
     assert [members["app"] for members in layers if "app" in members] == [kept, kept]
     assert owners["app/f"] == kept and owners["app/h"] == (0, 0, None)
+
+
+def test_layers_unpacked_with_a_single_id_mapping_keep_their_owners_for_copies(
+    single_user: BuildUser, dockbuild: DockbuildCLI, tmp_path: Path
+) -> None:
+    # The base image, made as root: its layer gives a directory, a file and a symlink
+    # to 1000:1001.
+    base_ctx = tmp_path / "base-ctx"
+    (base_ctx / "thing" / "d").mkdir(parents=True)
+    (base_ctx / "thing" / "f").write_text("f")
+    (base_ctx / "thing" / "d" / "g").write_text("g")
+    (base_ctx / "thing" / "link").symlink_to("f")
+    (base_ctx / "Dockerfile").write_text("FROM busybox\nCOPY --chown=1000:1001 thing /thing\n")
+    dockbuild.build(base_ctx, "-o", f"type=oci,tar=false,dest={tmp_path / 'base'}")
+    layout = _give(single_user, tmp_path / "base", "base")
+    # As the user: a copy of the base's files, and a RUN that copies up its directory.
+    ctx = _context(
+        single_user, "unpack-ctx",
+        "FROM base\n"
+        "COPY --from=base /thing /copied\n"
+        "RUN touch /thing/new\n",
+    )  # fmt: skip
+    out = single_user.home / "unpack.tar"
+    single_user.dockbuild(
+        "--progress=plain", "--build-context", f"base=oci-layout://{layout}",
+        "-o", f"type=oci,dest={out}", str(ctx),
+    )  # fmt: skip
+    copied, ran = (
+        {m.name: (m.uid, m.gid, m.pax_headers.get("SCHILY.xattr.user.dockbuild.owner")) for m in layer.getmembers()}
+        for layer in read_oci(out).layers[-2:]
+    )
+    kept = (1000, 1001, None)
+    assert copied["copied/f"] == copied["copied/d"] == copied["copied/d/g"] == kept
+    assert "copied/link" in copied  # a symlink's owner has nowhere to go: it is not an error
+    assert ran["thing"] == kept  # copied up to hold the new file
+    assert ran["thing/new"] == (0, 0, None)

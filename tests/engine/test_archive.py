@@ -8,7 +8,10 @@ import hashlib
 import io
 import lzma
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -295,6 +298,46 @@ def test_an_owner_record_from_a_tar_is_ignored_the_header_owns_the_file(tmp_path
     dest = unpack(data, tmp_path / "dest")
     assert os.listxattr(dest / "f") == ["user.kept"]
     assert layer_owner(dest / "f", os.lstat(dest / "f")) == (0, 0)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_owners_a_single_id_namespace_cannot_map_are_recorded_and_written_back(
+    tmp_path: Path,
+) -> None:
+    """Unpacked as root of a user namespace mapping only the caller's id, as a rootless
+    build without subordinate ids does: the headers' other owners come back out."""
+    owned = {"uid": 1000, "gid": 1001}
+    original = tmp_path / "layer.tar"
+    original.write_bytes(
+        make_tar(
+            ("d", "dir", owned),
+            ("d/f", "file", {**owned, "data": b"f"}),
+            ("d/link", "sym", {**owned, "target": "f"}),
+            ("d/root", "file", {}),
+            ("again", "dir", owned),
+            ("again", "dir", {}),  # the last header of a path owns it
+        )
+    )
+    script = (
+        "import io, sys\n"
+        "from pathlib import Path\n"
+        "from dockbuild.engine.archive import unpack_layer, write_layer_tar\n"
+        "dest = Path(sys.argv[2]); dest.mkdir()\n"
+        "with open(sys.argv[1], 'rb') as f: unpack_layer(f, dest, rootless=True)\n"
+        "write_layer_tar(dest, sys.stdout.buffer)\n"
+    )
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", script, str(original), str(tmp_path / "dest")],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0 and b"unshare failed" in done.stderr:
+        pytest.skip(f"no user namespace here: {done.stderr.decode().strip()}")
+    assert done.returncode == 0, done.stderr.decode()
+    owners = {m.name: (m.uid, m.gid) for m in tar_members(done.stdout)}
+    assert owners["d"] == owners["d/f"] == (1000, 1001)
+    assert owners["d/root"] == owners["again"] == (0, 0)
+    assert owners["d/link"] == (0, 0)  # a symlink takes no user.* xattr: unpacked all the same
+    assert os.listxattr(tmp_path / "dest" / "d" / "root") == []  # an owner set is not recorded
 
 
 # --- writing ------------------------------------------------------------------------------------
