@@ -137,12 +137,15 @@ def _give(user: BuildUser, src: Path, name: str) -> Path:
     return dest
 
 
-def _context(user: BuildUser, name: str, dockerfile: str) -> Path:
+def _context(user: BuildUser, name: str, dockerfile: str, files: dict[str, str] | None = None) -> Path:
+    """A build context of the user's, with a Dockerfile and ``files`` (path: text)."""
     ctx = user.home / name
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(dockerfile)
-    os.chown(ctx, user.uid, -1)
-    os.chown(ctx / "Dockerfile", user.uid, -1)
+    for rel, text in (files or {}).items():
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ctx / rel).write_text(text)
+    subprocess.run(["chown", "-R", str(user.uid), str(ctx)], check=True)
     return ctx
 
 
@@ -268,11 +271,8 @@ def test_copy_chown_with_a_single_id_mapping_keeps_the_owner_in_the_layer(
     ctx = _context(
         single_user, "chown-ctx",
         "FROM scratch\nCOPY --chown=1000:1001 f d /app/\nCOPY --chown=65534 f /nobody\n",
+        {"f": "f", "d/g": "g"},
     )  # fmt: skip
-    for rel, text in (("f", "f"), ("d/g", "g")):
-        (ctx / rel).parent.mkdir(exist_ok=True)
-        (ctx / rel).write_text(text)
-    subprocess.run(["chown", "-R", str(single_user.uid), str(ctx)], check=True)
     out = single_user.home / "chown.tar"
     single_user.dockbuild("--progress=plain", "-o", f"type=oci,dest={out}", str(ctx))
     owners = {
@@ -306,11 +306,8 @@ def test_copy_from_with_a_single_id_mapping_keeps_the_recorded_owners(
         "COPY --from=base --chown=65534 /app/f /nobody\n"
         "COPY --parents --from=base /app/f /\n"
         "COPY f /app/h\n",
+        {"f": "f", "d/g": "g"},
     )  # fmt: skip
-    for rel, text in (("f", "f"), ("d/g", "g")):
-        (ctx / rel).parent.mkdir(exist_ok=True)
-        (ctx / rel).write_text(text)
-    subprocess.run(["chown", "-R", str(single_user.uid), str(ctx)], check=True)
     out = single_user.home / "from.tar"
     single_user.dockbuild("--progress=plain", "-o", f"type=oci,dest={out}", str(ctx))
     layers = [
