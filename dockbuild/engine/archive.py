@@ -178,21 +178,16 @@ def set_owner(target: str | os.PathLike[str] | int, uid: int, gid: int) -> bool:
     carry it, as they would the owner on disk. A copy of such a file takes that owner
     (:func:`layer_owner`) and records it again. A symlink takes no user.* xattr: its
     owner has nowhere to go (False)."""
+    # A descriptor takes no follow_symlinks; a path's own symlink is what is meant.
+    path_only: dict[str, bool] = {} if isinstance(target, int) else {"follow_symlinks": False}
     try:
-        if isinstance(target, int):
-            os.fchown(target, uid, gid)
-        else:
-            os.lchown(target, uid, gid)
+        os.chown(target, uid, gid, **path_only)
         return True
     except OSError as e:
         if e.errno != errno.EINVAL:  # EINVAL: an id the user namespace does not map
             raise
-    value = f"{uid}:{gid}".encode()
     try:
-        if isinstance(target, int):
-            os.setxattr(target, OWNER_XATTR, value)
-        else:
-            os.setxattr(target, OWNER_XATTR, value, follow_symlinks=False)
+        os.setxattr(target, OWNER_XATTR, f"{uid}:{gid}".encode(), **path_only)
     except OSError:
         return False
     return True

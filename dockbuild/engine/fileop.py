@@ -193,8 +193,7 @@ class _Target:
             if st_up is not None:
                 up.unlink()
             below = LayersView(self.base).host(sub)
-            st = os.lstat(below) if below is not None else None
-            if below is not None and st is not None and stat.S_ISDIR(st.st_mode):
+            if below is not None and stat.S_ISDIR((st := os.lstat(below)).st_mode):
                 os.mkdir(up)
                 os.chmod(up, stat.S_IMODE(st.st_mode))
                 _chown(up, *archive.layer_owner(below, st))
