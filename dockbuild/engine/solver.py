@@ -246,7 +246,10 @@ class Solver:
                 if self._network is not None:  # opened, or being opened, with no executor yet
                     self._network.close()
         finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # Steps not started never start; a running one (an unpack, a file op) ends
+            # before the store removes its temp folder under it. The interpreter would
+            # wait for it at exit all the same.
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- scheduling -------------------------------------------------------------------
 
