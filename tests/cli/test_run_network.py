@@ -287,6 +287,30 @@ def test_the_last_build_out_removes_the_nat_the_first_made_whatever_its_path(
     assert _leftovers() == []
 
 
+def test_a_bridge_left_without_its_nat_gets_it_again(
+    dockbuild: DockbuildCLI, tmp_path: Path, outside: str
+) -> None:
+    """A build killed while it removed the bridge and the NAT (side by side) can leave the
+    bridge without the NAT: the next build makes the NAT again, and removes both."""
+    subnet = "10.88.0.0/16"
+    setup = [
+        ["ip", "link", "add", "dockbuild0", "type", "bridge"],
+        ["ip", "addr", "add", "10.88.0.1/16", "dev", "dockbuild0"],
+        ["ip", "link", "set", "dockbuild0", "up"],
+    ]
+    assert _leftovers() == []
+    for command in setup:
+        subprocess.run(command, check=True, capture_output=True)
+    Path("/run/dockbuild").mkdir(exist_ok=True)
+    Path("/run/dockbuild/network.subnet").write_text(subnet)
+    Path("/run/dockbuild/network.nat").unlink(missing_ok=True)
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM busybox\n" + _fetch(f"http://{outside}:8000/hello", "/outside")})
+    out = tmp_path / "out.tar"
+    dockbuild.build(ctx, "-o", f"type=oci,dest={out}")
+    assert layer_files(read_oci(out).layers)["outside"] == b"hello from outside\n"
+    assert _leftovers() == []
+
+
 def test_nothing_is_left_after_a_build_killed_mid_run(dockbuild: DockbuildCLI, tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM busybox\nRUN sleep 300\n"})
     process = subprocess.Popen(

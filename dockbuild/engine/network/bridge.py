@@ -92,9 +92,16 @@ class BridgeNetworks:
                 with rtnl.open_socket() as sock:
                     subnet, created = _ensure_bridge(sock, configured)
                     sweep_veths(sock, _dead)
-                if created:  # else a build still running (or a dead one) made both
-                    if os.path.exists(NAT_RECORD):  # a build killed while removing them
+                recorded = os.path.exists(NAT_RECORD)
+                # The NAT is made with a new bridge, and made again for one without its
+                # record: a build was killed while making it, or while removing the bridge
+                # (the rules go beside the bridge's deletion). Else a build still running,
+                # or a dead one, made both.
+                if created or not recorded:
+                    if recorded:  # a build killed while removing the rules
                         _remove_rules(str(subnet))
+                    elif not created:  # whatever part of the NAT exists
+                        nat.remove(BRIDGE, str(subnet))
                     atomic_write(NAT_RECORD, json.dumps(nat.install(BRIDGE, str(subnet))))
                     _enable_forwarding(BRIDGE)
                 nat_kind = nat.backend()[0] or "none"
